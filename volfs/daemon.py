@@ -1,0 +1,196 @@
+"""The ``volfs`` command: parse options, mount, serve until unmounted, clean up.
+
+Two calling conventions are accepted::
+
+    volfs [-f] [-o OPTIONS] MOUNTPOINT             # by hand, by systemd, by tests
+    volfs SOURCE MOUNTPOINT [-o OPTIONS]           # by mount.fuse3 (mount -t fuse.volfs, fstab)
+
+Without ``-f`` the command returns once the mount is ready and a background process serves it;
+with ``-f`` it serves in the foreground. SIGTERM, SIGINT and SIGHUP unmount cleanly and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.handlers
+import os
+import signal
+import stat
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+import pyfuse3
+import trio
+
+from volfs.fs import VolfsOperations
+from volfs.namespace import Namespace
+from volfs.options import MAX_SIZE, MountOptions, OptionError, parse_mount_options
+from volfs.store import Store
+
+log = logging.getLogger(__name__)
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class MountError(Exception):
+    """The filesystem could not be mounted; the message says why."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser."""
+    parser = argparse.ArgumentParser(
+        prog="volfs",
+        description="Mount a volfs: a tmpfs-like filesystem in memory with volatile ranges.",
+        epilog="Options (-o): size=BYTES[k|m|g|t]|N%%, nr_inodes=N, mode=OCTAL, uid=N, gid=N, "
+               "and FUSE options such as allow_other. Unmount with umount or fusermount3 -u.",
+    )
+    parser.add_argument("source", nargs="?", default="volfs",
+                        help="name shown as the filesystem's source (given by mount.fuse3)")
+    parser.add_argument("mountpoint", help="an existing directory")
+    parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                        help="comma-separated mount options; may be repeated")
+    parser.add_argument("-f", "--foreground", action="store_true",
+                        help="serve in the foreground instead of returning once mounted")
+    parser.add_argument("-d", "--debug", action="store_true", help="log every request")
+    return parser
+
+
+def check_mountpoint(path: str) -> None:
+    """Fail early, with a readable reason, where the kernel would fail obscurely."""
+    try:
+        info = os.stat(path)
+    except OSError as error:
+        raise MountError(f"mountpoint {path}: {error.strerror}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise MountError(f"mountpoint {path}: not a directory")
+
+
+def build_filesystem(options: MountOptions) -> VolfsOperations:
+    """Create the store, the namespace and the FUSE handlers for one mount."""
+    store = Store(options.size or MAX_SIZE)
+    namespace = Namespace(store, max_inodes=options.nr_inodes, root_mode=options.mode,
+                          root_uid=options.uid, root_gid=options.gid)
+    return VolfsOperations(namespace)
+
+
+async def serve() -> None:
+    """Run the FUSE loop until unmounted or told to stop by a signal."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signals, nursery.cancel_scope, name="signals")
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("%s received: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+def _daemonize() -> int | None:
+    """Fork; the parent waits for the child's word and returns the exit status to use.
+
+    Returns:
+        None in the child (which goes on to mount), an exit status in the parent.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            message = pipe.read().decode(errors="replace")
+        if message == "ready":
+            return 0
+        _, status = os.waitpid(pid, 0)
+        if message:
+            print(message, file=sys.stderr)
+        return os.waitstatus_to_exitcode(status) or EXIT_FAILURE
+    os.close(read_end)
+    os.setsid()
+    os.environ["VOLFS_READY_FD"] = str(write_end)
+    return None
+
+
+def _report_ready(message: str = "ready") -> None:
+    """Tell a waiting parent that the mount is ready (or why it failed), then detach stdio."""
+    fd = os.environ.pop("VOLFS_READY_FD", None)
+    if fd is None:
+        return
+    os.write(int(fd), message.encode())
+    os.close(int(fd))
+    if message == "ready":
+        null = os.open(os.devnull, os.O_RDWR)
+        for stream in (0, 1, 2):
+            os.dup2(null, stream)
+        os.close(null)
+
+
+def _configure_logging(debug: bool, foreground: bool) -> None:
+    handler: logging.Handler
+    if foreground or not os.path.exists("/dev/log"):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("volfs[%(process)d]: %(levelname)s: %(message)s"))
+    else:
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+        handler.setFormatter(logging.Formatter("volfs[%(process)d]: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def _fail(message: str, status: int) -> NoReturn:
+    if "VOLFS_READY_FD" in os.environ:
+        _report_ready(f"volfs: {message}")
+    else:
+        print(f"volfs: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``volfs`` command."""
+    arguments = build_parser().parse_args(argv)
+    try:
+        options = parse_mount_options(arguments.options, source=arguments.source)
+        check_mountpoint(arguments.mountpoint)
+    except OptionError as error:
+        print(f"volfs: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except MountError as error:
+        print(f"volfs: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+
+    if not arguments.foreground:
+        status = _daemonize()
+        if status is not None:
+            return status
+    _configure_logging(arguments.debug, arguments.foreground)
+
+    mountpoint = os.path.abspath(arguments.mountpoint)
+    try:
+        operations = build_filesystem(options)
+    except OSError as error:
+        _fail(f"cannot allocate the store: {error.strerror}", EXIT_FAILURE)
+    try:
+        pyfuse3.init(operations, mountpoint, set(options.fuse_options))
+    except RuntimeError as error:
+        _fail(f"cannot mount on {mountpoint}: {error}", EXIT_FAILURE)
+    log.info("mounted on %s (size cap %d bytes)", mountpoint,
+             operations.namespace.store.capacity_bytes)
+    _report_ready()
+
+    unmount_cleanly = False
+    try:
+        trio.run(serve)
+        unmount_cleanly = True
+    except Exception:
+        log.exception("the FUSE loop failed")
+    finally:
+        pyfuse3.close(unmount=True)
+        operations.namespace.store.close()
+    log.info("unmounted %s", mountpoint)
+    return 0 if unmount_cleanly else EXIT_FAILURE

@@ -1,0 +1,450 @@
+"""The in-memory namespace: inodes, directories, links, attributes and their lifetimes.
+
+This is the filesystem model; :mod:`volfs.fs` only translates FUSE requests into calls here.
+Failures are raised as :class:`OSError` carrying the errno a POSIX filesystem returns.
+
+An inode lives while anything refers to it: a directory entry (``nlink``), the kernel
+(``lookups``, decremented by FORGET) or an open handle (``opens``). Its contents are freed as
+soon as no entry and no handle remain, even if the kernel still remembers the inode number:
+the memory of an unlinked file returns at its last close, as on tmpfs.
+"""
+
+from __future__ import annotations
+
+import errno
+import stat
+import time
+from dataclasses import dataclass, field
+
+from volfs.store import PAGE_SHIFT, FileContents, Store
+
+ROOT_INODE = 1
+NAME_MAX = 255
+#: The kernel's limit for one extended attribute value (XATTR_SIZE_MAX).
+XATTR_SIZE_MAX = 65536
+XATTR_NAME_MAX = 255
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+
+@dataclass(slots=True, eq=False)
+class Inode:
+    """One file, directory, symlink or special file."""
+
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    nlink: int = 0
+    rdev: int = 0
+    lookups: int = 0
+    opens: int = 0
+    #: Regular files only.
+    contents: FileContents | None = None
+    #: Directories only: name -> inode.
+    entries: dict[bytes, Inode] | None = None
+    #: Directories only: the directory holding this one (itself for the root).
+    parent: Inode | None = None
+    #: Symlinks only.
+    target: bytes = b""
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        """``st_size`` as stat(2) reports it."""
+        if self.contents is not None:
+            return self.contents.size
+        if self.entries is not None:
+            return 0
+        return len(self.target)
+
+    @property
+    def blocks(self) -> int:
+        """``st_blocks``: 512-byte units of memory really held."""
+        if self.contents is None:
+            return 0
+        return self.contents.pages << (PAGE_SHIFT - 9)
+
+    def is_dir(self) -> bool:
+        """True for directories."""
+        return self.entries is not None
+
+    def touch(self, *, atime: bool = False, mtime: bool = False, ctime: bool = False) -> None:
+        """Set the chosen timestamps to now."""
+        now = time.time_ns()
+        if atime:
+            self.atime_ns = now
+        if mtime:
+            self.mtime_ns = now
+        if ctime:
+            self.ctime_ns = now
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceStatistics:
+    """Counts reported by statfs and the stats interface."""
+
+    inodes: int
+    max_inodes: int
+    capacity_bytes: int
+    used_bytes: int
+
+
+class Namespace:
+    """The tree of inodes of one mount."""
+
+    def __init__(self, store: Store, *, max_inodes: int, root_mode: int, root_uid: int,
+                 root_gid: int) -> None:
+        """Create an empty tree whose root has the given mode and owner.
+
+        Args:
+            store: where file contents live.
+            max_inodes: the most inodes that may exist at once (0 = no limit).
+            root_mode: permission bits of the root directory (type bits are added).
+            root_uid: owner of the root directory.
+            root_gid: group of the root directory.
+        """
+        self.store = store
+        self.max_inodes = max_inodes
+        self._inodes: dict[int, Inode] = {}
+        self._next_ino = ROOT_INODE
+        root = self._new_inode(stat.S_IFDIR | (root_mode & 0o7777), root_uid, root_gid)
+        root.entries = {}
+        root.parent = root
+        root.nlink = 2
+        root.lookups = 1  # the kernel holds the root for the whole mount
+        self.root = root
+
+    # -- inode table ------------------------------------------------------------------------
+
+    def _new_inode(self, mode: int, uid: int, gid: int) -> Inode:
+        if self.max_inodes and len(self._inodes) >= self.max_inodes:
+            raise OSError(errno.ENOSPC, "no free inodes")
+        now = time.time_ns()
+        inode = Inode(ino=self._next_ino, mode=mode, uid=uid, gid=gid, atime_ns=now,
+                      mtime_ns=now, ctime_ns=now)
+        self._next_ino += 1
+        self._inodes[inode.ino] = inode
+        return inode
+
+    def get(self, ino: int) -> Inode:
+        """Return the live inode ``ino``.
+
+        Raises:
+            OSError: ENOENT (ESTALE would also do) if it no longer exists.
+        """
+        try:
+            return self._inodes[ino]
+        except KeyError:
+            raise OSError(errno.ENOENT, "no such inode") from None
+
+    def _release_if_unused(self, inode: Inode) -> None:
+        """Free what nobody can reach any more: contents first, then the inode itself."""
+        if inode.nlink or inode.opens:
+            return
+        if inode.contents is not None:
+            inode.contents.clear()
+        if not inode.lookups and inode is not self.root:
+            del self._inodes[inode.ino]
+
+    def forget(self, ino: int, count: int) -> None:
+        """The kernel dropped ``count`` references to ``ino``."""
+        inode = self._inodes.get(ino)
+        if inode is None:
+            return
+        inode.lookups = max(0, inode.lookups - count)
+        self._release_if_unused(inode)
+
+    def open(self, inode: Inode, *, truncate: bool = False) -> None:
+        """Count an open handle of a regular file; ``truncate`` empties it (O_TRUNC)."""
+        if inode.contents is None:
+            raise OSError(errno.EISDIR if inode.is_dir() else errno.ENXIO, "not a regular file")
+        if truncate and inode.contents.size:
+            inode.contents.truncate(0)
+            inode.touch(mtime=True, ctime=True)
+        inode.opens += 1
+
+    def close(self, inode: Inode) -> None:
+        """Forget an open handle; the last close of an unlinked file frees its contents."""
+        inode.opens -= 1
+        self._release_if_unused(inode)
+
+    def statistics(self) -> NamespaceStatistics:
+        """Return the current counts."""
+        return NamespaceStatistics(inodes=len(self._inodes), max_inodes=self.max_inodes,
+                                   capacity_bytes=self.store.capacity_bytes,
+                                   used_bytes=self.store.used_bytes)
+
+    # -- lookups ----------------------------------------------------------------------------
+
+    def _directory(self, ino: int) -> tuple[Inode, dict[bytes, Inode]]:
+        directory = self.get(ino)
+        if directory.entries is None:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        return directory, directory.entries
+
+    def lookup(self, parent_ino: int, name: bytes) -> Inode:
+        """Return the inode ``name`` names in directory ``parent_ino``, counting a lookup."""
+        directory, entries = self._directory(parent_ino)
+        if name == b".":
+            inode = directory
+        elif name == b"..":
+            assert directory.parent is not None
+            inode = directory.parent
+        else:
+            found = entries.get(name)
+            if found is None:
+                if len(name) > NAME_MAX:
+                    raise OSError(errno.ENAMETOOLONG, "name too long")
+                raise OSError(errno.ENOENT, "no such file or directory")
+            inode = found
+        inode.lookups += 1
+        return inode
+
+    # -- creation ---------------------------------------------------------------------------
+
+    def _check_new_name(self, entries: dict[bytes, Inode], name: bytes) -> None:
+        if len(name) > NAME_MAX:
+            raise OSError(errno.ENAMETOOLONG, "name too long")
+        if name in entries or name in (b".", b".."):
+            raise OSError(errno.EEXIST, "file exists")
+
+    def _link_new(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
+        directory, entries = self._directory(parent_ino)
+        if not directory.nlink:
+            raise OSError(errno.ENOENT, "directory was removed")
+        self._check_new_name(entries, name)
+        # setgid directories hand their group (and, to subdirectories, the bit) down.
+        if directory.mode & stat.S_ISGID:
+            gid = directory.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        inode = self._new_inode(mode, uid, gid)
+        inode.nlink = 1
+        inode.lookups = 1
+        entries[name] = inode
+        directory.touch(mtime=True, ctime=True)
+        return inode
+
+    def mknod(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int,
+              rdev: int = 0) -> Inode:
+        """Create a regular file, FIFO, socket or device node."""
+        kind = stat.S_IFMT(mode)
+        if kind == 0:
+            mode |= stat.S_IFREG
+        elif kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR,
+                          stat.S_IFBLK):
+            raise OSError(errno.EINVAL, "cannot create this file type with mknod")
+        inode = self._link_new(parent_ino, name, mode, uid, gid)
+        if stat.S_ISREG(mode):
+            inode.contents = self.store.new_file()
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            inode.rdev = rdev
+        return inode
+
+    def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
+        """Create a directory."""
+        inode = self._link_new(parent_ino, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
+        parent = self._inodes[parent_ino]
+        inode.entries = {}
+        inode.parent = parent
+        inode.nlink = 2
+        parent.nlink += 1
+        return inode
+
+    def symlink(self, parent_ino: int, name: bytes, target: bytes, uid: int, gid: int) -> Inode:
+        """Create a symbolic link to ``target``."""
+        if len(target) >= 4096:
+            raise OSError(errno.ENAMETOOLONG, "symlink target too long")
+        inode = self._link_new(parent_ino, name, stat.S_IFLNK | 0o777, uid, gid)
+        inode.target = target
+        return inode
+
+    def link(self, ino: int, parent_ino: int, name: bytes) -> Inode:
+        """Add a hard link ``name`` to ``ino``."""
+        inode = self.get(ino)
+        if inode.is_dir():
+            raise OSError(errno.EPERM, "hard links to directories are not allowed")
+        if not inode.nlink:
+            # linkat() of an unlinked file is allowed only through O_TMPFILE, which FUSE lacks.
+            raise OSError(errno.ENOENT, "file was removed")
+        directory, entries = self._directory(parent_ino)
+        if not directory.nlink:
+            raise OSError(errno.ENOENT, "directory was removed")
+        self._check_new_name(entries, name)
+        entries[name] = inode
+        inode.nlink += 1
+        inode.lookups += 1
+        inode.touch(ctime=True)
+        directory.touch(mtime=True, ctime=True)
+        return inode
+
+    # -- removal ----------------------------------------------------------------------------
+
+    def _entry(self, parent_ino: int, name: bytes) -> tuple[Inode, dict[bytes, Inode], Inode]:
+        directory, entries = self._directory(parent_ino)
+        inode = entries.get(name)
+        if inode is None:
+            if name in (b".", b".."):
+                raise OSError(errno.EINVAL if name == b"." else errno.ENOTEMPTY, "bad name")
+            raise OSError(errno.ENOENT, "no such file or directory")
+        return directory, entries, inode
+
+    def _drop_link(self, inode: Inode) -> None:
+        inode.nlink -= 1
+        inode.touch(ctime=True)
+        self._release_if_unused(inode)
+
+    def unlink(self, parent_ino: int, name: bytes) -> None:
+        """Remove the entry of a non-directory."""
+        directory, entries, inode = self._entry(parent_ino, name)
+        if inode.is_dir():
+            raise OSError(errno.EISDIR, "is a directory")
+        del entries[name]
+        directory.touch(mtime=True, ctime=True)
+        self._drop_link(inode)
+
+    def rmdir(self, parent_ino: int, name: bytes) -> None:
+        """Remove an empty directory."""
+        directory, entries, inode = self._entry(parent_ino, name)
+        if inode.entries is None:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        if inode.entries:
+            raise OSError(errno.ENOTEMPTY, "directory not empty")
+        del entries[name]
+        directory.nlink -= 1
+        directory.touch(mtime=True, ctime=True)
+        inode.nlink = 0
+        inode.touch(ctime=True)
+        self._release_if_unused(inode)
+
+    # -- rename -----------------------------------------------------------------------------
+
+    def _is_ancestor(self, candidate: Inode, inode: Inode) -> bool:
+        """True if ``candidate`` is ``inode`` or one of its ancestors."""
+        node = inode
+        while True:
+            if node is candidate:
+                return True
+            if node.parent is None or node.parent is node:
+                return False
+            node = node.parent
+
+    def rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int,
+               new_name: bytes, flags: int = 0) -> None:
+        """Move an entry, replacing or exchanging with the target as ``flags`` say.
+
+        Args:
+            flags: 0, :data:`RENAME_NOREPLACE` or :data:`RENAME_EXCHANGE`.
+        """
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == (
+                RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise OSError(errno.EINVAL, "unknown rename flags")
+        old_dir, old_entries, moved = self._entry(old_parent_ino, old_name)
+        new_dir, new_entries = self._directory(new_parent_ino)
+        if len(new_name) > NAME_MAX:
+            raise OSError(errno.ENAMETOOLONG, "name too long")
+        if new_name in (b".", b".."):
+            raise OSError(errno.EBUSY, "cannot rename onto . or ..")
+        target = new_entries.get(new_name)
+        if moved.is_dir() and moved is not new_dir and self._is_ancestor(moved, new_dir):
+            raise OSError(errno.EINVAL, "cannot move a directory into itself")
+
+        if flags & RENAME_EXCHANGE:
+            if target is None:
+                raise OSError(errno.ENOENT, "exchange target does not exist")
+            if target.is_dir() and self._is_ancestor(target, old_dir):
+                raise OSError(errno.EINVAL, "cannot move a directory into itself")
+            old_entries[old_name], new_entries[new_name] = target, moved
+            if old_dir is not new_dir:
+                self._reparent(moved, old_dir, new_dir)
+                self._reparent(target, new_dir, old_dir)
+            for inode in (moved, target, old_dir, new_dir):
+                inode.touch(ctime=True)
+            old_dir.touch(mtime=True)
+            new_dir.touch(mtime=True)
+            return
+
+        if target is not None:
+            if flags & RENAME_NOREPLACE:
+                raise OSError(errno.EEXIST, "target exists")
+            if target is moved:
+                return  # two links to one inode: POSIX says do nothing
+            if moved.is_dir():
+                if target.entries is None:
+                    raise OSError(errno.ENOTDIR, "target is not a directory")
+                if target.entries:
+                    raise OSError(errno.ENOTEMPTY, "target directory not empty")
+            elif target.is_dir():
+                raise OSError(errno.EISDIR, "target is a directory")
+        del old_entries[old_name]
+        new_entries[new_name] = moved
+        if old_dir is not new_dir:
+            self._reparent(moved, old_dir, new_dir)
+        if target is not None:
+            if target.is_dir():
+                new_dir.nlink -= 1
+                target.nlink = 0
+                target.touch(ctime=True)
+                self._release_if_unused(target)
+            else:
+                self._drop_link(target)
+        moved.touch(ctime=True)
+        old_dir.touch(mtime=True, ctime=True)
+        new_dir.touch(mtime=True, ctime=True)
+
+    @staticmethod
+    def _reparent(inode: Inode, old_dir: Inode, new_dir: Inode) -> None:
+        if inode.is_dir():
+            inode.parent = new_dir
+            old_dir.nlink -= 1
+            new_dir.nlink += 1
+
+    # -- attributes -------------------------------------------------------------------------
+
+    def truncate(self, inode: Inode, size: int) -> None:
+        """Set a regular file's size (pages past it are freed, growth is a hole)."""
+        if inode.contents is None:
+            raise OSError(errno.EISDIR if inode.is_dir() else errno.EINVAL, "not a regular file")
+        inode.contents.truncate(size)
+
+    def directory_listing(self, ino: int) -> list[tuple[bytes, Inode]]:
+        """Return a snapshot of a directory's entries, ``.`` and ``..`` first."""
+        directory, entries = self._directory(ino)
+        assert directory.parent is not None
+        return [(b".", directory), (b"..", directory.parent), *entries.items()]
+
+    # -- extended attributes ----------------------------------------------------------------
+
+    def setxattr(self, inode: Inode, name: bytes, value: bytes) -> None:
+        """Set one extended attribute."""
+        if len(name) > XATTR_NAME_MAX:
+            raise OSError(errno.ERANGE, "attribute name too long")
+        if len(value) > XATTR_SIZE_MAX:
+            raise OSError(errno.E2BIG, "attribute value too large")
+        if not name.startswith((b"user.", b"trusted.", b"security.")):
+            raise OSError(errno.EOPNOTSUPP, "unsupported attribute namespace")
+        if name.startswith(b"user.") and not (stat.S_ISREG(inode.mode) or inode.is_dir()):
+            # As on tmpfs: user attributes only on files and directories.
+            raise OSError(errno.EPERM, "user attributes only on files and directories")
+        inode.xattrs[name] = value
+        inode.touch(ctime=True)
+
+    def getxattr(self, inode: Inode, name: bytes) -> bytes:
+        """Return one extended attribute."""
+        try:
+            return inode.xattrs[name]
+        except KeyError:
+            raise OSError(errno.ENODATA, "no such attribute") from None
+
+    def removexattr(self, inode: Inode, name: bytes) -> None:
+        """Remove one extended attribute."""
+        try:
+            del inode.xattrs[name]
+        except KeyError:
+            raise OSError(errno.ENODATA, "no such attribute") from None
+        inode.touch(ctime=True)

@@ -1,0 +1,153 @@
+"""Mount options: tmpfs-style sizes and ownership, plus the FUSE options passed through.
+
+``parse_mount_options`` turns the ``-o`` strings into a validated :class:`MountOptions` or
+raises :class:`OptionError` with a message fit to show the user as is.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from volfs.store import PAGE_SIZE
+
+#: The most a size cap may be: the arena is one mapping and must fit the address space.
+MAX_SIZE = 1 << 46
+
+_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50,
+             "e": 1 << 60}
+
+#: Options handed to libfuse unchanged: its own, and the generic mount flags.
+FUSE_FLAG_OPTIONS = frozenset({
+    "allow_other", "allow_root", "auto_unmount", "default_permissions", "blkdev",
+    "rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "async", "sync",
+    "dirsync", "atime", "noatime", "diratime", "nodiratime", "relatime", "norelatime",
+    "strictatime", "nostrictatime", "debug",
+})
+FUSE_VALUE_OPTIONS = frozenset({"fsname", "subtype", "max_read"})
+
+#: Options mount(8), mount.fuse3 or fstab may hand over that mean nothing to the daemon.
+IGNORED_OPTIONS = frozenset({"defaults", "auto", "noauto", "user", "nouser", "users", "nofail",
+                             "_netdev", "lazytime", "nolazytime", "iversion", "noiversion"})
+
+
+class OptionError(ValueError):
+    """A mount option that is unknown or has a bad value."""
+
+
+@dataclass(frozen=True, slots=True)
+class MountOptions:
+    """Everything the daemon needs to know from ``-o``."""
+
+    #: The size cap in bytes; 0 means no cap other than the machine's memory.
+    size: int
+    #: The most inodes at once; 0 means no limit.
+    nr_inodes: int
+    #: Permission bits of the root directory.
+    mode: int
+    uid: int
+    gid: int
+    #: Options for libfuse, ``fsname`` and ``subtype`` included.
+    fuse_options: frozenset[str]
+
+
+def total_memory() -> int:
+    """Return the machine's RAM in bytes (``MemTotal``)."""
+    with open("/proc/meminfo", encoding="ascii") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("MemTotal missing from /proc/meminfo")
+
+
+def parse_size(text: str, *, memory: int) -> int:
+    """Parse ``size=``: bytes with an optional k/m/g/t/p/e suffix, or ``N%`` of ``memory``.
+
+    The result is rounded up to whole pages, as tmpfs does.
+
+    Raises:
+        OptionError: malformed or out of range.
+    """
+    match = re.fullmatch(r"(\d+)([kmgtpe%]?)", text.strip(), re.IGNORECASE)
+    if not match:
+        raise OptionError(f"size={text}: expected a number of bytes with an optional "
+                          "k, m, g, t suffix, or a percentage such as 50%")
+    number, suffix = int(match.group(1)), match.group(2).lower()
+    size = memory * number // 100 if suffix == "%" else number * _SUFFIXES[suffix]
+    size = (size + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
+    if size > MAX_SIZE:
+        raise OptionError(f"size={text}: larger than volfs supports (64T)")
+    return size
+
+
+def parse_count(name: str, text: str) -> int:
+    """Parse a count with an optional k/m/g suffix (``nr_inodes=``)."""
+    match = re.fullmatch(r"(\d+)([kmg]?)", text.strip(), re.IGNORECASE)
+    if not match:
+        raise OptionError(f"{name}={text}: expected a number with an optional k, m or g suffix")
+    return int(match.group(1)) * _SUFFIXES[match.group(2).lower()]
+
+
+def _parse_id(name: str, text: str) -> int:
+    if not re.fullmatch(r"\d+", text) or int(text) >= 0xFFFFFFFF:
+        raise OptionError(f"{name}={text}: expected a numeric id")
+    return int(text)
+
+
+def split_options(option_strings: Iterable[str]) -> list[str]:
+    """Split ``-o`` arguments at commas, dropping empty items."""
+    return [item for text in option_strings for item in text.split(",") if item]
+
+
+def parse_mount_options(option_strings: Iterable[str], *, source: str = "volfs",
+                        memory: int | None = None) -> MountOptions:
+    """Validate the ``-o`` arguments.
+
+    Args:
+        option_strings: the values of every ``-o``, each a comma-separated list.
+        source: the device name mount(8) was given; shown as the filesystem's name.
+        memory: RAM in bytes for percentages and defaults (read from the system if None).
+
+    Raises:
+        OptionError: an unknown option or a bad value; the message names it.
+    """
+    if memory is None:
+        memory = total_memory()
+    size = memory // 2 // PAGE_SIZE * PAGE_SIZE
+    nr_inodes = memory // PAGE_SIZE // 2
+    mode = 0o1777
+    uid, gid = os.getuid(), os.getgid()
+    fuse_options = {"default_permissions", "subtype=volfs"}
+    fsname = source
+    for item in split_options(option_strings):
+        name, has_value, value = item.partition("=")
+        if name == "size" and has_value:
+            size = parse_size(value, memory=memory)
+        elif name == "nr_inodes" and has_value:
+            nr_inodes = parse_count(name, value)
+        elif name == "mode" and has_value:
+            if not re.fullmatch(r"[0-7]{1,4}", value):
+                raise OptionError(f"mode={value}: expected octal permission bits such as 1777")
+            mode = int(value, 8)
+        elif name == "uid" and has_value:
+            uid = _parse_id(name, value)
+        elif name == "gid" and has_value:
+            gid = _parse_id(name, value)
+        elif name == "fsname" and has_value:
+            fsname = value
+        elif name in FUSE_VALUE_OPTIONS and has_value:
+            if name != "subtype":
+                fuse_options.add(item)
+        elif not has_value and name in FUSE_FLAG_OPTIONS:
+            fuse_options.add(name)
+        elif (not has_value and name in IGNORED_OPTIONS) or name.startswith(("x-", "comment")):
+            continue
+        else:
+            raise OptionError(f"unknown mount option '{item}'")
+    if not fsname or "," in fsname:
+        raise OptionError(f"fsname={fsname}: must be a non-empty name without commas")
+    fuse_options.add(f"fsname={fsname}")
+    return MountOptions(size=size, nr_inodes=nr_inodes, mode=mode, uid=uid, gid=gid,
+                        fuse_options=frozenset(fuse_options))

@@ -1,0 +1,415 @@
+"""File contents in memory: a page arena, sparse per-file page maps and memory accounting.
+
+Every file's data lives in one *arena*: a single memfd mapped once into the daemon. The arena
+is carved into 4 KiB pages by an extent allocator; a file maps runs of its own pages onto runs of
+arena pages (extents). Nothing is allocated for holes, and a page that is freed is punched out
+of the memfd (``MADV_REMOVE``) before it can be handed out again, so memory really returns to
+the operating system and a freshly allocated page always reads as zeros.
+
+One mapping for the whole store keeps the daemon within the kernel's limits on descriptors and
+mappings whatever the number of files, and keeps the data reachable from C: a base pointer plus
+the extent tables.
+
+Errors are raised as :class:`OSError` with an errno (``ENOSPC`` when the size cap is reached,
+``EFBIG`` for offsets past :data:`MAX_FILE_SIZE`); nothing here knows about FUSE.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from collections.abc import Iterator
+
+from sortedcontainers import SortedDict
+
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+
+#: Largest file size; the same as the kernel's limit for a 64-bit ``loff_t``, page-aligned.
+MAX_FILE_SIZE = (1 << 63) - PAGE_SIZE
+
+
+def pages_spanned(offset: int, length: int) -> tuple[int, int]:
+    """Return the half-open page interval ``[first, end)`` touched by a byte range."""
+    return offset >> PAGE_SHIFT, (offset + length + PAGE_SIZE - 1) >> PAGE_SHIFT
+
+
+class Arena:
+    """A fixed-capacity pool of pages backed by one memfd, with an extent allocator.
+
+    Free space is a sorted map ``start page -> length`` of maximal free runs, so allocation
+    and release are O(log f) in the number of free runs f (plus the number of pieces an
+    allocation is split into). Allocation is next-fit from a roving cursor, except that a
+    caller may ask to continue an existing run (``hint``), which keeps sequentially written
+    files contiguous and their reads zero-copy.
+    """
+
+    def __init__(self, capacity_pages: int) -> None:
+        """Create an arena of ``capacity_pages`` pages; no memory is used until written.
+
+        Raises:
+            OSError: the memfd or its mapping could not be created.
+        """
+        self.capacity_pages = capacity_pages
+        self._fd = os.memfd_create("volfs-arena", os.MFD_CLOEXEC)
+        try:
+            # A zero-length mapping is not allowed; a one-page arena costs nothing.
+            length = max(capacity_pages, 1) << PAGE_SHIFT
+            os.ftruncate(self._fd, length)
+            self._map = mmap.mmap(self._fd, length, mmap.MAP_SHARED)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self.view = memoryview(self._map)
+        self._free: SortedDict[int, int] = SortedDict()
+        if capacity_pages:
+            self._free[0] = capacity_pages
+        self.free_pages = capacity_pages
+        self._cursor = 0
+
+    def close(self) -> None:
+        """Release the mapping and the memfd."""
+        self.view.release()
+        self._map.close()
+        os.close(self._fd)
+
+    @property
+    def used_pages(self) -> int:
+        """Pages currently allocated to files."""
+        return self.capacity_pages - self.free_pages
+
+    def allocate(self, count: int, hint: int | None = None) -> list[tuple[int, int]]:
+        """Take ``count`` zeroed pages, as few runs as the free space allows.
+
+        Args:
+            count: pages wanted, at least 1.
+            hint: an arena page the caller would like the first run to start at (the page
+                after its previous run); used when free.
+
+        Returns:
+            ``(start, length)`` runs adding up to ``count``.
+
+        Raises:
+            OSError: ENOSPC if fewer than ``count`` pages are free; nothing is taken then.
+
+        Runtime complexity: O(k log f) for k runs returned and f free runs.
+        """
+        if count > self.free_pages:
+            raise OSError(errno.ENOSPC, "no space left in the volfs arena")
+        runs: list[tuple[int, int]] = []
+        free = self._free
+        if hint is not None and hint in free:
+            runs.append(self._take(hint, count))
+            count -= runs[-1][1]
+        while count:
+            index = free.bisect_left(self._cursor)
+            if index == len(free):
+                index = 0
+            start = free.keys()[index]
+            runs.append(self._take(start, count))
+            count -= runs[-1][1]
+        return runs
+
+    def _take(self, start: int, wanted: int) -> tuple[int, int]:
+        """Cut up to ``wanted`` pages from the front of the free run at ``start``."""
+        length = self._free.pop(start)
+        taken = min(length, wanted)
+        if taken < length:
+            self._free[start + taken] = length - taken
+        self.free_pages -= taken
+        self._cursor = start + taken
+        return start, taken
+
+    def release(self, start: int, count: int) -> None:
+        """Punch ``count`` pages at ``start`` out of memory and return them to the free space.
+
+        Runtime complexity: O(log f), plus the kernel's work to free the pages.
+        """
+        self._map.madvise(mmap.MADV_REMOVE, start << PAGE_SHIFT, count << PAGE_SHIFT)
+        self.free_pages += count
+        free = self._free
+        index = free.bisect_left(start)
+        if index < len(free) and free.keys()[index] == start + count:
+            count += free.pop(start + count)
+        if index > 0:
+            prev_start = free.keys()[index - 1]
+            if prev_start + free[prev_start] == start:
+                free[prev_start] += count
+                return
+        free[start] = count
+
+    def _check(self) -> None:
+        """Assert the allocator's invariants. Runtime complexity: O(f)."""
+        total = 0
+        previous_end = -1
+        for start, length in self._free.items():
+            assert length > 0, (start, length)
+            assert start > previous_end, "free runs overlap or touch"
+            assert start + length <= self.capacity_pages
+            previous_end = start + length
+            total += length
+        assert total == self.free_pages, (total, self.free_pages)
+
+
+class FileContents:
+    """The bytes of one regular file: a logical size and a sparse map of its pages.
+
+    ``_extents`` maps the first file page of each run to ``(arena page, page count)``;
+    runs never overlap, and runs adjacent in both the file and the arena are merged, so a
+    file written sequentially is one run however large. Lookups cost O(log e) in the number
+    of runs e; a request touching k runs costs O(k) more.
+    """
+
+    __slots__ = ("_arena", "_extents", "pages", "size")
+
+    def __init__(self, arena: Arena) -> None:
+        self._arena = arena
+        self._extents: SortedDict[int, tuple[int, int]] = SortedDict()
+        #: Logical size in bytes (may extend past the last held page: a sparse tail).
+        self.size = 0
+        #: Pages held in the arena: what the file really costs in memory.
+        self.pages = 0
+
+    def _runs(self, first: int, end: int) -> Iterator[tuple[int, int, int]]:
+        """Yield ``(file page, arena page, count)`` for the held runs overlapping [first, end).
+
+        Runs are yielded whole (they may start before ``first`` or end after ``end``).
+        """
+        extents = self._extents
+        index = extents.bisect_right(first) - 1
+        if index < 0:
+            index = 0
+        keys = extents.keys()
+        values = extents.values()
+        for i in range(index, len(keys)):
+            page = keys[i]
+            if page >= end:
+                return
+            arena_page, count = values[i]
+            if page + count > first:
+                yield page, arena_page, count
+
+    def read(self, offset: int, length: int) -> memoryview | bytes | bytearray:
+        """Return up to ``length`` bytes at ``offset``; holes read as zeros, EOF shortens.
+
+        A range inside one run comes back as a view of the arena, without a copy; the caller
+        must not keep it past the request.
+
+        Runtime complexity: O(log e + k) for k runs touched, plus the copy when k > 1.
+        """
+        size = self.size
+        if offset >= size or length <= 0:
+            return b""
+        length = min(length, size - offset)
+        end = offset + length
+        first, end_page = pages_spanned(offset, length)
+        extents = self._extents
+        index = extents.bisect_right(first) - 1
+        if index >= 0:
+            page, (arena_page, count) = extents.peekitem(index)
+            if (page + count) << PAGE_SHIFT >= end:
+                start = (arena_page << PAGE_SHIFT) + offset - (page << PAGE_SHIFT)
+                return self._arena.view[start : start + length]
+        buffer = bytearray(length)
+        view = self._arena.view
+        for page, arena_page, count in self._runs(first, end_page):
+            lo = max(offset, page << PAGE_SHIFT)
+            hi = min(end, (page + count) << PAGE_SHIFT)
+            source = (arena_page << PAGE_SHIFT) + lo - (page << PAGE_SHIFT)
+            buffer[lo - offset : hi - offset] = view[source : source + hi - lo]
+        return buffer
+
+    def write(self, offset: int, data: bytes | memoryview) -> int:
+        """Store ``data`` at ``offset``, growing the file as needed; return the bytes written.
+
+        Pages for holes are allocated first, all or nothing, so a write that does not fit
+        changes nothing.
+
+        Raises:
+            OSError: ENOSPC when the arena cannot hold the new pages; EFBIG past the
+                largest file size.
+
+        Runtime complexity: O(log e + k) for k runs touched, plus the copy.
+        """
+        length = len(data)
+        if length == 0:
+            return 0
+        end = offset + length
+        if end > MAX_FILE_SIZE:
+            raise OSError(errno.EFBIG, "write past the largest file size")
+        first, end_page = pages_spanned(offset, length)
+        extents = self._extents
+        index = extents.bisect_right(first) - 1
+        page = arena_page = count = 0
+        if index >= 0:
+            page, (arena_page, count) = extents.peekitem(index)
+        if index < 0 or page + count < end_page:
+            self._allocate(first, end_page)
+            index = extents.bisect_right(first) - 1
+            page, (arena_page, count) = extents.peekitem(index)
+        view = self._arena.view
+        if page + count >= end_page:
+            start = (arena_page << PAGE_SHIFT) + offset - (page << PAGE_SHIFT)
+            view[start : start + length] = data
+        else:
+            source = memoryview(data)
+            for page, arena_page, count in self._runs(first, end_page):
+                lo = max(offset, page << PAGE_SHIFT)
+                hi = min(end, (page + count) << PAGE_SHIFT)
+                target = (arena_page << PAGE_SHIFT) + lo - (page << PAGE_SHIFT)
+                view[target : target + hi - lo] = source[lo - offset : hi - offset]
+        if end > self.size:
+            self.size = end
+        return length
+
+    def holes(self, first: int, end: int) -> list[tuple[int, int]]:
+        """Return the ``(page, count)`` runs of [first, end) that hold no page.
+
+        Runtime complexity: O(log e + k) for k runs in the interval.
+        """
+        holes: list[tuple[int, int]] = []
+        cursor = first
+        for page, _arena_page, count in self._runs(first, end):
+            if page > cursor:
+                holes.append((cursor, page - cursor))
+            cursor = max(cursor, page + count)
+        if cursor < end:
+            holes.append((cursor, end - cursor))
+        return holes
+
+    def _allocate(self, first: int, end: int) -> None:
+        """Give every hole of [first, end) arena pages, all or nothing."""
+        holes = self.holes(first, end)
+        needed = sum(count for _page, count in holes)
+        if needed > self._arena.free_pages:
+            raise OSError(errno.ENOSPC, "volfs is full")
+        for page, count in holes:
+            hint = None
+            previous = self._extents.bisect_right(page) - 1
+            if previous >= 0:
+                prev_page, (prev_arena, prev_count) = self._extents.peekitem(previous)
+                if prev_page + prev_count == page:
+                    hint = prev_arena + prev_count
+            for arena_page, run in self._arena.allocate(count, hint):
+                self._insert(page, arena_page, run)
+                page += run
+        self.pages += needed
+
+    def _insert(self, page: int, arena_page: int, count: int) -> None:
+        """Record a new run for a hole, merging with neighbours contiguous in both spaces."""
+        extents = self._extents
+        index = extents.bisect_right(page) - 1
+        if index >= 0:
+            prev_page, (prev_arena, prev_count) = extents.peekitem(index)
+            if prev_page + prev_count == page and prev_arena + prev_count == arena_page:
+                page, arena_page, count = prev_page, prev_arena, prev_count + count
+        following = extents.get(page + count)
+        if following is not None and following[0] == arena_page + count:
+            del extents[page + count]
+            count += following[1]
+        extents[page] = (arena_page, count)
+
+    def release_pages(self, first: int, end: int) -> int:
+        """Free every held page in [first, end), splitting runs at the edges.
+
+        Returns:
+            The number of pages freed.
+
+        Runtime complexity: O(log e + k) for k runs touched, plus the kernel's work.
+        """
+        freed = 0
+        extents = self._extents
+        for page, arena_page, count in list(self._runs(first, end)):
+            del extents[page]
+            lo = max(page, first)
+            hi = min(page + count, end)
+            if page < lo:
+                extents[page] = (arena_page, lo - page)
+            if hi < page + count:
+                extents[hi] = (arena_page + hi - page, page + count - hi)
+            self._arena.release(arena_page + lo - page, hi - lo)
+            freed += hi - lo
+        self.pages -= freed
+        return freed
+
+    def zero(self, offset: int, length: int) -> None:
+        """Write zeros over held pages in a byte range, leaving holes as they are."""
+        end = offset + length
+        view = self._arena.view
+        first, end_page = pages_spanned(offset, length)
+        for page, arena_page, count in self._runs(first, end_page):
+            lo = max(offset, page << PAGE_SHIFT)
+            hi = min(end, (page + count) << PAGE_SHIFT)
+            target = (arena_page << PAGE_SHIFT) + lo - (page << PAGE_SHIFT)
+            view[target : target + hi - lo] = bytes(hi - lo)
+
+    def truncate(self, size: int) -> None:
+        """Set the logical size; shrinking frees the pages past it and zeros the tail page.
+
+        Growing allocates nothing: the new bytes are a hole and read as zeros.
+
+        Raises:
+            OSError: EFBIG past the largest file size.
+        """
+        if size > MAX_FILE_SIZE or size < 0:
+            raise OSError(errno.EFBIG, "size past the largest file size")
+        if size < self.size:
+            keep = (size + PAGE_SIZE - 1) >> PAGE_SHIFT
+            self.release_pages(keep, (self.size + PAGE_SIZE - 1) >> PAGE_SHIFT)
+            if size & (PAGE_SIZE - 1):
+                # The kept part of the last page must read as zeros if the file grows again.
+                self.zero(size, PAGE_SIZE - (size & (PAGE_SIZE - 1)))
+        self.size = size
+
+    def clear(self) -> None:
+        """Free every page and set the size to zero."""
+        self.truncate(0)
+
+    def _check(self) -> None:
+        """Assert the run map's invariants. Runtime complexity: O(e)."""
+        previous: tuple[int, int, int] | None = None
+        total = 0
+        for page, (arena_page, count) in self._extents.items():
+            assert count > 0
+            assert 0 <= arena_page and arena_page + count <= self._arena.capacity_pages
+            if previous is not None:
+                prev_page, prev_arena, prev_count = previous
+                assert prev_page + prev_count <= page, "runs overlap"
+                assert not (prev_page + prev_count == page and prev_arena + prev_count
+                            == arena_page), "mergeable runs left apart"
+            previous = (page, arena_page, count)
+            total += count
+        assert total == self.pages, (total, self.pages)
+        if self._extents:
+            last_page, (_arena_page, last_count) = self._extents.peekitem(-1)
+            assert (last_page + last_count) << PAGE_SHIFT < self.size + PAGE_SIZE, "page past EOF"
+
+
+class Store:
+    """All file contents of one mount, within a size cap.
+
+    The cap is the arena's capacity: every held page counts against it, free pages do not.
+    """
+
+    def __init__(self, capacity_bytes: int) -> None:
+        """Create a store holding at most ``capacity_bytes`` (rounded down to pages)."""
+        self.arena = Arena(capacity_bytes >> PAGE_SHIFT)
+
+    def new_file(self) -> FileContents:
+        """Return empty contents for a new regular file."""
+        return FileContents(self.arena)
+
+    @property
+    def capacity_bytes(self) -> int:
+        """The size cap in bytes."""
+        return self.arena.capacity_pages << PAGE_SHIFT
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of memory held by file contents."""
+        return self.arena.used_pages << PAGE_SHIFT
+
+    def close(self) -> None:
+        """Give all memory back; the store is unusable afterwards."""
+        self.arena.close()
