@@ -29,8 +29,9 @@ def is_mounted(path: Path) -> bool:
     """True if a volfs is mounted at ``path`` (per /proc/self/mounts)."""
     target = os.fsencode(os.path.realpath(path))
     with open("/proc/self/mounts", "rb") as mounts:
-        return any(line.split()[1] == target and line.split()[2] == b"fuse.volfs"
-                   for line in mounts)
+        return any(
+            line.split()[1] == target and line.split()[2] == b"fuse.volfs" for line in mounts
+        )
 
 
 def force_unmount(path: Path) -> None:

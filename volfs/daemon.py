@@ -45,15 +45,29 @@ def build_parser() -> argparse.ArgumentParser:
         prog="volfs",
         description="Mount a volfs: a tmpfs-like filesystem in memory with volatile ranges.",
         epilog="Options (-o): size=BYTES[k|m|g|t]|N%%, nr_inodes=N, mode=OCTAL, uid=N, gid=N, "
-               "and FUSE options such as allow_other. Unmount with umount or fusermount3 -u.",
+        "and FUSE options such as allow_other. Unmount with umount or fusermount3 -u.",
     )
-    parser.add_argument("source", nargs="?", default="volfs",
-                        help="name shown as the filesystem's source (given by mount.fuse3)")
+    parser.add_argument(
+        "source",
+        nargs="?",
+        default="volfs",
+        help="name shown as the filesystem's source (given by mount.fuse3)",
+    )
     parser.add_argument("mountpoint", help="an existing directory")
-    parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
-                        help="comma-separated mount options; may be repeated")
-    parser.add_argument("-f", "--foreground", action="store_true",
-                        help="serve in the foreground instead of returning once mounted")
+    parser.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPTIONS",
+        help="comma-separated mount options; may be repeated",
+    )
+    parser.add_argument(
+        "-f",
+        "--foreground",
+        action="store_true",
+        help="serve in the foreground instead of returning once mounted",
+    )
     parser.add_argument("-d", "--debug", action="store_true", help="log every request")
     return parser
 
@@ -71,8 +85,13 @@ def check_mountpoint(path: str) -> None:
 def build_filesystem(options: MountOptions) -> VolfsOperations:
     """Create the store, the namespace and the FUSE handlers for one mount."""
     store = Store(options.size or MAX_SIZE)
-    namespace = Namespace(store, max_inodes=options.nr_inodes, root_mode=options.mode,
-                          root_uid=options.uid, root_gid=options.gid)
+    namespace = Namespace(
+        store,
+        max_inodes=options.nr_inodes,
+        root_mode=options.mode,
+        root_uid=options.uid,
+        root_gid=options.gid,
+    )
     return VolfsOperations(namespace)
 
 
@@ -179,8 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         pyfuse3.init(operations, mountpoint, set(options.fuse_options))
     except RuntimeError as error:
         _fail(f"cannot mount on {mountpoint}: {error}", EXIT_FAILURE)
-    log.info("mounted on %s (size cap %d bytes)", mountpoint,
-             operations.namespace.store.capacity_bytes)
+    log.info(
+        "mounted on %s (size cap %d bytes)", mountpoint, operations.namespace.store.capacity_bytes
+    )
     _report_ready()
 
     unmount_cleanly = False

@@ -13,7 +13,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -36,12 +36,11 @@ _R = TypeVar("_R")
 
 
 def fuse_errors(
-    handler: Callable[Concatenate[VolfsOperations, _P], Awaitable[_R]],
-) -> Callable[Concatenate[VolfsOperations, _P], Awaitable[_R]]:
+    handler: Callable[Concatenate[VolfsOperations, _P], Coroutine[Any, Any, _R]],
+) -> Callable[Concatenate[VolfsOperations, _P], Coroutine[Any, Any, _R]]:
     """Map the core's errors to ``FUSEError`` and contain unexpected ones to the request."""
 
-    @functools.wraps(handler)
-    async def wrapper(self: VolfsOperations, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+    async def wrapper(self: VolfsOperations, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             return await handler(self, *args, **kwargs)
         except pyfuse3.FUSEError:
@@ -55,6 +54,7 @@ def fuse_errors(
             log.exception("%s failed; answering EIO", handler.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
+    functools.update_wrapper(wrapper, handler)
     return wrapper
 
 
@@ -122,8 +122,9 @@ class VolfsOperations(pyfuse3.Operations):
     # -- names ------------------------------------------------------------------------------
 
     @fuse_errors
-    async def lookup(self, parent_inode: int, name: bytes,
-                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         return self._attributes(self.namespace.lookup(parent_inode, name))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -139,9 +140,14 @@ class VolfsOperations(pyfuse3.Operations):
         return self._attributes(self.namespace.get(inode))
 
     @fuse_errors
-    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
-                      fields: pyfuse3.SetattrFields, fh: int | None,
-                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
         node = self.namespace.get(inode)
         if fields.update_size:
             self.namespace.truncate(node, attr.st_size)
@@ -167,25 +173,29 @@ class VolfsOperations(pyfuse3.Operations):
         return node.target
 
     @fuse_errors
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
-                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         node = self.namespace.mknod(parent_inode, name, mode, ctx.uid, ctx.gid, rdev)
         return self._attributes(node)
 
     @fuse_errors
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
-                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         return self._attributes(self.namespace.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
 
     @fuse_errors
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
-                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         node = self.namespace.symlink(parent_inode, name, target, ctx.uid, ctx.gid)
         return self._attributes(node)
 
     @fuse_errors
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
-                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         return self._attributes(self.namespace.link(inode, new_parent_inode, new_name))
 
     @fuse_errors
@@ -197,8 +207,15 @@ class VolfsOperations(pyfuse3.Operations):
         self.namespace.rmdir(parent_inode, name)
 
     @fuse_errors
-    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
-                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
         self.namespace.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
     # -- files ------------------------------------------------------------------------------
@@ -212,16 +229,21 @@ class VolfsOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
 
     @fuse_errors
-    async def open(self, inode: int, flags: int,
-                   ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         return self._open(self.namespace.get(inode), flags)
 
     @fuse_errors
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
-                     ctx: pyfuse3.RequestContext,
-                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        node = self.namespace.mknod(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode),
-                                    ctx.uid, ctx.gid)
+    async def create(
+        self,
+        parent_inode: int,
+        name: bytes,
+        mode: int,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        node = self.namespace.mknod(
+            parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx.uid, ctx.gid
+        )
         return self._open(node, flags), self._attributes(node)
 
     async def read(self, fh: int, off: int, size: int) -> Any:
@@ -231,8 +253,11 @@ class VolfsOperations(pyfuse3.Operations):
             assert node.contents is not None
             data = node.contents.read(off, size)
             now = time.time_ns()
-            if (now - node.atime_ns > RELATIME_INTERVAL_NS or node.atime_ns <= node.mtime_ns
-                    or node.atime_ns <= node.ctime_ns):
+            if (
+                now - node.atime_ns > RELATIME_INTERVAL_NS
+                or node.atime_ns <= node.mtime_ns
+                or node.atime_ns <= node.ctime_ns
+            ):
                 node.atime_ns = now
             return data
         except OSError as error:
@@ -255,8 +280,7 @@ class VolfsOperations(pyfuse3.Operations):
         except MemoryError:
             raise pyfuse3.FUSEError(errno.ENOMEM) from None
         except Exception:
-            log.exception("write(fh=%d, off=%d, len=%d) failed; answering EIO", fh, off,
-                          len(buf))
+            log.exception("write(fh=%d, off=%d, len=%d) failed; answering EIO", fh, off, len(buf))
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def flush(self, fh: int) -> None:
@@ -313,8 +337,9 @@ class VolfsOperations(pyfuse3.Operations):
         data.f_bsize = PAGE_SIZE
         data.f_frsize = PAGE_SIZE
         data.f_blocks = statistics.capacity_bytes >> PAGE_SHIFT
-        data.f_bfree = data.f_bavail = (statistics.capacity_bytes
-                                        - statistics.used_bytes) >> PAGE_SHIFT
+        data.f_bfree = data.f_bavail = (
+            statistics.capacity_bytes - statistics.used_bytes
+        ) >> PAGE_SHIFT
         if statistics.max_inodes:
             data.f_files = statistics.max_inodes
             data.f_ffree = data.f_favail = statistics.max_inodes - statistics.inodes
@@ -324,8 +349,9 @@ class VolfsOperations(pyfuse3.Operations):
     # -- extended attributes ----------------------------------------------------------------
 
     @fuse_errors
-    async def setxattr(self, inode: int, name: bytes, value: bytes,
-                       ctx: pyfuse3.RequestContext) -> None:
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
         self.namespace.setxattr(self.namespace.get(inode), name, value)
 
     @fuse_errors

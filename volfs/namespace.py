@@ -43,6 +43,8 @@ class Inode:
     rdev: int = 0
     lookups: int = 0
     opens: int = 0
+    #: False once no entry and no handle remain; only the kernel's lookups keep it then.
+    alive: bool = True
     #: Regular files only.
     contents: FileContents | None = None
     #: Directories only: name -> inode.
@@ -97,8 +99,9 @@ class NamespaceStatistics:
 class Namespace:
     """The tree of inodes of one mount."""
 
-    def __init__(self, store: Store, *, max_inodes: int, root_mode: int, root_uid: int,
-                 root_gid: int) -> None:
+    def __init__(
+        self, store: Store, *, max_inodes: int, root_mode: int, root_uid: int, root_gid: int
+    ) -> None:
         """Create an empty tree whose root has the given mode and owner.
 
         Args:
@@ -111,6 +114,8 @@ class Namespace:
         self.store = store
         self.max_inodes = max_inodes
         self._inodes: dict[int, Inode] = {}
+        #: Inodes with an entry or a handle: what ``nr_inodes`` limits.
+        self.live_inodes = 0
         self._next_ino = ROOT_INODE
         root = self._new_inode(stat.S_IFDIR | (root_mode & 0o7777), root_uid, root_gid)
         root.entries = {}
@@ -122,13 +127,21 @@ class Namespace:
     # -- inode table ------------------------------------------------------------------------
 
     def _new_inode(self, mode: int, uid: int, gid: int) -> Inode:
-        if self.max_inodes and len(self._inodes) >= self.max_inodes:
+        if self.max_inodes and self.live_inodes >= self.max_inodes:
             raise OSError(errno.ENOSPC, "no free inodes")
         now = time.time_ns()
-        inode = Inode(ino=self._next_ino, mode=mode, uid=uid, gid=gid, atime_ns=now,
-                      mtime_ns=now, ctime_ns=now)
+        inode = Inode(
+            ino=self._next_ino,
+            mode=mode,
+            uid=uid,
+            gid=gid,
+            atime_ns=now,
+            mtime_ns=now,
+            ctime_ns=now,
+        )
         self._next_ino += 1
         self._inodes[inode.ino] = inode
+        self.live_inodes += 1
         return inode
 
     def get(self, ino: int) -> Inode:
@@ -146,8 +159,11 @@ class Namespace:
         """Free what nobody can reach any more: contents first, then the inode itself."""
         if inode.nlink or inode.opens:
             return
-        if inode.contents is not None:
-            inode.contents.clear()
+        if inode.alive:
+            inode.alive = False
+            self.live_inodes -= 1
+            if inode.contents is not None:
+                inode.contents.clear()
         if not inode.lookups and inode is not self.root:
             del self._inodes[inode.ino]
 
@@ -175,9 +191,12 @@ class Namespace:
 
     def statistics(self) -> NamespaceStatistics:
         """Return the current counts."""
-        return NamespaceStatistics(inodes=len(self._inodes), max_inodes=self.max_inodes,
-                                   capacity_bytes=self.store.capacity_bytes,
-                                   used_bytes=self.store.used_bytes)
+        return NamespaceStatistics(
+            inodes=self.live_inodes,
+            max_inodes=self.max_inodes,
+            capacity_bytes=self.store.capacity_bytes,
+            used_bytes=self.store.used_bytes,
+        )
 
     # -- lookups ----------------------------------------------------------------------------
 
@@ -230,14 +249,14 @@ class Namespace:
         directory.touch(mtime=True, ctime=True)
         return inode
 
-    def mknod(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int,
-              rdev: int = 0) -> Inode:
+    def mknod(
+        self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0
+    ) -> Inode:
         """Create a regular file, FIFO, socket or device node."""
         kind = stat.S_IFMT(mode)
         if kind == 0:
             mode |= stat.S_IFREG
-        elif kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR,
-                          stat.S_IFBLK):
+        elif kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
             raise OSError(errno.EINVAL, "cannot create this file type with mknod")
         inode = self._link_new(parent_ino, name, mode, uid, gid)
         if stat.S_ISREG(mode):
@@ -334,15 +353,22 @@ class Namespace:
                 return False
             node = node.parent
 
-    def rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int,
-               new_name: bytes, flags: int = 0) -> None:
+    def rename(
+        self,
+        old_parent_ino: int,
+        old_name: bytes,
+        new_parent_ino: int,
+        new_name: bytes,
+        flags: int = 0,
+    ) -> None:
         """Move an entry, replacing or exchanging with the target as ``flags`` say.
 
         Args:
             flags: 0, :data:`RENAME_NOREPLACE` or :data:`RENAME_EXCHANGE`.
         """
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == (
-                RENAME_NOREPLACE | RENAME_EXCHANGE):
+            RENAME_NOREPLACE | RENAME_EXCHANGE
+        ):
             raise OSError(errno.EINVAL, "unknown rename flags")
         old_dir, old_entries, moved = self._entry(old_parent_ino, old_name)
         new_dir, new_entries = self._directory(new_parent_ino)

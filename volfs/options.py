@@ -16,21 +16,65 @@ from volfs.store import PAGE_SIZE
 #: The most a size cap may be: the arena is one mapping and must fit the address space.
 MAX_SIZE = 1 << 46
 
-_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50,
-             "e": 1 << 60}
+_SUFFIXES = {
+    "": 1,
+    "k": 1 << 10,
+    "m": 1 << 20,
+    "g": 1 << 30,
+    "t": 1 << 40,
+    "p": 1 << 50,
+    "e": 1 << 60,
+}
 
 #: Options handed to libfuse unchanged: its own, and the generic mount flags.
-FUSE_FLAG_OPTIONS = frozenset({
-    "allow_other", "allow_root", "auto_unmount", "default_permissions", "blkdev",
-    "rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "async", "sync",
-    "dirsync", "atime", "noatime", "diratime", "nodiratime", "relatime", "norelatime",
-    "strictatime", "nostrictatime", "debug",
-})
+FUSE_FLAG_OPTIONS = frozenset(
+    {
+        "allow_other",
+        "allow_root",
+        "auto_unmount",
+        "default_permissions",
+        "blkdev",
+        "rw",
+        "ro",
+        "dev",
+        "nodev",
+        "suid",
+        "nosuid",
+        "exec",
+        "noexec",
+        "async",
+        "sync",
+        "dirsync",
+        "atime",
+        "noatime",
+        "diratime",
+        "nodiratime",
+        "relatime",
+        "norelatime",
+        "strictatime",
+        "nostrictatime",
+        "debug",
+    }
+)
 FUSE_VALUE_OPTIONS = frozenset({"fsname", "subtype", "max_read"})
 
 #: Options mount(8), mount.fuse3 or fstab may hand over that mean nothing to the daemon.
-IGNORED_OPTIONS = frozenset({"defaults", "auto", "noauto", "user", "nouser", "users", "nofail",
-                             "_netdev", "lazytime", "nolazytime", "iversion", "noiversion"})
+IGNORED_OPTIONS = frozenset(
+    {
+        "defaults",
+        "auto",
+        "noauto",
+        "user",
+        "nouser",
+        "users",
+        "nofail",
+        "_netdev",
+        "lazytime",
+        "nolazytime",
+        "iversion",
+        "noiversion",
+    }
+)
 
 
 class OptionError(ValueError):
@@ -72,8 +116,10 @@ def parse_size(text: str, *, memory: int) -> int:
     """
     match = re.fullmatch(r"(\d+)([kmgtpe%]?)", text.strip(), re.IGNORECASE)
     if not match:
-        raise OptionError(f"size={text}: expected a number of bytes with an optional "
-                          "k, m, g, t suffix, or a percentage such as 50%")
+        raise OptionError(
+            f"size={text}: expected a number of bytes with an optional "
+            "k, m, g, t suffix, or a percentage such as 50%"
+        )
     number, suffix = int(match.group(1)), match.group(2).lower()
     size = memory * number // 100 if suffix == "%" else number * _SUFFIXES[suffix]
     size = (size + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
@@ -101,8 +147,9 @@ def split_options(option_strings: Iterable[str]) -> list[str]:
     return [item for text in option_strings for item in text.split(",") if item]
 
 
-def parse_mount_options(option_strings: Iterable[str], *, source: str = "volfs",
-                        memory: int | None = None) -> MountOptions:
+def parse_mount_options(
+    option_strings: Iterable[str], *, source: str = "volfs", memory: int | None = None
+) -> MountOptions:
     """Validate the ``-o`` arguments.
 
     Args:
@@ -149,5 +196,11 @@ def parse_mount_options(option_strings: Iterable[str], *, source: str = "volfs",
     if not fsname or "," in fsname:
         raise OptionError(f"fsname={fsname}: must be a non-empty name without commas")
     fuse_options.add(f"fsname={fsname}")
-    return MountOptions(size=size, nr_inodes=nr_inodes, mode=mode, uid=uid, gid=gid,
-                        fuse_options=frozenset(fuse_options))
+    return MountOptions(
+        size=size,
+        nr_inodes=nr_inodes,
+        mode=mode,
+        uid=uid,
+        gid=gid,
+        fuse_options=frozenset(fuse_options),
+    )

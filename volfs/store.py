@@ -178,8 +178,7 @@ class FileContents:
         """
         extents = self._extents
         index = extents.bisect_right(first) - 1
-        if index < 0:
-            index = 0
+        index = max(index, 0)
         keys = extents.keys()
         values = extents.values()
         for i in range(index, len(keys)):
@@ -259,8 +258,7 @@ class FileContents:
                 hi = min(end, (page + count) << PAGE_SHIFT)
                 target = (arena_page << PAGE_SHIFT) + lo - (page << PAGE_SHIFT)
                 view[target : target + hi - lo] = source[lo - offset : hi - offset]
-        if end > self.size:
-            self.size = end
+        self.size = max(self.size, end)
         return length
 
     def holes(self, first: int, end: int) -> list[tuple[int, int]]:
@@ -291,9 +289,10 @@ class FileContents:
                 prev_page, (prev_arena, prev_count) = self._extents.peekitem(previous)
                 if prev_page + prev_count == page:
                     hint = prev_arena + prev_count
+            target = page
             for arena_page, run in self._arena.allocate(count, hint):
-                self._insert(page, arena_page, run)
-                page += run
+                self._insert(target, arena_page, run)
+                target += run
         self.pages += needed
 
     def _insert(self, page: int, arena_page: int, count: int) -> None:
@@ -372,12 +371,13 @@ class FileContents:
         total = 0
         for page, (arena_page, count) in self._extents.items():
             assert count > 0
-            assert 0 <= arena_page and arena_page + count <= self._arena.capacity_pages
+            assert arena_page >= 0 and arena_page + count <= self._arena.capacity_pages
             if previous is not None:
                 prev_page, prev_arena, prev_count = previous
                 assert prev_page + prev_count <= page, "runs overlap"
-                assert not (prev_page + prev_count == page and prev_arena + prev_count
-                            == arena_page), "mergeable runs left apart"
+                assert not (
+                    prev_page + prev_count == page and prev_arena + prev_count == arena_page
+                ), "mergeable runs left apart"
             previous = (page, arena_page, count)
             total += count
         assert total == self.pages, (total, self.pages)
