@@ -6,6 +6,7 @@ import errno
 import random
 
 import pytest
+import trio
 
 from volfs.store import PAGE_SIZE, Arena, FileContents, Store
 
@@ -101,3 +102,29 @@ def test_freed_pages_come_back_zeroed() -> None:
     other.write(7 * PAGE_SIZE - 1, b"y")
     assert bytes(contents.read(0, 8 * PAGE_SIZE)) == b"\xff" * 10 + bytes(8 * PAGE_SIZE - 10)
     assert bytes(other.read(1, 7 * PAGE_SIZE - 2)) == bytes(7 * PAGE_SIZE - 2)
+
+
+def test_background_reclaim_returns_pages_and_write_waits_for_them() -> None:
+    store = Store(2048 * PAGE_SIZE)
+    big, other = store.new_file(), store.new_file()
+
+    async def scenario() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.run_reclaimer)
+            await trio.sleep(0)
+            big.write(0, b"z" * (2000 * PAGE_SIZE))
+            big.truncate(0)
+            assert store.used_bytes == 0 and store.reclaim_pending
+            await store.wait_reclaimed()
+            assert not store.reclaim_pending
+            assert store.arena.free_pages == 2048
+            other.write(0, b"y" * (2048 * PAGE_SIZE))
+            other.truncate(PAGE_SIZE)
+            # Dirty pages are punched on demand when an allocation needs them.
+            big.write(0, b"x" * (2047 * PAGE_SIZE))
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario)
+    store.arena._check()
+    assert bytes(big.read(0, 3)) == b"xxx" and bytes(other.read(0, 2)) == b"yy"
+    assert store.arena.dirty_pages == store.arena.punching_pages == 0

@@ -95,15 +95,16 @@ def build_filesystem(options: MountOptions) -> VolfsOperations:
     return VolfsOperations(namespace)
 
 
-async def serve() -> None:
-    """Run the FUSE loop until unmounted or told to stop by a signal."""
+async def serve(operations: VolfsOperations) -> None:
+    """Run the FUSE loop and its helpers until unmounted or told to stop by a signal."""
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signals, nursery.cancel_scope, name="signals")
+        nursery.start_soon(_stop_on_signals, name="signals")
+        nursery.start_soon(operations.namespace.store.run_reclaimer, name="reclaimer")
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
 
-async def _stop_on_signals(scope: trio.CancelScope) -> None:
+async def _stop_on_signals() -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("%s received: unmounting", signal.Signals(signum).name)
@@ -205,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     unmount_cleanly = False
     try:
-        trio.run(serve)
+        trio.run(serve, operations)
         unmount_cleanly = True
     except Exception:
         log.exception("the FUSE loop failed")

@@ -270,7 +270,14 @@ class VolfsOperations(pyfuse3.Operations):
         try:
             node = self._files[fh].inode
             assert node.contents is not None
-            written = node.contents.write(off, buf)
+            try:
+                written = node.contents.write(off, buf)
+            except OSError as error:
+                if error.errno != errno.ENOSPC or not self.namespace.store.reclaim_pending:
+                    raise
+                # Memory just released is still being punched: wait for it, then retry.
+                await self.namespace.store.wait_reclaimed()
+                written = node.contents.write(off, buf)
             now = time.time_ns()
             node.mtime_ns = now
             node.ctime_ns = now

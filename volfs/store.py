@@ -16,11 +16,13 @@ Errors are raised as :class:`OSError` with an errno (``ENOSPC`` when the size ca
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+import trio
 from sortedcontainers import SortedDict
 
 PAGE_SIZE = 4096
@@ -28,6 +30,17 @@ PAGE_SHIFT = 12
 
 #: Largest file size; the same as the kernel's limit for a 64-bit ``loff_t``, page-aligned.
 MAX_FILE_SIZE = (1 << 63) - PAGE_SIZE
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+#: Releases up to this many pages are punched on the event loop; larger ones in a thread.
+INLINE_PUNCH_PAGES = 256
+
+Run = tuple[int, int]
 
 
 def pages_spanned(offset: int, length: int) -> tuple[int, int]:
@@ -43,6 +56,13 @@ class Arena:
     allocation is split into). Allocation is next-fit from a roving cursor, except that a
     caller may ask to continue an existing run (``hint``), which keeps sequentially written
     files contiguous and their reads zero-copy.
+
+    A released page is *dirty* until its memory has been punched out of the memfd; only then
+    does it become free, so a free page always reads as zeros. Punching a large release takes
+    a while (about 0.15 s a GiB), so whoever owns the arena may take the dirty runs
+    (:meth:`take_dirty`), punch them in a worker thread (:meth:`punch`, which touches no
+    Python state) and hand them back (:meth:`give_back`). With no ``on_release`` callback
+    set, releases are punched at once.
     """
 
     def __init__(self, capacity_pages: int) -> None:
@@ -67,6 +87,13 @@ class Arena:
             self._free[0] = capacity_pages
         self.free_pages = capacity_pages
         self._cursor = 0
+        self._dirty: list[Run] = []
+        #: Released pages not yet punched.
+        self.dirty_pages = 0
+        #: Pages taken by :meth:`take_dirty` and not yet given back.
+        self.punching_pages = 0
+        #: Called after each release; None punches released pages at once instead.
+        self.on_release: Callable[[], None] | None = None
 
     def close(self) -> None:
         """Release the mapping and the memfd."""
@@ -76,8 +103,19 @@ class Arena:
 
     @property
     def used_pages(self) -> int:
-        """Pages currently allocated to files."""
-        return self.capacity_pages - self.free_pages
+        """Pages held by files (released pages not yet punched are not counted)."""
+        return self.capacity_pages - self.free_pages - self.dirty_pages - self.punching_pages
+
+    def ensure_free(self, count: int) -> None:
+        """Make sure ``count`` pages can be allocated, punching dirty pages if needed.
+
+        Raises:
+            OSError: ENOSPC if they cannot.
+        """
+        if count > self.free_pages and self.dirty_pages:
+            self._punch_dirty_now()
+        if count > self.free_pages:
+            raise OSError(errno.ENOSPC, "volfs is full")
 
     def allocate(self, count: int, hint: int | None = None) -> list[tuple[int, int]]:
         """Take ``count`` zeroed pages, as few runs as the free space allows.
@@ -95,9 +133,8 @@ class Arena:
 
         Runtime complexity: O(k log f) for k runs returned and f free runs.
         """
-        if count > self.free_pages:
-            raise OSError(errno.ENOSPC, "no space left in the volfs arena")
-        runs: list[tuple[int, int]] = []
+        self.ensure_free(count)
+        runs: list[Run] = []
         free = self._free
         if hint is not None and hint in free:
             runs.append(self._take(hint, count))
@@ -122,11 +159,51 @@ class Arena:
         return start, taken
 
     def release(self, start: int, count: int) -> None:
-        """Punch ``count`` pages at ``start`` out of memory and return them to the free space.
+        """Return ``count`` pages at ``start``; they become free once punched.
 
-        Runtime complexity: O(log f), plus the kernel's work to free the pages.
+        Runtime complexity: O(1), or O(log f) plus the kernel's work when punched at once.
         """
-        self._map.madvise(mmap.MADV_REMOVE, start << PAGE_SHIFT, count << PAGE_SHIFT)
+        self._dirty.append((start, count))
+        self.dirty_pages += count
+        if self.on_release is None:
+            self._punch_dirty_now()
+        else:
+            self.on_release()
+
+    def take_dirty(self) -> list[Run]:
+        """Take the released runs for punching; give them back with :meth:`give_back`."""
+        runs, self._dirty = self._dirty, []
+        self.punching_pages += self.dirty_pages
+        self.dirty_pages = 0
+        return runs
+
+    def punch(self, runs: list[Run]) -> None:
+        """Free the memory of ``runs``. Safe in a worker thread: it touches no Python state."""
+        for start, count in runs:
+            if (
+                _libc.fallocate(
+                    self._fd,
+                    _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                    start << PAGE_SHIFT,
+                    count << PAGE_SHIFT,
+                )
+                != 0
+            ):
+                code = ctypes.get_errno()
+                raise OSError(code, f"punching arena pages: {os.strerror(code)}")
+
+    def give_back(self, runs: list[Run]) -> None:
+        """Add punched runs to the free space. Runtime complexity: O(r log f) for r runs."""
+        for start, count in runs:
+            self.punching_pages -= count
+            self._add_free(start, count)
+
+    def _punch_dirty_now(self) -> None:
+        runs = self.take_dirty()
+        self.punch(runs)
+        self.give_back(runs)
+
+    def _add_free(self, start: int, count: int) -> None:
         self.free_pages += count
         free = self._free
         index = free.bisect_left(start)
@@ -280,8 +357,7 @@ class FileContents:
         """Give every hole of [first, end) arena pages, all or nothing."""
         holes = self.holes(first, end)
         needed = sum(count for _page, count in holes)
-        if needed > self._arena.free_pages:
-            raise OSError(errno.ENOSPC, "volfs is full")
+        self._arena.ensure_free(needed)
         for page, count in holes:
             hint = None
             previous = self._extents.bisect_right(page) - 1
@@ -390,11 +466,16 @@ class Store:
     """All file contents of one mount, within a size cap.
 
     The cap is the arena's capacity: every held page counts against it, free pages do not.
+    While :meth:`run_reclaimer` runs, memory released by truncation and deletion is returned
+    to the system in the background, large releases in a worker thread, so the event loop is
+    never held up by them.
     """
 
     def __init__(self, capacity_bytes: int) -> None:
         """Create a store holding at most ``capacity_bytes`` (rounded down to pages)."""
         self.arena = Arena(capacity_bytes >> PAGE_SHIFT)
+        self._wakeup = trio.Event()
+        self._reclaimed = trio.Event()
 
     def new_file(self) -> FileContents:
         """Return empty contents for a new regular file."""
@@ -409,6 +490,39 @@ class Store:
     def used_bytes(self) -> int:
         """Bytes of memory held by file contents."""
         return self.arena.used_pages << PAGE_SHIFT
+
+    @property
+    def reclaim_pending(self) -> bool:
+        """True while released memory is still on its way back to the free space."""
+        return bool(self.arena.dirty_pages or self.arena.punching_pages)
+
+    async def wait_reclaimed(self) -> None:
+        """Wait until the reclaimer has finished its current round."""
+        if self.reclaim_pending:
+            await self._reclaimed.wait()
+
+    async def run_reclaimer(self) -> None:
+        """Punch released pages as they come, until cancelled."""
+        arena = self.arena
+        arena.on_release = self._wakeup.set
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                arena.on_release = self._wakeup.set
+                runs = arena.take_dirty()
+                if sum(count for _start, count in runs) <= INLINE_PUNCH_PAGES:
+                    arena.punch(runs)
+                else:
+                    # Shielded: runs taken must come back even if the mount is going away.
+                    with trio.CancelScope(shield=True):
+                        await trio.to_thread.run_sync(arena.punch, runs)
+                arena.give_back(runs)
+                self._reclaimed.set()
+                self._reclaimed = trio.Event()
+        finally:
+            arena.on_release = None
+            arena._punch_dirty_now()
 
     def close(self) -> None:
         """Give all memory back; the store is unusable afterwards."""
