@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 class MountError(Exception):
@@ -105,7 +106,8 @@ async def serve(operations: VolfsOperations) -> None:
 
 
 async def _stop_on_signals() -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         async for signum in signals:
             log.info("%s received: unmounting", signal.Signals(signum).name)
             pyfuse3.terminate()
@@ -195,6 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         operations = build_filesystem(options)
     except OSError as error:
         _fail(f"cannot allocate the store: {error.strerror}", EXIT_FAILURE)
+    # Held until the signal task listens, so that a stop request arriving while mounting still
+    # ends in a clean unmount rather than a dead daemon and a stale mountpoint.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         pyfuse3.init(operations, mountpoint, set(options.fuse_options))
     except RuntimeError as error:

@@ -1,0 +1,668 @@
+"""I/O benchmark for volfs against the pyfuse3 ceiling and tmpfs.
+
+Mounts each target in its own temporary directory, runs the same jobs on it and prints one row
+per job with the value for every target and the ratios volfs/ceiling and volfs/tmpfs.
+
+Targets:
+  volfs    ``<python> -m volfs -f -o size=4G MOUNTPOINT`` (the filesystem under test)
+  ceiling  ``<python> scripts/ceiling_fs.py MOUNTPOINT``: the thinnest pyfuse3 in-memory
+           filesystem with the same FUSE settings as volfs, i.e. the best any pyfuse3 daemon
+           can do on this machine
+  ceiling-noxattr  the same without extended attributes (not run by default): the kernel then
+           skips the GETXATTR(security.capability) it sends before every write(2) to a
+           filesystem with xattrs, which shows what xattr support costs small writes
+  tmpfs    ``mount -t tmpfs -o size=4G tmpfs MOUNTPOINT`` (the in-kernel reference)
+
+Jobs (fio jobs run as a single fio process each, ``--output-format=json``):
+  seqwrite   1 MiB sequential write of a new file, psync                    MiB/s
+  seqread    1 MiB sequential read, cold cache                              MiB/s
+  randread   4 KiB random read, cold cache, time based                      IOPS
+  randwrite  4 KiB random write, time based                                 IOPS
+  mmap       4 KiB random read/write through mmap, warm cache, time based   IOPS (read+write)
+  metadata   Python loop: open(O_CREAT|O_WRONLY), close, stat, unlink       files/s
+"Cold" means the page cache is dropped (``/proc/sys/vm/drop_caches``) before the job and fio
+runs with ``invalidate=1``; "warm" means the whole file is read into the page cache first.
+seqwrite writes a new file; the other fio jobs reuse it (laid out first if seqwrite is not
+selected). Results are the median of ``--repeat`` runs, each on a fresh mount.
+
+Needs root (tmpfs mount, drop_caches), fio and fusermount3.
+
+Usage:
+  python scripts/bench_io.py                                    # all targets, full run
+  python scripts/bench_io.py --targets ceiling,tmpfs --quick    # smoke test
+  python scripts/bench_io.py --repeat 3 --runtime 20 --size 2G  # median of 3 runs
+  python scripts/bench_io.py --jobs seqwrite,metadata --json > result.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+log = logging.getLogger("bench_io")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CEILING_SCRIPT = Path(__file__).resolve().parent / "ceiling_fs.py"
+
+TARGETS = ("volfs", "ceiling", "tmpfs", "ceiling-noxattr")
+DEFAULT_TARGETS = ("volfs", "ceiling", "tmpfs")
+FUSE_TARGETS = ("volfs", "ceiling", "ceiling-noxattr")
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    label: str
+    unit: str
+
+
+JOBS: dict[str, JobSpec] = {
+    "seqwrite": JobSpec("seqwrite 1M", "MiB/s"),
+    "seqread": JobSpec("seqread 1M cold", "MiB/s"),
+    "randread": JobSpec("randread 4k cold", "IOPS"),
+    "randwrite": JobSpec("randwrite 4k", "IOPS"),
+    "mmap": JobSpec("mmap randrw 4k warm", "IOPS"),
+    "metadata": JobSpec("create+stat+unlink", "files/s"),
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    size: str
+    runtime: float
+    files: int
+
+
+FULL = Preset(size="1G", runtime=10.0, files=10_000)
+QUICK = Preset(size="64M", runtime=2.0, files=1_000)
+
+
+class BenchError(RuntimeError):
+    """A target or job failed; the message says why."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    size: int
+    runtime: float
+    files: int
+    fs_size: str
+    python: str
+    mount_timeout: float
+    workdir: Path
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    """Parse ``1G``, ``256M``, ``64k``, ``4096`` (binary multiples, as fio does) into bytes."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid size: {text!r}")
+    number, suffix = match.groups()
+    size = int(number) << (10 * " kmgt".index(suffix.lower() or " "))
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return size
+
+
+def parse_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        unknown = [item for item in items if item not in choices]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated subset of {','.join(choices)}, got {text!r}"
+            )
+        return [choice for choice in choices if choice in items]
+
+    return parse
+
+
+def format_size(size: int) -> str:
+    for shift, suffix in ((30, "G"), (20, "M"), (10, "K")):
+        if size % (1 << shift) == 0:
+            return f"{size >> shift}{suffix}"
+    return str(size)
+
+
+def is_mounted(path: Path) -> bool:
+    """True if *path* is a mount point according to the kernel (also for dead FUSE mounts)."""
+    target = os.path.realpath(path)
+    with open("/proc/self/mounts", encoding="utf-8") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if len(fields) > 1 and fields[1].replace("\\040", " ") == target:
+                return True
+    return False
+
+
+def run_quiet(cmd: Sequence[str | os.PathLike[str]]) -> subprocess.CompletedProcess[str]:
+    log.debug("running %s", " ".join(map(str, cmd)))
+    return subprocess.run(
+        cmd, check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True
+    )
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def drop_caches() -> None:
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w", encoding="ascii") as f:
+            f.write("3\n")
+    except OSError as exc:
+        log.warning("cannot drop caches (%s); cold reads will be warm", exc)
+
+
+# -- mounting ----------------------------------------------------------------------------------
+
+
+def daemon_command(target: str, settings: Settings, mountpoint: Path) -> list[str]:
+    if target == "volfs":
+        return [
+            settings.python,
+            "-m",
+            "volfs",
+            "-f",
+            "-o",
+            f"size={settings.fs_size}",
+            str(mountpoint),
+        ]
+    extra = ["--no-xattr"] if target == "ceiling-noxattr" else []
+    return [settings.python, str(CEILING_SCRIPT), str(mountpoint), *extra]
+
+
+def start_daemon(
+    target: str, settings: Settings, mountpoint: Path, logfile: Path
+) -> subprocess.Popen[bytes]:
+    cmd = daemon_command(target, settings, mountpoint)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    log.debug("starting %s", " ".join(cmd))
+    with open(logfile, "wb") as out:
+        # A new session keeps Ctrl-C away from the daemon: the benchmark unmounts it instead.
+        return subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            env=env,
+            start_new_session=True,
+        )
+
+
+def wait_for_mount(
+    target: str, proc: subprocess.Popen[bytes], mountpoint: Path, logfile: Path, timeout: float
+) -> None:
+    cmd = " ".join(map(str, proc.args)) if isinstance(proc.args, list) else str(proc.args)
+    deadline = time.monotonic() + timeout
+    while not (is_mounted(mountpoint) and os.path.ismount(mountpoint)):
+        if proc.poll() is not None:
+            raise BenchError(
+                f"{target} daemon exited with status {proc.returncode} before mounting "
+                f"({cmd}):\n{tail(logfile)}"
+            )
+        if time.monotonic() > deadline:
+            raise BenchError(f"{target} not mounted after {timeout:g} s ({cmd}):\n{tail(logfile)}")
+        time.sleep(0.05)
+
+
+def stop_daemon(
+    target: str,
+    mountpoint: Path,
+    proc: subprocess.Popen[bytes] | None,
+    logfile: Path,
+    report_exit: bool,
+) -> None:
+    if is_mounted(mountpoint):
+        result = run_quiet(["fusermount3", "-u", str(mountpoint)])
+        if result.returncode != 0:
+            log.warning(
+                "%s: fusermount3 -u failed (%s), unmounting lazily", target, result.stderr.strip()
+            )
+            run_quiet(["fusermount3", "-u", "-z", str(mountpoint)])
+    if proc is None:
+        return
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        log.warning("%s daemon still running after unmount, terminating it", target)
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.returncode != 0 and report_exit:
+        log.warning("%s daemon exited with status %s:\n%s", target, proc.returncode, tail(logfile))
+
+
+@contextlib.contextmanager
+def mounted(target: str, settings: Settings) -> Iterator[Path]:
+    """Mount *target* on a fresh directory; always unmount and remove it afterwards."""
+    mountpoint = Path(tempfile.mkdtemp(prefix=f"mnt-{target}-", dir=settings.workdir))
+    logfile = settings.workdir / f"{mountpoint.name}.log"
+    proc: subprocess.Popen[bytes] | None = None
+    ready = False
+    try:
+        if target == "tmpfs":
+            result = run_quiet(
+                ["mount", "-t", "tmpfs", "-o", f"size={settings.fs_size}", "tmpfs", str(mountpoint)]
+            )
+            if result.returncode != 0:
+                raise BenchError(f"mounting tmpfs failed: {result.stderr.strip()}")
+        else:
+            proc = start_daemon(target, settings, mountpoint, logfile)
+            wait_for_mount(target, proc, mountpoint, logfile, settings.mount_timeout)
+        ready = True
+        log.info("%s mounted on %s", target, mountpoint)
+        yield mountpoint
+    finally:
+        if target == "tmpfs":
+            if is_mounted(mountpoint):
+                result = run_quiet(["umount", str(mountpoint)])
+                if result.returncode != 0:
+                    log.warning("umount failed (%s), unmounting lazily", result.stderr.strip())
+                    run_quiet(["umount", "-l", str(mountpoint)])
+        else:
+            stop_daemon(target, mountpoint, proc, logfile, report_exit=ready)
+        if is_mounted(mountpoint):
+            log.error("%s is still mounted on %s", target, mountpoint)
+        else:
+            with contextlib.suppress(OSError):
+                mountpoint.rmdir()
+
+
+# -- jobs --------------------------------------------------------------------------------------
+
+
+class JobRunner:
+    """Runs the jobs on one mounted target."""
+
+    def __init__(self, target: str, mountpoint: Path, settings: Settings, rep: int) -> None:
+        self.target = target
+        self.mountpoint = mountpoint
+        self.settings = settings
+        self.rep = rep
+        self.datafile = mountpoint / "bench.dat"
+
+    def run(self, job: str) -> float:
+        method: Callable[[], float] = getattr(self, f"job_{job}")
+        return method()
+
+    def fio(self, name: str, *options: str) -> dict[str, Any]:
+        output = self.settings.workdir / f"fio-{self.target}-{name}.json"
+        cmd = [
+            "fio",
+            f"--name={name}",
+            f"--filename={self.datafile}",
+            f"--size={self.settings.size}",
+            "--numjobs=1",
+            "--fallocate=none",
+            "--output-format=json",
+            f"--output={output}",
+            *options,
+        ]
+        log.debug("running %s", " ".join(cmd))
+        result = subprocess.run(
+            cmd, check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True
+        )
+        if result.stderr.strip():
+            log.debug("fio stderr: %s", result.stderr.strip())
+        try:
+            report = json.loads(output.read_text())
+            job = report["jobs"][0]
+        except (OSError, ValueError, KeyError, IndexError) as exc:
+            raise BenchError(
+                f"{self.target}: fio {name} failed (status {result.returncode}, {exc}):\n"
+                f"{result.stderr.strip() or result.stdout.strip()}"
+            ) from None
+        if result.returncode != 0 or job.get("error"):
+            raise BenchError(
+                f"{self.target}: fio {name} failed (status {result.returncode}, "
+                f"error {job.get('error')}):\n{result.stderr.strip()}"
+            )
+        return dict(job)
+
+    def timed(self, *options: str) -> tuple[str, ...]:
+        return ("--time_based", f"--runtime={self.settings.runtime:g}", *options)
+
+    def ensure_datafile(self) -> None:
+        try:
+            if self.datafile.stat().st_size >= self.settings.size:
+                return
+        except FileNotFoundError:
+            pass
+        log.info("%s: laying out %s", self.target, format_size(self.settings.size))
+        self.fio("layout", "--rw=write", "--bs=1M", "--ioengine=psync")
+
+    def job_seqwrite(self) -> float:
+        self.datafile.unlink(missing_ok=True)
+        os.sync()
+        job = self.fio("seqwrite", "--rw=write", "--bs=1M", "--ioengine=psync")
+        return float(job["write"]["bw_bytes"]) / MIB
+
+    def job_seqread(self) -> float:
+        self.ensure_datafile()
+        drop_caches()
+        job = self.fio("seqread", "--rw=read", "--bs=1M", "--ioengine=psync", "--invalidate=1")
+        return float(job["read"]["bw_bytes"]) / MIB
+
+    def job_randread(self) -> float:
+        self.ensure_datafile()
+        drop_caches()
+        job = self.fio(
+            "randread",
+            *self.timed("--rw=randread", "--bs=4k", "--ioengine=psync", "--invalidate=1"),
+        )
+        # fio's random map reads every block once per pass; later passes hit the page cache.
+        passes = job["read"]["total_ios"] * 4096 / self.settings.size
+        if passes > 1 and self.target in FUSE_TARGETS:
+            log.warning(
+                "%s: randread went %.1f times through the file, so it was partly warm; "
+                "use a larger --size or a shorter --runtime for a cold result",
+                self.target,
+                passes,
+            )
+        return float(job["read"]["iops"])
+
+    def job_randwrite(self) -> float:
+        self.ensure_datafile()
+        job = self.fio("randwrite", *self.timed("--rw=randwrite", "--bs=4k", "--ioengine=psync"))
+        return float(job["write"]["iops"])
+
+    def warm_datafile(self) -> None:
+        """Read the whole data file so every page is in the page cache."""
+        buf = bytearray(MIB)
+        with open(self.datafile, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+    def job_mmap(self) -> float:
+        self.ensure_datafile()
+        self.warm_datafile()
+        job = self.fio("mmap", *self.timed("--rw=randrw", "--bs=4k", "--ioengine=mmap"))
+        return float(job["read"]["iops"]) + float(job["write"]["iops"])
+
+    def job_metadata(self) -> float:
+        paths = [
+            os.path.join(self.mountpoint, f"meta-{self.rep}-{i}")
+            for i in range(self.settings.files)
+        ]
+        flags = os.O_CREAT | os.O_WRONLY
+        os.sync()
+        start = time.perf_counter()
+        for path in paths:
+            os.close(os.open(path, flags, 0o644))
+            os.stat(path)
+            os.unlink(path)
+        return len(paths) / (time.perf_counter() - start)
+
+
+# -- reporting ---------------------------------------------------------------------------------
+
+
+def ratio(values: dict[str, float], num: str, den: str) -> float | None:
+    if num in values and den in values and values[den] > 0:
+        return values[num] / values[den]
+    return None
+
+
+def ratio_columns(targets: Sequence[str]) -> list[tuple[str, str]]:
+    return [
+        ("volfs", other)
+        for other in ("ceiling", "tmpfs")
+        if "volfs" in targets and other in targets
+    ]
+
+
+def format_value(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def format_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def render_table(
+    medians: dict[str, dict[str, float]], targets: Sequence[str], jobs: Sequence[str]
+) -> str:
+    ratios = ratio_columns(targets)
+    header = ["job", "unit", *targets, *(f"{a}/{b}" for a, b in ratios)]
+    rows = [header]
+    for job in jobs:
+        values = medians[job]
+        rows.append(
+            [
+                JOBS[job].label,
+                JOBS[job].unit,
+                *(format_value(values.get(t)) for t in targets),
+                *(format_ratio(ratio(values, a, b)) for a, b in ratios),
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = []
+    for row in rows:
+        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
+        cells += [cell.rjust(width) for cell, width in zip(row[2:], widths[2:], strict=True)]
+        lines.append("  ".join(cells).rstrip())
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+# -- main --------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--targets",
+        type=parse_list(TARGETS),
+        default=list(DEFAULT_TARGETS),
+        help=f"comma-separated targets of {','.join(TARGETS)} "
+        f"(default: {','.join(DEFAULT_TARGETS)})",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=parse_list(tuple(JOBS)),
+        default=list(JOBS),
+        help="comma-separated jobs (default: all)",
+    )
+    parser.add_argument(
+        "--size",
+        type=parse_size,
+        help=f"file size for the fio jobs (default: {FULL.size}, --quick: {QUICK.size})",
+    )
+    parser.add_argument(
+        "--runtime",
+        type=float,
+        help=f"seconds per time-based job (default: {FULL.runtime:g}, --quick: {QUICK.runtime:g})",
+    )
+    parser.add_argument(
+        "--files",
+        type=int,
+        help=f"files in the metadata loop (default: {FULL.files}, --quick: {QUICK.files})",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run everything N times and report the median (default: 1)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes and short runtimes, for smoke testing"
+    )
+    parser.add_argument(
+        "--fs-size",
+        default="4G",
+        help="size= mount option for volfs and tmpfs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--python",
+        default=sys.executable,
+        help="python for the FUSE daemons (default: this interpreter)",
+    )
+    parser.add_argument(
+        "--mount-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to wait for a daemon to mount (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print results as JSON instead of the table"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    args = parser.parse_args(argv)
+    defaults = QUICK if args.quick else FULL
+    if args.size is None:
+        args.size = parse_size(defaults.size)
+    if args.runtime is None:
+        args.runtime = defaults.runtime
+    if args.files is None:
+        args.files = defaults.files
+    if args.repeat < 1 or args.runtime <= 0 or args.files < 1:
+        parser.error("--repeat, --runtime and --files must be positive")
+    return args
+
+
+def preflight(targets: Sequence[str], jobs: Sequence[str]) -> None:
+    missing = [tool for tool in ("fio", "fusermount3", "mount", "umount") if not shutil.which(tool)]
+    if missing:
+        raise BenchError(f"missing tools: {', '.join(missing)}")
+    if os.geteuid() != 0 and ("tmpfs" in targets or {"seqread", "randread"} & set(jobs)):
+        raise BenchError("must run as root (tmpfs mount and drop_caches)")
+    if "ceiling" in targets and not CEILING_SCRIPT.is_file():
+        raise BenchError(f"{CEILING_SCRIPT} not found")
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, dict[str, list[float]]]:
+    settings = Settings(
+        size=args.size,
+        runtime=args.runtime,
+        files=args.files,
+        fs_size=args.fs_size,
+        python=args.python,
+        mount_timeout=args.mount_timeout,
+        workdir=workdir,
+    )
+    runs: dict[str, dict[str, list[float]]] = {job: {} for job in args.jobs}
+    for rep in range(args.repeat):
+        for target in args.targets:
+            with mounted(target, settings) as mountpoint:
+                runner = JobRunner(target, mountpoint, settings, rep)
+                for job in args.jobs:
+                    value = runner.run(job)
+                    runs[job].setdefault(target, []).append(value)
+                    log.info(
+                        "run %d/%d %-7s %-18s %12s %s",
+                        rep + 1,
+                        args.repeat,
+                        target,
+                        JOBS[job].label,
+                        format_value(value),
+                        JOBS[job].unit,
+                    )
+    return runs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        preflight(args.targets, args.jobs)
+        workdir = Path(tempfile.mkdtemp(prefix="bench_io-"))
+        try:
+            runs = benchmark(args, workdir)
+        finally:
+            if any(is_mounted(path) for path in workdir.iterdir()):
+                log.error("leaving %s in place: something is still mounted there", workdir)
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
+    except BenchError as exc:
+        log.error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+
+    medians = {
+        job: {t: statistics.median(v) for t, v in per_target.items()}
+        for job, per_target in runs.items()
+    }
+    if args.json:
+        result = {
+            "config": {
+                "targets": args.targets,
+                "size": args.size,
+                "runtime": args.runtime,
+                "files": args.files,
+                "repeat": args.repeat,
+                "fs_size": args.fs_size,
+            },
+            "jobs": {
+                job: {
+                    "label": JOBS[job].label,
+                    "unit": JOBS[job].unit,
+                    "median": medians[job],
+                    "runs": runs[job],
+                    "ratios": {
+                        f"{a}/{b}": ratio(medians[job], a, b)
+                        for a, b in ratio_columns(args.targets)
+                    },
+                }
+                for job in args.jobs
+            },
+        }
+        json.dump(result, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(
+            f"# size={format_size(args.size)} runtime={args.runtime:g}s files={args.files} "
+            f"repeat={args.repeat} (median)"
+        )
+        print(render_table(medians, args.targets, args.jobs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
