@@ -110,8 +110,7 @@ def test_background_reclaim_returns_pages_and_write_waits_for_them() -> None:
 
     async def scenario() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(store.run_reclaimer)
-            await trio.sleep(0)
+            await nursery.start(store.run_reclaimer)
             big.write(0, b"z" * (2000 * PAGE_SIZE))
             big.truncate(0)
             assert store.used_bytes == 0 and store.reclaim_pending

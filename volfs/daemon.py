@@ -100,7 +100,7 @@ async def serve(operations: VolfsOperations) -> None:
     """Run the FUSE loop and its helpers until unmounted or told to stop by a signal."""
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signals, name="signals")
-        nursery.start_soon(operations.namespace.store.run_reclaimer, name="reclaimer")
+        await nursery.start(operations.namespace.store.run_reclaimer, name="reclaimer")
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 

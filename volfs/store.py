@@ -501,10 +501,13 @@ class Store:
         if self.reclaim_pending:
             await self._reclaimed.wait()
 
-    async def run_reclaimer(self) -> None:
+    async def run_reclaimer(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Punch released pages as they come, until cancelled."""
         arena = self.arena
         arena.on_release = self._wakeup.set
+        task_status.started()
         try:
             while True:
                 await self._wakeup.wait()
