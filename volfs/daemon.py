@@ -21,12 +21,12 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-import pyfuse3
 import trio
 
-from volfs.fs import VolfsOperations
+from volfs import fs
 from volfs.namespace import Namespace
 from volfs.options import MAX_SIZE, MountOptions, OptionError, parse_mount_options
+from volfs.purge import Purger
 from volfs.store import Store
 
 log = logging.getLogger(__name__)
@@ -83,25 +83,25 @@ def check_mountpoint(path: str) -> None:
         raise MountError(f"mountpoint {path}: not a directory")
 
 
-def build_filesystem(options: MountOptions) -> VolfsOperations:
+def build_filesystem(options: MountOptions) -> fs.VolfsOperations:
     """Create the store, the namespace and the FUSE handlers for one mount."""
     store = Store(options.size or MAX_SIZE)
     namespace = Namespace(
         store,
+        Purger(),
         max_inodes=options.nr_inodes,
         root_mode=options.mode,
         root_uid=options.uid,
         root_gid=options.gid,
     )
-    return VolfsOperations(namespace)
+    return fs.VolfsOperations(namespace, purged_reads_zero=options.purged_reads_zero)
 
 
-async def serve(operations: VolfsOperations) -> None:
-    """Run the FUSE loop and its helpers until unmounted or told to stop by a signal."""
+async def serve(operations: fs.VolfsOperations) -> None:
+    """Serve until unmounted or told to stop by a signal."""
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signals, name="signals")
-        await nursery.start(operations.namespace.store.run_reclaimer, name="reclaimer")
-        await pyfuse3.main()
+        await fs.serve(operations)
         nursery.cancel_scope.cancel()
 
 
@@ -110,7 +110,7 @@ async def _stop_on_signals() -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         async for signum in signals:
             log.info("%s received: unmounting", signal.Signals(signum).name)
-            pyfuse3.terminate()
+            fs.terminate()
             return
 
 
@@ -201,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # ends in a clean unmount rather than a dead daemon and a stale mountpoint.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        pyfuse3.init(operations, mountpoint, set(options.fuse_options))
+        fs.mount(operations, mountpoint, set(options.fuse_options))
     except RuntimeError as error:
         _fail(f"cannot mount on {mountpoint}: {error}", EXIT_FAILURE)
     log.info(
@@ -216,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception:
         log.exception("the FUSE loop failed")
     finally:
-        pyfuse3.close(unmount=True)
+        fs.unmount()
         operations.namespace.store.close()
     log.info("unmounted %s", mountpoint)
     return 0 if unmount_cleanly else EXIT_FAILURE

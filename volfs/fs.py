@@ -1,8 +1,9 @@
 """The FUSE adapter: pyfuse3 requests in, calls on the namespace and store, replies out.
 
-This is the only module that speaks FUSE. It turns the core's :class:`OSError` into
-``FUSEError(errno)``, and any other exception into ``EIO`` for that one request, logged with
-its traceback: a bug must fail the request that met it, never the daemon.
+This is the only module that speaks FUSE (pyfuse3, and :mod:`volfs.bridge` for the ioctls
+pyfuse3 lacks). It turns the core's :class:`OSError` into ``FUSEError(errno)``, and any other
+exception into ``EIO`` for that one request, logged with its traceback: a bug must fail the
+request that met it, never the daemon.
 """
 
 from __future__ import annotations
@@ -17,10 +18,25 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-import pyfuse3
+from volfs import bridge  # binds ahead of pyfuse3: see volfs.bridge
 
+# isort: split
+import pyfuse3
+import trio
+
+from volfs.abi import (
+    PAGE_SIZE,
+    VOLFS_IOC_PURGE,
+    VOLFS_IOC_VRANGE,
+    VOLFS_IOC_VRANGE_STATUS,
+    VOLFS_PURGE,
+    VRANGE_ARGS,
+    VRANGE_NONVOLATILE,
+    VRANGE_STATUS,
+    VRANGE_VOLATILE,
+)
 from volfs.namespace import Inode, Namespace
-from volfs.store import PAGE_SHIFT, PAGE_SIZE
+from volfs.store import PAGE_SHIFT
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +100,17 @@ class VolfsOperations(pyfuse3.Operations):
 
     enable_writeback_cache = False  # write-through keeps ENOSPC visible to the writer
 
-    def __init__(self, namespace: Namespace) -> None:
-        """Serve ``namespace``."""
+    def __init__(self, namespace: Namespace, *, purged_reads_zero: bool = False) -> None:
+        """Serve ``namespace``.
+
+        Args:
+            purged_reads_zero: reads of purged volatile data return zeros instead of EIO.
+        """
         super().__init__()
         self.namespace = namespace
+        self.purged_reads_zero = purged_reads_zero
+        #: Where requests answered later (purges) run; set by :func:`serve`.
+        self.nursery: trio.Nursery | None = None
         self._files: dict[int, OpenFile] = {}
         self._directories: dict[int, OpenDirectory] = {}
         self._next_handle = 1
@@ -251,6 +274,14 @@ class VolfsOperations(pyfuse3.Operations):
         try:
             node = self._files[fh].inode
             assert node.contents is not None
+            vranges = node.vranges
+            if (
+                vranges is not None
+                and not self.purged_reads_zero
+                and vranges.is_lost(off >> PAGE_SHIFT, (off + size + PAGE_SIZE - 1) >> PAGE_SHIFT)
+            ):
+                # The whole request fails: a short reply would be taken for EOF.
+                raise OSError(errno.EIO, "read of purged volatile data")
             data = node.contents.read(off, size)
             now = time.time_ns()
             if (
@@ -278,6 +309,10 @@ class VolfsOperations(pyfuse3.Operations):
                 # Memory just released is still being punched: wait for it, then retry.
                 await self.namespace.store.wait_reclaimed()
                 written = node.contents.write(off, buf)
+            if node.vranges is not None:
+                node.vranges.rewritten(
+                    off >> PAGE_SHIFT, (off + written + PAGE_SIZE - 1) >> PAGE_SHIFT
+                )
             now = time.time_ns()
             node.mtime_ns = now
             node.ctime_ns = now
@@ -372,3 +407,125 @@ class VolfsOperations(pyfuse3.Operations):
     @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self.namespace.removexattr(self.namespace.get(inode), name)
+
+    # -- ioctls (through the bridge) --------------------------------------------------------
+
+    def ioctl(
+        self,
+        request: bridge.Request,
+        ino: int,
+        cmd: int,
+        fh: int,
+        is_dir: bool,
+        data: bytes,
+        out_size: int,
+    ) -> None:
+        """Answer one ioctl; called by the bridge on the thread serving requests.
+
+        VOLFS_IOC_VRANGE and VOLFS_IOC_VRANGE_STATUS are answered at once; VOLFS_IOC_PURGE
+        continues in a task, since dropping purged pages from the kernel's cache must happen
+        off this thread. Errors answer the request with their errno, never escape.
+        """
+        try:
+            if cmd == VOLFS_IOC_VRANGE:
+                request.reply_ioctl(0, self._vrange(ino, fh, is_dir, data))
+            elif cmd == VOLFS_IOC_VRANGE_STATUS:
+                request.reply_ioctl(0, self._vrange_status(ino, data))
+            elif cmd == VOLFS_IOC_PURGE:
+                # Purging takes memory from every user of the mount: only its owner or root.
+                if request.uid not in (0, os.getuid()):
+                    raise OSError(errno.EPERM, "purge needs root or the mount's owner")
+                (wanted, _purged) = VOLFS_PURGE.unpack(data)
+                assert self.nursery is not None
+                self.nursery.start_soon(self._purge, request, wanted)
+            else:
+                request.reply_error(errno.ENOTTY)
+        except OSError as error:
+            request.reply_error(error.errno or errno.EIO)
+        except Exception:
+            log.exception("ioctl(ino=%d, cmd=%#x) failed; answering EIO", ino, cmd)
+            if not request.answered:
+                request.reply_error(errno.EIO)
+
+    def _vrange(self, ino: int, fh: int, is_dir: bool, data: bytes) -> bytes:
+        start, length, mode, flags, _marked, _purged, reserved = VRANGE_ARGS.unpack(data)
+        node = self.namespace.get(ino)
+        if is_dir or node.is_dir():
+            raise OSError(errno.EISDIR, "volatile ranges belong to regular files")
+        open_file = self._files.get(fh)
+        if open_file is None or open_file.inode is not node:
+            raise OSError(errno.EBADF, "no such open file")
+        if reserved:
+            raise OSError(errno.EINVAL, "reserved field must be zero")
+        # As for fallocate: changing a file's data needs a descriptor open for writing.
+        if mode in (VRANGE_VOLATILE, VRANGE_NONVOLATILE) and not open_file.writable:
+            raise OSError(errno.EBADF, "descriptor not open for writing")
+        marked, purged = self.namespace.vrange(node, start, length, mode, flags)
+        return VRANGE_ARGS.pack(start, length, mode, flags, marked, int(purged), 0)
+
+    def _vrange_status(self, ino: int, data: bytes) -> bytes:
+        start, length, _volatile, _purged = VRANGE_STATUS.unpack(data)
+        volatile, lost = self.namespace.vrange_status(self.namespace.get(ino), start, length)
+        return VRANGE_STATUS.pack(start, length, volatile, lost)
+
+    async def _purge(self, request: bridge.Request, wanted: int) -> None:
+        try:
+            result = self.namespace.purger.purge(wanted, source="ioctl")
+            await drop_from_kernel_cache(result.invalidations)
+            request.reply_ioctl(0, VOLFS_PURGE.pack(wanted, result.freed_bytes))
+        except Exception:
+            log.exception("purge failed; answering EIO")
+            if not request.answered:
+                request.reply_error(errno.EIO)
+
+
+def _invalidate_all(invalidations: list[tuple[int, int, int]]) -> None:
+    for ino, offset, length in invalidations:
+        bridge.invalidate_range(ino, offset, length)
+
+
+async def drop_from_kernel_cache(invalidations: list[tuple[int, int, int]]) -> None:
+    """Drop purged byte ranges from the kernel's page cache.
+
+    Done in a worker thread: the kernel first writes dirty mmap pages of the range back
+    through this daemon, whose requests the event loop must stay free to serve.
+    """
+    if invalidations:
+        await trio.to_thread.run_sync(_invalidate_all, invalidations)
+
+
+# -- the mount's lifecycle --------------------------------------------------------------------
+
+
+def mount(operations: VolfsOperations, mountpoint: str, options: set[str]) -> None:
+    """Mount ``operations`` on ``mountpoint``; returns once the kernel knows the mount.
+
+    Raises:
+        RuntimeError: libfuse could not mount (it has printed why), or the bridge is not
+            active, so ioctls would not reach the daemon.
+    """
+    pyfuse3.init(operations, mountpoint, options)
+    if not bridge.active():
+        pyfuse3.close(unmount=True)
+        raise RuntimeError("the ioctl bridge did not take hold of the FUSE session")
+    bridge.set_ioctl_handler(operations.ioctl)
+
+
+async def serve(operations: VolfsOperations) -> None:
+    """Serve requests until the filesystem is unmounted or :func:`terminate` is called."""
+    async with trio.open_nursery() as nursery:
+        operations.nursery = nursery
+        await nursery.start(operations.namespace.store.run_reclaimer, name="reclaimer")
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def terminate() -> None:
+    """Make :func:`serve` return; call from the event loop's thread."""
+    pyfuse3.terminate()
+
+
+def unmount() -> None:
+    """Unmount (if still mounted) and release the FUSE session."""
+    bridge.set_ioctl_handler(None)
+    pyfuse3.close(unmount=True)

@@ -16,7 +16,12 @@ import stat
 import time
 from dataclasses import dataclass, field
 
+from volfs.abi import PAGE_SIZE, VRANGE_NONVOLATILE, VRANGE_PARTIAL, VRANGE_VOLATILE
+from volfs.purge import Purger
+from volfs.ranges import InodeRanges
 from volfs.store import PAGE_SHIFT, FileContents, Store
+
+_U64 = 1 << 64
 
 ROOT_INODE = 1
 NAME_MAX = 255
@@ -47,6 +52,8 @@ class Inode:
     alive: bool = True
     #: Regular files only.
     contents: FileContents | None = None
+    #: Regular files with volatile ranges or lost pages only; cleared at the last close.
+    vranges: InodeRanges | None = None
     #: Directories only: name -> inode.
     entries: dict[bytes, Inode] | None = None
     #: Directories only: the directory holding this one (itself for the root).
@@ -100,18 +107,27 @@ class Namespace:
     """The tree of inodes of one mount."""
 
     def __init__(
-        self, store: Store, *, max_inodes: int, root_mode: int, root_uid: int, root_gid: int
+        self,
+        store: Store,
+        purger: Purger,
+        *,
+        max_inodes: int,
+        root_mode: int,
+        root_uid: int,
+        root_gid: int,
     ) -> None:
         """Create an empty tree whose root has the given mode and owner.
 
         Args:
             store: where file contents live.
+            purger: the purge order volatile ranges join.
             max_inodes: the most inodes that may exist at once (0 = no limit).
             root_mode: permission bits of the root directory (type bits are added).
             root_uid: owner of the root directory.
             root_gid: group of the root directory.
         """
         self.store = store
+        self.purger = purger
         self.max_inodes = max_inodes
         self._inodes: dict[int, Inode] = {}
         #: Inodes with an entry or a handle: what ``nr_inodes`` limits.
@@ -180,13 +196,20 @@ class Namespace:
         if inode.contents is None:
             raise OSError(errno.EISDIR if inode.is_dir() else errno.ENXIO, "not a regular file")
         if truncate and inode.contents.size:
-            inode.contents.truncate(0)
+            self.truncate(inode, 0)
             inode.touch(mtime=True, ctime=True)
         inode.opens += 1
 
     def close(self, inode: Inode) -> None:
-        """Forget an open handle; the last close of an unlinked file frees its contents."""
+        """Forget an open handle.
+
+        The last close ends all volatility of the inode (pages already purged stay holes) and
+        frees the contents of an unlinked file.
+        """
         inode.opens -= 1
+        if not inode.opens and inode.vranges is not None:
+            inode.vranges.clear()
+            inode.vranges = None
         self._release_if_unused(inode)
 
     def statistics(self) -> NamespaceStatistics:
@@ -437,6 +460,8 @@ class Namespace:
         if inode.contents is None:
             raise OSError(errno.EISDIR if inode.is_dir() else errno.EINVAL, "not a regular file")
         inode.contents.truncate(size)
+        if inode.vranges is not None:
+            inode.vranges.truncate((size + PAGE_SIZE - 1) >> PAGE_SHIFT)
 
     def directory_listing(self, ino: int) -> list[tuple[bytes, Inode]]:
         """Return a snapshot of a directory's entries, ``.`` and ``..`` first."""
@@ -474,3 +499,65 @@ class Namespace:
         except KeyError:
             raise OSError(errno.ENODATA, "no such attribute") from None
         inode.touch(ctime=True)
+
+    # -- volatile ranges --------------------------------------------------------------------
+
+    @staticmethod
+    def _span(inode: Inode, start: int, length: int) -> tuple[int, int]:
+        """Validate an ioctl's byte span and return it as pages ``[first, end)``.
+
+        Raises:
+            OSError: EISDIR or EINVAL for a non-regular file; EINVAL for an unaligned start
+                or length, an overflowing span, or one past the page-rounded file size.
+        """
+        if inode.contents is None:
+            raise OSError(errno.EISDIR if inode.is_dir() else errno.EINVAL, "not a regular file")
+        if start % PAGE_SIZE or length % PAGE_SIZE:
+            raise OSError(errno.EINVAL, "start and length must be multiples of the page size")
+        eof_page = (inode.contents.size + PAGE_SIZE - 1) >> PAGE_SHIFT
+        first = start >> PAGE_SHIFT
+        end = eof_page if length == 0 else (start + length) >> PAGE_SHIFT
+        if start + length >= _U64 or first > end or end > eof_page:
+            raise OSError(errno.EINVAL, "span past the end of the file")
+        return first, end
+
+    def vrange(
+        self, inode: Inode, start: int, length: int, mode: int, flags: int
+    ) -> tuple[int, bool]:
+        """Mark a span volatile or non-volatile (VOLFS_IOC_VRANGE).
+
+        Returns:
+            ``(marked bytes, purged)``: purged tells, for NON_VOLATILE, whether any of the
+            span had been purged while volatile.
+
+        Raises:
+            OSError: EINVAL for a bad mode, flag or span; nothing changes then.
+
+        Runtime complexity: O(log n) in the inode's ranges (amortised).
+        """
+        if mode not in (VRANGE_VOLATILE, VRANGE_NONVOLATILE) or flags & ~VRANGE_PARTIAL:
+            raise OSError(errno.EINVAL, "unknown mode or flags")
+        first, end = self._span(inode, start, length)
+        marked = (end - first) << PAGE_SHIFT
+        if first == end:
+            return 0, False
+        assert inode.contents is not None
+        if mode == VRANGE_VOLATILE:
+            if inode.vranges is None:
+                inode.vranges = InodeRanges(self.purger, inode.ino, inode.contents)
+            inode.vranges.mark_volatile(first, end, partial=bool(flags & VRANGE_PARTIAL))
+            return marked, False
+        if inode.vranges is None:
+            return marked, False
+        purged = inode.vranges.mark_nonvolatile(first, end)
+        if not inode.vranges:
+            inode.vranges = None
+        return marked, purged
+
+    def vrange_status(self, inode: Inode, start: int, length: int) -> tuple[int, int]:
+        """Return ``(volatile bytes, purged bytes)`` of a span (VOLFS_IOC_VRANGE_STATUS)."""
+        first, end = self._span(inode, start, length)
+        if inode.vranges is None or first == end:
+            return 0, 0
+        volatile, lost = inode.vranges.status(first, end)
+        return volatile << PAGE_SHIFT, lost << PAGE_SHIFT

@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from volfs.store import PAGE_SIZE
+from volfs.abi import PAGE_SIZE
 
 #: The most a size cap may be: the arena is one mapping and must fit the address space.
 MAX_SIZE = 1 << 46
@@ -95,6 +95,8 @@ class MountOptions:
     gid: int
     #: Options for libfuse, ``fsname`` and ``subtype`` included.
     fuse_options: frozenset[str]
+    #: ``purged=zero``: reads of purged volatile data return zeros instead of failing.
+    purged_reads_zero: bool = False
 
 
 def total_memory() -> int:
@@ -168,6 +170,7 @@ def parse_mount_options(
     uid, gid = os.getuid(), os.getgid()
     fuse_options = {"default_permissions", "subtype=volfs"}
     fsname = source
+    purged_reads_zero = False
     for item in split_options(option_strings):
         name, has_value, value = item.partition("=")
         if name == "size" and has_value:
@@ -182,6 +185,10 @@ def parse_mount_options(
             uid = _parse_id(name, value)
         elif name == "gid" and has_value:
             gid = _parse_id(name, value)
+        elif name == "purged" and has_value:
+            if value not in ("eio", "zero"):
+                raise OptionError(f"purged={value}: expected eio or zero")
+            purged_reads_zero = value == "zero"
         elif name == "fsname" and has_value:
             fsname = value
         elif name in FUSE_VALUE_OPTIONS and has_value:
@@ -203,4 +210,5 @@ def parse_mount_options(
         uid=uid,
         gid=gid,
         fuse_options=frozenset(fuse_options),
+        purged_reads_zero=purged_reads_zero,
     )

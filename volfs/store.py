@@ -25,8 +25,9 @@ from collections.abc import Callable, Iterator
 import trio
 from sortedcontainers import SortedDict
 
-PAGE_SIZE = 4096
-PAGE_SHIFT = 12
+from volfs.abi import PAGE_SIZE
+
+PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 
 #: Largest file size; the same as the kernel's limit for a 64-bit ``loff_t``, page-aligned.
 MAX_FILE_SIZE = (1 << 63) - PAGE_SIZE
@@ -407,6 +408,22 @@ class FileContents:
             freed += hi - lo
         self.pages -= freed
         return freed
+
+    def tail_start(self, first: int, end: int, wanted: int) -> int:
+        """Return the highest page p >= first such that [p, end) holds ``wanted`` pages.
+
+        If all of [first, end) holds fewer, return ``first``. Used to purge a PARTIAL range
+        from its end, only as much as needed.
+
+        Runtime complexity: O(log e + k) for k runs in the interval.
+        """
+        runs = list(self._runs(first, end))
+        for page, _arena_page, count in reversed(runs):
+            lo, hi = max(page, first), min(page + count, end)
+            if hi - lo >= wanted:
+                return hi - wanted
+            wanted -= hi - lo
+        return first
 
     def zero(self, offset: int, length: int) -> None:
         """Write zeros over held pages in a byte range, leaving holes as they are."""

@@ -1,0 +1,268 @@
+/*
+ * volfs._bridge: the FUSE operations pyfuse3 does not expose.
+ *
+ * pyfuse3 builds its struct fuse_lowlevel_ops and passes it to libfuse's fuse_session_new().
+ * This module, loaded with RTLD_GLOBAL before pyfuse3, defines fuse_session_new itself: it
+ * copies pyfuse3's operations, adds the handlers pyfuse3 lacks, and calls the real function,
+ * found with dlvsym() (RTLD_NEXT does not reach past a dlopen'ed library). The session pointer
+ * it sees is kept for notifications pyfuse3 only offers for whole inodes.
+ *
+ * Requests handled here are passed to a Python callable as a Request object, which replies
+ * exactly once: from the handler itself, later from a trio task, or from a worker thread. A
+ * Request dropped without a reply answers EIO, so a bug can never leave a caller hanging.
+ */
+#define PY_SSIZE_T_CLEAN
+#define FUSE_USE_VERSION 35
+#define _GNU_SOURCE
+
+#include <Python.h>
+#include <structmember.h>
+#include <dlfcn.h>
+#include <errno.h>
+#include <fuse_lowlevel.h>
+#include <string.h>
+
+typedef struct fuse_session *(*session_new_fn)(struct fuse_args *,
+                                                const struct fuse_lowlevel_ops *, size_t,
+                                                void *);
+
+static struct fuse_session *bridge_session;
+static struct fuse_lowlevel_ops bridge_ops;
+static void (*pyfuse3_init)(void *, struct fuse_conn_info *);
+static PyObject *ioctl_handler;
+
+/* -- Request ---------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    fuse_req_t req;   /* NULL once replied */
+    unsigned int uid; /* of the calling process */
+    unsigned int gid;
+    int pid;
+} RequestObject;
+
+static PyTypeObject RequestType;
+
+static int take_request(RequestObject *self, fuse_req_t *req) {
+    if (self->req == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "request already answered");
+        return -1;
+    }
+    *req = self->req;
+    self->req = NULL;
+    return 0;
+}
+
+static PyObject *request_reply_ioctl(RequestObject *self, PyObject *args) {
+    int result;
+    Py_buffer data = {0};
+    fuse_req_t req;
+    if (!PyArg_ParseTuple(args, "iy*", &result, &data)) return NULL;
+    if (take_request(self, &req) < 0) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fuse_reply_ioctl(req, result, data.len ? data.buf : NULL, (size_t)data.len);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&data);
+    return PyLong_FromLong(rc);
+}
+
+static PyObject *request_reply_error(RequestObject *self, PyObject *args) {
+    int code;
+    fuse_req_t req;
+    if (!PyArg_ParseTuple(args, "i", &code)) return NULL;
+    if (code <= 0) {
+        PyErr_SetString(PyExc_ValueError, "errno must be positive");
+        return NULL;
+    }
+    if (take_request(self, &req) < 0) return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fuse_reply_err(req, code);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(rc);
+}
+
+static PyObject *request_get_answered(RequestObject *self, void *closure) {
+    (void)closure;
+    return PyBool_FromLong(self->req == NULL);
+}
+
+static void request_dealloc(RequestObject *self) {
+    if (self->req != NULL) fuse_reply_err(self->req, EIO);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef request_methods[] = {
+    {"reply_ioctl", (PyCFunction)request_reply_ioctl, METH_VARARGS,
+     "reply_ioctl(result, data): answer an ioctl with its return value and output bytes."},
+    {"reply_error", (PyCFunction)request_reply_error, METH_VARARGS,
+     "reply_error(errno): answer with an error."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef request_members[] = {
+    {"uid", T_UINT, offsetof(RequestObject, uid), READONLY, "uid of the caller"},
+    {"gid", T_UINT, offsetof(RequestObject, gid), READONLY, "gid of the caller"},
+    {"pid", T_INT, offsetof(RequestObject, pid), READONLY, "pid of the caller"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyGetSetDef request_getset[] = {
+    {"answered", (getter)request_get_answered, NULL, "True once replied", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject RequestType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "volfs._bridge.Request",
+    .tp_basicsize = sizeof(RequestObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A FUSE request awaiting exactly one reply.",
+    .tp_dealloc = (destructor)request_dealloc,
+    .tp_methods = request_methods,
+    .tp_members = request_members,
+    .tp_getset = request_getset,
+};
+
+/* -- handlers added to pyfuse3's operations ---------------------------------------------- */
+
+static void bridge_init(void *userdata, struct fuse_conn_info *conn) {
+    if (pyfuse3_init != NULL) pyfuse3_init(userdata, conn);
+    /* VOLFS_IOC_PURGE works on directories too. */
+    if (conn->capable & FUSE_CAP_IOCTL_DIR) conn->want |= FUSE_CAP_IOCTL_DIR;
+}
+
+static void bridge_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void *arg,
+                         struct fuse_file_info *fi, unsigned flags, const void *in_buf,
+                         size_t in_bufsz, size_t out_bufsz) {
+    (void)arg;
+    if (flags & FUSE_IOCTL_UNRESTRICTED) {
+        fuse_reply_err(req, ENOTTY);
+        return;
+    }
+    PyGILState_STATE gil = PyGILState_Ensure();
+    if (ioctl_handler == NULL) {
+        fuse_reply_err(req, ENOTTY);
+        PyGILState_Release(gil);
+        return;
+    }
+    RequestObject *request = PyObject_New(RequestObject, &RequestType);
+    if (request == NULL) {
+        PyErr_Clear();
+        fuse_reply_err(req, ENOMEM);
+        PyGILState_Release(gil);
+        return;
+    }
+    const struct fuse_ctx *ctx = fuse_req_ctx(req);
+    request->req = req;
+    request->uid = ctx->uid;
+    request->gid = ctx->gid;
+    request->pid = ctx->pid;
+    PyObject *result = PyObject_CallFunction(
+        ioctl_handler, "OKIKOy#n", (PyObject *)request, (unsigned long long)ino, cmd,
+        (unsigned long long)(fi ? fi->fh : 0), (flags & FUSE_IOCTL_DIR) ? Py_True : Py_False,
+        in_buf ? (const char *)in_buf : "", (Py_ssize_t)(in_buf ? in_bufsz : 0),
+        (Py_ssize_t)out_bufsz);
+    if (result == NULL) {
+        PyErr_WriteUnraisable(ioctl_handler);
+    }
+    Py_XDECREF(result);
+    Py_DECREF(request); /* replies EIO if the handler neither answered nor kept it */
+    PyGILState_Release(gil);
+}
+
+/* -- the hook --------------------------------------------------------------------------- */
+
+struct fuse_session *fuse_session_new(struct fuse_args *args,
+                                      const struct fuse_lowlevel_ops *op, size_t op_size,
+                                      void *userdata) {
+    void *libfuse = dlopen("libfuse3.so.3", RTLD_NOW | RTLD_NOLOAD);
+    if (libfuse == NULL) libfuse = dlopen("libfuse3.so.3", RTLD_NOW);
+    session_new_fn real =
+        libfuse ? (session_new_fn)dlvsym(libfuse, "fuse_session_new", "FUSE_3.0") : NULL;
+    if (real == NULL) {
+        fprintf(stderr, "volfs: cannot find libfuse's fuse_session_new: %s\n", dlerror());
+        return NULL;
+    }
+    memset(&bridge_ops, 0, sizeof bridge_ops);
+    memcpy(&bridge_ops, op, op_size < sizeof bridge_ops ? op_size : sizeof bridge_ops);
+    pyfuse3_init = bridge_ops.init;
+    bridge_ops.init = bridge_init;
+    bridge_ops.ioctl = bridge_ioctl;
+    bridge_session = real(args, &bridge_ops, sizeof bridge_ops, userdata);
+    return bridge_session;
+}
+
+/* -- module functions ------------------------------------------------------------------- */
+
+static PyObject *bridge_set_ioctl_handler(PyObject *module, PyObject *handler) {
+    (void)module;
+    if (handler != Py_None && !PyCallable_Check(handler)) {
+        PyErr_SetString(PyExc_TypeError, "handler must be callable or None");
+        return NULL;
+    }
+    Py_XDECREF(ioctl_handler);
+    ioctl_handler = handler == Py_None ? NULL : Py_NewRef(handler);
+    Py_RETURN_NONE;
+}
+
+static PyObject *bridge_invalidate_range(PyObject *module, PyObject *args) {
+    (void)module;
+    unsigned long long ino;
+    long long offset, length;
+    if (!PyArg_ParseTuple(args, "KLL", &ino, &offset, &length)) return NULL;
+    if (bridge_session == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "no FUSE session");
+        return NULL;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fuse_lowlevel_notify_inval_inode(bridge_session, (fuse_ino_t)ino, offset, length);
+    Py_END_ALLOW_THREADS
+    /* ENOENT: the kernel has no such inode cached, so there is nothing to drop. */
+    if (rc != 0 && rc != -ENOENT) {
+        errno = -rc;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *bridge_active(PyObject *module, PyObject *unused) {
+    (void)module;
+    (void)unused;
+    return PyBool_FromLong(bridge_session != NULL);
+}
+
+static PyMethodDef bridge_methods[] = {
+    {"set_ioctl_handler", bridge_set_ioctl_handler, METH_O,
+     "set_ioctl_handler(handler): call handler(request, ino, cmd, fh, is_dir, data, out_size) "
+     "for each ioctl; None answers ENOTTY."},
+    {"invalidate_range", bridge_invalidate_range, METH_VARARGS,
+     "invalidate_range(ino, offset, length): drop that byte range from the kernel's page "
+     "cache. Blocks while the kernel writes back dirty pages through this daemon: call it "
+     "from a worker thread, never from the thread serving requests."},
+    {"active", bridge_active, METH_NOARGS,
+     "active(): True once a FUSE session was created through the bridge."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef bridge_module = {
+    PyModuleDef_HEAD_INIT, "volfs._bridge",
+    "FUSE operations pyfuse3 does not expose (see volfs.bridge).", -1, bridge_methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__bridge(void) {
+    if (PyType_Ready(&RequestType) < 0) return NULL;
+    PyObject *module = PyModule_Create(&bridge_module);
+    if (module == NULL) return NULL;
+    if (PyModule_AddObjectRef(module, "Request", (PyObject *)&RequestType) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}

@@ -1,0 +1,40 @@
+"""The ioctl ABI shared with C programs: numbers, struct layouts, constants.
+
+This module is the one definition; the daemon, :mod:`volfs.client` and
+``volfs/include/volfs.h`` agree with it (a test compiles the header and compares).
+"""
+
+from __future__ import annotations
+
+import struct
+
+PAGE_SIZE = 4096
+
+VRANGE_VOLATILE = 0
+VRANGE_NONVOLATILE = 1
+VRANGE_FULL = 0
+VRANGE_PARTIAL = 1
+
+#: struct vrange_args: start, length, mode, flags, marked, purged, reserved (40 bytes).
+VRANGE_ARGS = struct.Struct("=QQIIQII")
+#: struct vrange_status: start, length, volatile_bytes, purged_bytes (32 bytes).
+VRANGE_STATUS = struct.Struct("=QQQQ")
+#: struct volfs_purge: bytes, purged (16 bytes).
+VOLFS_PURGE = struct.Struct("=QQ")
+
+_IOC_WRITE = 1
+_IOC_READ = 2
+
+
+def _iowr(kind: str, number: int, size: int) -> int:
+    """Linux _IOWR(kind, number, size)."""
+    return ((_IOC_READ | _IOC_WRITE) << 30) | (size << 16) | (ord(kind) << 8) | number
+
+
+VOLFS_IOC_VRANGE = _iowr("v", 0x80, VRANGE_ARGS.size)
+VOLFS_IOC_VRANGE_STATUS = _iowr("v", 0x81, VRANGE_STATUS.size)
+VOLFS_IOC_PURGE = _iowr("v", 0x82, VOLFS_PURGE.size)
+
+assert VOLFS_IOC_VRANGE == 0xC0287680
+assert VOLFS_IOC_VRANGE_STATUS == 0xC0207681
+assert VOLFS_IOC_PURGE == 0xC0107682

@@ -1,0 +1,120 @@
+"""The global purge order of volatile ranges and the purge policy.
+
+One LRU across all files: ranges are ordered by when they were marked (pieces of a split range
+keep their place), and a purge takes them oldest first. A FULL range goes as a whole; a PARTIAL
+range loses only as many pages from its end as the purge still needs. Ranges holding nothing a
+purge could take (already purged, and not rewritten since) are not in the order.
+
+The purge itself only changes the store and the ranges; it returns the byte ranges whose
+kernel page cache must be dropped, which the caller does outside the event loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+
+from sortedcontainers import SortedDict
+
+from volfs.ranges import VolatileRange
+from volfs.store import PAGE_SHIFT
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeResult:
+    """What one purge did."""
+
+    #: Bytes of memory released.
+    freed_bytes: int
+    #: Ranges (or tails of PARTIAL ranges) purged.
+    ranges: int
+    #: ``(ino, offset, length)`` byte ranges to drop from the kernel's page cache.
+    invalidations: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeStatistics:
+    """Counters since the mount."""
+
+    tracked_ranges: int
+    purges: dict[str, int]
+    purged_bytes: int
+
+
+class Purger:
+    """The LRU of purgeable volatile ranges of a mount, and the purge that walks it.
+
+    Implements :class:`volfs.ranges.RangeTracker`.
+    """
+
+    def __init__(self) -> None:
+        self._order: SortedDict[tuple[int, int], VolatileRange] = SortedDict()
+        self._stamps = itertools.count()
+        self._purges: dict[str, int] = {}
+        self._purged_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def next_stamp(self) -> int:
+        """A stamp newer than all before. Runtime complexity: O(1)."""
+        return next(self._stamps)
+
+    def track(self, volatile_range: VolatileRange) -> None:
+        """Enter a range in the order. Runtime complexity: O(log n)."""
+        self._order[volatile_range.stamp, volatile_range.serial] = volatile_range
+
+    def untrack(self, volatile_range: VolatileRange) -> None:
+        """Remove a range from the order. Runtime complexity: O(log n)."""
+        del self._order[volatile_range.stamp, volatile_range.serial]
+
+    def purge(self, wanted_bytes: int, *, source: str) -> PurgeResult:
+        """Purge oldest ranges first until ``wanted_bytes`` are freed (0: all of them).
+
+        Args:
+            wanted_bytes: memory to free; 0 purges every volatile range.
+            source: what asked (``ioctl``, ``size``, ``pressure``), for the statistics.
+
+        Runtime complexity: O(k log n) for k ranges purged, plus the pages released.
+        """
+        wanted = (wanted_bytes + (1 << PAGE_SHIFT) - 1) >> PAGE_SHIFT if wanted_bytes else None
+        freed = 0
+        purged = 0
+        invalidations: list[tuple[int, int, int]] = []
+        while self._order and (wanted is None or freed < wanted):
+            victim = self._order.peekitem(0)[1]
+            owner = victim.owner
+            first = victim.start
+            if victim.partial and wanted is not None:
+                first = owner.contents.tail_start(victim.start, victim.end, wanted - freed)
+            freed += owner.contents.release_pages(first, victim.end)
+            owner.purged(victim, first, victim.end)
+            purged += 1
+            invalidations.append(
+                (owner.ino, first << PAGE_SHIFT, (victim.end - first) << PAGE_SHIFT)
+            )
+        self._purges[source] = self._purges.get(source, 0) + 1
+        self._purged_bytes += freed << PAGE_SHIFT
+        if purged:
+            log.info(
+                "purge (%s): %d ranges, %d bytes freed, %d ranges left",
+                source,
+                purged,
+                freed << PAGE_SHIFT,
+                len(self._order),
+            )
+        return PurgeResult(freed << PAGE_SHIFT, purged, invalidations)
+
+    def statistics(self) -> PurgeStatistics:
+        """Return the counters."""
+        return PurgeStatistics(len(self._order), dict(self._purges), self._purged_bytes)
+
+    def _check(self) -> None:
+        """Assert the order's invariants. Runtime complexity: O(n)."""
+        for (stamp, serial), volatile_range in self._order.items():
+            assert volatile_range.tracked
+            assert (volatile_range.stamp, volatile_range.serial) == (stamp, serial)
+            assert volatile_range.owner._ranges.get(volatile_range.start) is volatile_range
