@@ -109,7 +109,8 @@ def purge(path_or_fd: str | os.PathLike[str] | int, nbytes: int = 0) -> int:
             fcntl.ioctl(fd, VOLFS_IOC_PURGE, buffer, True)
         finally:
             os.close(fd)
-    return VOLFS_PURGE.unpack(buffer)[1]
+    _wanted, purged = VOLFS_PURGE.unpack(buffer)
+    return int(purged)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,47 @@
+/*
+ * volfs.h - volatile ranges on volfs files, for C programs.
+ *
+ * All ioctls are Linux restricted ioctls: one flat struct whose size is encoded in the
+ * number. Integers are native-endian; offsets and lengths are multiples of VOLFS_PAGE_SIZE.
+ * The ioctl returns 0 on success; byte counts are in the struct (they may exceed an int).
+ */
+#ifndef VOLFS_H
+#define VOLFS_H
+
+#include <linux/ioctl.h>
+#include <linux/types.h>
+
+#define VOLFS_PAGE_SIZE     4096
+
+#define VRANGE_VOLATILE     0
+#define VRANGE_NONVOLATILE  1
+#define VRANGE_FULL         0   /* flags: purge the whole range at once   */
+#define VRANGE_PARTIAL      1   /* flags: may purge part of the range     */
+
+struct vrange_args {            /* 40 bytes */
+    __u64 start;     /* in:  byte offset, multiple of 4096                       */
+    __u64 length;    /* in:  multiple of 4096; 0 = up to the page-rounded EOF    */
+    __u32 mode;      /* in:  VRANGE_VOLATILE or VRANGE_NONVOLATILE                */
+    __u32 flags;     /* in:  VRANGE_FULL or VRANGE_PARTIAL                        */
+    __u64 marked;    /* out: bytes set to the requested mode                      */
+    __u32 purged;    /* out: NONVOLATILE: 1 if any byte had been purged, else 0   */
+    __u32 reserved;  /* in:  must be 0                                            */
+};
+#define VOLFS_IOC_VRANGE         _IOWR('v', 0x80, struct vrange_args)   /* 0xc0287680 */
+
+struct vrange_status {          /* 32 bytes */
+    __u64 start;          /* in:  as above                                  */
+    __u64 length;         /* in:  as above                                  */
+    __u64 volatile_bytes; /* out: bytes of the span that are volatile       */
+    __u64 purged_bytes;   /* out: bytes of the span purged and not yet
+                                  rewritten or unmarked                      */
+};
+#define VOLFS_IOC_VRANGE_STATUS  _IOWR('v', 0x81, struct vrange_status) /* 0xc0207681 */
+
+struct volfs_purge {            /* 16 bytes */
+    __u64 bytes;    /* in:  purge at least this much; 0 = all volatile data */
+    __u64 purged;   /* out: bytes purged                                    */
+};
+#define VOLFS_IOC_PURGE          _IOWR('v', 0x82, struct volfs_purge)   /* 0xc0107682 */
+
+#endif /* VOLFS_H */
