@@ -498,3 +498,22 @@ def test_malformed_ioctls_never_hurt_the_daemon(
     # Whatever the fuzzing did to volatility, the daemon answers and non-volatile data is intact.
     fvrange(fd, 0, MiB, VRANGE_NONVOLATILE)
     assert os.pread(fd, MiB - 4 * PAGE, 4 * PAGE) == data[4 * PAGE :]
+
+
+def test_size_cap_purges_volatile_data_before_enospc(mount_volfs: Callable[..., Mount]) -> None:
+    mnt = mount_volfs("size=64M").path
+    (mnt / "a").write_bytes(b"a" * (48 * MiB))
+    fd = os.open(mnt / "a", os.O_RDWR)
+    try:
+        fvrange(fd, 0, 48 * MiB, VRANGE_VOLATILE)
+        written = os.urandom(40 * MiB)
+        (mnt / "b").write_bytes(written)  # fits only once A's volatile data is purged
+        assert (mnt / "b").read_bytes() == written
+        assert fvrange(fd, 0, 48 * MiB, VRANGE_NONVOLATILE)[1] is True
+        # With nothing volatile left, the cap is a hard limit again.
+        with pytest.raises(OSError) as caught:
+            (mnt / "c").write_bytes(b"c" * (30 * MiB))
+        assert caught.value.errno == errno.ENOSPC
+        assert (mnt / "b").read_bytes() == written
+    finally:
+        os.close(fd)

@@ -304,11 +304,9 @@ class VolfsOperations(pyfuse3.Operations):
             try:
                 written = node.contents.write(off, buf)
             except OSError as error:
-                if error.errno != errno.ENOSPC or not self.namespace.store.reclaim_pending:
+                if error.errno != errno.ENOSPC:
                     raise
-                # Memory just released is still being punched: wait for it, then retry.
-                await self.namespace.store.wait_reclaimed()
-                written = node.contents.write(off, buf)
+                written = await self._write_after_making_room(node, off, buf)
             if node.vranges is not None:
                 node.vranges.rewritten(
                     off >> PAGE_SHIFT, (off + written + PAGE_SIZE - 1) >> PAGE_SHIFT
@@ -324,6 +322,31 @@ class VolfsOperations(pyfuse3.Operations):
         except Exception:
             log.exception("write(fh=%d, off=%d, len=%d) failed; answering EIO", fh, off, len(buf))
             raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def _write_after_making_room(self, node: Inode, off: int, buf: bytes) -> int:
+        """Retry a write that hit the size cap, after reclaiming and purging what it needs.
+
+        Volatile data is purged before any ENOSPC is returned. The purged pages are dropped
+        from the kernel's cache in the background, not before this write is answered: the
+        kernel may hold locked pages of this very write in a purged range.
+        """
+        assert node.contents is not None
+        store = self.namespace.store
+        if store.reclaim_pending:
+            # Memory just released is still being punched: wait for it first.
+            await store.wait_reclaimed()
+            try:
+                return node.contents.write(off, buf)
+            except OSError as error:
+                if error.errno != errno.ENOSPC:
+                    raise
+        arena = store.arena
+        first, end = off >> PAGE_SHIFT, (off + len(buf) + PAGE_SIZE - 1) >> PAGE_SHIFT
+        missing = (end - first) - arena.free_pages - arena.dirty_pages
+        result = self.namespace.purger.purge(max(missing, 1) << PAGE_SHIFT, source="size")
+        if result.invalidations and self.nursery is not None:
+            self.nursery.start_soon(drop_from_kernel_cache, result.invalidations)
+        return node.contents.write(off, buf)
 
     async def flush(self, fh: int) -> None:
         pass  # nothing is buffered: data is in the store once WRITE is answered
