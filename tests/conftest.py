@@ -72,14 +72,21 @@ class Mount:
         return int(fields["VmRSS"].split()[0]) * 1024
 
 
-def start_volfs(path: Path, options: str, log_path: Path) -> Mount:
+def start_volfs(
+    path: Path, options: str, log_path: Path, env: dict[str, str] | None = None
+) -> Mount:
     """Start ``python -m volfs -f`` on ``path`` and wait until the mount answers."""
     path.mkdir(exist_ok=True)
     command = [sys.executable, "-m", "volfs", "-f", str(path)]
     if options:
         command[4:4] = ["-o", options]
     with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=None if env is None else {**os.environ, **env},
+        )
     mount = Mount(path, process, log_path)
 
     def ready() -> bool:
@@ -118,8 +125,10 @@ def mount_volfs(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
     """
     mounts: list[Mount] = []
 
-    def factory(options: str = "size=256M", name: str = "mnt") -> Mount:
-        mount = start_volfs(tmp_path / name, options, tmp_path / f"{name}.log")
+    def factory(
+        options: str = "size=256M", name: str = "mnt", env: dict[str, str] | None = None
+    ) -> Mount:
+        mount = start_volfs(tmp_path / name, options, tmp_path / f"{name}.log", env)
         mounts.append(mount)
         return mount
 

@@ -26,6 +26,7 @@ import trio
 from volfs import fs
 from volfs.namespace import Namespace
 from volfs.options import MAX_SIZE, MountOptions, OptionError, parse_mount_options
+from volfs.pressure import PressureSettings
 from volfs.purge import Purger
 from volfs.store import Store
 
@@ -97,11 +98,11 @@ def build_filesystem(options: MountOptions) -> fs.VolfsOperations:
     return fs.VolfsOperations(namespace, purged_reads_zero=options.purged_reads_zero)
 
 
-async def serve(operations: fs.VolfsOperations) -> None:
+async def serve(operations: fs.VolfsOperations, pressure: PressureSettings) -> None:
     """Serve until unmounted or told to stop by a signal."""
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signals, name="signals")
-        await fs.serve(operations)
+        await fs.serve(operations, pressure)
         nursery.cancel_scope.cancel()
 
 
@@ -211,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     unmount_cleanly = False
     try:
-        trio.run(serve, operations)
+        trio.run(serve, operations, options.pressure)
         unmount_cleanly = True
     except Exception:
         log.exception("the FUSE loop failed")

@@ -36,6 +36,7 @@ from volfs.abi import (
     VRANGE_VOLATILE,
 )
 from volfs.namespace import Inode, Namespace
+from volfs.pressure import PressureSettings, watch_pressure
 from volfs.store import PAGE_SHIFT
 
 log = logging.getLogger(__name__)
@@ -491,6 +492,17 @@ class VolfsOperations(pyfuse3.Operations):
         volatile, lost = self.namespace.vrange_status(self.namespace.get(ino), start, length)
         return VRANGE_STATUS.pack(start, length, volatile, lost)
 
+    async def purge_for_pressure(self, wanted: int) -> int:
+        """Purge up to ``wanted`` bytes for memory pressure; return the bytes freed.
+
+        Returns once the memory is back with the system, so the caller can judge whether
+        the pressure eased.
+        """
+        result = self.namespace.purger.purge(wanted, source="pressure")
+        await drop_from_kernel_cache(result.invalidations)
+        await self.namespace.store.wait_reclaimed()
+        return result.freed_bytes
+
     async def _purge(self, request: bridge.Request, wanted: int) -> None:
         try:
             result = self.namespace.purger.purge(wanted, source="ioctl")
@@ -534,11 +546,15 @@ def mount(operations: VolfsOperations, mountpoint: str, options: set[str]) -> No
     bridge.set_ioctl_handler(operations.ioctl)
 
 
-async def serve(operations: VolfsOperations) -> None:
+async def serve(operations: VolfsOperations, pressure: PressureSettings) -> None:
     """Serve requests until the filesystem is unmounted or :func:`terminate` is called."""
     async with trio.open_nursery() as nursery:
         operations.nursery = nursery
         await nursery.start(operations.namespace.store.run_reclaimer, name="reclaimer")
+        await nursery.start(
+            functools.partial(watch_pressure, pressure, operations.purge_for_pressure),
+            name="pressure",
+        )
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from volfs.abi import PAGE_SIZE
+from volfs.pressure import PressureSettings
 
 #: The most a size cap may be: the arena is one mapping and must fit the address space.
 MAX_SIZE = 1 << 46
@@ -97,6 +99,8 @@ class MountOptions:
     fuse_options: frozenset[str]
     #: ``purged=zero``: reads of purged volatile data return zeros instead of failing.
     purged_reads_zero: bool = False
+    #: ``pressure=``, ``pressure_stall=``, ``pressure_watermark=``, ``pressure_batch=``.
+    pressure: PressureSettings = field(default_factory=PressureSettings)
 
 
 def total_memory() -> int:
@@ -171,6 +175,7 @@ def parse_mount_options(
     fuse_options = {"default_permissions", "subtype=volfs"}
     fsname = source
     purged_reads_zero = False
+    pressure: dict[str, Any] = {"watermark": memory // 50}
     for item in split_options(option_strings):
         name, has_value, value = item.partition("=")
         if name == "size" and has_value:
@@ -189,6 +194,20 @@ def parse_mount_options(
             if value not in ("eio", "zero"):
                 raise OptionError(f"purged={value}: expected eio or zero")
             purged_reads_zero = value == "zero"
+        elif name == "pressure" and has_value:
+            if value not in ("on", "off"):
+                raise OptionError(f"pressure={value}: expected on or off")
+            pressure["enabled"] = value == "on"
+        elif name == "pressure_stall" and has_value:
+            if not re.fullmatch(r"\d+", value) or not 1 <= int(value) <= 1000:
+                raise OptionError(f"pressure_stall={value}: expected milliseconds, 1 to 1000")
+            pressure["stall_us"] = int(value) * 1000
+        elif name == "pressure_watermark" and has_value:
+            pressure["watermark"] = parse_size(value, memory=memory)
+        elif name == "pressure_batch" and has_value:
+            pressure["batch"] = parse_size(value, memory=memory)
+            if not pressure["batch"]:
+                raise OptionError(f"pressure_batch={value}: must be more than 0")
         elif name == "fsname" and has_value:
             fsname = value
         elif name in FUSE_VALUE_OPTIONS and has_value:
@@ -211,4 +230,5 @@ def parse_mount_options(
         gid=gid,
         fuse_options=frozenset(fuse_options),
         purged_reads_zero=purged_reads_zero,
+        pressure=PressureSettings(**pressure),
     )

@@ -1,0 +1,78 @@
+"""Purging under pressure: the pressure watcher, memory given back, data kept."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Mount, wait_for
+from volfs.client import VRANGE_NONVOLATILE, VRANGE_VOLATILE, fvrange, purge, vrange_status
+
+MiB = 1 << 20
+
+
+def open_fifo_writer(fifo: Path) -> int:
+    """Open a FIFO for writing without blocking; ENXIO means nobody reads it."""
+    return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+
+
+def test_pressure_event_purges_a_batch_oldest_first(
+    mount_volfs: Callable[..., Mount], tmp_path: Path
+) -> None:
+    fifo = tmp_path / "pressure"
+    os.mkfifo(fifo)
+    mount = mount_volfs(
+        "size=256M,pressure_batch=8M,pressure_watermark=0",
+        env={"MEMORY_PRESSURE_WATCH": str(fifo)},
+    )
+    data = os.urandom(32 * MiB)
+    (mount.path / "cache").write_bytes(data)
+    fd = os.open(mount.path / "cache", os.O_RDWR)
+    try:
+        for index in range(4):
+            fvrange(fd, index * 8 * MiB, 8 * MiB, VRANGE_VOLATILE)
+        writer = open_fifo_writer(fifo)
+        try:
+            os.write(writer, b"pressure\n")
+            wait_for(lambda: vrange_status(fd)[1] == 8 * MiB, 10, "one batch to be purged")
+        finally:
+            os.close(writer)
+        assert vrange_status(fd, 0, 8 * MiB) == (8 * MiB, 8 * MiB)  # the oldest range
+        assert fvrange(fd, 8 * MiB, 24 * MiB, VRANGE_NONVOLATILE) == (24 * MiB, False)
+        assert os.pread(fd, 24 * MiB, 8 * MiB) == data[8 * MiB :]
+        assert "purge (pressure)" in mount.log()
+    finally:
+        os.close(fd)
+
+
+def test_pressure_off_watches_nothing(mount_volfs: Callable[..., Mount], tmp_path: Path) -> None:
+    fifo = tmp_path / "pressure"
+    os.mkfifo(fifo)
+    mount_volfs("size=64M,pressure=off", env={"MEMORY_PRESSURE_WATCH": str(fifo)})
+    with pytest.raises(OSError) as caught:
+        open_fifo_writer(fifo)
+    assert caught.value.errno == errno.ENXIO  # no reader: the daemon did not open it
+
+
+def test_purged_memory_returns_to_the_system(mount_volfs: Callable[..., Mount]) -> None:
+    mount = mount_volfs("size=1G,pressure=off")
+    keep = os.urandom(MiB)
+    (mount.path / "keep").write_bytes(keep)
+    block = os.urandom(MiB)
+    with open(mount.path / "cache", "wb") as file:
+        for _ in range(512):
+            file.write(block)
+    fd = os.open(mount.path / "cache", os.O_RDWR)
+    try:
+        fvrange(fd, 0, 512 * MiB, VRANGE_VOLATILE)
+        before = mount.rss_bytes()
+        assert purge(mount.path) == 512 * MiB
+        wait_for(lambda: before - mount.rss_bytes() > 500 * MiB, 10, "RSS to drop by 512 MiB")
+        assert os.statvfs(mount.path).f_bfree * 4096 == 1023 * MiB
+    finally:
+        os.close(fd)
+    assert (mount.path / "keep").read_bytes() == keep

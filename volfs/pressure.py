@@ -1,0 +1,220 @@
+"""Memory-pressure sources that make volfs purge: PSI triggers and a free-memory watermark.
+
+- **PSI.** A trigger on the daemon's cgroup ``memory.pressure`` (or ``/proc/pressure/memory``)
+  fires when tasks stall on memory for longer than a threshold within a window; the kernel
+  signals it with POLLPRI. When systemd hands the service ``$MEMORY_PRESSURE_WATCH`` (and
+  ``$MEMORY_PRESSURE_WRITE``, the base64 trigger to write), that is used instead; it may also
+  be a FIFO or a socket, which signal by becoming readable.
+- **Watermark.** ``MemAvailable`` below a threshold, sampled periodically.
+
+On a signal the daemon purges a batch of volatile data and keeps purging, batch after batch,
+while the watermark is still breached. The sources only say *when*; :mod:`volfs.purge` decides
+*what*.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import logging
+import os
+import select
+import socket
+import stat
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class PressureSettings:
+    """The ``pressure=`` family of mount options."""
+
+    enabled: bool = True
+    #: PSI trigger: purge when "some" tasks stall this long (µs) within a window.
+    stall_us: int = 150_000
+    window_us: int = 1_000_000
+    #: Purge while MemAvailable is below this many bytes (0: no watermark).
+    watermark: int = 0
+    #: Seconds between watermark samples.
+    interval: float = 1.0
+    #: Bytes purged per batch.
+    batch: int = 64 * MiB
+
+
+def mem_available() -> int:
+    """``MemAvailable`` from /proc/meminfo, in bytes."""
+    with open("/proc/meminfo", encoding="ascii") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise OSError(errno.ENOENT, "MemAvailable missing from /proc/meminfo")
+
+
+def cgroup_pressure_path() -> str | None:
+    """The ``memory.pressure`` file of this process's cgroup (v2), if there is one."""
+    try:
+        with open("/proc/self/cgroup", encoding="ascii") as cgroup:
+            for line in cgroup:
+                if line.startswith("0::"):
+                    path = f"/sys/fs/cgroup{line[3:].strip()}/memory.pressure"
+                    return path if os.path.exists(path) else None
+    except OSError:
+        pass
+    return None
+
+
+class PressureSource:
+    """An open pressure notification: a PSI trigger, a FIFO or a socket."""
+
+    def __init__(self, path: str, trigger: bytes | None) -> None:
+        """Open ``path`` and arm it with ``trigger`` (written as is), if any.
+
+        Raises:
+            OSError: the path cannot be opened or the trigger is refused.
+        """
+        self.path = path
+        self._socket: socket.socket | None = None
+        mode = os.stat(path).st_mode
+        if stat.S_ISSOCK(mode):
+            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._socket.connect(path)
+            self._socket.setblocking(False)
+            self.fd = self._socket.fileno()
+            if trigger:
+                self._socket.send(trigger)
+        elif stat.S_ISFIFO(mode):
+            self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        else:
+            self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            if trigger:
+                os.write(self.fd, trigger)
+        # PSI signals with POLLPRI, which trio does not wait for: an epoll set of our own does,
+        # and becomes readable itself when it has an event.
+        self._epoll = select.epoll()
+        self._epoll.register(self.fd, select.EPOLLPRI | select.EPOLLIN)
+
+    async def wait(self) -> None:
+        """Wait for the next pressure event."""
+        while True:
+            await trio.lowlevel.wait_readable(self._epoll.fileno())
+            events = self._epoll.poll(0)
+            if not events:
+                continue
+            if any(event & select.EPOLLIN for _fd, event in events):
+                self._drain()
+            if any(
+                event & (select.EPOLLHUP | select.EPOLLERR) for _fd, event in events
+            ) and not any(event & (select.EPOLLPRI | select.EPOLLIN) for _fd, event in events):
+                # A FIFO whose writers all left: wait for the next one without spinning.
+                await trio.sleep(0.1)
+                continue
+            return
+
+    def _drain(self) -> None:
+        try:
+            if self._socket is not None:
+                self._socket.recv(4096)
+            else:
+                os.read(self.fd, 4096)
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def close(self) -> None:
+        """Disarm and close."""
+        self._epoll.close()
+        if self._socket is not None:
+            self._socket.close()
+        else:
+            os.close(self.fd)
+
+
+def open_pressure_source(settings: PressureSettings) -> PressureSource | None:
+    """Open the best PSI source available: systemd's, the cgroup's, then the system's.
+
+    Returns None (and logs why) when none can be armed, e.g. without PSI in the kernel.
+    """
+    watch = os.environ.get("MEMORY_PRESSURE_WATCH")
+    if watch == "/dev/null":
+        return None  # systemd's way of saying: do not watch
+    trigger = f"some {settings.stall_us} {settings.window_us}".encode()
+    candidates: list[tuple[str, bytes | None]] = []
+    if watch:
+        written = os.environ.get("MEMORY_PRESSURE_WRITE")
+        candidates.append((watch, base64.b64decode(written) if written else None))
+    cgroup = cgroup_pressure_path()
+    if cgroup:
+        candidates.append((cgroup, trigger))
+    candidates.append(("/proc/pressure/memory", trigger))
+    for path, write in candidates:
+        try:
+            source = PressureSource(path, write)
+        except OSError as error:
+            log.info("memory pressure: cannot watch %s: %s", path, error.strerror)
+            continue
+        log.info("memory pressure: watching %s", path)
+        return source
+    return None
+
+
+async def watch_pressure(
+    settings: PressureSettings,
+    purge_batch: Callable[[int], Awaitable[int]],
+    *,
+    source: PressureSource | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Purge when pressure is signalled or the watermark is breached, until cancelled.
+
+    Args:
+        settings: thresholds.
+        purge_batch: purges up to the given bytes of volatile data and returns what it freed.
+        source: an already opened source (tests); by default :func:`open_pressure_source`.
+    """
+    if not settings.enabled:
+        task_status.started()
+        return
+    if source is None:
+        source = open_pressure_source(settings)
+    try:
+        async with trio.open_nursery() as nursery:
+            if source is not None:
+                nursery.start_soon(_on_events, source, settings, purge_batch)
+            if settings.watermark:
+                nursery.start_soon(_on_watermark, settings, purge_batch)
+            task_status.started()
+    finally:
+        if source is not None:
+            source.close()
+
+
+async def _on_events(
+    source: PressureSource,
+    settings: PressureSettings,
+    purge_batch: Callable[[int], Awaitable[int]],
+) -> None:
+    while True:
+        await source.wait()
+        await purge_batch(settings.batch)
+        await _purge_while_low(settings, purge_batch)
+
+
+async def _on_watermark(
+    settings: PressureSettings, purge_batch: Callable[[int], Awaitable[int]]
+) -> None:
+    while True:
+        await trio.sleep(settings.interval)
+        await _purge_while_low(settings, purge_batch)
+
+
+async def _purge_while_low(
+    settings: PressureSettings, purge_batch: Callable[[int], Awaitable[int]]
+) -> None:
+    while settings.watermark and mem_available() < settings.watermark:
+        if not await purge_batch(settings.batch):
+            return  # nothing volatile left to give
