@@ -25,6 +25,7 @@ from volfs.client import (
     fvrange,
     pinned,
     purge,
+    statistics,
     vrange_status,
 )
 
@@ -371,10 +372,11 @@ def test_header_matches_the_python_abi(tmp_path: Path) -> None:
         #include <stdio.h>
         #include <volfs.h>
         int main(void) {
-            printf("%lu %lu %lu %lu %lu %lu %d %d %d %d\\n",
+            printf("%lu %lu %lu %lu %lu %lu %lu %lu %d %d %d %d\\n",
                    (unsigned long)VOLFS_IOC_VRANGE, (unsigned long)VOLFS_IOC_VRANGE_STATUS,
-                   (unsigned long)VOLFS_IOC_PURGE, sizeof(struct vrange_args),
-                   sizeof(struct vrange_status), sizeof(struct volfs_purge),
+                   (unsigned long)VOLFS_IOC_PURGE, (unsigned long)VOLFS_IOC_STATS,
+                   sizeof(struct vrange_args), sizeof(struct vrange_status),
+                   sizeof(struct volfs_purge), sizeof(struct volfs_stats),
                    VRANGE_VOLATILE, VRANGE_NONVOLATILE, VRANGE_FULL, VRANGE_PARTIAL);
             return 0;
         }
@@ -386,9 +388,11 @@ def test_header_matches_the_python_abi(tmp_path: Path) -> None:
         abi.VOLFS_IOC_VRANGE,
         abi.VOLFS_IOC_VRANGE_STATUS,
         abi.VOLFS_IOC_PURGE,
+        abi.VOLFS_IOC_STATS,
         abi.VRANGE_ARGS.size,
         abi.VRANGE_STATUS.size,
         abi.VOLFS_PURGE.size,
+        abi.VOLFS_STATS.size,
         abi.VRANGE_VOLATILE,
         abi.VRANGE_NONVOLATILE,
         abi.VRANGE_FULL,
@@ -517,3 +521,23 @@ def test_size_cap_purges_volatile_data_before_enospc(mount_volfs: Callable[..., 
         assert (mnt / "b").read_bytes() == written
     finally:
         os.close(fd)
+
+
+def test_statistics_count_what_happened(mnt: Path, data_file: tuple[Path, int, bytes]) -> None:
+    _path, fd, _data = data_file
+    before = statistics(mnt)
+    assert before["capacity_bytes"] == 256 * MiB and before["used_bytes"] == MiB
+    fvrange(fd, 0, 8 * PAGE, VRANGE_VOLATILE)
+    fvrange(fd, 16 * PAGE, 8 * PAGE, VRANGE_VOLATILE, VRANGE_PARTIAL)
+    middle = statistics(fd)
+    assert (middle["volatile_bytes"], middle["ranges"], middle["purgeable_ranges"]) == (
+        16 * PAGE,
+        2,
+        2,
+    )
+    purge(mnt)
+    after = statistics(mnt)
+    assert after["purged_bytes"] - before["purged_bytes"] == 16 * PAGE
+    assert after["purges_ioctl"] == before["purges_ioctl"] + 1
+    assert (after["ranges"], after["purgeable_ranges"]) == (2, 0)
+    assert after["used_bytes"] == MiB - 16 * PAGE

@@ -22,6 +22,24 @@ VRANGE_STATUS = struct.Struct("=QQQQ")
 #: struct volfs_purge: bytes, purged (16 bytes).
 VOLFS_PURGE = struct.Struct("=QQ")
 
+#: struct volfs_stats: capacity_bytes, used_bytes, volatile_bytes, purged_bytes, ranges,
+#: purgeable_ranges, purges_ioctl, purges_size, purges_pressure, inodes, max_inodes,
+#: reserved (96 bytes).
+VOLFS_STATS = struct.Struct("=12Q")
+VOLFS_STATS_FIELDS = (
+    "capacity_bytes",
+    "used_bytes",
+    "volatile_bytes",
+    "purged_bytes",
+    "ranges",
+    "purgeable_ranges",
+    "purges_ioctl",
+    "purges_size",
+    "purges_pressure",
+    "inodes",
+    "max_inodes",
+)
+
 _IOC_WRITE = 1
 _IOC_READ = 2
 
@@ -31,10 +49,18 @@ def _iowr(kind: str, number: int, size: int) -> int:
     return ((_IOC_READ | _IOC_WRITE) << 30) | (size << 16) | (ord(kind) << 8) | number
 
 
+def _ior(kind: str, number: int, size: int) -> int:
+    """Linux _IOR(kind, number, size)."""
+    return (_IOC_READ << 30) | (size << 16) | (ord(kind) << 8) | number
+
+
 VOLFS_IOC_VRANGE = _iowr("v", 0x80, VRANGE_ARGS.size)
 VOLFS_IOC_VRANGE_STATUS = _iowr("v", 0x81, VRANGE_STATUS.size)
 VOLFS_IOC_PURGE = _iowr("v", 0x82, VOLFS_PURGE.size)
+#: Statistics of the whole mount, on any file or directory of it (an extension of the ABI).
+VOLFS_IOC_STATS = _ior("v", 0x83, VOLFS_STATS.size)
 
 assert VOLFS_IOC_VRANGE == 0xC0287680
 assert VOLFS_IOC_VRANGE_STATUS == 0xC0207681
 assert VOLFS_IOC_PURGE == 0xC0107682
+assert VOLFS_IOC_STATS == 0x80607683

@@ -25,9 +25,12 @@ from dataclasses import dataclass
 from volfs.abi import (
     PAGE_SIZE,
     VOLFS_IOC_PURGE,
+    VOLFS_IOC_STATS,
     VOLFS_IOC_VRANGE,
     VOLFS_IOC_VRANGE_STATUS,
     VOLFS_PURGE,
+    VOLFS_STATS,
+    VOLFS_STATS_FIELDS,
     VRANGE_ARGS,
     VRANGE_FULL,
     VRANGE_NONVOLATILE,
@@ -49,6 +52,7 @@ __all__ = [
     "fvrange",
     "pinned",
     "purge",
+    "statistics",
     "vrange_status",
 ]
 
@@ -90,6 +94,18 @@ def vrange_status(fd: int, start: int = 0, length: int = 0) -> tuple[int, int]:
     return volatile, purged
 
 
+def _ioctl_on(path_or_fd: str | os.PathLike[str] | int, cmd: int, buffer: bytearray) -> None:
+    """ioctl on a descriptor, or on a path opened just for it (files and directories alike)."""
+    if isinstance(path_or_fd, int):
+        fcntl.ioctl(path_or_fd, cmd, buffer, True)
+        return
+    fd = os.open(path_or_fd, os.O_RDONLY)
+    try:
+        fcntl.ioctl(fd, cmd, buffer, True)
+    finally:
+        os.close(fd)
+
+
 def purge(path_or_fd: str | os.PathLike[str] | int, nbytes: int = 0) -> int:
     """Purge volatile data of the whole mount, oldest first; return the bytes freed.
 
@@ -101,16 +117,17 @@ def purge(path_or_fd: str | os.PathLike[str] | int, nbytes: int = 0) -> int:
         OSError: EPERM unless root or the user who mounted the filesystem.
     """
     buffer = bytearray(VOLFS_PURGE.pack(nbytes, 0))
-    if isinstance(path_or_fd, int):
-        fcntl.ioctl(path_or_fd, VOLFS_IOC_PURGE, buffer, True)
-    else:
-        fd = os.open(path_or_fd, os.O_RDONLY)
-        try:
-            fcntl.ioctl(fd, VOLFS_IOC_PURGE, buffer, True)
-        finally:
-            os.close(fd)
+    _ioctl_on(path_or_fd, VOLFS_IOC_PURGE, buffer)
     _wanted, purged = VOLFS_PURGE.unpack(buffer)
     return int(purged)
+
+
+def statistics(path_or_fd: str | os.PathLike[str] | int) -> dict[str, int]:
+    """Return the counters of the mount holding ``path_or_fd`` (see ``struct volfs_stats``)."""
+    buffer = bytearray(VOLFS_STATS.size)
+    _ioctl_on(path_or_fd, VOLFS_IOC_STATS, buffer)
+    values = VOLFS_STATS.unpack(buffer)
+    return dict(zip(VOLFS_STATS_FIELDS, values, strict=False))
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,9 +27,11 @@ import trio
 from volfs.abi import (
     PAGE_SIZE,
     VOLFS_IOC_PURGE,
+    VOLFS_IOC_STATS,
     VOLFS_IOC_VRANGE,
     VOLFS_IOC_VRANGE_STATUS,
     VOLFS_PURGE,
+    VOLFS_STATS,
     VRANGE_ARGS,
     VRANGE_NONVOLATILE,
     VRANGE_STATUS,
@@ -455,6 +457,8 @@ class VolfsOperations(pyfuse3.Operations):
                 request.reply_ioctl(0, self._vrange(ino, fh, is_dir, data))
             elif cmd == VOLFS_IOC_VRANGE_STATUS:
                 request.reply_ioctl(0, self._vrange_status(ino, data))
+            elif cmd == VOLFS_IOC_STATS:
+                request.reply_ioctl(0, self.statistics_record())
             elif cmd == VOLFS_IOC_PURGE:
                 # Purging takes memory from every user of the mount: only its owner or root.
                 if request.uid not in (0, os.getuid()):
@@ -470,6 +474,25 @@ class VolfsOperations(pyfuse3.Operations):
             log.exception("ioctl(ino=%d, cmd=%#x) failed; answering EIO", ino, cmd)
             if not request.answered:
                 request.reply_error(errno.EIO)
+
+    def statistics_record(self) -> bytes:
+        """The mount's statistics as ``struct volfs_stats``."""
+        names = self.namespace.statistics()
+        purges = self.namespace.purger.statistics()
+        return VOLFS_STATS.pack(
+            names.capacity_bytes,
+            names.used_bytes,
+            purges.volatile_bytes,
+            purges.purged_bytes,
+            purges.ranges,
+            purges.purgeable_ranges,
+            purges.purges.get("ioctl", 0),
+            purges.purges.get("size", 0),
+            purges.purges.get("pressure", 0),
+            names.inodes,
+            names.max_inodes,
+            0,
+        )
 
     def _vrange(self, ino: int, fh: int, is_dir: bool, data: bytes) -> bytes:
         start, length, mode, flags, _marked, _purged, reserved = VRANGE_ARGS.unpack(data)

@@ -37,10 +37,17 @@ class PurgeResult:
 
 @dataclass(frozen=True, slots=True)
 class PurgeStatistics:
-    """Counters since the mount."""
+    """Volatile data now, and purges since the mount."""
 
-    tracked_ranges: int
+    #: Bytes in volatile ranges, purged or not, held or holes.
+    volatile_bytes: int
+    #: Volatile ranges in all files.
+    ranges: int
+    #: Ranges a purge could take something from.
+    purgeable_ranges: int
+    #: Purges by what asked for them: ``ioctl``, ``size``, ``pressure``.
     purges: dict[str, int]
+    #: Memory released by purges since the mount.
     purged_bytes: int
 
 
@@ -55,6 +62,8 @@ class Purger:
         self._stamps = itertools.count()
         self._purges: dict[str, int] = {}
         self._purged_bytes = 0
+        self._volatile_pages = 0
+        self._ranges = 0
 
     def __len__(self) -> int:
         return len(self._order)
@@ -62,6 +71,11 @@ class Purger:
     def next_stamp(self) -> int:
         """A stamp newer than all before. Runtime complexity: O(1)."""
         return next(self._stamps)
+
+    def account(self, pages: int, ranges: int) -> None:
+        """Count volatile pages and ranges coming and going. Runtime complexity: O(1)."""
+        self._volatile_pages += pages
+        self._ranges += ranges
 
     def track(self, volatile_range: VolatileRange) -> None:
         """Enter a range in the order. Runtime complexity: O(log n)."""
@@ -110,7 +124,13 @@ class Purger:
 
     def statistics(self) -> PurgeStatistics:
         """Return the counters."""
-        return PurgeStatistics(len(self._order), dict(self._purges), self._purged_bytes)
+        return PurgeStatistics(
+            volatile_bytes=self._volatile_pages << PAGE_SHIFT,
+            ranges=self._ranges,
+            purgeable_ranges=len(self._order),
+            purges=dict(self._purges),
+            purged_bytes=self._purged_bytes,
+        )
 
     def _check(self) -> None:
         """Assert the order's invariants. Runtime complexity: O(n)."""

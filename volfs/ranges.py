@@ -66,6 +66,9 @@ class RangeTracker(Protocol):
     def next_stamp(self) -> int:
         """A stamp newer than every stamp given before."""
 
+    def account(self, pages: int, ranges: int) -> None:
+        """Volatile pages and ranges came (positive) or went (negative)."""
+
 
 class InodeRanges:
     """The volatile ranges and lost pages of one inode."""
@@ -211,12 +214,14 @@ class InodeRanges:
 
     def _add(self, volatile_range: VolatileRange, *, track: bool = True) -> None:
         self._ranges[volatile_range.start] = volatile_range
+        self.tracker.account(volatile_range.pages, 1)
         if track:
             volatile_range.tracked = True
             self.tracker.track(volatile_range)
 
     def _remove(self, volatile_range: VolatileRange) -> None:
         del self._ranges[volatile_range.start]
+        self.tracker.account(-volatile_range.pages, -1)
         if volatile_range.tracked:
             volatile_range.tracked = False
             self.tracker.untrack(volatile_range)

@@ -44,4 +44,21 @@ struct volfs_purge {            /* 16 bytes */
 };
 #define VOLFS_IOC_PURGE          _IOWR('v', 0x82, struct volfs_purge)   /* 0xc0107682 */
 
+/* An extension of the fvrange ABI: the counters of the mount holding the file. */
+struct volfs_stats {            /* 96 bytes */
+    __u64 capacity_bytes;   /* the size= cap                                      */
+    __u64 used_bytes;       /* memory held by file contents                       */
+    __u64 volatile_bytes;   /* bytes in volatile ranges                           */
+    __u64 purged_bytes;     /* memory released by purges since the mount          */
+    __u64 ranges;           /* volatile ranges                                    */
+    __u64 purgeable_ranges; /* volatile ranges holding data a purge could take    */
+    __u64 purges_ioctl;     /* purges by VOLFS_IOC_PURGE                          */
+    __u64 purges_size;      /* purges to make room under the size= cap            */
+    __u64 purges_pressure;  /* purges for system memory pressure                  */
+    __u64 inodes;           /* files, directories and links                       */
+    __u64 max_inodes;       /* nr_inodes= (0: no limit)                           */
+    __u64 reserved;
+};
+#define VOLFS_IOC_STATS          _IOR('v', 0x83, struct volfs_stats)    /* 0x80607683 */
+
 #endif /* VOLFS_H */
