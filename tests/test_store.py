@@ -48,6 +48,19 @@ def test_random_operations_match_a_bytearray_model(seed: int) -> None:
                 del model[size:]
             else:
                 model.extend(bytes(size - len(model)))
+        elif operation < 0.62:
+            offset = rng.randrange(0, 40 * PAGE_SIZE)
+            length = rng.randrange(1, 6 * PAGE_SIZE)
+            if rng.random() < 0.5:
+                contents.punch(offset, length)
+                lo, hi = offset, min(len(model), offset + length)
+                if lo < hi:
+                    model[lo:hi] = bytes(hi - lo)
+            else:
+                try:
+                    contents.allocate(offset, length)
+                except OSError as error:
+                    assert error.errno == errno.ENOSPC
         elif operation < 0.65:
             first = rng.randrange(0, 45)
             count = rng.randrange(1, 8)
@@ -59,6 +72,16 @@ def test_random_operations_match_a_bytearray_model(seed: int) -> None:
             offset = rng.randrange(0, 45 * PAGE_SIZE)
             length = rng.randrange(0, 10 * PAGE_SIZE)
             assert bytes(contents.read(offset, length)) == bytes(model[offset : offset + length])
+            data_at = contents.seek_data(offset)
+            hole_at = contents.seek_hole(offset)
+            if offset >= len(model):
+                assert data_at is None and hole_at is None
+            else:
+                assert hole_at is not None and offset <= hole_at <= len(model)
+                assert data_at is None or offset <= data_at < len(model)
+                if data_at is not None and data_at > offset:
+                    # Everything skipped reads as zeros.
+                    assert not any(model[offset:data_at])
         assert contents.size == len(model)
         check_all(store, files)
     for contents, model in zip(files, models, strict=True):

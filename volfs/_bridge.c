@@ -7,7 +7,8 @@
  * found with dlvsym() (RTLD_NEXT does not reach past a dlopen'ed library). The session pointer
  * it sees is kept for notifications pyfuse3 only offers for whole inodes.
  *
- * Requests handled here are passed to a Python callable as a Request object, which replies
+ * Requests handled here (ioctl, fallocate, lseek) are passed to a Python callable with a
+ * Request object, which replies
  * exactly once: from the handler itself, later from a trio task, or from a worker thread. A
  * Request dropped without a reply answers EIO, so a bug can never leave a caller hanging.
  */
@@ -30,6 +31,8 @@ static struct fuse_session *bridge_session;
 static struct fuse_lowlevel_ops bridge_ops;
 static void (*pyfuse3_init)(void *, struct fuse_conn_info *);
 static PyObject *ioctl_handler;
+static PyObject *fallocate_handler;
+static PyObject *lseek_handler;
 
 /* -- Request ---------------------------------------------------------------------------- */
 
@@ -86,6 +89,29 @@ static PyObject *request_reply_error(RequestObject *self, PyObject *args) {
     return PyLong_FromLong(rc);
 }
 
+static PyObject *request_reply_ok(RequestObject *self, PyObject *unused) {
+    (void)unused;
+    fuse_req_t req;
+    if (take_request(self, &req) < 0) return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fuse_reply_err(req, 0);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(rc);
+}
+
+static PyObject *request_reply_lseek(RequestObject *self, PyObject *args) {
+    long long offset;
+    fuse_req_t req;
+    if (!PyArg_ParseTuple(args, "L", &offset)) return NULL;
+    if (take_request(self, &req) < 0) return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fuse_reply_lseek(req, (off_t)offset);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(rc);
+}
+
 static PyObject *request_get_answered(RequestObject *self, void *closure) {
     (void)closure;
     return PyBool_FromLong(self->req == NULL);
@@ -101,6 +127,10 @@ static PyMethodDef request_methods[] = {
      "reply_ioctl(result, data): answer an ioctl with its return value and output bytes."},
     {"reply_error", (PyCFunction)request_reply_error, METH_VARARGS,
      "reply_error(errno): answer with an error."},
+    {"reply_ok", (PyCFunction)request_reply_ok, METH_NOARGS,
+     "reply_ok(): answer success without data (fallocate)."},
+    {"reply_lseek", (PyCFunction)request_reply_lseek, METH_VARARGS,
+     "reply_lseek(offset): answer an lseek with the resulting offset."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -136,6 +166,41 @@ static void bridge_init(void *userdata, struct fuse_conn_info *conn) {
     if (conn->capable & FUSE_CAP_IOCTL_DIR) conn->want |= FUSE_CAP_IOCTL_DIR;
 }
 
+/* A Request for req with the caller's credentials, or NULL (req answered ENOMEM). */
+static RequestObject *new_request(fuse_req_t req) {
+    RequestObject *request = PyObject_New(RequestObject, &RequestType);
+    if (request == NULL) {
+        PyErr_Clear();
+        fuse_reply_err(req, ENOMEM);
+        return NULL;
+    }
+    const struct fuse_ctx *ctx = fuse_req_ctx(req);
+    request->req = req;
+    request->uid = ctx->uid;
+    request->gid = ctx->gid;
+    request->pid = ctx->pid;
+    return request;
+}
+
+/* Call handler(request, *args) and drop our reference: an unanswered request answers EIO. */
+static void dispatch(PyObject *handler, RequestObject *request, PyObject *args) {
+    if (args != NULL) {
+        PyObject *full = PyTuple_New(PyTuple_GET_SIZE(args) + 1);
+        if (full != NULL) {
+            PyTuple_SET_ITEM(full, 0, Py_NewRef((PyObject *)request));
+            for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(args); i++)
+                PyTuple_SET_ITEM(full, i + 1, Py_NewRef(PyTuple_GET_ITEM(args, i)));
+            PyObject *result = PyObject_Call(handler, full, NULL);
+            if (result == NULL) PyErr_WriteUnraisable(handler);
+            Py_XDECREF(result);
+            Py_DECREF(full);
+        }
+        Py_DECREF(args);
+    }
+    if (PyErr_Occurred()) PyErr_WriteUnraisable(handler);
+    Py_DECREF(request);
+}
+
 static void bridge_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void *arg,
                          struct fuse_file_info *fi, unsigned flags, const void *in_buf,
                          size_t in_bufsz, size_t out_bufsz) {
@@ -147,31 +212,48 @@ static void bridge_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void 
     PyGILState_STATE gil = PyGILState_Ensure();
     if (ioctl_handler == NULL) {
         fuse_reply_err(req, ENOTTY);
-        PyGILState_Release(gil);
-        return;
+    } else {
+        RequestObject *request = new_request(req);
+        if (request != NULL)
+            dispatch(ioctl_handler, request,
+                     Py_BuildValue("KIKOy#n", (unsigned long long)ino, cmd,
+                                   (unsigned long long)(fi ? fi->fh : 0),
+                                   (flags & FUSE_IOCTL_DIR) ? Py_True : Py_False,
+                                   in_buf ? (const char *)in_buf : "",
+                                   (Py_ssize_t)(in_buf ? in_bufsz : 0), (Py_ssize_t)out_bufsz));
     }
-    RequestObject *request = PyObject_New(RequestObject, &RequestType);
-    if (request == NULL) {
-        PyErr_Clear();
-        fuse_reply_err(req, ENOMEM);
-        PyGILState_Release(gil);
-        return;
+    PyGILState_Release(gil);
+}
+
+static void bridge_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset,
+                             off_t length, struct fuse_file_info *fi) {
+    PyGILState_STATE gil = PyGILState_Ensure();
+    if (fallocate_handler == NULL) {
+        fuse_reply_err(req, EOPNOTSUPP);
+    } else {
+        RequestObject *request = new_request(req);
+        if (request != NULL)
+            dispatch(fallocate_handler, request,
+                     Py_BuildValue("KKiLL", (unsigned long long)ino,
+                                   (unsigned long long)(fi ? fi->fh : 0), mode,
+                                   (long long)offset, (long long)length));
     }
-    const struct fuse_ctx *ctx = fuse_req_ctx(req);
-    request->req = req;
-    request->uid = ctx->uid;
-    request->gid = ctx->gid;
-    request->pid = ctx->pid;
-    PyObject *result = PyObject_CallFunction(
-        ioctl_handler, "OKIKOy#n", (PyObject *)request, (unsigned long long)ino, cmd,
-        (unsigned long long)(fi ? fi->fh : 0), (flags & FUSE_IOCTL_DIR) ? Py_True : Py_False,
-        in_buf ? (const char *)in_buf : "", (Py_ssize_t)(in_buf ? in_bufsz : 0),
-        (Py_ssize_t)out_bufsz);
-    if (result == NULL) {
-        PyErr_WriteUnraisable(ioctl_handler);
+    PyGILState_Release(gil);
+}
+
+static void bridge_lseek(fuse_req_t req, fuse_ino_t ino, off_t offset, int whence,
+                         struct fuse_file_info *fi) {
+    PyGILState_STATE gil = PyGILState_Ensure();
+    if (lseek_handler == NULL) {
+        fuse_reply_err(req, ENOSYS);
+    } else {
+        RequestObject *request = new_request(req);
+        if (request != NULL)
+            dispatch(lseek_handler, request,
+                     Py_BuildValue("KKLi", (unsigned long long)ino,
+                                   (unsigned long long)(fi ? fi->fh : 0), (long long)offset,
+                                   whence));
     }
-    Py_XDECREF(result);
-    Py_DECREF(request); /* replies EIO if the handler neither answered nor kept it */
     PyGILState_Release(gil);
 }
 
@@ -193,20 +275,34 @@ struct fuse_session *fuse_session_new(struct fuse_args *args,
     pyfuse3_init = bridge_ops.init;
     bridge_ops.init = bridge_init;
     bridge_ops.ioctl = bridge_ioctl;
+    bridge_ops.fallocate = bridge_fallocate;
+    bridge_ops.lseek = bridge_lseek;
     bridge_session = real(args, &bridge_ops, sizeof bridge_ops, userdata);
     return bridge_session;
 }
 
 /* -- module functions ------------------------------------------------------------------- */
 
-static PyObject *bridge_set_ioctl_handler(PyObject *module, PyObject *handler) {
-    (void)module;
+static int replace_handler(PyObject **slot, PyObject *handler) {
     if (handler != Py_None && !PyCallable_Check(handler)) {
-        PyErr_SetString(PyExc_TypeError, "handler must be callable or None");
-        return NULL;
+        PyErr_SetString(PyExc_TypeError, "handlers must be callable or None");
+        return -1;
     }
-    Py_XDECREF(ioctl_handler);
-    ioctl_handler = handler == Py_None ? NULL : Py_NewRef(handler);
+    Py_XSETREF(*slot, handler == Py_None ? NULL : Py_NewRef(handler));
+    return 0;
+}
+
+static PyObject *bridge_set_handlers(PyObject *module, PyObject *args, PyObject *kwargs) {
+    (void)module;
+    static char *keywords[] = {"ioctl", "fallocate", "lseek", NULL};
+    PyObject *ioctl = Py_None, *fallocate = Py_None, *lseek = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$OOO", keywords, &ioctl, &fallocate,
+                                     &lseek))
+        return NULL;
+    if (replace_handler(&ioctl_handler, ioctl) < 0 ||
+        replace_handler(&fallocate_handler, fallocate) < 0 ||
+        replace_handler(&lseek_handler, lseek) < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -238,9 +334,13 @@ static PyObject *bridge_active(PyObject *module, PyObject *unused) {
 }
 
 static PyMethodDef bridge_methods[] = {
-    {"set_ioctl_handler", bridge_set_ioctl_handler, METH_O,
-     "set_ioctl_handler(handler): call handler(request, ino, cmd, fh, is_dir, data, out_size) "
-     "for each ioctl; None answers ENOTTY."},
+    {"set_handlers", (PyCFunction)(void (*)(void))bridge_set_handlers,
+     METH_VARARGS | METH_KEYWORDS,
+     "set_handlers(*, ioctl=None, fallocate=None, lseek=None): the Python callables for "
+     "these requests: ioctl(request, ino, cmd, fh, is_dir, data, out_size), "
+     "fallocate(request, ino, fh, mode, offset, length), lseek(request, ino, fh, offset, "
+     "whence). Each must answer its request once; a missing handler answers ENOTTY, "
+     "EOPNOTSUPP and ENOSYS respectively."},
     {"invalidate_range", bridge_invalidate_range, METH_VARARGS,
      "invalidate_range(ino, offset, length): drop that byte range from the kernel's page "
      "cache. Blocks while the kernel writes back dirty pages through this daemon: call it "

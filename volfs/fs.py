@@ -309,7 +309,12 @@ class VolfsOperations(pyfuse3.Operations):
             except OSError as error:
                 if error.errno != errno.ENOSPC:
                     raise
-                written = await self._write_after_making_room(node, off, buf)
+                contents = node.contents
+                written = await self._retry_after_making_room(
+                    off >> PAGE_SHIFT,
+                    (off + len(buf) + PAGE_SIZE - 1) >> PAGE_SHIFT,
+                    lambda: contents.write(off, buf),
+                )
             if node.vranges is not None:
                 node.vranges.rewritten(
                     off >> PAGE_SHIFT, (off + written + PAGE_SIZE - 1) >> PAGE_SHIFT
@@ -326,30 +331,28 @@ class VolfsOperations(pyfuse3.Operations):
             log.exception("write(fh=%d, off=%d, len=%d) failed; answering EIO", fh, off, len(buf))
             raise pyfuse3.FUSEError(errno.EIO) from None
 
-    async def _write_after_making_room(self, node: Inode, off: int, buf: bytes) -> int:
-        """Retry a write that hit the size cap, after reclaiming and purging what it needs.
+    async def _retry_after_making_room(self, first: int, end: int, attempt: Callable[[], _R]) -> _R:
+        """Retry an allocation of pages [first, end) that hit the size cap, after making room.
 
-        Volatile data is purged before any ENOSPC is returned. The purged pages are dropped
-        from the kernel's cache in the background, not before this write is answered: the
-        kernel may hold locked pages of this very write in a purged range.
+        Memory just released is waited for; then volatile data is purged for what is still
+        missing, so ENOSPC is returned only when no volatile data is left. The purged pages
+        are dropped from the kernel's cache in the background, not before the request is
+        answered: the kernel may hold locked pages of a write in a purged range.
         """
-        assert node.contents is not None
         store = self.namespace.store
         if store.reclaim_pending:
-            # Memory just released is still being punched: wait for it first.
             await store.wait_reclaimed()
             try:
-                return node.contents.write(off, buf)
+                return attempt()
             except OSError as error:
                 if error.errno != errno.ENOSPC:
                     raise
         arena = store.arena
-        first, end = off >> PAGE_SHIFT, (off + len(buf) + PAGE_SIZE - 1) >> PAGE_SHIFT
         missing = (end - first) - arena.free_pages - arena.dirty_pages
         result = self.namespace.purger.purge(max(missing, 1) << PAGE_SHIFT, source="size")
         if result.invalidations and self.nursery is not None:
             self.nursery.start_soon(drop_from_kernel_cache, result.invalidations)
-        return node.contents.write(off, buf)
+        return attempt()
 
     async def flush(self, fh: int) -> None:
         pass  # nothing is buffered: data is in the store once WRITE is answered
@@ -475,6 +478,59 @@ class VolfsOperations(pyfuse3.Operations):
             if not request.answered:
                 request.reply_error(errno.EIO)
 
+    # -- fallocate and lseek (through the bridge) -------------------------------------------
+
+    def fallocate(
+        self, request: bridge.Request, ino: int, fh: int, mode: int, offset: int, length: int
+    ) -> None:
+        """Answer fallocate(2); called by the bridge on the thread serving requests."""
+        assert self.nursery is not None
+        self.nursery.start_soon(self._fallocate, request, fh, mode, offset, length)
+
+    async def _fallocate(
+        self, request: bridge.Request, fh: int, mode: int, offset: int, length: int
+    ) -> None:
+        try:
+            node = self._files[fh].inode
+            try:
+                self.namespace.fallocate(node, mode, offset, length)
+            except OSError as error:
+                if error.errno != errno.ENOSPC:
+                    raise
+                await self._retry_after_making_room(
+                    offset >> PAGE_SHIFT,
+                    (offset + length + PAGE_SIZE - 1) >> PAGE_SHIFT,
+                    lambda: self.namespace.fallocate(node, mode, offset, length),
+                )
+            request.reply_ok()
+        except OSError as error:
+            request.reply_error(error.errno or errno.EIO)
+        except Exception:
+            log.exception("fallocate(fh=%d, mode=%#x) failed; answering EIO", fh, mode)
+            if not request.answered:
+                request.reply_error(errno.EIO)
+
+    def lseek(self, request: bridge.Request, ino: int, fh: int, offset: int, whence: int) -> None:
+        """Answer SEEK_DATA and SEEK_HOLE; the kernel handles the other kinds of lseek."""
+        try:
+            contents = self.namespace.get(ino).contents
+            if contents is None or whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+                raise OSError(errno.EINVAL, "SEEK_DATA and SEEK_HOLE on regular files only")
+            if offset < 0:
+                raise OSError(errno.ENXIO, "negative offset")
+            found = (
+                contents.seek_data(offset) if whence == os.SEEK_DATA else contents.seek_hole(offset)
+            )
+            if found is None:
+                raise OSError(errno.ENXIO, "no more data")
+            request.reply_lseek(found)
+        except OSError as error:
+            request.reply_error(error.errno or errno.EIO)
+        except Exception:
+            log.exception("lseek(ino=%d, whence=%d) failed; answering EIO", ino, whence)
+            if not request.answered:
+                request.reply_error(errno.EIO)
+
     def statistics_record(self) -> bytes:
         """The mount's statistics as ``struct volfs_stats``."""
         names = self.namespace.statistics()
@@ -566,7 +622,9 @@ def mount(operations: VolfsOperations, mountpoint: str, options: set[str]) -> No
     if not bridge.active():
         pyfuse3.close(unmount=True)
         raise RuntimeError("the ioctl bridge did not take hold of the FUSE session")
-    bridge.set_ioctl_handler(operations.ioctl)
+    bridge.set_handlers(
+        ioctl=operations.ioctl, fallocate=operations.fallocate, lseek=operations.lseek
+    )
 
 
 async def serve(operations: VolfsOperations, pressure: PressureSettings) -> None:
@@ -589,5 +647,5 @@ def terminate() -> None:
 
 def unmount() -> None:
     """Unmount (if still mounted) and release the FUSE session."""
-    bridge.set_ioctl_handler(None)
+    bridge.set_handlers()
     pyfuse3.close(unmount=True)

@@ -32,6 +32,10 @@ XATTR_NAME_MAX = 255
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
 
 @dataclass(slots=True, eq=False)
 class Inode:
@@ -462,6 +466,47 @@ class Namespace:
         inode.contents.truncate(size)
         if inode.vranges is not None:
             inode.vranges.truncate((size + PAGE_SIZE - 1) >> PAGE_SHIFT)
+
+    def fallocate(self, inode: Inode, mode: int, offset: int, length: int) -> None:
+        """Allocate, punch or zero a byte range of a regular file (fallocate(2)).
+
+        Args:
+            mode: 0 (allocate; the size grows to cover the range), with
+                ``FALLOC_FL_KEEP_SIZE`` (allocate past EOF too, size unchanged),
+                ``FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`` (free the pages) or
+                ``FALLOC_FL_ZERO_RANGE`` (zeros, pages kept).
+
+        Raises:
+            OSError: EOPNOTSUPP for other modes; EINVAL for a bad range; ENOSPC when the
+                allocation does not fit (nothing changes then).
+        """
+        contents = inode.contents
+        if contents is None:
+            raise OSError(errno.EISDIR if inode.is_dir() else errno.ENODEV, "not a regular file")
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            raise OSError(errno.EOPNOTSUPP, "unsupported fallocate mode")
+        if offset < 0 or length <= 0:
+            raise OSError(errno.EINVAL, "bad range")
+        end = offset + length
+        if mode & FALLOC_FL_PUNCH_HOLE:
+            if not mode & FALLOC_FL_KEEP_SIZE or mode & FALLOC_FL_ZERO_RANGE:
+                raise OSError(errno.EOPNOTSUPP, "punching a hole needs FALLOC_FL_KEEP_SIZE")
+            contents.punch(offset, length)
+        else:
+            contents.allocate(offset, length)
+            if mode & FALLOC_FL_ZERO_RANGE:
+                contents.zero(offset, length)
+            if not mode & FALLOC_FL_KEEP_SIZE and end > contents.size:
+                contents.size = end
+        if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            # Zeros written, in effect: purged pages in the range are plain holes from now on.
+            if inode.vranges is not None:
+                first, last = (offset + PAGE_SIZE - 1) >> PAGE_SHIFT, end >> PAGE_SHIFT
+                if first < last:
+                    inode.vranges.rewritten(first, last)
+            inode.touch(mtime=True, ctime=True)
+        else:
+            inode.touch(ctime=True)
 
     def directory_listing(self, ino: int) -> list[tuple[bytes, Inode]]:
         """Return a snapshot of a directory's entries, ``.`` and ``..`` first."""

@@ -25,6 +25,7 @@ from typing import Protocol
 
 from sortedcontainers import SortedDict
 
+from volfs.intervals import add_interval, clip, remove_interval
 from volfs.store import FileContents
 
 _serials = itertools.count()
@@ -111,7 +112,7 @@ class InodeRanges:
         Runtime complexity: O(log n + k) for k ranges and lost runs in the span.
         """
         volatile = sum(min(r.end, end) - max(r.start, first) for r in self._overlapping(first, end))
-        lost = sum(hi - lo for lo, hi in _clip(self._lost, first, end))
+        lost = sum(hi - lo for lo, hi in clip(self._lost, first, end))
         return volatile, lost
 
     def is_lost(self, first: int, end: int) -> bool:
@@ -162,7 +163,7 @@ class InodeRanges:
                 self._add(self._piece(overlapped, overlapped.start, first))
             if overlapped.end > end:
                 self._add(self._piece(overlapped, end, overlapped.end))
-        _remove_interval(self._lost, first, end)
+        remove_interval(self._lost, first, end)
         return purged
 
     def truncate(self, end_page: int) -> None:
@@ -191,7 +192,7 @@ class InodeRanges:
         gone = self._piece(volatile_range, first, end)
         gone.purged = True
         self._add(gone, track=False)
-        _add_interval(self._lost, first, end)
+        add_interval(self._lost, first, end)
         return gone
 
     def rewritten(self, first: int, end: int) -> None:
@@ -201,7 +202,7 @@ class InodeRanges:
         """
         if not self._ranges:
             return
-        _remove_interval(self._lost, first, end)
+        remove_interval(self._lost, first, end)
         for overlapped in self._overlapping(first, end):
             if not overlapped.tracked:
                 overlapped.tracked = True
@@ -242,51 +243,3 @@ class InodeRanges:
 
 
 _INFINITY = 1 << 62
-
-
-def _clip(intervals: SortedDict[int, int], first: int, end: int) -> Iterator[tuple[int, int]]:
-    """Yield the parts of ``intervals`` (start -> end) inside [first, end)."""
-    index = max(intervals.bisect_right(first) - 1, 0)
-    keys, values = intervals.keys(), intervals.values()
-    for i in range(index, len(keys)):
-        lo, hi = keys[i], values[i]
-        if lo >= end:
-            return
-        if hi > first:
-            yield max(lo, first), min(hi, end)
-
-
-def _add_interval(intervals: SortedDict[int, int], first: int, end: int) -> None:
-    """Add [first, end) to disjoint, non-touching intervals, merging. O(log m + k)."""
-    index = max(intervals.bisect_right(first) - 1, 0)
-    keys = intervals.keys()
-    merged = []
-    for i in range(index, len(keys)):
-        lo = keys[i]
-        if lo > end:
-            break
-        if intervals[lo] >= first:
-            merged.append(lo)
-    for lo in merged:
-        hi = intervals.pop(lo)
-        first, end = min(first, lo), max(end, hi)
-    intervals[first] = end
-
-
-def _remove_interval(intervals: SortedDict[int, int], first: int, end: int) -> None:
-    """Remove [first, end) from a set of disjoint intervals. O(log m + k)."""
-    index = max(intervals.bisect_right(first) - 1, 0)
-    keys = intervals.keys()
-    touched = []
-    for i in range(index, len(keys)):
-        lo = keys[i]
-        if lo >= end:
-            break
-        if intervals[lo] > first:
-            touched.append(lo)
-    for lo in touched:
-        hi = intervals.pop(lo)
-        if lo < first:
-            intervals[lo] = first
-        if hi > end:
-            intervals[end] = hi

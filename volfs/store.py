@@ -26,6 +26,7 @@ import trio
 from sortedcontainers import SortedDict
 
 from volfs.abi import PAGE_SIZE
+from volfs.intervals import add_interval, clip, remove_interval
 
 PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 
@@ -42,6 +43,9 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c
 INLINE_PUNCH_PAGES = 256
 
 Run = tuple[int, int]
+
+#: A page number past any file.
+_NO_PAGE = (MAX_FILE_SIZE >> PAGE_SHIFT) + 1
 
 
 def pages_spanned(offset: int, length: int) -> tuple[int, int]:
@@ -239,7 +243,7 @@ class FileContents:
     of runs e; a request touching k runs costs O(k) more.
     """
 
-    __slots__ = ("_arena", "_extents", "pages", "size")
+    __slots__ = ("_arena", "_extents", "_unwritten", "pages", "size")
 
     def __init__(self, arena: Arena) -> None:
         self._arena = arena
@@ -248,6 +252,9 @@ class FileContents:
         self.size = 0
         #: Pages held in the arena: what the file really costs in memory.
         self.pages = 0
+        #: Pages reserved by fallocate and not written since: zeros that, as on tmpfs,
+        #: SEEK_DATA counts as holes. None until the first fallocate.
+        self._unwritten: SortedDict[int, int] | None = None
 
     def _runs(self, first: int, end: int) -> Iterator[tuple[int, int, int]]:
         """Yield ``(file page, arena page, count)`` for the held runs overlapping [first, end).
@@ -336,6 +343,8 @@ class FileContents:
                 hi = min(end, (page + count) << PAGE_SHIFT)
                 target = (arena_page << PAGE_SHIFT) + lo - (page << PAGE_SHIFT)
                 view[target : target + hi - lo] = source[lo - offset : hi - offset]
+        if self._unwritten:
+            remove_interval(self._unwritten, first, end_page)
         self.size = max(self.size, end)
         return length
 
@@ -407,7 +416,78 @@ class FileContents:
             self._arena.release(arena_page + lo - page, hi - lo)
             freed += hi - lo
         self.pages -= freed
+        if self._unwritten:
+            remove_interval(self._unwritten, first, end)
         return freed
+
+    def allocate(self, offset: int, length: int) -> None:
+        """Give every hole of a byte range zeroed pages (fallocate), all or nothing.
+
+        Raises:
+            OSError: ENOSPC if they do not fit; EFBIG past the largest file size.
+        """
+        if offset + length > MAX_FILE_SIZE:
+            raise OSError(errno.EFBIG, "range past the largest file size")
+        first, end = pages_spanned(offset, length)
+        holes = self.holes(first, end)
+        self._allocate(first, end)
+        if self._unwritten is None:
+            self._unwritten = SortedDict()
+        for page, count in holes:
+            add_interval(self._unwritten, page, page + count)
+
+    def punch(self, offset: int, length: int) -> None:
+        """Make a byte range read as zeros, freeing the pages it covers whole."""
+        end = offset + length
+        first_whole = (offset + PAGE_SIZE - 1) >> PAGE_SHIFT
+        end_whole = end >> PAGE_SHIFT
+        if first_whole < end_whole:
+            self.release_pages(first_whole, end_whole)
+            self.zero(offset, (first_whole << PAGE_SHIFT) - offset)
+            self.zero(end_whole << PAGE_SHIFT, end - (end_whole << PAGE_SHIFT))
+        else:
+            self.zero(offset, length)
+
+    def _data(self, first: int) -> Iterator[tuple[int, int]]:
+        """Yield the page intervals from ``first`` on that hold written data, in order."""
+        unwritten = self._unwritten
+        for page, _arena_page, count in self._runs(first, _NO_PAGE):
+            lo = max(page, first)
+            if not unwritten:
+                yield lo, page + count
+                continue
+            for hole_lo, hole_hi in clip(unwritten, lo, page + count):
+                if hole_lo > lo:
+                    yield lo, hole_lo
+                lo = hole_hi
+            if lo < page + count:
+                yield lo, page + count
+
+    def seek_data(self, offset: int) -> int | None:
+        """The first offset at or after ``offset`` holding data, or None (SEEK_DATA).
+
+        Runtime complexity: O(log e) plus the reserved runs skipped.
+        """
+        if offset >= self.size:
+            return None
+        for lo, _hi in self._data(offset >> PAGE_SHIFT):
+            found = max(offset, lo << PAGE_SHIFT)
+            return found if found < self.size else None
+        return None
+
+    def seek_hole(self, offset: int) -> int | None:
+        """The first offset at or after ``offset`` in a hole or at EOF, or None (SEEK_HOLE).
+
+        Runtime complexity: O(log e + k) for k runs of contiguous data crossed.
+        """
+        if offset >= self.size:
+            return None
+        cursor = offset >> PAGE_SHIFT
+        for lo, hi in self._data(cursor):
+            if lo > cursor:
+                break
+            cursor = hi
+        return min(max(offset, cursor << PAGE_SHIFT), self.size)
 
     def tail_start(self, first: int, end: int, wanted: int) -> int:
         """Return the highest page p >= first such that [p, end) holds ``wanted`` pages.
@@ -448,7 +528,8 @@ class FileContents:
             raise OSError(errno.EFBIG, "size past the largest file size")
         if size < self.size:
             keep = (size + PAGE_SIZE - 1) >> PAGE_SHIFT
-            self.release_pages(keep, (self.size + PAGE_SIZE - 1) >> PAGE_SHIFT)
+            # To the end of the map, not of the old size: fallocate may have left pages past EOF.
+            self.release_pages(keep, _NO_PAGE)
             if size & (PAGE_SIZE - 1):
                 # The kept part of the last page must read as zeros if the file grows again.
                 self.zero(size, PAGE_SIZE - (size & (PAGE_SIZE - 1)))
@@ -474,9 +555,8 @@ class FileContents:
             previous = (page, arena_page, count)
             total += count
         assert total == self.pages, (total, self.pages)
-        if self._extents:
-            last_page, (_arena_page, last_count) = self._extents.peekitem(-1)
-            assert (last_page + last_count) << PAGE_SHIFT < self.size + PAGE_SIZE, "page past EOF"
+        for lo, hi in (self._unwritten or {}).items():
+            assert not self.holes(lo, hi), "reserved pages that are not held"
 
 
 class Store:

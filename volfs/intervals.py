@@ -1,0 +1,59 @@
+"""Sets of disjoint page intervals kept in a ``SortedDict`` of start -> end.
+
+Intervals never overlap or touch: adding merges with neighbours. Each operation costs
+O(log m + k) for m intervals in the set and k intervals it touches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from sortedcontainers import SortedDict
+
+
+def clip(intervals: SortedDict[int, int], first: int, end: int) -> Iterator[tuple[int, int]]:
+    """Yield the parts of ``intervals`` (start -> end) inside [first, end)."""
+    index = max(intervals.bisect_right(first) - 1, 0)
+    keys, values = intervals.keys(), intervals.values()
+    for i in range(index, len(keys)):
+        lo, hi = keys[i], values[i]
+        if lo >= end:
+            return
+        if hi > first:
+            yield max(lo, first), min(hi, end)
+
+
+def add_interval(intervals: SortedDict[int, int], first: int, end: int) -> None:
+    """Add [first, end) to disjoint, non-touching intervals, merging. O(log m + k)."""
+    index = max(intervals.bisect_right(first) - 1, 0)
+    keys = intervals.keys()
+    merged = []
+    for i in range(index, len(keys)):
+        lo = keys[i]
+        if lo > end:
+            break
+        if intervals[lo] >= first:
+            merged.append(lo)
+    for lo in merged:
+        hi = intervals.pop(lo)
+        first, end = min(first, lo), max(end, hi)
+    intervals[first] = end
+
+
+def remove_interval(intervals: SortedDict[int, int], first: int, end: int) -> None:
+    """Remove [first, end) from a set of disjoint intervals. O(log m + k)."""
+    index = max(intervals.bisect_right(first) - 1, 0)
+    keys = intervals.keys()
+    touched = []
+    for i in range(index, len(keys)):
+        lo = keys[i]
+        if lo >= end:
+            break
+        if intervals[lo] > first:
+            touched.append(lo)
+    for lo in touched:
+        hi = intervals.pop(lo)
+        if lo < first:
+            intervals[lo] = first
+        if hi > end:
+            intervals[end] = hi
