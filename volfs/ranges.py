@@ -158,11 +158,13 @@ class InodeRanges:
         purged = False
         for overlapped in self._overlapping(first, end):
             purged = purged or overlapped.purged
+            # Pieces of a range holding nothing purgeable stay out of the LRU too.
+            tracked = overlapped.tracked
             self._remove(overlapped)
             if overlapped.start < first:
-                self._add(self._piece(overlapped, overlapped.start, first))
+                self._add(self._piece(overlapped, overlapped.start, first), track=tracked)
             if overlapped.end > end:
-                self._add(self._piece(overlapped, end, overlapped.end))
+                self._add(self._piece(overlapped, end, overlapped.end), track=tracked)
         remove_interval(self._lost, first, end)
         return purged
 
