@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -76,3 +77,32 @@ def test_purged_memory_returns_to_the_system(mount_volfs: Callable[..., Mount]) 
     finally:
         os.close(fd)
     assert (mount.path / "keep").read_bytes() == keep
+
+
+def test_purging_dirty_mmap_pages_neither_hangs_nor_hides_the_loss(
+    mount_volfs: Callable[..., Mount],
+) -> None:
+    """The kernel writes dirty pages of a purged range back while dropping them from its cache.
+
+    That must not deadlock the daemon, and the written-back pages, which repopulate the range,
+    must not pass for intact data: NON_VOLATILE still reports the purge.
+    """
+    mnt = mount_volfs("size=64M,pressure=off").path
+    (mnt / "shared").write_bytes(bytes(64 * 4096))
+    fd = os.open(mnt / "shared", os.O_RDWR)
+    try:
+        view = mmap.mmap(fd, 64 * 4096, mmap.MAP_SHARED)
+        try:
+            fvrange(fd, 0, 32 * 4096, VRANGE_VOLATILE)
+            for page in range(0, 64, 2):
+                view[page * 4096 : page * 4096 + 5] = b"dirty"  # dirty, inside and outside
+            assert purge(mnt) >= 0  # returns: no deadlock on the writeback
+            assert fvrange(fd, 0, 32 * 4096, VRANGE_NONVOLATILE)[1] is True
+            for page in range(32, 64, 2):
+                assert view[page * 4096 : page * 4096 + 5] == b"dirty"
+            view.flush()
+        finally:
+            view.close()
+        assert os.pread(fd, 5, 40 * 4096) == b"dirty"
+    finally:
+        os.close(fd)
