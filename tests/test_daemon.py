@@ -195,3 +195,34 @@ def test_mount_t_fuse_volfs(tmp_path: Path) -> None:
         if is_mounted(mnt):
             force_unmount(mnt)
     assert not is_mounted(mnt)
+
+
+def test_a_dead_mount_is_detached_and_mounted_again(mount_volfs: Callable[..., Mount]) -> None:
+    mount = mount_volfs("size=16M")
+    mount.process.kill()
+    mount.process.wait()
+    with pytest.raises(OSError) as caught:
+        os.listdir(mount.path)
+    assert caught.value.errno == errno.ENOTCONN  # callers fail fast, they do not hang
+    result = run_volfs("-o", "size=16M", str(mount.path))
+    try:
+        assert result.returncode == 0, result.stderr
+        assert "detaching the dead mount" in result.stderr
+        (mount.path / "f").write_bytes(b"mounted again")
+        assert (mount.path / "f").read_bytes() == b"mounted again"
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mount.path)], check=False)
+    wait_for(lambda: not is_mounted(mount.path), MOUNT_TIMEOUT, "unmount")
+
+
+def test_sigterm_during_heavy_io_unmounts_cleanly(mount_volfs: Callable[..., Mount]) -> None:
+    mount = mount_volfs("size=512M")
+    writer = subprocess.Popen(
+        ["dd", "if=/dev/zero", f"of={mount.path / 'big'}", "bs=1M", "count=400"],
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for((mount.path / "big").exists, 10, "the writer to start")
+    mount.process.send_signal(signal.SIGTERM)
+    assert mount.process.wait(timeout=MOUNT_TIMEOUT) == 0
+    assert writer.wait(timeout=MOUNT_TIMEOUT) is not None  # the writer is not left stuck
+    assert not is_mounted(mount.path)

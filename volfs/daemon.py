@@ -12,11 +12,13 @@ with ``-f`` it serves in the foreground. SIGTERM, SIGINT and SIGHUP unmount clea
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import logging.handlers
 import os
 import signal
 import stat
+import subprocess
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -75,13 +77,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_mountpoint(path: str) -> None:
-    """Fail early, with a readable reason, where the kernel would fail obscurely."""
+    """Fail early, with a readable reason, where the kernel would fail obscurely.
+
+    A mountpoint left behind by a daemon that died (ENOTCONN) is detached first, so that
+    starting volfs again is all it takes to recover.
+    """
     try:
+        # statfs always reaches the filesystem, where stat may be answered from a cache.
+        os.statvfs(path)
         info = os.stat(path)
     except OSError as error:
-        raise MountError(f"mountpoint {path}: {error.strerror}") from None
+        if error.errno != errno.ENOTCONN:
+            raise MountError(f"mountpoint {path}: {error.strerror}") from None
+        log.warning("%s: the filesystem's daemon is gone; detaching the dead mount", path)
+        detach_dead_mount(path)
+        try:
+            info = os.stat(path)
+        except OSError as again:
+            raise MountError(f"mountpoint {path}: {again.strerror}") from None
     if not stat.S_ISDIR(info.st_mode):
         raise MountError(f"mountpoint {path}: not a directory")
+
+
+def detach_dead_mount(path: str) -> None:
+    """Lazily unmount a FUSE mount whose daemon has died."""
+    for command in (["fusermount3", "-u", "-z", path], ["umount", "-l", path]):
+        try:
+            if subprocess.run(command, capture_output=True, check=False).returncode == 0:
+                return
+        except FileNotFoundError:
+            continue
+    raise MountError(f"mountpoint {path}: a dead mount is in the way and cannot be detached")
 
 
 def build_filesystem(options: MountOptions) -> fs.VolfsOperations:
