@@ -133,6 +133,8 @@ class InodeRanges:
 
         Runtime complexity: O(log n + k) for k ranges merged.
         """
+        if first >= end:
+            return
         merged_start, merged_end = first, end
         purged = False
         full = not partial
@@ -155,6 +157,8 @@ class InodeRanges:
 
         Runtime complexity: O(log n + k) for k ranges overlapping the span.
         """
+        if first >= end:
+            return False
         purged = False
         for overlapped in self._overlapping(first, end):
             purged = purged or overlapped.purged
@@ -202,7 +206,7 @@ class InodeRanges:
 
         Runtime complexity: O(log n + k).
         """
-        if not self._ranges:
+        if not self._ranges or first >= end:
             return
         remove_interval(self._lost, first, end)
         for overlapped in self._overlapping(first, end):
