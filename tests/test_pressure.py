@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Mount, wait_for
-from volfs.client import VRANGE_NONVOLATILE, VRANGE_VOLATILE, fvrange, purge, vrange_status
+from volfs.client import (
+    VRANGE_NONVOLATILE,
+    VRANGE_VOLATILE,
+    fvrange,
+    purge,
+    statistics,
+    vrange_status,
+)
 
 MiB = 1 << 20
 
@@ -106,3 +113,20 @@ def test_purging_dirty_mmap_pages_neither_hangs_nor_hides_the_loss(
         assert os.pread(fd, 5, 40 * 4096) == b"dirty"
     finally:
         os.close(fd)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/pressure/memory"), reason="kernel without PSI")
+def test_the_psi_trigger_is_armed_by_default(mount_volfs: Callable[..., Mount]) -> None:
+    mount = mount_volfs("size=16M")
+    (mount.path / "cache").write_bytes(b"c" * MiB)
+    fd = os.open(mount.path / "cache", os.O_RDWR)
+    try:
+        fvrange(fd, 0, MiB, VRANGE_VOLATILE)
+        for _ in range(200):  # the daemon goes round its loop; an idle trigger stays quiet
+            vrange_status(fd)
+        assert vrange_status(fd) == (MiB, 0)
+        assert statistics(mount.path)["purges_pressure"] == 0
+    finally:
+        os.close(fd)
+    assert "memory pressure: watching " in mount.log()
+    assert "no PSI source" not in mount.log()

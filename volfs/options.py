@@ -199,8 +199,8 @@ def parse_mount_options(
                 raise OptionError(f"pressure={value}: expected on or off")
             pressure["enabled"] = value == "on"
         elif name == "pressure_stall" and has_value:
-            if not re.fullmatch(r"\d+", value) or not 1 <= int(value) <= 1000:
-                raise OptionError(f"pressure_stall={value}: expected milliseconds, 1 to 1000")
+            if not re.fullmatch(r"\d+", value) or not 1 <= int(value) <= 2000:
+                raise OptionError(f"pressure_stall={value}: expected milliseconds, 1 to 2000")
             pressure["stall_us"] = int(value) * 1000
         elif name == "pressure_watermark" and has_value:
             pressure["watermark"] = parse_size(value, memory=memory)

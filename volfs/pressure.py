@@ -36,9 +36,10 @@ class PressureSettings:
     """The ``pressure=`` family of mount options."""
 
     enabled: bool = True
-    #: PSI trigger: purge when "some" tasks stall this long (µs) within a window.
+    #: PSI trigger: purge when "some" tasks stall this long (µs) within a window. Without
+    #: CAP_SYS_RESOURCE the kernel only accepts windows in multiples of 2 s.
     stall_us: int = 150_000
-    window_us: int = 1_000_000
+    window_us: int = 2_000_000
     #: Purge while MemAvailable is below this many bytes (0: no watermark).
     watermark: int = 0
     #: Seconds between watermark samples.
@@ -81,6 +82,9 @@ class PressureSource:
         self.path = path
         self._socket: socket.socket | None = None
         mode = os.stat(path).st_mode
+        # A PSI file always polls readable; only POLLPRI means pressure. A FIFO or a socket
+        # signals by having something to read.
+        events = select.EPOLLIN
         if stat.S_ISSOCK(mode):
             self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self._socket.connect(path)
@@ -92,12 +96,13 @@ class PressureSource:
             self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         else:
             self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            events = select.EPOLLPRI
             if trigger:
                 os.write(self.fd, trigger)
         # PSI signals with POLLPRI, which trio does not wait for: an epoll set of our own does,
         # and becomes readable itself when it has an event.
         self._epoll = select.epoll()
-        self._epoll.register(self.fd, select.EPOLLPRI | select.EPOLLIN)
+        self._epoll.register(self.fd, events)
 
     async def wait(self) -> None:
         """Wait for the next pressure event."""
@@ -142,7 +147,8 @@ def open_pressure_source(settings: PressureSettings) -> PressureSource | None:
     watch = os.environ.get("MEMORY_PRESSURE_WATCH")
     if watch == "/dev/null":
         return None  # systemd's way of saying: do not watch
-    trigger = f"some {settings.stall_us} {settings.window_us}".encode()
+    # The kernel overwrites the last byte written with a NUL: end with a newline.
+    trigger = f"some {settings.stall_us} {settings.window_us}\n".encode()
     candidates: list[tuple[str, bytes | None]] = []
     if watch:
         written = os.environ.get("MEMORY_PRESSURE_WRITE")
@@ -159,6 +165,7 @@ def open_pressure_source(settings: PressureSettings) -> PressureSource | None:
             continue
         log.info("memory pressure: watching %s", path)
         return source
+    log.warning("memory pressure: no PSI source can be watched; only the watermark is used")
     return None
 
 
