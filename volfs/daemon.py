@@ -7,6 +7,8 @@ Two calling conventions are accepted::
 
 Without ``-f`` the command returns once the mount is ready and a background process serves it;
 with ``-f`` it serves in the foreground. SIGTERM, SIGINT and SIGHUP unmount cleanly and exit 0.
+Under systemd (``Type=notify``, ``$NOTIFY_SOCKET``) it reports ``READY=1`` once mounted
+and ``STOPPING=1`` as it starts to unmount.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import logging.handlers
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -179,6 +182,32 @@ def _report_ready(message: str = "ready") -> None:
         os.close(null)
 
 
+def notify_service_manager(*fields: str) -> None:
+    """Tell systemd (or another service manager) about the daemon's state, as sd_notify does.
+
+    Does nothing unless ``$NOTIFY_SOCKET`` names an AF_UNIX datagram socket (``@`` for an
+    abstract one). A failure is logged, never fatal: the mount works whoever listens.
+
+    Args:
+        fields: ``KEY=VALUE`` lines, e.g. ``READY=1``.
+    """
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return
+    if address.startswith("@"):
+        target = "\0" + address[1:]
+    elif address.startswith("/"):
+        target = address
+    else:
+        log.warning("NOTIFY_SOCKET=%s: not an AF_UNIX socket; not notifying", address)
+        return
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto("\n".join(fields).encode(), target)
+    except OSError as error:
+        log.warning("cannot notify the service manager at %s: %s", address, error.strerror)
+
+
 def _configure_logging(debug: bool, foreground: bool) -> None:
     handler: logging.Handler
     if foreground or not os.path.exists("/dev/log"):
@@ -235,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mounted on %s (size cap %d bytes)", mountpoint, operations.namespace.store.capacity_bytes
     )
     _report_ready()
+    notify_service_manager("READY=1", f"STATUS=serving {mountpoint}")
 
     unmount_cleanly = False
     try:
@@ -243,6 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception:
         log.exception("the FUSE loop failed")
     finally:
+        # Reached on a stop signal, an unmount from outside and a failure alike.
+        notify_service_manager("STOPPING=1")
         fs.unmount()
         operations.namespace.store.close()
     log.info("unmounted %s", mountpoint)

@@ -1,0 +1,401 @@
+"""The vrangectl command on real mounts: its output, its one-line errors and exit statuses."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Mount, is_mounted
+from volfs.abi import VOLFS_STATS_FIELDS
+from volfs.client import VRANGE_VOLATILE, fvrange, statistics, vrange_status
+from volfs.vrangectl import Run, main, parse_size, walk_runs
+
+PAGE = 4096
+KiB = 1024
+MiB = 1024 * 1024
+VRANGECTL = Path(sys.executable).parent / "vrangectl"
+NOBODY = 65534
+
+
+def vrangectl(*arguments: object, pass_fds: Sequence[int] = ()) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [VRANGECTL, *map(str, arguments)],
+        capture_output=True,
+        text=True,
+        pass_fds=pass_fds,
+        timeout=60,
+        check=False,
+    )
+
+
+def succeeds(*arguments: object, pass_fds: Sequence[int] = ()) -> str:
+    """Run vrangectl; it must exit 0 with nothing on stderr. Returns stdout."""
+    result = vrangectl(*arguments, pass_fds=pass_fds)
+    assert (result.returncode, result.stderr) == (0, ""), result
+    return result.stdout
+
+
+def fails(*arguments: object, pass_fds: Sequence[int] = ()) -> str:
+    """Run vrangectl; it must exit 1 with nothing on stdout. Returns stderr."""
+    result = vrangectl(*arguments, pass_fds=pass_fds)
+    assert (result.returncode, result.stdout) == (1, ""), result
+    return result.stderr
+
+
+def as_nobody(tmp_path: Path, argv: list[str], pass_fds: Sequence[int]) -> tuple[int, str, str]:
+    """Run ``vrangectl argv`` as uid 65534 in a forked child; return (status, stdout, stderr).
+
+    Forked rather than executed: the interpreter may live where that user cannot reach.
+    """
+    out, err = tmp_path / "nobody.out", tmp_path / "nobody.err"
+    pid = os.fork()
+    if pid == 0:
+        status = 100
+        try:
+            # pytest has replaced sys.stdout and sys.stderr; main prints to whatever they are.
+            with open(out, "w") as sys.stdout, open(err, "w") as sys.stderr:
+                try:
+                    os.setgid(NOBODY)
+                    os.setuid(NOBODY)
+                    status = main(argv)
+                except BaseException:
+                    traceback.print_exc()
+        finally:
+            os._exit(status)
+    _pid, wait_status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(wait_status), out.read_text(), err.read_text()
+
+
+@pytest.fixture
+def held(mnt: Path) -> Iterator[tuple[Path, int]]:
+    """A 1 MiB file on the mount, held open read-write by the test as a shell would."""
+    path = mnt / "cache.bin"
+    path.write_bytes(os.urandom(MiB))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        yield path, fd
+    finally:
+        os.close(fd)
+
+
+# -- the subcommands ----------------------------------------------------------------------------
+
+
+def test_volatile_purge_nonvolatile_cycle(mnt: Path, held: tuple[Path, int]) -> None:
+    path, fd = held
+    descriptor = f"/dev/fd/{fd}"
+    assert succeeds("volatile", descriptor, 0, "1M", pass_fds=[fd]) == "marked=1048576 purged=0\n"
+    # vrangectl's own handle is gone; the test's descriptor keeps the file's volatility.
+    assert vrange_status(fd) == (MiB, 0)
+    assert succeeds("status", path) == "volatile=1048576 purged=0\n"
+    assert succeeds("purge", mnt) == "purged=1048576\n"
+    assert succeeds("status", descriptor, pass_fds=[fd]) == "volatile=1048576 purged=1048576\n"
+    assert succeeds("nonvolatile", path, 0, "1M") == "marked=1048576 purged=1\n"
+    assert vrange_status(fd) == (0, 0)
+    assert os.pread(fd, MiB, 0) == bytes(MiB)
+    assert succeeds("purge", mnt) == "purged=0\n"
+
+
+def test_sizes_take_suffixes(mnt: Path, held: tuple[Path, int]) -> None:
+    path, fd = held
+    assert succeeds("volatile", path, "4k", "8K") == "marked=8192 purged=0\n"
+    assert succeeds("volatile", path, "64K", "0") == "marked=983040 purged=0\n"  # 0: to EOF
+    assert succeeds("status", path, "4096", "60k") == "volatile=8192 purged=0\n"
+    assert succeeds("status", path, "0", "1m") == "volatile=991232 purged=0\n"
+    assert succeeds("nonvolatile", path, "0", "0") == "marked=1048576 purged=0\n"
+    assert vrange_status(fd) == (0, 0)
+
+
+def test_parse_size() -> None:
+    assert [parse_size(text) for text in ("0", "4096", "4k", "4K", "1m", "1M", "2g", "2G")] == [
+        0,
+        4096,
+        4 * KiB,
+        4 * KiB,
+        MiB,
+        MiB,
+        2 << 30,
+        2 << 30,
+    ]
+    for text in ("", "1.5M", "-4096", "1T", "4KiB", "0x1000", "k", str(1 << 64)):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_size(text)
+
+
+def test_partial_purge_and_the_ranges_table(mnt: Path, held: tuple[Path, int]) -> None:
+    path, _fd = held
+    succeeds("volatile", path, 0, "64K")
+    succeeds("volatile", path, "128K", "64K", "--partial")
+    succeeds("volatile", path, "512K", "512K")
+    # Oldest first: the FULL range goes whole, then the PARTIAL one loses a page from its end.
+    assert succeeds("purge", path, "--bytes", "4K") == "purged=65536\n"
+    assert succeeds("purge", mnt, "--bytes", "4K") == "purged=4096\n"
+    assert succeeds("status", path, "--ranges") == (
+        "volatile=655360 purged=69632\n"
+        " START      END  LENGTH  STATE\n"
+        "     0    65536   65536  purged\n"
+        "131072   192512   61440  volatile\n"
+        "192512   196608    4096  purged\n"
+        "524288  1048576  524288  volatile\n"
+    )
+    assert succeeds("status", path, "64K", "192K", "-r") == (
+        "volatile=65536 purged=4096\n"
+        " START     END  LENGTH  STATE\n"
+        "131072  192512   61440  volatile\n"
+        "192512  196608    4096  purged\n"
+    )
+    assert succeeds("status", path, "256K", "128K", "-r") == (
+        "volatile=0 purged=0\nSTART  END  LENGTH  STATE\n"
+    )
+
+
+def test_stats_lists_the_counters(mount_volfs: Callable[..., Mount]) -> None:
+    mnt = mount_volfs("size=32M").path
+    (mnt / "f").write_bytes(b"x" * (2 * PAGE))
+    fd = os.open(mnt / "f", os.O_RDWR)
+    try:
+        fvrange(fd, 0, 2 * PAGE, VRANGE_VOLATILE)
+        lines = succeeds("stats", mnt).splitlines()
+        assert [line.partition("=")[0] for line in lines] == list(VOLFS_STATS_FIELDS)
+        counters = {line.partition("=")[0]: int(line.partition("=")[2]) for line in lines}
+        assert counters == statistics(mnt)
+        assert counters["capacity_bytes"] == 32 * MiB
+        assert counters["volatile_bytes"] == 2 * PAGE
+        assert json.loads(succeeds("stats", mnt / "f", "--json")) == counters
+    finally:
+        os.close(fd)
+
+
+def test_help_shows_an_example_for_each_subcommand() -> None:
+    overview = succeeds("--help")
+    for command in ("volatile", "nonvolatile", "status", "purge", "stats"):
+        assert f"vrangectl {command} " in overview
+        text = succeeds(command, "--help")
+        assert text.startswith(f"usage: vrangectl {command} ")
+        assert "example" in text and f"  vrangectl {command} " in text
+    assert "PARTIAL" in succeeds("status", "--help").upper()  # says the table cannot show it
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command",
+    [("volatile", 0, "4K"), ("nonvolatile", 0, "4K"), ("status",), ("purge",), ("stats",)],
+)
+def test_not_on_volfs(tmp_path: Path, command: tuple[object, ...]) -> None:
+    path = tmp_path / "plain"
+    path.write_bytes(bytes(PAGE))
+    stderr = fails(command[0], path, *command[1:])
+    assert stderr == f"vrangectl: {path}: not a file on a volfs mount\n"
+
+
+@pytest.mark.parametrize(
+    "command", [("volatile", 0, "4K"), ("nonvolatile", 0, "4K"), ("status",), ("purge",)]
+)
+def test_missing_file(mnt: Path, command: tuple[object, ...]) -> None:
+    path = mnt / "absent"
+    stderr = fails(command[0], path, *command[1:])
+    assert stderr == f"vrangectl: {path}: No such file or directory\n"
+
+
+@pytest.mark.parametrize(
+    ("span", "reason"),
+    [
+        ((1, 4096), "offset and length must be multiples of 4096"),
+        ((4096, 100), "offset and length must be multiples of 4096"),
+        ((0, "2M"), "the span ends at 2097152, past the end of the file at 1048576"),
+        (("1M", "4K"), "the span ends at 1052672, past the end of the file at 1048576"),
+        (("2M", 0), "the span ends at 2097152, past the end of the file at 1048576"),
+    ],
+)
+def test_invalid_spans_are_explained(
+    held: tuple[Path, int], span: tuple[object, object], reason: str
+) -> None:
+    path, fd = held
+    for command in ("volatile", "nonvolatile", "status"):
+        stderr = fails(command, path, *span)
+        assert stderr == f"vrangectl: {path}: Invalid argument ({reason})\n"
+    assert vrange_status(fd) == (0, 0)
+
+
+def test_read_only_descriptor(held: tuple[Path, int]) -> None:
+    path, fd = held
+    fvrange(fd, 0, PAGE, VRANGE_VOLATILE)
+    read_only = os.open(path, os.O_RDONLY)
+    try:
+        descriptor = f"/dev/fd/{read_only}"
+        for command in ("volatile", "nonvolatile"):
+            stderr = fails(command, descriptor, 0, "4K", pass_fds=[read_only])
+            assert stderr == f"vrangectl: {descriptor}: descriptor not open for writing\n"
+        # The query needs no write access.
+        status = succeeds("status", descriptor, pass_fds=[read_only])
+        assert status == "volatile=4096 purged=0\n"
+    finally:
+        os.close(read_only)
+    assert vrange_status(fd) == (PAGE, 0)
+
+
+def test_non_regular_files_are_named(mnt: Path) -> None:
+    assert fails("volatile", mnt, 0, 0) == f"vrangectl: {mnt}: Is a directory\n"
+    fifo = mnt / "fifo"
+    os.mkfifo(fifo)
+    for command in (("volatile", 0, 0), ("status",)):  # must not hang opening it either
+        stderr = fails(command[0], fifo, *command[1:])
+        assert stderr == f"vrangectl: {fifo}: not a regular file\n"
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another user needs root")
+def test_purge_needs_root_or_the_mount_owner(
+    tmp_path: Path, mount_volfs: Callable[..., Mount]
+) -> None:
+    mnt = mount_volfs("size=16M,allow_other").path
+    (mnt / "f").write_bytes(bytes(PAGE))
+    fd = os.open(mnt / "f", os.O_RDWR)
+    directory = os.open(mnt, os.O_RDONLY)
+    try:
+        fvrange(fd, 0, PAGE, VRANGE_VOLATILE)
+        status, stdout, stderr = as_nobody(tmp_path, ["purge", f"/dev/fd/{directory}"], [directory])
+        assert (status, stdout) == (1, "")
+        assert stderr == (
+            f"vrangectl: /dev/fd/{directory}: Operation not permitted "
+            "(purging needs root or the user who mounted the filesystem)\n"
+        )
+        assert vrange_status(fd) == (PAGE, 0)
+    finally:
+        os.close(directory)
+        os.close(fd)
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another user needs root")
+def test_file_not_writable_by_the_user(tmp_path: Path, mount_volfs: Callable[..., Mount]) -> None:
+    mnt = mount_volfs("size=16M,allow_other").path
+    (mnt / "f").write_bytes(bytes(PAGE))
+    (mnt / "f").chmod(0o644)
+    fd = os.open(mnt / "f", os.O_RDWR)  # writable, but only for root
+    try:
+        status, stdout, stderr = as_nobody(tmp_path, ["volatile", f"/dev/fd/{fd}", "0", "4K"], [fd])
+        assert (status, stdout) == (1, "")
+        assert stderr == (
+            f"vrangectl: /dev/fd/{fd}: Permission denied "
+            "(changing volatility needs the file open for writing)\n"
+        )
+        assert vrange_status(fd) == (0, 0)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")
+def test_read_only_mount(tmp_path: Path, held: tuple[Path, int]) -> None:
+    path, _fd = held
+    view = tmp_path / "read-only"
+    view.mkdir()
+    subprocess.run(["mount", "--bind", str(path.parent), str(view)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(view)], check=True)
+        stderr = fails("volatile", view / path.name, 0, "4K")
+        assert stderr == (
+            f"vrangectl: {view / path.name}: Read-only file system "
+            "(changing volatility needs the file open for writing)\n"
+        )
+        assert succeeds("status", view / path.name) == "volatile=0 purged=0\n"
+    finally:
+        subprocess.run(["umount", str(view)], check=True)
+    assert not is_mounted(view)
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        [],
+        ["frobnicate", "f"],
+        ["volatile", "f", "0"],
+        ["volatile", "f", "1.5M", "4K"],
+        ["volatile", "f", "0", "4K", "--bytes", "4K"],
+        ["nonvolatile", "f", "0", "4K", "--partial"],
+        ["status", "f", "4K"],
+        ["purge", "/mnt", "--bytes", "lots"],
+        ["stats"],
+    ],
+)
+def test_usage_errors_exit_2(arguments: list[str]) -> None:
+    result = vrangectl(*arguments)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.startswith("usage: vrangectl")
+    assert "Traceback" not in result.stderr
+
+
+# -- the walk behind status --ranges ------------------------------------------------------------
+
+
+def model_status(runs: list[Run], calls: list[int]) -> Callable[[int, int], tuple[int, int]]:
+    """VOLFS_IOC_VRANGE_STATUS answered from a list of runs, counting the calls."""
+
+    def status(start: int, length: int) -> tuple[int, int]:
+        calls.append(start)
+        volatile = purged = 0
+        for run in runs:
+            overlap = max(0, min(run.end, start + length) - max(run.start, start))
+            volatile += overlap
+            purged += overlap if run.state == "purged" else 0
+        return volatile, purged
+
+    return status
+
+
+def merged(runs: list[Run]) -> list[Run]:
+    """Adjacent runs in the same state, joined: what the walk must report."""
+    result: list[Run] = []
+    for run in runs:
+        if result and result[-1].end == run.start and result[-1].state == run.state:
+            result[-1] = Run(result[-1].start, run.end, run.state)
+        else:
+            result.append(run)
+    return result
+
+
+def test_walk_finds_maximal_runs_against_a_model() -> None:
+    generator = random.Random(5)
+    for _ in range(300):
+        pages = generator.randint(1, 200)
+        runs: list[Run] = []
+        page = 0
+        while page < pages:
+            length = generator.randint(1, 20)
+            state = generator.choice(["", "volatile", "purged"])
+            if state:
+                runs.append(Run(page * PAGE, min(page + length, pages) * PAGE, state))
+            page += length
+        first = generator.randint(0, pages - 1)
+        last = generator.randint(first + 1, pages)
+        clipped = [
+            Run(max(run.start, first * PAGE), min(run.end, last * PAGE), run.state)
+            for run in runs
+            if run.end > first * PAGE and run.start < last * PAGE
+        ]
+        found = list(walk_runs(model_status(runs, []), first * PAGE, last * PAGE))
+        assert found == merged(clipped)
+
+
+def test_walk_costs_log_pages_per_run_not_pages() -> None:
+    tebibyte = 1 << 40
+    runs = [
+        Run(PAGE, 2 * PAGE, "volatile"),
+        Run(tebibyte // 2, tebibyte // 2 + 7 * PAGE, "purged"),
+        Run(tebibyte - 64 * PAGE, tebibyte, "volatile"),
+    ]
+    calls: list[int] = []
+    assert list(walk_runs(model_status(runs, calls), 0, tebibyte)) == runs
+    assert len(calls) < 6 * 28 * len(runs)  # 2**28 pages; 2**28 calls page by page

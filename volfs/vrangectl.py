@@ -1,0 +1,453 @@
+"""The ``vrangectl`` command: volatile ranges of volfs files from a shell.
+
+Volatility ends with the last close of a file, so a shell keeps the file open itself and hands
+``vrangectl`` a descriptor path::
+
+    exec 3<>/mnt/vol/cache.bin
+    vrangectl volatile /dev/fd/3 0 1M        # marked=1048576 purged=0
+    vrangectl purge /mnt/vol                 # purged=1048576
+    vrangectl nonvolatile /dev/fd/3 0 1M     # marked=1048576 purged=1
+    exec 3>&-
+
+Output is ``key=value`` words on stdout. A failed operation prints one line naming the file and
+the reason on stderr and exits 1; a usage error exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import fcntl
+import json
+import os
+import re
+import stat
+import sys
+import textwrap
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TypeVar
+
+from volfs.abi import PAGE_SIZE, VOLFS_STATS_FIELDS
+from volfs.client import (
+    VRANGE_FULL,
+    VRANGE_NONVOLATILE,
+    VRANGE_PARTIAL,
+    VRANGE_VOLATILE,
+    fvrange,
+    purge,
+    statistics,
+    vrange_status,
+)
+
+EXIT_FAILURE = 1
+T = TypeVar("T")
+
+_SIZE = re.compile(r"(\d+)([kmg]?)", re.IGNORECASE)
+_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+#: Paths naming a descriptor the calling shell passed down.
+_DESCRIPTOR_PATH = re.compile(r"/(?:dev|proc/self)/fd/(\d+)")
+
+EXAMPLES = """\
+examples:
+  exec 3<>/mnt/vol/cache.bin                 # the shell holds the file open
+  vrangectl volatile /dev/fd/3 0 1M          # marked=1048576 purged=0
+  vrangectl volatile /dev/fd/3 1M 1M --partial
+  vrangectl status /dev/fd/3                 # volatile=2097152 purged=0
+  vrangectl status /dev/fd/3 0 1M --ranges   # and a table of the volatile and purged runs
+  vrangectl purge /mnt/vol --bytes 64K       # purged=1048576: a range not --partial goes whole
+  vrangectl nonvolatile /dev/fd/3 0 1M       # marked=1048576 purged=1
+  vrangectl stats /mnt/vol                   # capacity_bytes=... one counter a line
+  exec 3>&-                                  # the last close ends all volatility
+
+Volatility lasts while any descriptor of the file is open, in any process: vrangectl's own
+descriptor closes when it exits, so keep the file open in the shell (exec 3<>FILE) and pass
+/dev/fd/3. OFFSET, LENGTH and N are bytes with an optional K, M or G suffix (powers of 1024);
+OFFSET and LENGTH must be multiples of 4096, and LENGTH 0 means up to the end of the file.
+
+exit status: 0 done, 1 the operation failed (one line on stderr says why), 2 usage error.
+"""
+
+
+class CommandError(Exception):
+    """An operation failed; the message is the line to print after ``vrangectl: ``."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """A maximal run of pages in one state, as ``status --ranges`` lists it."""
+
+    start: int
+    end: int
+    state: str  # "volatile" (intact) or "purged"
+
+
+def parse_size(text: str) -> int:
+    """Parse ``4096``, ``64K``, ``1m``, ``2G`` (powers of 1024) into bytes.
+
+    Raises:
+        argparse.ArgumentTypeError: not such a number, or too large for the ABI's 64 bits.
+    """
+    match = _SIZE.fullmatch(text)
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r} (expected bytes with an optional K, M or G suffix)"
+        )
+    value = int(match[1]) * _SUFFIXES[match[2].lower()]
+    if value >= 1 << 64:
+        raise argparse.ArgumentTypeError(f"size {text!r} is too large")
+    return value
+
+
+def explain(path: str, error: OSError, hint: str = "") -> CommandError:
+    """Turn an errno into the one line the user sees, naming ``path``."""
+    code = error.errno or errno.EIO
+    if code == errno.ENOTTY:
+        # Any other filesystem answers the unknown ioctl so; "Inappropriate ioctl" misleads.
+        reason = "not a file on a volfs mount"
+    elif code == errno.EBADF:
+        # The daemon's answer for a read-only descriptor, as for fallocate.
+        reason = "descriptor not open for writing"
+    else:
+        reason = os.strerror(code)
+        if code == errno.EPERM:
+            hint = hint or "purging needs root or the user who mounted the filesystem"
+        if hint:
+            reason = f"{reason} ({hint})"
+    return CommandError(f"{path}: {reason}")
+
+
+def _inherited_read_only(path: str) -> int | None:
+    """The descriptor ``path`` names if it is an inherited read-only one, else None."""
+    match = _DESCRIPTOR_PATH.fullmatch(path)
+    if match is None:
+        return None
+    try:
+        flags = fcntl.fcntl(int(match[1]), fcntl.F_GETFL)
+    except OSError:
+        return None
+    return int(match[1]) if flags & os.O_ACCMODE == os.O_RDONLY else None
+
+
+@contextmanager
+def opened(path: str, *, writable: bool) -> Iterator[int]:
+    """Open ``path`` for an ioctl and close it afterwards.
+
+    ``/dev/fd/N`` is opened anew like any path: a new handle on the shell's file, whose
+    volatility is the inode's and so shared. Only when N is read-only is N itself used, since
+    reopening it for writing would quietly grant what the shell's descriptor lacks; the daemon
+    then refuses with EBADF, as it does for any read-only descriptor.
+
+    Raises:
+        CommandError: the file cannot be opened.
+    """
+    # O_NONBLOCK: opening a FIFO must not hang; it does nothing to a regular file.
+    flags = os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+    inherited = _inherited_read_only(path) if writable else None
+    try:
+        if inherited is not None:
+            fd = os.dup(inherited)
+        else:
+            fd = os.open(path, flags | (os.O_RDWR if writable else os.O_RDONLY))
+    except OSError as error:
+        hint = ""
+        if writable and error.errno in (errno.EACCES, errno.EROFS):
+            hint = "changing volatility needs the file open for writing"
+        raise explain(path, error, hint) from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _page_rounded_size(fd: int) -> int:
+    """The file's size rounded up to whole pages: where spans must end."""
+    return -(-os.fstat(fd).st_size // PAGE_SIZE) * PAGE_SIZE
+
+
+def _span_hint(fd: int, offset: int, length: int) -> str:
+    """Why the daemon may have called a span invalid (EINVAL), or "" if no reason shows."""
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    if offset % PAGE_SIZE or length % PAGE_SIZE:
+        return f"offset and length must be multiples of {PAGE_SIZE}"
+    end_of_file = _page_rounded_size(fd)
+    end = offset + length if length else offset
+    if end > end_of_file:
+        return f"the span ends at {end}, past the end of the file at {end_of_file}"
+    return ""
+
+
+def _on_span(path: str, fd: int, offset: int, length: int, call: Callable[[], T]) -> T:
+    """Return ``call()``; report a failure as about ``path`` and its span."""
+    try:
+        return call()
+    except OSError as error:
+        if error.errno == errno.ENOTTY and not stat.S_ISREG(os.fstat(fd).st_mode):
+            # A FIFO or device node on volfs: its ioctls never reach the filesystem.
+            raise CommandError(f"{path}: not a regular file") from None
+        hint = _span_hint(fd, offset, length) if error.errno == errno.EINVAL else ""
+        raise explain(path, error, hint) from None
+
+
+def cmd_volatile(arguments: argparse.Namespace) -> list[str]:
+    """``volatile FILE OFFSET LENGTH [--partial]``."""
+    path, offset, length = arguments.file, arguments.offset, arguments.length
+    flags = VRANGE_PARTIAL if arguments.partial else VRANGE_FULL
+    with opened(path, writable=True) as fd:
+        marked, _purged = _on_span(
+            path, fd, offset, length, lambda: fvrange(fd, offset, length, VRANGE_VOLATILE, flags)
+        )
+    return [f"marked={marked} purged=0"]
+
+
+def cmd_nonvolatile(arguments: argparse.Namespace) -> list[str]:
+    """``nonvolatile FILE OFFSET LENGTH``."""
+    path, offset, length = arguments.file, arguments.offset, arguments.length
+    with opened(path, writable=True) as fd:
+        marked, purged = _on_span(
+            path, fd, offset, length, lambda: fvrange(fd, offset, length, VRANGE_NONVOLATILE)
+        )
+    return [f"marked={marked} purged={int(purged)}"]
+
+
+def walk_runs(status: Callable[[int, int], tuple[int, int]], start: int, end: int) -> Iterator[Run]:
+    """Find the maximal volatile and purged runs of ``[start, end)`` by bisection.
+
+    ``status(start, length)`` answers like VOLFS_IOC_VRANGE_STATUS. A span that is wholly
+    non-volatile, wholly intact-volatile or wholly purged is settled by one query; any other
+    is split at a page boundary. So the cost grows with the number of runs times the log of
+    the file's pages, not with the pages: a large file with few ranges takes few queries.
+
+    Args:
+        status: the query, e.g. ``functools.partial(vrange_status, fd)``.
+        start: first byte, a multiple of 4096.
+        end: end of the span (exclusive), a multiple of 4096.
+
+    Yields:
+        Runs in file order; adjacent runs differ in state, or are separated by
+        non-volatile pages.
+    """
+    pending: Run | None = None
+    stack = [(start, end)] if end > start else []
+    while stack:
+        low, high = stack.pop()
+        volatile, purged = status(low, high - low)
+        size = high - low
+        if size == PAGE_SIZE:  # a page is in one state
+            state = "purged" if purged else "volatile" if volatile else ""
+        elif volatile == 0:
+            state = ""
+        elif purged == size:
+            state = "purged"
+        elif volatile == size and purged == 0:
+            state = "volatile"
+        else:
+            middle = low + (size // PAGE_SIZE // 2) * PAGE_SIZE
+            stack += [(middle, high), (low, middle)]  # the lower half is popped first
+            continue
+        if pending is not None and (pending.end != low or pending.state != state):
+            if pending.state:
+                yield pending
+            pending = None
+        pending = Run(pending.start if pending else low, high, state)
+    if pending is not None and pending.state:
+        yield pending
+
+
+def format_runs(runs: Sequence[Run]) -> list[str]:
+    """An aligned ``START END LENGTH STATE`` table, numbers in bytes."""
+    rows = [("START", "END", "LENGTH", "STATE")]
+    rows += [(str(r.start), str(r.end), str(r.end - r.start), r.state) for r in runs]
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    return [
+        "  ".join(cell.rjust(width) for cell, width in zip(row[:3], widths, strict=True))
+        + "  "
+        + row[3]
+        for row in rows
+    ]
+
+
+def cmd_status(arguments: argparse.Namespace) -> list[str]:
+    """``status FILE [OFFSET LENGTH] [--ranges]``."""
+    path, offset, length = arguments.file, arguments.offset or 0, arguments.length or 0
+    with opened(path, writable=False) as fd:
+
+        def status(start: int, size: int) -> tuple[int, int]:
+            return _on_span(path, fd, start, size, lambda: vrange_status(fd, start, size))
+
+        volatile, purged = status(offset, length)
+        lines = [f"volatile={volatile} purged={purged}"]
+        if arguments.ranges:
+            end = offset + length if length else _page_rounded_size(fd)
+            lines += format_runs(list(walk_runs(status, offset, end)))
+    return lines
+
+
+def cmd_purge(arguments: argparse.Namespace) -> list[str]:
+    """``purge PATH [--bytes N]``."""
+    with opened(arguments.path, writable=False) as fd:
+        try:
+            purged = purge(fd, arguments.bytes)
+        except OSError as error:
+            raise explain(arguments.path, error) from None
+    return [f"purged={purged}"]
+
+
+def cmd_stats(arguments: argparse.Namespace) -> list[str]:
+    """``stats MOUNTPOINT [--json]``."""
+    with opened(arguments.mountpoint, writable=False) as fd:
+        try:
+            counters = statistics(fd)
+        except OSError as error:
+            raise explain(arguments.mountpoint, error) from None
+    values = {name: counters[name] for name in VOLFS_STATS_FIELDS}
+    if arguments.json:
+        return [json.dumps(values, indent=2)]
+    return [f"{name}={value}" for name, value in values.items()]
+
+
+def _wrap(text: str) -> str:
+    """Fill a help paragraph (the raw formatter keeps the examples' layout, and so this too)."""
+    return textwrap.fill(text, 88)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser, one subcommand per operation."""
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="vrangectl",
+        description=_wrap(
+            "Mark byte ranges of files on a volfs mount volatile (the filesystem may "
+            "drop them under memory pressure) or non-volatile, and inspect and purge them."
+        ),
+        epilog=EXAMPLES,
+        formatter_class=formatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def span_arguments(command: argparse.ArgumentParser, *, optional: bool = False) -> None:
+        nargs = "?" if optional else None
+        command.add_argument(
+            "offset", type=parse_size, nargs=nargs, metavar="OFFSET", help="first byte"
+        )
+        command.add_argument(
+            "length", type=parse_size, nargs=nargs, metavar="LENGTH", help="0: to the end"
+        )
+
+    volatile = commands.add_parser(
+        "volatile",
+        help="mark a range volatile: prints marked=BYTES purged=0",
+        description=_wrap(
+            "Mark [OFFSET, OFFSET+LENGTH) volatile: volfs may purge it from now on, "
+            "until it is marked non-volatile or the file's last descriptor closes."
+        ),
+        epilog="example:\n  exec 3<>/mnt/vol/cache.bin\n"
+        "  vrangectl volatile /dev/fd/3 0 1M        # marked=1048576 purged=0",
+        formatter_class=formatter,
+    )
+    volatile.add_argument("file", metavar="FILE", help="a file on a volfs mount")
+    span_arguments(volatile)
+    volatile.add_argument(
+        "--partial",
+        action="store_true",
+        help="let volfs purge part of the range, a page at a time (default: all or nothing)",
+    )
+    volatile.set_defaults(run=cmd_volatile)
+
+    nonvolatile = commands.add_parser(
+        "nonvolatile",
+        help="mark a range non-volatile: prints marked=BYTES purged=0|1",
+        description=_wrap(
+            "Mark [OFFSET, OFFSET+LENGTH) non-volatile. purged=1 says some of it was "
+            "purged meanwhile: those bytes read as zeros now and must be regenerated."
+        ),
+        epilog="example:\n  vrangectl nonvolatile /dev/fd/3 0 1M     # marked=1048576 purged=1",
+        formatter_class=formatter,
+    )
+    nonvolatile.add_argument("file", metavar="FILE", help="a file on a volfs mount")
+    span_arguments(nonvolatile)
+    nonvolatile.set_defaults(run=cmd_nonvolatile)
+
+    status = commands.add_parser(
+        "status",
+        usage="vrangectl status [-h] [-r] FILE [OFFSET LENGTH]",
+        help="show volatile and purged bytes: prints volatile=BYTES purged=BYTES",
+        description=_wrap(
+            "Count the volatile bytes of the file (or of [OFFSET, OFFSET+LENGTH)) and "
+            "the purged ones, which fail to read (EIO) until rewritten or marked non-volatile. "
+            "With --ranges, also list the runs: a table START END LENGTH STATE (END exclusive, "
+            "bytes), STATE volatile or purged. The ABI shows neither whether a range was marked "
+            "--partial nor where two adjacent marked ranges meet, so the table lists maximal runs "
+            "of pages in one state. Any descriptor will do, read-only included."
+        ),
+        epilog="examples:\n"
+        "  vrangectl status /dev/fd/3                # volatile=1048576 purged=0\n"
+        "  vrangectl status /mnt/vol/cache.bin 0 64K --ranges",
+        formatter_class=formatter,
+    )
+    status.add_argument("file", metavar="FILE", help="a file on a volfs mount")
+    span_arguments(status, optional=True)
+    status.add_argument(
+        "-r", "--ranges", action="store_true", help="also list the volatile and purged runs"
+    )
+    status.set_defaults(run=cmd_status, subparser=status)
+
+    purge_command = commands.add_parser(
+        "purge",
+        help="purge volatile data of the whole mount: prints purged=BYTES",
+        description=_wrap(
+            "Purge volatile data of the mount holding PATH, least recently marked "
+            "first, as memory pressure would. Needs root or the user who mounted the filesystem."
+        ),
+        epilog="examples:\n  vrangectl purge /mnt/vol                  # all of it\n"
+        "  vrangectl purge /mnt/vol --bytes 16M      # at least 16 MiB, if there is that much",
+        formatter_class=formatter,
+    )
+    purge_command.add_argument("path", metavar="PATH", help="any file or directory of the mount")
+    purge_command.add_argument(
+        "--bytes",
+        type=parse_size,
+        default=0,
+        metavar="N",
+        help="purge at least N bytes (default: all volatile data)",
+    )
+    purge_command.set_defaults(run=cmd_purge)
+
+    stats = commands.add_parser(
+        "stats",
+        help="show the filesystem's counters",
+        description=_wrap(
+            "Print the counters of the volfs mounted at MOUNTPOINT (any file or "
+            f"directory of it will do), one key=value a line: {', '.join(VOLFS_STATS_FIELDS)}."
+        ),
+        epilog="examples:\n  vrangectl stats /mnt/vol\n  vrangectl stats /mnt/vol --json",
+        formatter_class=formatter,
+    )
+    stats.add_argument("mountpoint", metavar="MOUNTPOINT", help="a volfs mount")
+    stats.add_argument("--json", action="store_true", help="print one JSON object instead")
+    stats.set_defaults(run=cmd_stats)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``vrangectl`` command."""
+    parser = build_parser()
+    arguments = parser.parse_args(argv)
+    if arguments.command == "status" and arguments.length is None and arguments.offset is not None:
+        arguments.subparser.error("give both OFFSET and LENGTH, or neither")
+    run: Callable[[argparse.Namespace], list[str]] = arguments.run
+    try:
+        lines = run(arguments)
+    except CommandError as error:
+        print(f"vrangectl: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    for line in lines:
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
