@@ -114,6 +114,9 @@ class VolfsOperations(pyfuse3.Operations):
         self.purged_reads_zero = purged_reads_zero
         #: Where requests answered later (purges) run; set by :func:`serve`.
         self.nursery: trio.Nursery | None = None
+        #: Inodes whose purged pages are still being dropped from the kernel's cache, with
+        #: an event per drop in progress.
+        self._dropping: dict[int, list[trio.Event]] = {}
         self._files: dict[int, OpenFile] = {}
         self._directories: dict[int, OpenDirectory] = {}
         self._next_handle = 1
@@ -351,7 +354,7 @@ class VolfsOperations(pyfuse3.Operations):
         missing = (end - first) - arena.free_pages - arena.dirty_pages
         result = self.namespace.purger.purge(max(missing, 1) << PAGE_SHIFT, source="size")
         if result.invalidations and self.nursery is not None:
-            self.nursery.start_soon(drop_from_kernel_cache, result.invalidations)
+            self.nursery.start_soon(self._drop_from_kernel_cache, result.invalidations)
         return attempt()
 
     async def flush(self, fh: int) -> None:
@@ -457,7 +460,11 @@ class VolfsOperations(pyfuse3.Operations):
         """
         try:
             if cmd == VOLFS_IOC_VRANGE:
-                request.reply_ioctl(0, self._vrange(ino, fh, is_dir, data))
+                if ino in self._dropping:
+                    assert self.nursery is not None
+                    self.nursery.start_soon(self._vrange_once_dropped, request, ino, fh, data)
+                else:
+                    request.reply_ioctl(0, self._vrange(ino, fh, is_dir, data))
             elif cmd == VOLFS_IOC_VRANGE_STATUS:
                 request.reply_ioctl(0, self._vrange_status(ino, data))
             elif cmd == VOLFS_IOC_STATS:
@@ -566,6 +573,43 @@ class VolfsOperations(pyfuse3.Operations):
         marked, purged = self.namespace.vrange(node, start, length, mode, flags)
         return VRANGE_ARGS.pack(start, length, mode, flags, marked, int(purged), 0)
 
+    async def _vrange_once_dropped(
+        self, request: bridge.Request, ino: int, fh: int, data: bytes
+    ) -> None:
+        """VOLFS_IOC_VRANGE on an inode whose purged pages are leaving the kernel's cache.
+
+        Answered only once they are gone: a program told its range was purged must not then
+        read the old bytes from the cache.
+        """
+        try:
+            while ino in self._dropping:
+                await self._dropping[ino][0].wait()
+            request.reply_ioctl(0, self._vrange(ino, fh, False, data))
+        except OSError as error:
+            request.reply_error(error.errno or errno.EIO)
+        except Exception:
+            log.exception("ioctl(ino=%d) failed; answering EIO", ino)
+            if not request.answered:
+                request.reply_error(errno.EIO)
+
+    async def _drop_from_kernel_cache(self, invalidations: list[tuple[int, int, int]]) -> None:
+        """Drop purged ranges from the kernel's cache, noting which inodes are in progress."""
+        if not invalidations:
+            return
+        done = trio.Event()
+        inodes = {ino for ino, _offset, _length in invalidations}
+        for ino in inodes:
+            self._dropping.setdefault(ino, []).append(done)
+        try:
+            await drop_from_kernel_cache(invalidations)
+        finally:
+            done.set()
+            for ino in inodes:
+                events = self._dropping[ino]
+                events.remove(done)
+                if not events:
+                    del self._dropping[ino]
+
     def _vrange_status(self, ino: int, data: bytes) -> bytes:
         start, length, _volatile, _purged = VRANGE_STATUS.unpack(data)
         volatile, lost = self.namespace.vrange_status(self.namespace.get(ino), start, length)
@@ -578,14 +622,14 @@ class VolfsOperations(pyfuse3.Operations):
         the pressure eased.
         """
         result = self.namespace.purger.purge(wanted, source="pressure")
-        await drop_from_kernel_cache(result.invalidations)
+        await self._drop_from_kernel_cache(result.invalidations)
         await self.namespace.store.wait_reclaimed()
         return result.freed_bytes
 
     async def _purge(self, request: bridge.Request, wanted: int) -> None:
         try:
             result = self.namespace.purger.purge(wanted, source="ioctl")
-            await drop_from_kernel_cache(result.invalidations)
+            await self._drop_from_kernel_cache(result.invalidations)
             request.reply_ioctl(0, VOLFS_PURGE.pack(wanted, result.freed_bytes))
         except Exception:
             log.exception("purge failed; answering EIO")
