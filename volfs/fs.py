@@ -8,13 +8,14 @@ request that met it, never the daemon.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -52,6 +53,23 @@ RELATIME_INTERVAL_NS = 24 * 3600 * 10**9
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
+
+
+@contextlib.contextmanager
+def answering(request: bridge.Request, what: str, *args: object) -> Iterator[None]:
+    """Answer ``request`` with the errno of an error escaping the block (EIO for a bug).
+
+    ``what`` and ``args`` describe the request in the log (``%``-style) if a bug shows.
+    """
+    try:
+        yield
+    except OSError as error:
+        if not request.answered:
+            request.reply_error(error.errno or errno.EIO)
+    except Exception:
+        log.exception(what + " failed; answering EIO", *args)
+        if not request.answered:
+            request.reply_error(errno.EIO)
 
 
 def fuse_errors(
@@ -458,7 +476,7 @@ class VolfsOperations(pyfuse3.Operations):
         continues in a task, since dropping purged pages from the kernel's cache must happen
         off this thread. Errors answer the request with their errno, never escape.
         """
-        try:
+        with answering(request, "ioctl(ino=%d, cmd=%#x)", ino, cmd):
             if cmd == VOLFS_IOC_VRANGE:
                 if ino in self._dropping:
                     assert self.nursery is not None
@@ -478,12 +496,6 @@ class VolfsOperations(pyfuse3.Operations):
                 self.nursery.start_soon(self._purge, request, wanted)
             else:
                 request.reply_error(errno.ENOTTY)
-        except OSError as error:
-            request.reply_error(error.errno or errno.EIO)
-        except Exception:
-            log.exception("ioctl(ino=%d, cmd=%#x) failed; answering EIO", ino, cmd)
-            if not request.answered:
-                request.reply_error(errno.EIO)
 
     # -- fallocate and lseek (through the bridge) -------------------------------------------
 
@@ -497,7 +509,7 @@ class VolfsOperations(pyfuse3.Operations):
     async def _fallocate(
         self, request: bridge.Request, fh: int, mode: int, offset: int, length: int
     ) -> None:
-        try:
+        with answering(request, "fallocate(fh=%d, mode=%#x)", fh, mode):
             node = self._files[fh].inode
             try:
                 self.namespace.fallocate(node, mode, offset, length)
@@ -510,16 +522,10 @@ class VolfsOperations(pyfuse3.Operations):
                     lambda: self.namespace.fallocate(node, mode, offset, length),
                 )
             request.reply_ok()
-        except OSError as error:
-            request.reply_error(error.errno or errno.EIO)
-        except Exception:
-            log.exception("fallocate(fh=%d, mode=%#x) failed; answering EIO", fh, mode)
-            if not request.answered:
-                request.reply_error(errno.EIO)
 
     def lseek(self, request: bridge.Request, ino: int, fh: int, offset: int, whence: int) -> None:
         """Answer SEEK_DATA and SEEK_HOLE; the kernel handles the other kinds of lseek."""
-        try:
+        with answering(request, "lseek(ino=%d, whence=%d)", ino, whence):
             contents = self.namespace.get(ino).contents
             if contents is None or whence not in (os.SEEK_DATA, os.SEEK_HOLE):
                 raise OSError(errno.EINVAL, "SEEK_DATA and SEEK_HOLE on regular files only")
@@ -531,12 +537,6 @@ class VolfsOperations(pyfuse3.Operations):
             if found is None:
                 raise OSError(errno.ENXIO, "no more data")
             request.reply_lseek(found)
-        except OSError as error:
-            request.reply_error(error.errno or errno.EIO)
-        except Exception:
-            log.exception("lseek(ino=%d, whence=%d) failed; answering EIO", ino, whence)
-            if not request.answered:
-                request.reply_error(errno.EIO)
 
     def statistics_record(self) -> bytes:
         """The mount's statistics as ``struct volfs_stats``."""
@@ -581,16 +581,10 @@ class VolfsOperations(pyfuse3.Operations):
         Answered only once they are gone: a program told its range was purged must not then
         read the old bytes from the cache.
         """
-        try:
+        with answering(request, "ioctl(ino=%d)", ino):
             while ino in self._dropping:
                 await self._dropping[ino][0].wait()
             request.reply_ioctl(0, self._vrange(ino, fh, False, data))
-        except OSError as error:
-            request.reply_error(error.errno or errno.EIO)
-        except Exception:
-            log.exception("ioctl(ino=%d) failed; answering EIO", ino)
-            if not request.answered:
-                request.reply_error(errno.EIO)
 
     async def _drop_from_kernel_cache(self, invalidations: list[tuple[int, int, int]]) -> None:
         """Drop purged ranges from the kernel's cache, noting which inodes are in progress."""
@@ -627,14 +621,10 @@ class VolfsOperations(pyfuse3.Operations):
         return result.freed_bytes
 
     async def _purge(self, request: bridge.Request, wanted: int) -> None:
-        try:
+        with answering(request, "purge(%d)", wanted):
             result = self.namespace.purger.purge(wanted, source="ioctl")
             await self._drop_from_kernel_cache(result.invalidations)
             request.reply_ioctl(0, VOLFS_PURGE.pack(wanted, result.freed_bytes))
-        except Exception:
-            log.exception("purge failed; answering EIO")
-            if not request.answered:
-                request.reply_error(errno.EIO)
 
 
 def _invalidate_all(invalidations: list[tuple[int, int, int]]) -> None:
