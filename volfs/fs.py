@@ -371,8 +371,9 @@ class VolfsOperations(pyfuse3.Operations):
         arena = store.arena
         missing = (end - first) - arena.free_pages - arena.dirty_pages
         result = self.namespace.purger.purge(max(missing, 1) << PAGE_SHIFT, source="size")
-        if result.invalidations and self.nursery is not None:
-            self.nursery.start_soon(self._drop_from_kernel_cache, result.invalidations)
+        drop = self._begin_drop(result.invalidations)
+        if drop is not None and self.nursery is not None:
+            self.nursery.start_soon(drop)
         return attempt()
 
     async def flush(self, fh: int) -> None:
@@ -477,12 +478,11 @@ class VolfsOperations(pyfuse3.Operations):
         off this thread. Errors answer the request with their errno, never escape.
         """
         with answering(request, "ioctl(ino=%d, cmd=%#x)", ino, cmd):
-            if cmd == VOLFS_IOC_VRANGE:
-                if ino in self._dropping:
-                    assert self.nursery is not None
-                    self.nursery.start_soon(self._vrange_once_dropped, request, ino, fh, data)
-                else:
-                    request.reply_ioctl(0, self._vrange(ino, fh, is_dir, data))
+            if cmd in (VOLFS_IOC_VRANGE, VOLFS_IOC_VRANGE_STATUS) and ino in self._dropping:
+                assert self.nursery is not None
+                self.nursery.start_soon(self._vrange_once_dropped, request, ino, cmd, fh, data)
+            elif cmd == VOLFS_IOC_VRANGE:
+                request.reply_ioctl(0, self._vrange(ino, fh, is_dir, data))
             elif cmd == VOLFS_IOC_VRANGE_STATUS:
                 request.reply_ioctl(0, self._vrange_status(ino, data))
             elif cmd == VOLFS_IOC_STATS:
@@ -574,35 +574,55 @@ class VolfsOperations(pyfuse3.Operations):
         return VRANGE_ARGS.pack(start, length, mode, flags, marked, int(purged), 0)
 
     async def _vrange_once_dropped(
-        self, request: bridge.Request, ino: int, fh: int, data: bytes
+        self, request: bridge.Request, ino: int, cmd: int, fh: int, data: bytes
     ) -> None:
-        """VOLFS_IOC_VRANGE on an inode whose purged pages are leaving the kernel's cache.
+        """A volatility ioctl on an inode whose purged pages are leaving the kernel's cache.
 
         Answered only once they are gone: a program told its range was purged must not then
         read the old bytes from the cache.
         """
-        with answering(request, "ioctl(ino=%d)", ino):
+        with answering(request, "ioctl(ino=%d, cmd=%#x)", ino, cmd):
             while ino in self._dropping:
                 await self._dropping[ino][0].wait()
-            request.reply_ioctl(0, self._vrange(ino, fh, False, data))
+            if cmd == VOLFS_IOC_VRANGE:
+                request.reply_ioctl(0, self._vrange(ino, fh, False, data))
+            else:
+                request.reply_ioctl(0, self._vrange_status(ino, data))
 
-    async def _drop_from_kernel_cache(self, invalidations: list[tuple[int, int, int]]) -> None:
-        """Drop purged ranges from the kernel's cache, noting which inodes are in progress."""
+    def _begin_drop(
+        self, invalidations: list[tuple[int, int, int]]
+    ) -> Callable[[], Coroutine[Any, Any, None]] | None:
+        """Note the inodes of purged ranges as leaving the kernel's cache, from now on.
+
+        Returns the coroutine function that drops them and clears the note, or None if there
+        is nothing to drop. Noting before anything is awaited closes the window in which a
+        volatility change could be answered before the drop even started.
+        """
         if not invalidations:
-            return
+            return None
         done = trio.Event()
         inodes = {ino for ino, _offset, _length in invalidations}
         for ino in inodes:
             self._dropping.setdefault(ino, []).append(done)
-        try:
-            await drop_from_kernel_cache(invalidations)
-        finally:
-            done.set()
-            for ino in inodes:
-                events = self._dropping[ino]
-                events.remove(done)
-                if not events:
-                    del self._dropping[ino]
+
+        async def drop() -> None:
+            try:
+                await drop_from_kernel_cache(invalidations)
+            finally:
+                done.set()
+                for ino in inodes:
+                    events = self._dropping[ino]
+                    events.remove(done)
+                    if not events:
+                        del self._dropping[ino]
+
+        return drop
+
+    async def _drop_from_kernel_cache(self, invalidations: list[tuple[int, int, int]]) -> None:
+        """Drop purged ranges from the kernel's cache and wait for it."""
+        drop = self._begin_drop(invalidations)
+        if drop is not None:
+            await drop()
 
     def _vrange_status(self, ino: int, data: bytes) -> bytes:
         start, length, _volatile, _purged = VRANGE_STATUS.unpack(data)
