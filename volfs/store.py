@@ -234,6 +234,9 @@ class Arena:
         assert total == self.free_pages, (total, self.free_pages)
 
 
+_NO_EXTENTS: SortedDict[int, tuple[int, int]] = SortedDict()
+
+
 class FileContents:
     """The bytes of one regular file: a logical size and a sparse map of its pages.
 
@@ -247,7 +250,9 @@ class FileContents:
 
     def __init__(self, arena: Arena) -> None:
         self._arena = arena
-        self._extents: SortedDict[int, tuple[int, int]] = SortedDict()
+        # Shared and never mutated while the file holds no page: most files created are
+        # small or empty, and a SortedDict costs more to build than the rest of an inode.
+        self._extents: SortedDict[int, tuple[int, int]] = _NO_EXTENTS
         #: Logical size in bytes (may extend past the last held page: a sparse tail).
         self.size = 0
         #: Pages held in the arena: what the file really costs in memory.
@@ -330,6 +335,7 @@ class FileContents:
             page, (arena_page, count) = extents.peekitem(index)
         if index < 0 or page + count < end_page:
             self._allocate(first, end_page)
+            extents = self._extents
             index = extents.bisect_right(first) - 1
             page, (arena_page, count) = extents.peekitem(index)
         view = self._arena.view
@@ -384,6 +390,8 @@ class FileContents:
     def _insert(self, page: int, arena_page: int, count: int) -> None:
         """Record a new run for a hole, merging with neighbours contiguous in both spaces."""
         extents = self._extents
+        if extents is _NO_EXTENTS:
+            self._extents = extents = SortedDict()
         index = extents.bisect_right(page) - 1
         if index >= 0:
             prev_page, (prev_arena, prev_count) = extents.peekitem(index)
@@ -541,6 +549,7 @@ class FileContents:
 
     def _check(self) -> None:
         """Assert the run map's invariants. Runtime complexity: O(e)."""
+        assert not _NO_EXTENTS, "the shared empty run map was written to"
         previous: tuple[int, int, int] | None = None
         total = 0
         for page, (arena_page, count) in self._extents.items():
