@@ -134,8 +134,10 @@ class Namespace:
         self.purger = purger
         self.max_inodes = max_inodes
         self._inodes: dict[int, Inode] = {}
-        #: Inodes with an entry or a handle: what ``nr_inodes`` limits.
+        #: Inodes with an entry or a handle, plus extra hard links: what ``nr_inodes`` limits.
         self.live_inodes = 0
+        #: Bytes of extended attribute names and values held.
+        self.xattr_bytes = 0
         self._next_ino = ROOT_INODE
         root = self._new_inode(stat.S_IFDIR | (root_mode & 0o7777), root_uid, root_gid)
         root.entries = {}
@@ -184,6 +186,8 @@ class Namespace:
             self.live_inodes -= 1
             if inode.contents is not None:
                 inode.contents.clear()
+            self.xattr_bytes -= sum(len(name) + len(value) for name, value in inode.xattrs.items())
+            inode.xattrs.clear()
         if not inode.lookups and inode is not self.root:
             del self._inodes[inode.ino]
 
@@ -322,6 +326,10 @@ class Namespace:
         if not directory.nlink:
             raise OSError(errno.ENOENT, "directory was removed")
         self._check_new_name(entries, name)
+        # As on tmpfs, every hard link takes an inode slot: nr_inodes bounds the entries too.
+        if self.max_inodes and self.live_inodes >= self.max_inodes:
+            raise OSError(errno.ENOSPC, "no free inodes")
+        self.live_inodes += 1
         entries[name] = inode
         inode.nlink += 1
         inode.lookups += 1
@@ -341,6 +349,8 @@ class Namespace:
         return directory, entries, inode
 
     def _drop_link(self, inode: Inode) -> None:
+        if inode.nlink > 1:
+            self.live_inodes -= 1  # an extra hard link gives back its inode slot
         inode.nlink -= 1
         inode.touch(ctime=True)
         self._release_if_unused(inode)
@@ -527,7 +537,16 @@ class Namespace:
         if name.startswith(b"user.") and not (stat.S_ISREG(inode.mode) or inode.is_dir()):
             # As on tmpfs: user attributes only on files and directories.
             raise OSError(errno.EPERM, "user attributes only on files and directories")
+        old = inode.xattrs.get(name)
+        growth = len(name) + len(value) - (0 if old is None else len(name) + len(old))
+        # Attributes live outside the page store; bounding them by the room the cap leaves
+        # keeps a writer of attributes from growing the daemon without limit, as on tmpfs.
+        if growth > 0 and (
+            self.xattr_bytes + growth > self.store.capacity_bytes - self.store.used_bytes
+        ):
+            raise OSError(errno.ENOSPC, "no space for extended attributes")
         inode.xattrs[name] = value
+        self.xattr_bytes += growth
         inode.touch(ctime=True)
 
     def getxattr(self, inode: Inode, name: bytes) -> bytes:
@@ -540,9 +559,10 @@ class Namespace:
     def removexattr(self, inode: Inode, name: bytes) -> None:
         """Remove one extended attribute."""
         try:
-            del inode.xattrs[name]
+            value = inode.xattrs.pop(name)
         except KeyError:
             raise OSError(errno.ENODATA, "no such attribute") from None
+        self.xattr_bytes -= len(name) + len(value)
         inode.touch(ctime=True)
 
     # -- volatile ranges --------------------------------------------------------------------

@@ -30,8 +30,8 @@ from volfs.intervals import add_interval, clip, remove_interval
 
 PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 
-#: Largest file size; the same as the kernel's limit for a 64-bit ``loff_t``, page-aligned.
-MAX_FILE_SIZE = (1 << 63) - PAGE_SIZE
+#: Largest file size: the kernel's limit for a 64-bit ``loff_t``, as on tmpfs.
+MAX_FILE_SIZE = (1 << 63) - 1
 
 
 _FALLOC_FL_KEEP_SIZE = 0x01
