@@ -179,8 +179,8 @@ def test_offsets_near_two_to_the_63_fail_as_on_tmpfs(both: dict[str, Path]) -> N
 
 @needs_root
 def test_a_file_of_nearly_2_to_the_63_bytes_works_as_on_tmpfs(both: dict[str, Path]) -> None:
-    """Up to one page below the largest offset: sparse growth, writes, holes, seeks, reads."""
-    last_page = MAX_OFFSET + 1 - 2 * PAGE  # the last page volfs can hold (see the next test)
+    """Near the largest offset: sparse growth, writes, holes, seeks, reads."""
+    last_page = MAX_OFFSET + 1 - 2 * PAGE  # the page below the last one
 
     def scenario(root: Path) -> object:
         fd = os.open(root / "huge", os.O_RDWR | os.O_CREAT)
@@ -221,6 +221,8 @@ def test_a_file_of_nearly_2_to_the_63_bytes_works_as_on_tmpfs(both: dict[str, Pa
 
 @needs_root
 def test_the_largest_file_size_is_the_kernels(both: dict[str, Path]) -> None:
+    """2**63-1 bytes (MAX_LFS_FILESIZE), up to the last byte, as on tmpfs."""
+
     def scenario(root: Path) -> object:
         fd = os.open(root / "top", os.O_RDWR | os.O_CREAT)
         try:
@@ -244,32 +246,66 @@ def test_the_largest_file_size_is_the_kernels(both: dict[str, Path]) -> None:
     assert results["size"] == MAX_OFFSET
 
 
-def test_volatility_of_a_file_of_nearly_2_to_the_63_bytes(mnt: Path) -> None:
-    """One range of 2**51 pages: marked, counted, purged and unmarked in O(log n)."""
-    size = MAX_OFFSET + 1 - PAGE
+def test_volatility_of_the_largest_file(mnt: Path) -> None:
+    """Ranges of up to 2**51 pages (2**63 bytes, the page-rounded end of a 2**63-1 byte file):
+    marked, counted, purged and unmarked in O(log n)."""
+    rounded = 1 << 63
     fd = os.open(mnt / "huge", os.O_RDWR | os.O_CREAT)
     try:
-        os.ftruncate(fd, size)
+        os.ftruncate(fd, MAX_OFFSET)
         os.pwrite(fd, b"a" * PAGE, 0)
-        os.pwrite(fd, b"z" * PAGE, size - PAGE)
-        assert fvrange(fd, 0, 0, VRANGE_VOLATILE) == (size, False)
-        assert vrange_status(fd) == (size, 0)
-        assert statistics(fd)["volatile_bytes"] == size
+        os.pwrite(fd, b"m" * PAGE, 1 << 62)
+        assert fvrange(fd, 0, 0, VRANGE_VOLATILE) == (rounded, False)
+        assert vrange_status(fd) == (rounded, 0)
+        assert statistics(fd)["volatile_bytes"] == rounded
+        assert fvrange(fd, (1 << 62) + PAGE, 0, VRANGE_NONVOLATILE) == (
+            rounded - (1 << 62) - PAGE,
+            False,
+        )
+        assert vrange_status(fd) == ((1 << 62) + PAGE, 0)
         assert purge(mnt) == 2 * PAGE
-        assert vrange_status(fd) == (size, size)
-        assert vrange_status(fd, size - PAGE, PAGE) == (PAGE, PAGE)
-        for offset in (0, 1 << 62, size - PAGE):
+        assert vrange_status(fd) == ((1 << 62) + PAGE, (1 << 62) + PAGE)
+        for offset in (0, 1 << 61, 1 << 62):
             with pytest.raises(OSError) as caught:
                 os.pread(fd, 10, offset)
             assert caught.value.errno == errno.EIO
-        assert fvrange(fd, 1 << 62, 0, VRANGE_NONVOLATILE) == (size - (1 << 62), True)
-        assert os.pread(fd, 10, size - PAGE) == bytes(10)
-        assert fvrange(fd, 0, 1 << 62, VRANGE_NONVOLATILE) == (1 << 62, True)
+        assert os.pread(fd, 10, rounded - PAGE) == bytes(10)  # never volatile: a hole
+        assert fvrange(fd, 0, 0, VRANGE_NONVOLATILE) == (rounded, True)
+        assert os.pread(fd, 10, 1 << 62) == bytes(10)
         assert vrange_status(fd) == (0, 0)
         assert os.fstat(fd).st_blocks == 0
     finally:
         os.close(fd)
     assert statistics(mnt)["volatile_bytes"] == 0
+    assert_answers(mnt)
+
+
+def test_purging_the_whole_of_the_largest_file(mount_volfs: Callable[..., Mount]) -> None:
+    """fvrange(fd, 0, 0) of a 2**63-1 byte file is one range of 2**63 bytes: it must be purged,
+    and dropped from the kernel's cache, like any other, by request and at the size cap."""
+    mnt = mount_volfs("size=8M").path
+    last = (1 << 63) - PAGE
+    fd = os.open(mnt / "huge", os.O_RDWR | os.O_CREAT)
+    try:
+        os.ftruncate(fd, MAX_OFFSET)
+        cached = os.urandom(PAGE - 1)
+        os.pwrite(fd, cached, last)
+        assert os.pread(fd, PAGE - 1, last) == cached  # now in the kernel's page cache
+        assert fvrange(fd, 0, 0, VRANGE_VOLATILE) == (1 << 63, False)
+        assert purge(mnt) == PAGE
+        with pytest.raises(OSError) as caught:
+            os.pread(fd, 10, last)  # not the cached bytes
+        assert caught.value.errno == errno.EIO
+        assert fvrange(fd, 0, 0, VRANGE_NONVOLATILE) == (1 << 63, True)
+
+        # At the size cap: 6 MiB of volatile data in the file must make room for 6 MiB more.
+        os.pwrite(fd, b"v" * (6 * MiB), 0)
+        assert fvrange(fd, 0, 0, VRANGE_VOLATILE) == (1 << 63, False)
+        (mnt / "other").write_bytes(b"o" * (6 * MiB))
+        assert fvrange(fd, 0, 0, VRANGE_NONVOLATILE) == (1 << 63, True)
+        assert (mnt / "other").read_bytes() == b"o" * (6 * MiB)
+    finally:
+        os.close(fd)
     assert_answers(mnt)
 
 
@@ -298,7 +334,7 @@ BAD_SPANS = [
 def test_fvrange_spans_that_overflow_are_einval(mnt: Path) -> None:
     fd = os.open(mnt / "f", os.O_RDWR | os.O_CREAT)
     try:
-        os.ftruncate(fd, (1 << 63) - PAGE)  # as large as a file gets: only overflow is left
+        os.ftruncate(fd, MAX_OFFSET)  # as large as a file gets: only overflow is left
         fvrange(fd, 0, PAGE, VRANGE_VOLATILE)
         for start, length in BAD_SPANS:
             for mode in (VRANGE_VOLATILE, VRANGE_NONVOLATILE):
@@ -309,9 +345,10 @@ def test_fvrange_spans_that_overflow_are_einval(mnt: Path) -> None:
             failed = ioctl_errno(fd, abi.VOLFS_IOC_VRANGE_STATUS, record)
             assert failed == errno.EINVAL, (start, length)
         assert vrange_status(fd) == (PAGE, 0), "a refused request changed the ranges"
-        # The largest spans that fit are fine.
-        assert vrange_status(fd, (1 << 63) - 2 * PAGE, PAGE) == (0, 0)
-        assert fvrange(fd, PAGE, (1 << 63) - 2 * PAGE, VRANGE_VOLATILE)[0] == (1 << 63) - 2 * PAGE
+        # The largest spans that fit are fine: up to the page-rounded end, 2**63.
+        assert vrange_status(fd, (1 << 63) - PAGE, PAGE) == (0, 0)
+        assert fvrange(fd, PAGE, (1 << 63) - PAGE, VRANGE_VOLATILE) == ((1 << 63) - PAGE, False)
+        assert vrange_status(fd) == (1 << 63, 0)
     finally:
         os.close(fd)
     assert_answers(mnt)

@@ -547,6 +547,18 @@ def test_only_root_changes_owners_and_only_owners_change_modes(mounts: Mounts) -
         record("writer touches", BOB, shared, lambda: os.utime(shared))
         record("non-writer touches", CAROL, private, lambda: os.utime(private))
         record("other sets user xattr", BOB, private, lambda: os.setxattr(private, "user.k", b"v"))
+        record(
+            "owner sets trusted xattr",
+            ALICE,
+            private,
+            lambda: os.setxattr(private, "trusted.k", b"v"),
+        )
+        record(
+            "owner sets security xattr",
+            ALICE,
+            private,
+            lambda: os.setxattr(private, "security.k", b"v"),
+        )
         record("root gives file away", ROOT, private, lambda: os.chown(private, BOB.uid, BOB.gid))
         record("other links", CAROL, shared, lambda: os.link(shared, root / "carols-link"))
         return results
@@ -563,6 +575,7 @@ def test_only_root_changes_owners_and_only_owners_change_modes(mounts: Mounts) -
     assert seen["writer touches"][0] == "ok"
     assert seen["non-writer touches"][0] == "EACCES"
     assert seen["other sets user xattr"][0] in ("EACCES", "EPERM")
+    assert seen["owner sets trusted xattr"][0] == "EPERM"  # CAP_SYS_ADMIN only
     assert seen["root gives file away"] == ("ok", (BOB.uid, BOB.gid, "0600"))
 
 

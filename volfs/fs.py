@@ -649,7 +649,9 @@ class VolfsOperations(pyfuse3.Operations):
 
 def _invalidate_all(invalidations: list[tuple[int, int, int]]) -> None:
     for ino, offset, length in invalidations:
-        bridge.invalidate_range(ino, offset, length)
+        # A range reaching past the largest offset (a page-rounded 2**63-1 byte file) does not
+        # fit an off_t: length 0 asks the kernel for everything from offset on.
+        bridge.invalidate_range(ino, offset, length if offset + length < 1 << 63 else 0)
 
 
 async def drop_from_kernel_cache(invalidations: list[tuple[int, int, int]]) -> None:

@@ -1,0 +1,114 @@
+"""Two terminals talking through a volfs ring: one sends the lines it reads, one prints them.
+
+Run the two ends as separate commands, in either order; the first creates the ring file:
+
+  terminal 1:  python scripts/ring_demo.py consumer /mnt/vol/ring
+  terminal 2:  python scripts/ring_demo.py producer /mnt/vol/ring
+
+Each line typed into the producer (without its newline) is one message; the consumer prints
+every message on a line of its own. Ctrl-D at the producer closes the ring and the consumer
+exits 0 once it has printed everything; if either end is killed the other reports it and
+exits 1. Start a new producer or consumer at any time to carry on with the same ring.
+
+Exit status: 0 at the end of the stream, 1 on an error (one line on stderr), 2 for bad usage,
+130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from volfs.ring import (
+    Consumer,
+    PeerVanishedError,
+    Producer,
+    RingError,
+)
+
+UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"(\d+)([kmg]?)", text.strip().lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a size such as 64K or 16M, not {text!r}")
+    return int(match.group(1)) * UNITS[match.group(2)]
+
+
+def produce(ring: Producer) -> int:
+    """Send each line of stdin; close the ring at the end of the input."""
+    if sys.stdin.isatty():
+        print(
+            f"ring_demo: sending lines to {ring.path} (messages up to {ring.max_message} "
+            "bytes); Ctrl-D ends",
+            file=sys.stderr,
+        )
+    for line in sys.stdin.buffer:
+        ring.send(line.removesuffix(b"\n"))
+    return 0
+
+
+def consume(ring: Consumer) -> int:
+    """Print each message on a line of its own until the producer closes the ring."""
+    if sys.stdout.isatty():
+        print(f"ring_demo: printing messages from {ring.path}", file=sys.stderr)
+    out = sys.stdout.buffer
+    try:
+        for message in ring:
+            out.write(message + b"\n")
+            out.flush()
+    except PeerVanishedError as error:
+        print(f"ring_demo: {error}", file=sys.stderr)
+        return 1
+    print(f"ring_demo: the producer (pid {ring.peer_pid()}) closed the ring", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    assert __doc__ is not None
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("role", choices=("producer", "consumer"), help="which end to run")
+    parser.add_argument("path", type=Path, help="the ring file (created if missing)")
+    parser.add_argument(
+        "--size",
+        type=parse_size,
+        default=1 << 20,
+        help="capacity when creating the ring: bytes with a K, M or G suffix (default 1M)",
+    )
+    parser.add_argument(
+        "--no-volatile",
+        dest="volatile",
+        action="store_false",
+        help="no volatility calls, for a ring on a filesystem other than volfs",
+    )
+    args = parser.parse_args(argv)
+    endpoint = Producer if args.role == "producer" else Consumer
+    try:
+        with endpoint(args.path, capacity=args.size, volatile=args.volatile) as ring:
+            if isinstance(ring, Producer):
+                return produce(ring)
+            return consume(ring)
+    except KeyboardInterrupt:
+        return 130
+    except (RingError, ValueError, OSError) as error:
+        # A consumer that closed, a line longer than the ring takes, a busy role, no volfs.
+        if isinstance(error, OSError) and not isinstance(error, RingError):
+            error_text = f"{args.path}: {error.strerror or error}"
+        else:
+            error_text = str(error)
+        print(f"ring_demo: {error_text}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,421 @@
+"""The shared-memory message ring (volfs.ring) on real mounts, between separate processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Mount, wait_for
+from volfs.client import purge, statistics, vrange_status
+from volfs.ring import (
+    Consumer,
+    PeerVanishedError,
+    Producer,
+    RingBusyError,
+    RingClosedError,
+    RingError,
+    RingTimeoutError,
+    create_ring,
+)
+
+PAGE = 4096
+KiB = 1 << 10
+MiB = 1 << 20
+DEMO = Path(__file__).resolve().parent.parent / "scripts" / "ring_demo.py"
+
+#: Both ends of the traffic test compute message i with this, so the consumer can check it.
+MESSAGES = """
+import random
+
+def message(i, largest):
+    rng = random.Random(i)
+    kind = rng.random()
+    if kind < 0.4:
+        size = rng.randrange(0, 100)
+    elif kind < 0.8:
+        size = rng.randrange(100, 3 * 4096 + 100)  # across pages
+    elif kind < 0.97:
+        size = rng.randrange(0, 64 * 1024)
+    else:
+        size = largest - rng.randrange(0, 64)  # about the whole ring
+    return rng.randbytes(size)
+"""
+
+
+def python(program: str, *args: str, stdin: int | None = None) -> subprocess.Popen[str]:
+    """Start ``program`` in a Python process of its own (not a fork of this one)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(program), *args],
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(process: subprocess.Popen[str], timeout: float = 30) -> dict[str, Any]:
+    """Wait for a helper; fail with its stderr unless it exited 0; return its JSON report."""
+    out, err = process.communicate(timeout=timeout)
+    assert process.returncode == 0, f"exit status {process.returncode}:\n{err}"
+    report: dict[str, Any] = json.loads(out)
+    return report
+
+
+@pytest.fixture
+def reaper() -> Iterator[list[subprocess.Popen[str]]]:
+    """Helper processes to kill if a test fails before it reaps them."""
+    processes: list[subprocess.Popen[str]] = []
+    yield processes
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        for stream in (process.stdin, process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def test_every_message_arrives_once_in_order_while_purges_run(
+    mnt: Path, reaper: list[subprocess.Popen[str]]
+) -> None:
+    ring, count, capacity = mnt / "ring", 3000, 512 * KiB
+    geometry = f"capacity={capacity}, segment_size={32 * KiB}"
+    producer_program = (
+        MESSAGES
+        + f"""
+import dataclasses, json, sys, time
+from volfs.ring import Producer
+with Producer(sys.argv[1], {geometry}) as ring:
+    for i in range({count}):
+        if i % 100 == 99:
+            time.sleep(0.005)  # the consumer goes idle and marks what it consumed volatile
+        ring.send(message(i, ring.max_message), timeout=30)
+    print(json.dumps(dataclasses.asdict(ring.statistics())))
+"""
+    )
+    consumer_program = (
+        MESSAGES
+        + f"""
+import dataclasses, json, sys
+from volfs.ring import Consumer
+with Consumer(sys.argv[1], {geometry}) as ring:
+    received = 0
+    for data in ring:  # until the producer closes
+        expected = message(received, ring.max_message)
+        if data != expected:
+            sys.exit(f"message {{received}}: {{len(data)}} bytes, not the {{len(expected)}} sent")
+        received += 1
+    print(json.dumps({{"received": received, **dataclasses.asdict(ring.statistics())}}))
+"""
+    )
+    stop = threading.Event()
+    freed: list[int] = []
+
+    def purge_all_the_time() -> None:  # the third party: what memory pressure would do
+        while not stop.is_set():
+            freed.append(purge(mnt))
+            time.sleep(0.001)
+
+    purger = threading.Thread(target=purge_all_the_time)
+    purger.start()
+    try:
+        consumer = python(consumer_program, str(ring))
+        reaper.append(consumer)
+        producer = python(producer_program, str(ring))
+        reaper.append(producer)
+        sent = finish(producer)
+        received = finish(consumer)
+    finally:
+        stop.set()
+        purger.join()
+
+    assert received["received"] == sent["messages"] == count
+    assert received["payload_bytes"] == sent["payload_bytes"]
+    # The purges really took consumed pages the producer then reused: it was told, and wrote
+    # fresh data over the zeros.
+    assert sum(freed) > 0
+    assert received["marks"] > 0
+    assert sent["purged"] > 0
+
+
+def test_empty_and_full_ring_without_waiting_and_with_timeouts(mnt: Path) -> None:
+    ring = mnt / "ring"
+    with Consumer(ring, capacity=16 * KiB) as consumer, Producer(ring) as producer:
+        assert consumer.try_receive() is None  # empty: None, at once
+        started = time.monotonic()
+        with pytest.raises(RingTimeoutError, match=r"no message within 0\.2 s") as caught:
+            consumer.receive(timeout=0.2)
+        assert 0.2 <= time.monotonic() - started < 5
+        assert isinstance(caught.value, TimeoutError)
+
+        message = os.urandom(1000)  # a record of 1008 bytes
+        sent = 0
+        while producer.try_send(message):
+            sent += 1
+        assert sent == 16 * KiB // 1008
+        started = time.monotonic()
+        with pytest.raises(RingTimeoutError, match=r"no room for 1008 bytes within 0\.2 s"):
+            producer.send(message, timeout=0.2)
+        assert 0.2 <= time.monotonic() - started < 5
+
+        for _ in range(sent):
+            assert consumer.try_receive() == message
+        assert consumer.try_receive() is None
+        assert producer.try_send(message)  # the consumer handed the pages back
+        assert consumer.receive(timeout=5) == message
+        with pytest.raises(ValueError, match="timeout"):
+            consumer.receive(timeout=-1)
+
+
+def test_too_large_messages_fail_and_the_largest_fits_at_any_position(mnt: Path) -> None:
+    ring = mnt / "ring"
+    with Consumer(ring, capacity=64 * KiB) as consumer, Producer(ring) as producer:
+        assert producer.max_message == consumer.max_message == 60 * KiB
+        with pytest.raises(ValueError, match=r"61441 bytes is larger than the ring's maximum"):
+            producer.send(bytes(producer.max_message + 1))
+        with pytest.raises(ValueError):
+            producer.try_send(bytearray(producer.max_message + 1))
+
+        # One thread drives both ends: when a message does not fit, the consumer is told by
+        # the failed try_send and hands back what it consumed; then it must fit.
+        rng = random.Random(6)
+        for i in range(150):
+            size = producer.max_message if i % 10 == 0 else rng.randrange(0, 20 * KiB)
+            message = memoryview(rng.randbytes(size))
+            if not producer.try_send(message):
+                assert consumer.try_receive() is None
+                assert producer.try_send(message), f"message {i} of {size} bytes did not fit"
+            assert consumer.receive(timeout=5) == message
+        assert producer.statistics().messages == consumer.statistics().messages == 150
+
+
+def test_clean_close_ends_the_stream_once_and_roles_are_exclusive(mnt: Path) -> None:
+    ring = mnt / "ring"
+    with Consumer(ring, capacity=64 * KiB) as consumer:
+        with Producer(ring) as producer:
+            producer.send(b"first")
+            producer.send(b"")
+            with pytest.raises(
+                RingBusyError, match=f"a producer is already attached .pid {os.getpid()}"
+            ):
+                Producer(ring)
+            with pytest.raises(RingBusyError):
+                Consumer(ring)
+        assert list(consumer) == [b"first", b""]  # the end comes after the last message
+        # Reported once: the next receive waits for the next producer.
+        with pytest.raises(RingTimeoutError):
+            consumer.receive(timeout=0.1)
+        with Producer(ring) as producer:
+            producer.send(b"second session")
+            assert consumer.receive(timeout=5) == b"second session"
+            consumer.close()
+            assert consumer.closed
+            with pytest.raises(RingClosedError, match=r"the consumer \(pid \d+\) closed the ring"):
+                producer.send(b"nobody reads this")
+            with pytest.raises(ValueError, match="closed"):
+                consumer.receive()
+    # A consumer gone before the producer came is no error: the ring keeps the messages.
+    with Producer(ring) as producer:
+        producer.send(b"for the next consumer")
+    with Consumer(ring) as consumer:
+        assert list(consumer) == [b"for the next consumer"]
+
+
+def test_a_killed_producer_is_reported_after_its_last_message(
+    mnt: Path, reaper: list[subprocess.Popen[str]]
+) -> None:
+    ring = mnt / "ring"
+    producer = python(
+        """
+        import sys, time
+        from volfs.ring import Producer
+        ring = Producer(sys.argv[1], capacity=65536)
+        for i in range(3):
+            ring.send(b"message %d" % i)
+        print("sent", flush=True)
+        time.sleep(60)
+        """,
+        str(ring),
+    )
+    reaper.append(producer)
+    assert producer.stdout is not None
+    assert producer.stdout.readline() == "sent\n"
+    with Consumer(ring) as consumer:
+        assert consumer.receive(timeout=5) == b"message 0"
+        producer.send_signal(signal.SIGKILL)
+        assert producer.wait(timeout=10) == -signal.SIGKILL
+        assert consumer.receive(timeout=5) == b"message 1"
+        assert consumer.receive(timeout=5) == b"message 2"
+        started = time.monotonic()
+        with pytest.raises(
+            PeerVanishedError, match=f"the producer .pid {producer.pid}. went away without closing"
+        ):
+            consumer.receive(timeout=30)
+        assert time.monotonic() - started < 5  # noticed, not timed out
+        with pytest.raises(RingTimeoutError):  # reported once
+            consumer.receive(timeout=0.1)
+
+
+def test_a_killed_consumer_is_reported_to_the_producer(
+    mnt: Path, reaper: list[subprocess.Popen[str]]
+) -> None:
+    ring = mnt / "ring"
+    consumer = python(
+        """
+        import sys, time
+        from volfs.ring import Consumer
+        ring = Consumer(sys.argv[1], capacity=16384)
+        print(ring.receive(timeout=30).decode(), flush=True)
+        time.sleep(60)
+        """,
+        str(ring),
+    )
+    reaper.append(consumer)
+    wait_for(ring.exists, 10, "the consumer to create the ring")
+    with Producer(ring) as producer:
+        producer.send(b"hello")
+        assert consumer.stdout is not None
+        assert consumer.stdout.readline() == "hello\n"
+        consumer.send_signal(signal.SIGKILL)
+        assert consumer.wait(timeout=10) == -signal.SIGKILL
+        sends = 0
+        with pytest.raises(
+            PeerVanishedError, match=f"the consumer .pid {consumer.pid}. went away without closing"
+        ):
+            while True:  # noticed at the latest when the ring is full
+                producer.send(bytes(1000), timeout=30)
+                sends += 1
+        assert sends <= 16 * KiB // 1008
+
+
+def test_an_idle_caught_up_ring_gives_its_memory_back_on_purge(
+    mount_volfs: Any, reaper: list[subprocess.Popen[str]]
+) -> None:
+    volfs: Mount = mount_volfs("size=256M")
+    ring, capacity, message_size = volfs.path / "ring", 64 * MiB, 256 * KiB - 8
+    count = 248  # 62 MiB of records: the ring filled once
+    baseline = volfs.rss_bytes()
+    producer = python(
+        f"""
+        import sys
+        from volfs.ring import Producer
+        with Producer(sys.argv[1], capacity={capacity}) as ring:
+            message = bytes(range(256)) * ({message_size} // 256) + bytes({message_size} % 256)
+            for _ in range({count}):
+                ring.send(message, timeout=30)
+            print("sent", flush=True)
+            sys.stdin.readline()
+        """,
+        str(ring),
+        stdin=subprocess.PIPE,
+    )
+    reaper.append(producer)
+    consumer = python(
+        f"""
+        import sys
+        from volfs.ring import Consumer, RingTimeoutError
+        with Consumer(sys.argv[1], capacity={capacity}) as ring:
+            for _ in range({count}):
+                assert len(ring.receive(timeout=30)) == {message_size}
+            try:
+                ring.receive(timeout=0.2)  # caught up and idle
+            except RingTimeoutError:
+                print("idle", flush=True)
+            sys.stdin.readline()
+        """,
+        str(ring),
+        stdin=subprocess.PIPE,
+    )
+    reaper.append(consumer)
+    assert producer.stdout is not None and consumer.stdout is not None
+    assert producer.stdout.readline() == "sent\n"
+    assert consumer.stdout.readline() == "idle\n"
+
+    data = count * (message_size + 8)
+    fd = os.open(ring, os.O_RDWR)
+    try:
+        # The data went in through the mappings; the kernel writes dirty pages back to the
+        # daemon within 30 s on its own, fsync does it now.
+        os.fsync(fd)
+        full = volfs.rss_bytes()
+        assert full - baseline > 0.9 * data, "the ring's data never reached the daemon"
+        volatile, _purged = vrange_status(fd)
+        assert volatile >= data - PAGE  # every whole consumed page
+        assert purge(volfs.path) >= data - PAGE
+        wait_for(
+            lambda: full - volfs.rss_bytes() > 0.9 * data,
+            10,
+            "the daemon's RSS to drop by the data",
+        )
+        # What is left: the header page and the page holding head.
+        assert statistics(volfs.path)["used_bytes"] <= 4 * PAGE
+    finally:
+        os.close(fd)
+    for process in (producer, consumer):
+        assert process.stdin is not None
+        process.stdin.write("done\n")
+        process.stdin.flush()
+        assert process.wait(timeout=10) == 0
+
+
+def test_rings_need_a_ring_file_and_volfs_unless_volatile_is_off(mnt: Path, tmp_path: Path) -> None:
+    (mnt / "plain").write_bytes(b"hello")
+    with pytest.raises(RingError, match="not a ring file"):
+        Consumer(mnt / "plain")
+    with pytest.raises(ValueError, match="multiple of 4096"):
+        create_ring(mnt / "bad", 10000)
+    with pytest.raises(ValueError, match="divides the capacity"):
+        create_ring(mnt / "bad", 12 * KiB, segment_size=8 * KiB)
+    assert create_ring(mnt / "ring", 64 * KiB)
+    assert not create_ring(mnt / "ring", 64 * KiB, exist_ok=True)
+    with pytest.raises(FileExistsError):
+        create_ring(mnt / "ring", 64 * KiB)
+    assert sorted(os.listdir(mnt)) == ["plain", "ring"]  # no temporary file left behind
+
+    elsewhere = tmp_path / "ring"
+    create_ring(elsewhere, 64 * KiB)
+    with pytest.raises(RingError, match="not on a volfs mount"):
+        Producer(elsewhere)
+    with Producer(elsewhere, volatile=False) as producer, Consumer(elsewhere, volatile=False) as c:
+        producer.send(b"no volfs needed")
+        assert c.receive(timeout=5) == b"no volfs needed"
+        assert producer.statistics().marks == c.statistics().marks == 0
+
+
+def test_demo_two_commands_talk_through_a_ring(
+    mnt: Path, reaper: list[subprocess.Popen[str]]
+) -> None:
+    ring = mnt / "chat"
+    consumer = subprocess.Popen(
+        [sys.executable, str(DEMO), "consumer", str(ring), "--size", "64K"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    reaper.append(consumer)
+    lines = "hello\nvolatile world\n\nlast line\n"
+    producer = subprocess.run(
+        [sys.executable, str(DEMO), "producer", str(ring), "--size", "64K"],
+        input=lines,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert producer.returncode == 0, producer.stderr
+    out, err = consumer.communicate(timeout=30)
+    assert consumer.returncode == 0, err
+    assert out == lines
+    assert "closed the ring" in err
