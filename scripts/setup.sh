@@ -7,7 +7,7 @@ set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${VOLFS_VENV:-$repo/.venv}
-packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv fio util-linux attr)
+packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv fio stress-ng util-linux attr)
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "setup.sh: run as root (it installs Debian packages)" >&2
