@@ -334,10 +334,11 @@ class Result:
         return self.messages * self.size / self.seconds / MiB
 
 
-def optional(report: Connection) -> Any:
-    """The next report, or None if the process sent no more (the pipes send no statistics)."""
+def optional(report: Connection, timeout: float = 10) -> Any:
+    """The next report, or None if the process sent no more (the pipes send no statistics,
+    a process that failed sends nothing)."""
     try:
-        return report.recv() if report.poll(10) else None
+        return report.recv() if report.poll(timeout) else None
     except EOFError:
         return None
 
@@ -368,15 +369,17 @@ def run_pair(
     ]
     for process in processes:
         process.start()
-    for item in close_in_parent:
-        item.close() if isinstance(item, Connection) else os.close(item)
+    for item in close_in_parent:  # the children have their copies
+        if isinstance(item, Connection):
+            item.close()
+        else:
+            os.close(item)
     send_result.close()
     receive_result.close()
     try:
-        timeout = seconds + 120
-        if not receive_report.poll(timeout):
+        outcome: Outcome | None = optional(receive_report, seconds + 120)
+        if outcome is None:
             raise BenchError(f"{transport}, {human(size)}: the receiver reported nothing")
-        outcome: Outcome = receive_report.recv()
         receiver_stats = optional(receive_report)
         sent: int = send_report.recv() if send_report.poll(10) else -1
         sender_stats = optional(send_report)
@@ -542,10 +545,10 @@ def benchmark(settings: Settings) -> dict[tuple[str, int], Result]:
                 for transport in TRANSPORTS:
                     results[(transport, size)] = median(runs[transport])
     finally:
-        with contextlib.suppress(OSError):
-            for child in workdir.iterdir():
-                child.rmdir()
-            workdir.rmdir()
+        # The mountpoints, and the daemon's log (its tail is in any error): unless something
+        # is somehow still mounted there.
+        if not any(mounted_as(child) for child in workdir.iterdir()):
+            shutil.rmtree(workdir, ignore_errors=True)
     return results
 
 

@@ -7,9 +7,10 @@ operations and every result is compared with a reference model of what the file 
   read         pread(2) of a random span
   write        pwrite(2) of random bytes, growing the file as it goes
   mapread      read a span through mmap(MAP_SHARED), in a child process
-  mapwrite     write a span through mmap(MAP_SHARED), in a child process, mostly followed by
-               msync(MS_SYNC); pages left dirty are written back when a purge drops them from
-               the kernel's cache, which repopulates them (or earlier: then they are purged)
+  mapwrite     write a span through mmap(MAP_SHARED) in a child process, then msync(MS_SYNC);
+               or no msync, and munmap writes the pages back; or no msync while the child
+               keeps the mapping across a purge of everything, which writes back the dirty
+               pages it drops from the kernel's cache and so repopulates them
   truncate     ftruncate(2) up or down
   otrunc       open(2) with O_TRUNC (rarely)
   punch        fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)
@@ -53,6 +54,7 @@ Usage:
   python scripts/fsx.py --seed 7 --duration 3600            # a long run
   python scripts/fsx.py --file /mnt/vol/fsx.bin --ops 5000  # on an existing volfs mount
   python scripts/fsx.py --plain --file /dev/shm/fsx.bin     # the model against tmpfs
+  python scripts/fsx.py --purged-zero --seed 3              # a mount with purged=zero
 
 Exit status: 0 if every operation matched the model (and the daemon fsx mounted exited 0
 without logging an exception), 1 on a mismatch, 2 for usage errors.

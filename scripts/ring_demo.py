@@ -50,6 +50,7 @@ def produce(ring: Producer) -> int:
             file=sys.stderr,
         )
     for line in sys.stdin.buffer:
+        ring.check_peer()  # a consumer killed since the last line: say so now
         ring.send(line.removesuffix(b"\n"))
     return 0
 

@@ -100,7 +100,7 @@ from volfs.ring import Producer
 with Producer(sys.argv[1], {geometry}) as ring:
     for i in range({count}):
         if i % 100 == 99:
-            time.sleep(0.005)  # the consumer goes idle and marks what it consumed volatile
+            time.sleep(0.02)  # the consumer goes idle and marks what it consumed volatile
         ring.send(message(i, ring.max_message), timeout=30)
     print(json.dumps(dataclasses.asdict(ring.statistics())))
 """
@@ -201,6 +201,29 @@ def test_too_large_messages_fail_and_the_largest_fits_at_any_position(mnt: Path)
         assert producer.statistics().messages == consumer.statistics().messages == 150
 
 
+def test_producers_one_after_another_rewrite_what_idle_time_let_volfs_purge(mnt: Path) -> None:
+    ring = mnt / "ring"
+    with Consumer(ring, capacity=64 * KiB, segment_size=16 * KiB) as consumer:
+        for session in range(3):
+            with Producer(ring) as producer:
+                for i in range(40):  # 160 KiB: two and a half laps
+                    message = bytes([session, i]) * 2048
+                    if not producer.try_send(message):
+                        assert consumer.try_receive() is None  # hands pages back
+                        assert producer.try_send(message)
+                    assert consumer.receive(timeout=5) == message
+                if session:
+                    # It found the pages the idle consumer had marked purged, and rewrote them.
+                    assert producer.statistics().purged > 0
+            # Idle: an empty ring for IDLE_SECONDS makes everything consumed volatile.
+            with pytest.raises(RingClosedError):
+                consumer.try_receive()
+            time.sleep(0.02)
+            assert consumer.try_receive() is None
+            assert purge(mnt) > 0
+        assert consumer.statistics().messages == 120
+
+
 def test_clean_close_ends_the_stream_once_and_roles_are_exclusive(mnt: Path) -> None:
     ring = mnt / "ring"
     with Consumer(ring, capacity=64 * KiB) as consumer:
@@ -256,6 +279,7 @@ def test_a_killed_producer_is_reported_after_its_last_message(
         assert consumer.receive(timeout=5) == b"message 0"
         producer.send_signal(signal.SIGKILL)
         assert producer.wait(timeout=10) == -signal.SIGKILL
+        consumer.check_peer()  # messages are left: nothing to report yet
         assert consumer.receive(timeout=5) == b"message 1"
         assert consumer.receive(timeout=5) == b"message 2"
         started = time.monotonic()
@@ -290,6 +314,8 @@ def test_a_killed_consumer_is_reported_to_the_producer(
         assert consumer.stdout.readline() == "hello\n"
         consumer.send_signal(signal.SIGKILL)
         assert consumer.wait(timeout=10) == -signal.SIGKILL
+        with pytest.raises(PeerVanishedError):
+            producer.check_peer()  # at once, when asked
         sends = 0
         with pytest.raises(
             PeerVanishedError, match=f"the consumer .pid {consumer.pid}. went away without closing"

@@ -37,14 +37,17 @@ SIGBUS).
   segment (``segment_size``). If that reports them purged, the data in them had been consumed:
   it simply writes fresh data (counted in :attr:`RingStatistics.purged`).
 - The consumer frees the pages it has passed in one of two ways. When the ring goes idle (the
-  consumer has found it empty for a millisecond, or closes) it marks them all VOLATILE and then
-  publishes ``released``. When the producer is waiting for room (it publishes the position it
+  consumer has found it empty for 10 ms, or closes) it marks them all VOLATILE and then
+  publishes ``released``; shorter gaps are a producer busy or descheduled, not idleness worth
+  a FUSE round trip. When the producer is waiting for room (it publishes the position it
   needs in ``wanted``), the consumer hands just that much back without marking it: it
   publishes ``released`` and leaves ``unmarked`` (the start of the run of pages freed without
   marking) where it was, and the producer skips the NON_VOLATILE call for those pages, which
   were never volatile. The producer asks for up to a segment's end at a time, so a stream
   that fills the ring waits about once per segment. The consumer never reads a page again
   after freeing it.
+- A producer that closes marks every free page it could have written VOLATILE, so a producer
+  that comes after it skips NON_VOLATILE only for pages freed unmarked after it attached.
 
 Marking costs a FUSE round trip (~50-100 us of the daemon's time), so a busy ring makes no
 fvrange calls at all: the pages the producer waits for go straight back to it, and volatility
@@ -149,7 +152,7 @@ PAGE_SIZE: Final = 4096
 #: Default bytes the producer makes non-volatile per fvrange call.
 DEFAULT_SEGMENT_SIZE: Final = 1 << 20
 #: A consumer that has found the ring empty this long marks what it consumed volatile.
-IDLE_SECONDS: Final = 1e-3
+IDLE_SECONDS: Final = 0.01
 
 MAGIC: Final = b"volring\x00"
 VERSION: Final = 1
@@ -458,6 +461,19 @@ class _Endpoint:
     ) -> None:
         self.close()
 
+    def check_peer(self) -> None:
+        """Raise now what the next send or receive would raise about the other side.
+
+        Sends and receives look at the other side by themselves whenever they wait; this is
+        for a program that wants to know before it next has to (one fcntl call).
+
+        Raises:
+            RingClosedError: the other side closed the ring (a consumer: and every message
+                has been received).
+            PeerVanishedError: the other side went away without closing (likewise).
+        """
+        raise NotImplementedError
+
     def close(self) -> None:
         """Detach cleanly (the other side sees :class:`RingClosedError`); idempotent."""
         raise NotImplementedError
@@ -601,6 +617,12 @@ class Producer(_Endpoint):
         self._payload_bytes += size
         return True
 
+    def check_peer(self) -> None:
+        """Raise if the consumer closed or went away while this producer was attached."""
+        if self._mm is None:
+            raise self._closed_error()
+        self._check_consumer()
+
     def _check_consumer(self) -> None:
         end = self._peer_end()
         if end is not None:
@@ -655,12 +677,14 @@ class Producer(_Endpoint):
         if self._mm is None:
             return
         try:
+            # Closed first: the consumer sees a clean end even if marking fails. Nobody else
+            # can attach as producer and touch those pages until the lock goes with _detach.
+            self._words[_WANTED] = 0
+            self._set_state_closed()
             self._refresh()
             unused = _round_up(self._head, PAGE_SIZE)
             if self.volatile and self._limit > unused:
                 self._mark(unused, self._limit, VRANGE_VOLATILE)
-            self._words[_WANTED] = 0
-            self._set_state_closed()
         finally:
             self._detach()
 
@@ -791,6 +815,16 @@ class Consumer(_Endpoint):
         if seconds >= IDLE_SECONDS:
             self._free_marked()
 
+    def check_peer(self) -> None:
+        """Raise if the producer closed or went away and every message has been received.
+
+        Like a receive, this reports the end of a producer once; after it the consumer waits
+        for the next producer.
+        """
+        if self._mm is None:
+            raise self._closed_error()
+        self._check_producer()
+
     def _check_producer(self) -> None:
         """Raise if the producer's session ended and it published nothing more before."""
         end = self._peer_end()
@@ -831,7 +865,7 @@ class Consumer(_Endpoint):
         if self._mm is None:
             return
         try:
-            self._free_marked()
             self._set_state_closed()
+            self._free_marked()
         finally:
             self._detach()
