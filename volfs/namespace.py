@@ -549,13 +549,6 @@ class Namespace:
         self.xattr_bytes += growth
         inode.touch(ctime=True)
 
-    def getxattr(self, inode: Inode, name: bytes) -> bytes:
-        """Return one extended attribute."""
-        try:
-            return inode.xattrs[name]
-        except KeyError:
-            raise OSError(errno.ENODATA, "no such attribute") from None
-
     def removexattr(self, inode: Inode, name: bytes) -> None:
         """Remove one extended attribute."""
         try:
