@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import shutil
 import signal
 import stat
@@ -15,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MOUNT_TIMEOUT, Mount, force_unmount, is_mounted, wait_for
+from volfs import client
+from volfs.abi import VRANGE_NONVOLATILE, VRANGE_VOLATILE
 from volfs.options import OptionError, parse_mount_options, parse_size
 
 MiB = 1024 * 1024
@@ -226,3 +229,58 @@ def test_sigterm_during_heavy_io_unmounts_cleanly(mount_volfs: Callable[..., Mou
     assert mount.process.wait(timeout=MOUNT_TIMEOUT) == 0
     assert writer.wait(timeout=MOUNT_TIMEOUT) is not None  # the writer is not left stuck
     assert not is_mounted(mount.path)
+
+
+def virtual_memory_size(pid: int) -> int:
+    """The bytes of address space process ``pid`` has mapped (VmSize)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    line = next(line for line in status.splitlines() if line.startswith("VmSize:"))
+    return int(line.split()[1]) * 1024
+
+
+def test_out_of_memory_fails_one_request_and_the_daemon_serves_on(
+    mount_volfs: Callable[..., Mount],
+) -> None:
+    mount = mount_volfs("size=256M")
+    kept = os.urandom(MiB)
+    (mount.path / "kept").write_bytes(kept)
+    (mount.path / "small").write_bytes(b"before")
+    with open(mount.path / "cache", "wb") as cache_file:
+        # In small writes: the daemon's allocator keeps no 1 MiB block free for later.
+        for _ in range(64):
+            cache_file.write(os.urandom(64 * 1024))
+    cache = os.open(mount.path / "cache", os.O_RDWR)
+    try:
+        # No address space beyond what the daemon has mapped now: a request whose data needs
+        # a fresh mapping (a 1 MiB write's buffer) cannot be allocated.
+        pid = mount.process.pid
+        limit = virtual_memory_size(pid)
+        resource.prlimit(pid, resource.RLIMIT_AS, (limit, limit))
+        outcomes: list[int | str] = []
+        for attempt in range(20):
+            descriptor = os.open(mount.path / f"big{attempt}", os.O_CREAT | os.O_WRONLY, 0o644)
+            try:
+                outcomes.append(os.write(descriptor, os.urandom(MiB)))
+            except OSError as error:
+                outcomes.append(errno.errorcode[error.errno])
+            finally:
+                os.close(descriptor)
+        assert "ENOMEM" in outcomes, outcomes
+        assert all(outcome == "ENOMEM" or isinstance(outcome, int) for outcome in outcomes)
+        # The daemon still serves, and nothing stored before is lost.
+        assert (mount.path / "kept").read_bytes() == kept
+        assert (mount.path / "small").read_bytes() == b"before"
+        assert "kept" in os.listdir(mount.path)
+        with open(mount.path / "small", "r+b") as small:
+            small.write(b"after!")
+        assert (mount.path / "small").read_bytes() == b"after!"
+        # Giving memory back works when it is short: marking, purging (whose pages leave the
+        # kernel's cache and the daemon from threads started at mount), unmarking.
+        assert client.fvrange(cache, 0, 0, VRANGE_VOLATILE) == (4 * MiB, False)
+        assert client.purge(mount.path) == 4 * MiB
+        assert client.fvrange(cache, 0, 0, VRANGE_NONVOLATILE) == (4 * MiB, True)
+        assert os.pread(cache, 4096, 0) == bytes(4096)
+    finally:
+        os.close(cache)
+    assert mount.process.poll() is None
+    assert "write_buf request failed before its handler ran: out of memory" in mount.log()

@@ -11,6 +11,10 @@
  * Request object, which replies
  * exactly once: from the handler itself, later from a trio task, or from a worker thread. A
  * Request dropped without a reply answers EIO, so a bug can never leave a caller hanging.
+ *
+ * pyfuse3's own operations are wrapped too (see "contained operations" below), so that a
+ * request whose arguments pyfuse3 cannot turn into Python objects (a write's data when the
+ * daemon is out of memory) fails alone instead of ending the session.
  */
 #define PY_SSIZE_T_CLEAN
 #define FUSE_USE_VERSION 35
@@ -257,6 +261,135 @@ static void bridge_lseek(fuse_req_t req, fuse_ino_t ino, off_t offset, int whenc
     PyGILState_Release(gil);
 }
 
+/* -- contained operations ---------------------------------------------------------------- */
+
+/*
+ * pyfuse3 converts a request's arguments (names, a write's data, an xattr's value) into Python
+ * objects before starting its handler. When that raises, MemoryError above all, pyfuse3 leaves
+ * the request unanswered and the exception ends its main loop: one request would take down
+ * the mount. Every operation pyfuse3 registers runs through a wrapper here that, if pyfuse3
+ * returns with an exception set (so no handler took the request), answers the request itself:
+ * ENOMEM for MemoryError, EIO otherwise, after telling the failure handler for the log.
+ * Once a handler has started, the exception never surfaces here: the handler answers.
+ */
+static PyObject *failure_handler;
+
+static int report_failure(const char *operation) {
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    int code = PyErr_GivenExceptionMatches(type, PyExc_MemoryError) ? ENOMEM : EIO;
+    if (failure_handler != NULL) {
+        PyErr_NormalizeException(&type, &value, &traceback);
+        PyObject *result = PyObject_CallFunction(failure_handler, "sOi", operation,
+                                                 value != NULL ? value : Py_None, code);
+        Py_XDECREF(result);
+        /* Logging may itself fail for want of memory: the request is answered regardless. */
+        PyErr_Clear();
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(traceback);
+    return code;
+}
+
+static void answer_failure(fuse_req_t req, const char *operation) {
+    fuse_reply_err(req, report_failure(operation));
+}
+
+/* forget expects no answer, only the request's release. */
+static void release_failure(fuse_req_t req, const char *operation) {
+    report_failure(operation);
+    fuse_reply_none(req);
+}
+
+#define CONTAINED(op, on_failure, params, args)                                             \
+    static __typeof__(((struct fuse_lowlevel_ops *)0)->op) pyfuse3_##op;                  \
+    static void contained_##op params {                                                     \
+        pyfuse3_##op args;                                                                  \
+        if (PyErr_Occurred()) on_failure(req, #op);                                         \
+    }
+
+typedef struct fuse_file_info file_info;
+
+CONTAINED(lookup, answer_failure, (fuse_req_t req, fuse_ino_t p, const char *n), (req, p, n))
+CONTAINED(forget, release_failure, (fuse_req_t req, fuse_ino_t i, uint64_t n), (req, i, n))
+CONTAINED(forget_multi, release_failure,
+          (fuse_req_t req, size_t c, struct fuse_forget_data *f), (req, c, f))
+CONTAINED(getattr, answer_failure, (fuse_req_t req, fuse_ino_t i, file_info *fi), (req, i, fi))
+CONTAINED(setattr, answer_failure,
+          (fuse_req_t req, fuse_ino_t i, struct stat *a, int s, file_info *fi),
+          (req, i, a, s, fi))
+CONTAINED(readlink, answer_failure, (fuse_req_t req, fuse_ino_t i), (req, i))
+CONTAINED(mknod, answer_failure,
+          (fuse_req_t req, fuse_ino_t p, const char *n, mode_t m, dev_t d), (req, p, n, m, d))
+CONTAINED(mkdir, answer_failure, (fuse_req_t req, fuse_ino_t p, const char *n, mode_t m),
+          (req, p, n, m))
+CONTAINED(unlink, answer_failure, (fuse_req_t req, fuse_ino_t p, const char *n), (req, p, n))
+CONTAINED(rmdir, answer_failure, (fuse_req_t req, fuse_ino_t p, const char *n), (req, p, n))
+CONTAINED(symlink, answer_failure, (fuse_req_t req, const char *l, fuse_ino_t p, const char *n),
+          (req, l, p, n))
+CONTAINED(rename, answer_failure,
+          (fuse_req_t req, fuse_ino_t p, const char *n, fuse_ino_t np, const char *nn,
+           unsigned int f),
+          (req, p, n, np, nn, f))
+CONTAINED(link, answer_failure, (fuse_req_t req, fuse_ino_t i, fuse_ino_t np, const char *nn),
+          (req, i, np, nn))
+CONTAINED(open, answer_failure, (fuse_req_t req, fuse_ino_t i, file_info *fi), (req, i, fi))
+CONTAINED(read, answer_failure,
+          (fuse_req_t req, fuse_ino_t i, size_t s, off_t o, file_info *fi), (req, i, s, o, fi))
+CONTAINED(write, answer_failure,
+          (fuse_req_t req, fuse_ino_t i, const char *b, size_t s, off_t o, file_info *fi),
+          (req, i, b, s, o, fi))
+CONTAINED(write_buf, answer_failure,
+          (fuse_req_t req, fuse_ino_t i, struct fuse_bufvec *b, off_t o, file_info *fi),
+          (req, i, b, o, fi))
+CONTAINED(flush, answer_failure, (fuse_req_t req, fuse_ino_t i, file_info *fi), (req, i, fi))
+CONTAINED(release, answer_failure, (fuse_req_t req, fuse_ino_t i, file_info *fi), (req, i, fi))
+CONTAINED(fsync, answer_failure, (fuse_req_t req, fuse_ino_t i, int d, file_info *fi),
+          (req, i, d, fi))
+CONTAINED(opendir, answer_failure, (fuse_req_t req, fuse_ino_t i, file_info *fi), (req, i, fi))
+CONTAINED(readdir, answer_failure,
+          (fuse_req_t req, fuse_ino_t i, size_t s, off_t o, file_info *fi), (req, i, s, o, fi))
+CONTAINED(readdirplus, answer_failure,
+          (fuse_req_t req, fuse_ino_t i, size_t s, off_t o, file_info *fi), (req, i, s, o, fi))
+CONTAINED(releasedir, answer_failure, (fuse_req_t req, fuse_ino_t i, file_info *fi),
+          (req, i, fi))
+CONTAINED(fsyncdir, answer_failure, (fuse_req_t req, fuse_ino_t i, int d, file_info *fi),
+          (req, i, d, fi))
+CONTAINED(statfs, answer_failure, (fuse_req_t req, fuse_ino_t i), (req, i))
+CONTAINED(setxattr, answer_failure,
+          (fuse_req_t req, fuse_ino_t i, const char *n, const char *v, size_t s, int f),
+          (req, i, n, v, s, f))
+CONTAINED(getxattr, answer_failure, (fuse_req_t req, fuse_ino_t i, const char *n, size_t s),
+          (req, i, n, s))
+CONTAINED(listxattr, answer_failure, (fuse_req_t req, fuse_ino_t i, size_t s), (req, i, s))
+CONTAINED(removexattr, answer_failure, (fuse_req_t req, fuse_ino_t i, const char *n),
+          (req, i, n))
+CONTAINED(access, answer_failure, (fuse_req_t req, fuse_ino_t i, int m), (req, i, m))
+CONTAINED(create, answer_failure,
+          (fuse_req_t req, fuse_ino_t p, const char *n, mode_t m, file_info *fi),
+          (req, p, n, m, fi))
+CONTAINED(poll, answer_failure,
+          (fuse_req_t req, fuse_ino_t i, file_info *fi, struct fuse_pollhandle *ph),
+          (req, i, fi, ph))
+
+/* Route each operation pyfuse3 registered through its wrapper. */
+#define CONTAIN(op)                                                                          \
+    if (bridge_ops.op != NULL) {                                                            \
+        pyfuse3_##op = bridge_ops.op;                                                       \
+        bridge_ops.op = contained_##op;                                                     \
+    }
+
+static void contain_pyfuse3_operations(void) {
+    CONTAIN(lookup) CONTAIN(forget) CONTAIN(forget_multi) CONTAIN(getattr) CONTAIN(setattr)
+    CONTAIN(readlink) CONTAIN(mknod) CONTAIN(mkdir) CONTAIN(unlink) CONTAIN(rmdir)
+    CONTAIN(symlink) CONTAIN(rename) CONTAIN(link) CONTAIN(open) CONTAIN(read) CONTAIN(write)
+    CONTAIN(write_buf) CONTAIN(flush) CONTAIN(release) CONTAIN(fsync) CONTAIN(opendir)
+    CONTAIN(readdir) CONTAIN(readdirplus) CONTAIN(releasedir) CONTAIN(fsyncdir)
+    CONTAIN(statfs) CONTAIN(setxattr) CONTAIN(getxattr) CONTAIN(listxattr)
+    CONTAIN(removexattr) CONTAIN(access) CONTAIN(create) CONTAIN(poll)
+}
+
 /* -- the hook --------------------------------------------------------------------------- */
 
 struct fuse_session *fuse_session_new(struct fuse_args *args,
@@ -274,6 +407,7 @@ struct fuse_session *fuse_session_new(struct fuse_args *args,
     memcpy(&bridge_ops, op, op_size < sizeof bridge_ops ? op_size : sizeof bridge_ops);
     pyfuse3_init = bridge_ops.init;
     bridge_ops.init = bridge_init;
+    contain_pyfuse3_operations();
     bridge_ops.ioctl = bridge_ioctl;
     bridge_ops.fallocate = bridge_fallocate;
     bridge_ops.lseek = bridge_lseek;
@@ -294,14 +428,15 @@ static int replace_handler(PyObject **slot, PyObject *handler) {
 
 static PyObject *bridge_set_handlers(PyObject *module, PyObject *args, PyObject *kwargs) {
     (void)module;
-    static char *keywords[] = {"ioctl", "fallocate", "lseek", NULL};
-    PyObject *ioctl = Py_None, *fallocate = Py_None, *lseek = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$OOO", keywords, &ioctl, &fallocate,
-                                     &lseek))
+    static char *keywords[] = {"ioctl", "fallocate", "lseek", "failure", NULL};
+    PyObject *ioctl = Py_None, *fallocate = Py_None, *lseek = Py_None, *failure = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$OOOO", keywords, &ioctl, &fallocate,
+                                     &lseek, &failure))
         return NULL;
     if (replace_handler(&ioctl_handler, ioctl) < 0 ||
         replace_handler(&fallocate_handler, fallocate) < 0 ||
-        replace_handler(&lseek_handler, lseek) < 0)
+        replace_handler(&lseek_handler, lseek) < 0 ||
+        replace_handler(&failure_handler, failure) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -336,11 +471,12 @@ static PyObject *bridge_active(PyObject *module, PyObject *unused) {
 static PyMethodDef bridge_methods[] = {
     {"set_handlers", (PyCFunction)(void (*)(void))bridge_set_handlers,
      METH_VARARGS | METH_KEYWORDS,
-     "set_handlers(*, ioctl=None, fallocate=None, lseek=None): the Python callables for "
-     "these requests: ioctl(request, ino, cmd, fh, is_dir, data, out_size), "
+     "set_handlers(*, ioctl=None, fallocate=None, lseek=None, failure=None): the Python "
+     "callables for these requests: ioctl(request, ino, cmd, fh, is_dir, data, out_size), "
      "fallocate(request, ino, fh, mode, offset, length), lseek(request, ino, fh, offset, "
      "whence). Each must answer its request once; a missing handler answers ENOTTY, "
-     "EOPNOTSUPP and ENOSYS respectively."},
+     "EOPNOTSUPP and ENOSYS respectively. failure(operation, exception, errno) is told of "
+     "a request pyfuse3 could not hand to its handler (answered with that errno)."},
     {"invalidate_range", bridge_invalidate_range, METH_VARARGS,
      "invalidate_range(ino, offset, length): drop that byte range from the kernel's page "
      "cache. Blocks while the kernel writes back dirty pages through this daemon: call it "

@@ -16,12 +16,15 @@ class Request:
 IoctlHandler = Callable[[Request, int, int, int, bool, bytes, int], None]
 FallocateHandler = Callable[[Request, int, int, int, int, int], None]
 LseekHandler = Callable[[Request, int, int, int, int], None]
+#: Told of a request pyfuse3 could not hand to its handler: operation, exception, errno sent.
+FailureHandler = Callable[[str, BaseException, int], None]
 
 def set_handlers(
     *,
     ioctl: IoctlHandler | None = None,
     fallocate: FallocateHandler | None = None,
     lseek: LseekHandler | None = None,
+    failure: FailureHandler | None = None,
 ) -> None: ...
 def invalidate_range(ino: int, offset: int, length: int) -> None: ...
 def active() -> bool: ...

@@ -41,6 +41,7 @@ from volfs.abi import (
 from volfs.namespace import Inode, Namespace
 from volfs.pressure import PressureSettings, watch_pressure
 from volfs.store import PAGE_SHIFT
+from volfs.worker import WorkerThread
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,8 @@ class VolfsOperations(pyfuse3.Operations):
         self.purged_reads_zero = purged_reads_zero
         #: Where requests answered later (purges) run; set by :func:`serve`.
         self.nursery: trio.Nursery | None = None
+        #: The thread dropping purged pages from the kernel's cache, while serving.
+        self.cache_dropper: WorkerThread | None = None
         #: Inodes whose purged pages are still being dropped from the kernel's cache, with
         #: an event per drop in progress.
         self._dropping: dict[int, list[trio.Event]] = {}
@@ -612,7 +615,7 @@ class VolfsOperations(pyfuse3.Operations):
 
         async def drop() -> None:
             try:
-                await drop_from_kernel_cache(invalidations)
+                await self._drop_ranges(invalidations)
             finally:
                 done.set()
                 for ino in inodes:
@@ -622,6 +625,15 @@ class VolfsOperations(pyfuse3.Operations):
                         del self._dropping[ino]
 
         return drop
+
+    async def _drop_ranges(self, invalidations: list[tuple[int, int, int]]) -> None:
+        """Drop purged byte ranges ``(ino, offset, length)`` from the kernel's page cache.
+
+        Done in a worker thread: the kernel first writes dirty mmap pages of the range back
+        through this daemon, whose requests the event loop must stay free to serve.
+        """
+        assert self.cache_dropper is not None, "drops start once serving"
+        await self.cache_dropper.run(functools.partial(_invalidate_all, invalidations))
 
     async def _drop_from_kernel_cache(self, invalidations: list[tuple[int, int, int]]) -> None:
         """Drop purged ranges from the kernel's cache and wait for it."""
@@ -640,9 +652,15 @@ class VolfsOperations(pyfuse3.Operations):
         Returns once the memory is back with the system, so the caller can judge whether
         the pressure eased.
         """
-        result = self.namespace.purger.purge(wanted, source="pressure")
-        await self._drop_from_kernel_cache(result.invalidations)
-        await self.namespace.store.wait_reclaimed()
+        try:
+            result = self.namespace.purger.purge(wanted, source="pressure")
+            await self._drop_from_kernel_cache(result.invalidations)
+            await self.namespace.store.wait_reclaimed()
+        except Exception:
+            # The watcher must outlive a failed batch (out of memory, a bug): it is what
+            # gives memory back the next time.
+            log.exception("purging for memory pressure failed")
+            return 0
         return result.freed_bytes
 
     async def _purge(self, request: bridge.Request, wanted: int) -> None:
@@ -656,20 +674,22 @@ def _invalidate_all(invalidations: list[tuple[int, int, int]]) -> None:
     for ino, offset, length in invalidations:
         # A range reaching past the largest offset (a page-rounded 2**63-1 byte file) does not
         # fit an off_t: length 0 asks the kernel for everything from offset on.
-        bridge.invalidate_range(ino, offset, length if offset + length < 1 << 63 else 0)
+        try:
+            bridge.invalidate_range(ino, offset, length if offset + length < 1 << 63 else 0)
+        except OSError as error:
+            # Only an unmounted session refuses; its cache is gone with it.
+            log.warning("cannot drop inode %d's purged pages from the kernel cache: %s", ino, error)
 
 
-async def drop_from_kernel_cache(invalidations: list[tuple[int, int, int]]) -> None:
-    """Drop purged byte ranges from the kernel's page cache.
-
-    Done in a worker thread: the kernel first writes dirty mmap pages of the range back
-    through this daemon, whose requests the event loop must stay free to serve.
-    """
-    if invalidations:
-        await trio.to_thread.run_sync(_invalidate_all, invalidations)
-
-
-# -- the mount's lifecycle --------------------------------------------------------------------
+def _log_unserved_request(operation: str, error: BaseException, code: int) -> None:
+    """Log a request pyfuse3 could not hand to its handler; the bridge answered ``code``."""
+    reason = "out of memory" if isinstance(error, MemoryError) else repr(error)
+    log.error(
+        "%s request failed before its handler ran: %s; answered %s",
+        operation,
+        reason,
+        errno.errorcode.get(code, code),
+    )
 
 
 def mount(operations: VolfsOperations, mountpoint: str, options: set[str]) -> None:
@@ -684,12 +704,24 @@ def mount(operations: VolfsOperations, mountpoint: str, options: set[str]) -> No
         pyfuse3.close(unmount=True)
         raise RuntimeError("the ioctl bridge did not take hold of the FUSE session")
     bridge.set_handlers(
-        ioctl=operations.ioctl, fallocate=operations.fallocate, lseek=operations.lseek
+        ioctl=operations.ioctl,
+        fallocate=operations.fallocate,
+        lseek=operations.lseek,
+        failure=_log_unserved_request,
     )
 
 
 async def serve(operations: VolfsOperations, pressure: PressureSettings) -> None:
     """Serve requests until the filesystem is unmounted or :func:`terminate` is called."""
+    with WorkerThread("volfs-cache-drop") as cache_dropper:
+        operations.cache_dropper = cache_dropper
+        try:
+            await _serve_until_unmounted(operations, pressure)
+        finally:
+            operations.cache_dropper = None
+
+
+async def _serve_until_unmounted(operations: VolfsOperations, pressure: PressureSettings) -> None:
     async with trio.open_nursery() as nursery:
         operations.nursery = nursery
         await nursery.start(operations.namespace.store.run_reclaimer, name="reclaimer")

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
+import logging
 import mmap
 import os
 from collections.abc import Callable, Iterator
@@ -27,6 +29,7 @@ from sortedcontainers import SortedDict
 
 from volfs.abi import PAGE_SIZE
 from volfs.intervals import add_interval, clip, remove_interval
+from volfs.worker import WorkerThread
 
 PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 
@@ -36,6 +39,9 @@ MAX_FILE_SIZE = (1 << 63) - 1
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
+
+log = logging.getLogger(__name__)
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
@@ -43,6 +49,10 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c
 INLINE_PUNCH_PAGES = 256
 
 Run = tuple[int, int]
+
+#: Zeros written over pages the kernel would not punch, allocated while memory is plentiful.
+_ZEROS_PAGES = 256
+_ZEROS = memoryview(bytes(_ZEROS_PAGES << PAGE_SHIFT))
 
 #: A page number past any file.
 _NO_PAGE = (MAX_FILE_SIZE >> PAGE_SHIFT) + 1
@@ -182,8 +192,16 @@ class Arena:
         self.dirty_pages = 0
         return runs
 
-    def punch(self, runs: list[Run]) -> None:
-        """Free the memory of ``runs``. Safe in a worker thread: it touches no Python state."""
+    def punch(self, runs: list[Run]) -> int:
+        """Free the memory of ``runs``. Safe in a worker thread: it touches no Python state.
+
+        Should the kernel refuse to punch, the pages are overwritten with zeros instead, so
+        that free pages still read as zeros; their memory then stays with the daemon.
+
+        Returns:
+            The errno of the first refusal, or 0 if all memory went back to the system.
+        """
+        refused = 0
         for start, count in runs:
             if (
                 _libc.fallocate(
@@ -194,8 +212,11 @@ class Arena:
                 )
                 != 0
             ):
-                code = ctypes.get_errno()
-                raise OSError(code, f"punching arena pages: {os.strerror(code)}")
+                refused = refused or ctypes.get_errno()
+                for page in range(start, start + count, _ZEROS_PAGES):
+                    pages = min(_ZEROS_PAGES, start + count - page)
+                    os.pwrite(self._fd, _ZEROS[: pages << PAGE_SHIFT], page << PAGE_SHIFT)
+        return refused
 
     def give_back(self, runs: list[Run]) -> None:
         """Add punched runs to the free space. Runtime complexity: O(r log f) for r runs."""
@@ -613,25 +634,29 @@ class Store:
         """Punch released pages as they come, until cancelled."""
         arena = self.arena
         arena.on_release = self._wakeup.set
-        task_status.started()
-        try:
-            while True:
-                await self._wakeup.wait()
-                self._wakeup = trio.Event()
-                arena.on_release = self._wakeup.set
-                runs = arena.take_dirty()
-                if sum(count for _start, count in runs) <= INLINE_PUNCH_PAGES:
-                    arena.punch(runs)
-                else:
-                    # Shielded: runs taken must come back even if the mount is going away.
-                    with trio.CancelScope(shield=True):
-                        await trio.to_thread.run_sync(arena.punch, runs)
-                arena.give_back(runs)
-                self._reclaimed.set()
-                self._reclaimed = trio.Event()
-        finally:
-            arena.on_release = None
-            arena._punch_dirty_now()
+        with WorkerThread("volfs-reclaimer") as worker:
+            task_status.started()
+            try:
+                while True:
+                    await self._wakeup.wait()
+                    self._wakeup = trio.Event()
+                    arena.on_release = self._wakeup.set
+                    runs = arena.take_dirty()
+                    if sum(count for _start, count in runs) <= INLINE_PUNCH_PAGES:
+                        refused = arena.punch(runs)
+                    else:
+                        refused = await worker.run(functools.partial(arena.punch, runs))
+                    if refused:
+                        log.error(
+                            "released memory stays with the daemon: punching it failed: %s",
+                            os.strerror(refused),
+                        )
+                    arena.give_back(runs)
+                    self._reclaimed.set()
+                    self._reclaimed = trio.Event()
+            finally:
+                arena.on_release = None
+                arena._punch_dirty_now()
 
     def close(self) -> None:
         """Give all memory back; the store is unusable afterwards."""
