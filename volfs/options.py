@@ -18,6 +18,9 @@ from volfs.pressure import PressureSettings
 #: The most a size cap may be: the arena is one mapping and must fit the address space.
 MAX_SIZE = 1 << 46
 
+#: The longest ``fsname=``: all mount options together must fit the kernel's one page.
+MAX_FSNAME = 255
+
 _SUFFIXES = {
     "": 1,
     "k": 1 << 10,
@@ -35,7 +38,6 @@ FUSE_FLAG_OPTIONS = frozenset(
         "allow_root",
         "auto_unmount",
         "default_permissions",
-        "blkdev",
         "rw",
         "ro",
         "dev",
@@ -58,7 +60,6 @@ FUSE_FLAG_OPTIONS = frozenset(
         "debug",
     }
 )
-FUSE_VALUE_OPTIONS = frozenset({"fsname", "subtype", "max_read"})
 
 #: Options mount(8), mount.fuse3 or fstab may hand over that mean nothing to the daemon.
 IGNORED_OPTIONS = frozenset(
@@ -80,7 +81,15 @@ IGNORED_OPTIONS = frozenset(
 
 
 class OptionError(ValueError):
-    """A mount option that is unknown or has a bad value."""
+    """A mount option that is unknown or has a bad value.
+
+    Its text is one printable line: control characters of the option quoted in it are
+    shown escaped.
+    """
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +129,7 @@ def parse_size(text: str, *, memory: int) -> int:
     Raises:
         OptionError: malformed or out of range.
     """
-    match = re.fullmatch(r"(\d+)([kmgtpe%]?)", text.strip(), re.IGNORECASE)
+    match = re.fullmatch(r"([0-9]+)([kmgtpe%]?)", text.strip(), re.IGNORECASE)
     if not match:
         raise OptionError(
             f"size={text}: expected a number of bytes with an optional "
@@ -136,14 +145,14 @@ def parse_size(text: str, *, memory: int) -> int:
 
 def parse_count(name: str, text: str) -> int:
     """Parse a count with an optional k/m/g suffix (``nr_inodes=``)."""
-    match = re.fullmatch(r"(\d+)([kmg]?)", text.strip(), re.IGNORECASE)
+    match = re.fullmatch(r"([0-9]+)([kmg]?)", text.strip(), re.IGNORECASE)
     if not match:
         raise OptionError(f"{name}={text}: expected a number with an optional k, m or g suffix")
     return int(match.group(1)) * _SUFFIXES[match.group(2).lower()]
 
 
 def _parse_id(name: str, text: str) -> int:
-    if not re.fullmatch(r"\d+", text) or int(text) >= 0xFFFFFFFF:
+    if not re.fullmatch(r"[0-9]+", text) or int(text) >= 0xFFFFFFFF:
         raise OptionError(f"{name}={text}: expected a numeric id")
     return int(text)
 
@@ -199,28 +208,32 @@ def parse_mount_options(
                 raise OptionError(f"pressure={value}: expected on or off")
             pressure["enabled"] = value == "on"
         elif name == "pressure_stall" and has_value:
-            if not re.fullmatch(r"\d+", value) or not 1 <= int(value) <= 2000:
+            if not re.fullmatch(r"[0-9]+", value) or not 1 <= int(value) <= 2000:
                 raise OptionError(f"pressure_stall={value}: expected milliseconds, 1 to 2000")
             pressure["stall_us"] = int(value) * 1000
         elif name == "pressure_watermark" and has_value:
             pressure["watermark"] = parse_size(value, memory=memory)
+            if pressure["watermark"] > memory:
+                # MemAvailable never gets that high: volatile data would be purged nonstop.
+                raise OptionError(f"pressure_watermark={value}: more than the machine's memory")
         elif name == "pressure_batch" and has_value:
             pressure["batch"] = parse_size(value, memory=memory)
             if not pressure["batch"]:
                 raise OptionError(f"pressure_batch={value}: must be more than 0")
         elif name == "fsname" and has_value:
             fsname = value
-        elif name in FUSE_VALUE_OPTIONS and has_value:
-            if name != "subtype":
-                fuse_options.add(item)
+        elif name == "subtype" and has_value:
+            continue  # mount.fuse3 passes the type's subtype on; it is always volfs
         elif not has_value and name in FUSE_FLAG_OPTIONS:
             fuse_options.add(name)
         elif (not has_value and name in IGNORED_OPTIONS) or name.startswith(("x-", "comment")):
             continue
         else:
             raise OptionError(f"unknown mount option '{item}'")
-    if not fsname or "," in fsname:
-        raise OptionError(f"fsname={fsname}: must be a non-empty name without commas")
+    if not fsname or "," in fsname or len(fsname.encode()) > MAX_FSNAME:
+        raise OptionError(
+            f"fsname={fsname[:40]}: must be a name of 1 to {MAX_FSNAME} bytes without commas"
+        )
     fuse_options.add(f"fsname={fsname}")
     return MountOptions(
         size=size,
