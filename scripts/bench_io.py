@@ -23,7 +23,8 @@ Jobs (fio jobs run as a single fio process each, ``--output-format=json``):
 "Cold" means the page cache is dropped (``/proc/sys/vm/drop_caches``) before the job and fio
 runs with ``invalidate=1``; "warm" means the whole file is read into the page cache first.
 seqwrite writes a new file; the other fio jobs reuse it (laid out first if seqwrite is not
-selected). Results are the median of ``--repeat`` runs, each on a fresh mount.
+selected). Results are the median of ``--repeat`` runs, each on a fresh mount, the targets
+taking turns (reversed every other repeat); a ratio is the median of the repeats' ratios.
 
 Needs root (tmpfs mount, drop_caches), fio and fusermount3.
 
@@ -427,10 +428,15 @@ class JobRunner:
 # -- reporting ---------------------------------------------------------------------------------
 
 
-def ratio(values: dict[str, float], num: str, den: str) -> float | None:
-    if num in values and den in values and values[den] > 0:
-        return values[num] / values[den]
-    return None
+def paired_ratio(runs: dict[str, list[float]], num: str, den: str) -> float | None:
+    """The median over repeats of ``num``'s value divided by ``den``'s in the same repeat.
+
+    Runs of one repeat are minutes apart at most, so a machine that slows down or speeds up
+    over the whole benchmark moves both sides of each quotient alike.
+    """
+    pairs = zip(runs.get(num, []), runs.get(den, []), strict=False)
+    quotients = [a / b for a, b in pairs if b > 0]
+    return statistics.median(quotients) if quotients else None
 
 
 def ratio_columns(targets: Sequence[str]) -> list[tuple[str, str]]:
@@ -452,19 +458,22 @@ def format_ratio(value: float | None) -> str:
 
 
 def render_table(
-    medians: dict[str, dict[str, float]], targets: Sequence[str], jobs: Sequence[str]
+    runs: dict[str, dict[str, list[float]]], targets: Sequence[str], jobs: Sequence[str]
 ) -> str:
     ratios = ratio_columns(targets)
     header = ["job", "unit", *targets, *(f"{a}/{b}" for a, b in ratios)]
     rows = [header]
     for job in jobs:
-        values = medians[job]
+        values = runs[job]
         rows.append(
             [
                 JOBS[job].label,
                 JOBS[job].unit,
-                *(format_value(values.get(t)) for t in targets),
-                *(format_ratio(ratio(values, a, b)) for a, b in ratios),
+                *(
+                    format_value(statistics.median(values[t]) if t in values else None)
+                    for t in targets
+                ),
+                *(format_ratio(paired_ratio(values, a, b)) for a, b in ratios),
             ]
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -582,7 +591,9 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, dict[str, li
     )
     runs: dict[str, dict[str, list[float]]] = {job: {} for job in args.jobs}
     for rep in range(args.repeat):
-        for target in args.targets:
+        # Every other repeat in reverse order, so that no target always runs first or last.
+        order = args.targets if rep % 2 == 0 else args.targets[::-1]
+        for target in order:
             with mounted(target, settings) as mountpoint:
                 runner = JobRunner(target, mountpoint, settings, rep)
                 for job in args.jobs:
@@ -646,7 +657,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "median": medians[job],
                     "runs": runs[job],
                     "ratios": {
-                        f"{a}/{b}": ratio(medians[job], a, b)
+                        f"{a}/{b}": paired_ratio(runs[job], a, b)
                         for a, b in ratio_columns(args.targets)
                     },
                 }
@@ -658,9 +669,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(
             f"# size={format_size(args.size)} runtime={args.runtime:g}s files={args.files} "
-            f"repeat={args.repeat} (median)"
+            f"repeat={args.repeat} (medians; ratios are medians of each repeat's ratio)"
         )
-        print(render_table(medians, args.targets, args.jobs))
+        print(render_table(runs, args.targets, args.jobs))
     return 0
 
 

@@ -185,9 +185,12 @@ class VolfsOperations(pyfuse3.Operations):
             except Exception:
                 log.exception("forget(%d, %d) failed", ino, count)
 
-    @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._attributes(self.namespace.get(inode))
+        # Among the most frequent requests: no decorator frame (nothing else here can fail).
+        try:
+            return self._attributes(self.namespace.get(inode))
+        except OSError as error:
+            raise pyfuse3.FUSEError(error.errno or errno.EIO) from None
 
     @fuse_errors
     async def setattr(
@@ -450,11 +453,14 @@ class VolfsOperations(pyfuse3.Operations):
     ) -> None:
         self.namespace.setxattr(self.namespace.get(inode), name, value)
 
-    @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         # On the write path: the kernel asks for security.capability before every write(2),
-        # and the answer is almost always "none". Answer that without raising twice.
-        value = self.namespace.get(inode).xattrs.get(name)
+        # and the answer is almost always "none". Answer that without a decorator frame and
+        # without raising twice.
+        try:
+            value = self.namespace.get(inode).xattrs.get(name)
+        except OSError as error:
+            raise pyfuse3.FUSEError(error.errno or errno.EIO) from None
         if value is None:
             raise pyfuse3.FUSEError(errno.ENODATA)
         return value
