@@ -44,7 +44,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -53,12 +52,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
+
+import volfs_mounts
 
 log = logging.getLogger("bench_io")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 CEILING_SCRIPT = Path(__file__).resolve().parent / "ceiling_fs.py"
 
 TARGETS = ("volfs", "ceiling", "tmpfs", "ceiling-noxattr")
@@ -144,32 +143,6 @@ def format_size(size: int) -> str:
     return str(size)
 
 
-def is_mounted(path: Path) -> bool:
-    """True if *path* is a mount point according to the kernel (also for dead FUSE mounts)."""
-    target = os.path.realpath(path)
-    with open("/proc/self/mounts", encoding="utf-8") as mounts:
-        for line in mounts:
-            fields = line.split()
-            if len(fields) > 1 and fields[1].replace("\\040", " ") == target:
-                return True
-    return False
-
-
-def run_quiet(cmd: Sequence[str | os.PathLike[str]]) -> subprocess.CompletedProcess[str]:
-    log.debug("running %s", " ".join(map(str, cmd)))
-    return subprocess.run(
-        cmd, check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True
-    )
-
-
-def tail(path: Path, lines: int = 20) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
 def drop_caches() -> None:
     os.sync()
     try:
@@ -184,119 +157,30 @@ def drop_caches() -> None:
 
 def daemon_command(target: str, settings: Settings, mountpoint: Path) -> list[str]:
     if target == "volfs":
-        return [
-            settings.python,
-            "-m",
-            "volfs",
-            "-f",
-            "-o",
-            f"size={settings.fs_size}",
-            str(mountpoint),
-        ]
+        return volfs_mounts.volfs_command(mountpoint, f"size={settings.fs_size}", settings.python)
     extra = ["--no-xattr"] if target == "ceiling-noxattr" else []
     return [settings.python, str(CEILING_SCRIPT), str(mountpoint), *extra]
-
-
-def start_daemon(
-    target: str, settings: Settings, mountpoint: Path, logfile: Path
-) -> subprocess.Popen[bytes]:
-    cmd = daemon_command(target, settings, mountpoint)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    log.debug("starting %s", " ".join(cmd))
-    with open(logfile, "wb") as out:
-        # A new session keeps Ctrl-C away from the daemon: the benchmark unmounts it instead.
-        return subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-            env=env,
-            start_new_session=True,
-        )
-
-
-def wait_for_mount(
-    target: str, proc: subprocess.Popen[bytes], mountpoint: Path, logfile: Path, timeout: float
-) -> None:
-    cmd = " ".join(map(str, proc.args)) if isinstance(proc.args, list) else str(proc.args)
-    deadline = time.monotonic() + timeout
-    while not (is_mounted(mountpoint) and os.path.ismount(mountpoint)):
-        if proc.poll() is not None:
-            raise BenchError(
-                f"{target} daemon exited with status {proc.returncode} before mounting "
-                f"({cmd}):\n{tail(logfile)}"
-            )
-        if time.monotonic() > deadline:
-            raise BenchError(f"{target} not mounted after {timeout:g} s ({cmd}):\n{tail(logfile)}")
-        time.sleep(0.05)
-
-
-def stop_daemon(
-    target: str,
-    mountpoint: Path,
-    proc: subprocess.Popen[bytes] | None,
-    logfile: Path,
-    report_exit: bool,
-) -> None:
-    if is_mounted(mountpoint):
-        result = run_quiet(["fusermount3", "-u", str(mountpoint)])
-        if result.returncode != 0:
-            log.warning(
-                "%s: fusermount3 -u failed (%s), unmounting lazily", target, result.stderr.strip()
-            )
-            run_quiet(["fusermount3", "-u", "-z", str(mountpoint)])
-    if proc is None:
-        return
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        log.warning("%s daemon still running after unmount, terminating it", target)
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    if proc.returncode != 0 and report_exit:
-        log.warning("%s daemon exited with status %s:\n%s", target, proc.returncode, tail(logfile))
 
 
 @contextlib.contextmanager
 def mounted(target: str, settings: Settings) -> Iterator[Path]:
     """Mount *target* on a fresh directory; always unmount and remove it afterwards."""
     mountpoint = Path(tempfile.mkdtemp(prefix=f"mnt-{target}-", dir=settings.workdir))
-    logfile = settings.workdir / f"{mountpoint.name}.log"
-    proc: subprocess.Popen[bytes] | None = None
-    ready = False
-    try:
+    with contextlib.ExitStack() as stack:
         if target == "tmpfs":
-            result = run_quiet(
-                ["mount", "-t", "tmpfs", "-o", f"size={settings.fs_size}", "tmpfs", str(mountpoint)]
+            stack.enter_context(volfs_mounts.tmpfs(mountpoint, settings.fs_size))
+        else:
+            stack.enter_context(
+                volfs_mounts.mounted(
+                    daemon_command(target, settings, mountpoint),
+                    mountpoint,
+                    settings.workdir / f"{mountpoint.name}.log",
+                    name=target,
+                    fstype="fuse.volfs" if target == "volfs" else "fuse.ceiling",
+                    timeout=settings.mount_timeout,
+                )
             )
-            if result.returncode != 0:
-                raise BenchError(f"mounting tmpfs failed: {result.stderr.strip()}")
-        else:
-            proc = start_daemon(target, settings, mountpoint, logfile)
-            wait_for_mount(target, proc, mountpoint, logfile, settings.mount_timeout)
-        ready = True
-        log.info("%s mounted on %s", target, mountpoint)
         yield mountpoint
-    finally:
-        if target == "tmpfs":
-            if is_mounted(mountpoint):
-                result = run_quiet(["umount", str(mountpoint)])
-                if result.returncode != 0:
-                    log.warning("umount failed (%s), unmounting lazily", result.stderr.strip())
-                    run_quiet(["umount", "-l", str(mountpoint)])
-        else:
-            stop_daemon(target, mountpoint, proc, logfile, report_exit=ready)
-        if is_mounted(mountpoint):
-            log.error("%s is still mounted on %s", target, mountpoint)
-        else:
-            with contextlib.suppress(OSError):
-                mountpoint.rmdir()
 
 
 # -- jobs --------------------------------------------------------------------------------------
@@ -575,10 +459,6 @@ def preflight(targets: Sequence[str], jobs: Sequence[str]) -> None:
         raise BenchError(f"{CEILING_SCRIPT} not found")
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, dict[str, list[float]]]:
     settings = Settings(
         size=args.size,
@@ -613,23 +493,15 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, dict[str, li
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-    signal.signal(signal.SIGTERM, _interrupt)
+    volfs_mounts.setup_main(args.verbose)
     try:
         preflight(args.targets, args.jobs)
         workdir = Path(tempfile.mkdtemp(prefix="bench_io-"))
         try:
             runs = benchmark(args, workdir)
         finally:
-            if any(is_mounted(path) for path in workdir.iterdir()):
-                log.error("leaving %s in place: something is still mounted there", workdir)
-            else:
-                shutil.rmtree(workdir, ignore_errors=True)
-    except BenchError as exc:
+            volfs_mounts.remove_workdir(workdir)
+    except (BenchError, volfs_mounts.MountError) as exc:
         log.error("%s", exc)
         return 1
     except KeyboardInterrupt:

@@ -16,12 +16,13 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+import volfs_mounts
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -41,14 +42,6 @@ def rss(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-def is_volfs_mount(path: Path) -> bool:
-    target = os.fsencode(os.path.realpath(path))
-    with open("/proc/self/mounts", "rb") as mounts:
-        return any(
-            line.split()[1] == target and line.split()[2] == b"fuse.volfs" for line in mounts
-        )
-
-
 @contextlib.contextmanager
 def volfs_with_fifo(python: str, cap: int, batch: int) -> Iterator[tuple[Path, Path, int]]:
     """Mount a volfs watching a FIFO for pressure; yield (mountpoint, fifo, daemon pid)."""
@@ -56,23 +49,14 @@ def volfs_with_fifo(python: str, cap: int, batch: int) -> Iterator[tuple[Path, P
         mountpoint, fifo = Path(workdir, "mnt"), Path(workdir, "pressure")
         mountpoint.mkdir()
         os.mkfifo(fifo)
-        command = [
-            python, "-m", "volfs", "-f", "-o",
-            f"size={cap},pressure_batch={batch},pressure_watermark=0", str(mountpoint),
-        ]  # fmt: skip
-        env = dict(os.environ, MEMORY_PRESSURE_WATCH=str(fifo))
-        with subprocess.Popen(command, env=env, cwd=REPO, stderr=subprocess.PIPE) as daemon:
-            try:
-                deadline = time.monotonic() + 20
-                while not is_volfs_mount(mountpoint):
-                    if daemon.poll() is not None or time.monotonic() > deadline:
-                        assert daemon.stderr is not None
-                        raise RuntimeError(f"volfs did not mount: {daemon.stderr.read()!r}")
-                    time.sleep(0.01)
-                yield mountpoint, fifo, daemon.pid
-            finally:
-                subprocess.run(["fusermount3", "-u", str(mountpoint)], check=False)
-                daemon.wait(timeout=30)
+        options = f"size={cap},pressure_batch={batch},pressure_watermark=0"
+        with volfs_mounts.mounted(
+            volfs_mounts.volfs_command(mountpoint, options, python),
+            mountpoint,
+            Path(workdir, "volfs.log"),
+            env={"MEMORY_PRESSURE_WATCH": str(fifo)},
+        ) as daemon:
+            yield mountpoint, fifo, daemon.process.pid
 
 
 def fill_volatile(path: Path, size: int, range_size: int) -> int:

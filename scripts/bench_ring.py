@@ -41,7 +41,6 @@ import platform
 import re
 import shutil
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +49,8 @@ from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
+
+import volfs_mounts
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -95,73 +96,11 @@ def human(size: int) -> str:
 # -- mounts ------------------------------------------------------------------------------------
 
 
-def mounted_as(path: Path) -> str | None:
-    """The filesystem type mounted at ``path``, per /proc/self/mounts (None: not a mountpoint)."""
-    target = os.path.realpath(path)
-    kind = None
-    with open("/proc/self/mounts", encoding="utf-8") as mounts:
-        for line in mounts:
-            fields = line.split()
-            if len(fields) > 2 and fields[1].replace("\\040", " ") == target:
-                kind = fields[2]
-    return kind
-
-
-@contextlib.contextmanager
-def volfs_mount(workdir: Path, size: str, python: str) -> Iterator[Path]:
-    """Mount a volfs under ``workdir`` in the foreground; unmount it whatever happens."""
-    mountpoint = workdir / "volfs"
-    mountpoint.mkdir()
-    log_path = workdir / "volfs.log"
-    command = [python, "-m", "volfs", "-f", "-o", f"size={size}", str(mountpoint)]
-    with open(log_path, "wb") as log_file:
-        daemon = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-            start_new_session=True,  # Ctrl-C reaches the benchmark, which unmounts
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while mounted_as(mountpoint) != "fuse.volfs":
-            if daemon.poll() is not None:
-                raise BenchError(
-                    f"volfs exited with {daemon.returncode}:\n{log_path.read_text()[-2000:]}"
-                )
-            if time.monotonic() > deadline:
-                raise BenchError(f"volfs did not mount within 30 s ({' '.join(command)})")
-            time.sleep(0.05)
-        yield mountpoint
-    finally:
-        for _attempt in range(20):
-            if mounted_as(mountpoint) != "fuse.volfs":
-                break
-            done = subprocess.run(
-                ["fusermount3", "-u", str(mountpoint)], check=False, capture_output=True
-            )
-            if done.returncode == 0:
-                break
-            time.sleep(0.1)
-        else:
-            subprocess.run(
-                ["fusermount3", "-u", "-z", str(mountpoint)], check=False, capture_output=True
-            )
-        try:
-            status = daemon.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            status = daemon.wait()
-        if status != 0:
-            print(f"warning: volfs exited with status {status}", file=sys.stderr)
-
-
 @contextlib.contextmanager
 def tmpfs_mount(workdir: Path, size: str) -> Iterator[Path]:
     """Mount a kernel tmpfs (root), else use a directory in /dev/shm (also tmpfs)."""
     if os.geteuid() != 0:
-        if mounted_as(Path("/dev/shm")) != "tmpfs":
+        if volfs_mounts.mount_type(Path("/dev/shm")) != "tmpfs":
             raise BenchError("not root, and /dev/shm is no tmpfs: no kernel tmpfs to compare")
         directory = Path(tempfile.mkdtemp(prefix="bench_ring-", dir="/dev/shm"))
         try:
@@ -171,15 +110,8 @@ def tmpfs_mount(workdir: Path, size: str) -> Iterator[Path]:
         return
     mountpoint = workdir / "tmpfs"
     mountpoint.mkdir()
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint)],
-        check=True,
-        capture_output=True,
-    )
-    try:
+    with volfs_mounts.tmpfs(mountpoint, size):
         yield mountpoint
-    finally:
-        subprocess.run(["umount", str(mountpoint)], check=False, capture_output=True)
 
 
 # -- the two processes -------------------------------------------------------------------------
@@ -525,8 +457,14 @@ def benchmark(settings: Settings) -> dict[tuple[str, int], Result]:
     results: dict[tuple[str, int], Result] = {}
     workdir = Path(tempfile.mkdtemp(prefix="bench_ring-"))
     try:
+        volfs = workdir / "volfs"
+        volfs.mkdir()
         with (
-            volfs_mount(workdir, settings.volfs_size, settings.python) as volfs,
+            volfs_mounts.mounted(
+                volfs_mounts.volfs_command(volfs, f"size={settings.volfs_size}", settings.python),
+                volfs,
+                workdir / "volfs.log",
+            ),
             tmpfs_mount(workdir, f"{settings.capacity // MiB + 64}m") as tmpfs,
         ):
             for size in settings.sizes:
@@ -545,10 +483,7 @@ def benchmark(settings: Settings) -> dict[tuple[str, int], Result]:
                 for transport in TRANSPORTS:
                     results[(transport, size)] = median(runs[transport])
     finally:
-        # The mountpoints, and the daemon's log (its tail is in any error): unless something
-        # is somehow still mounted there.
-        if not any(mounted_as(child) for child in workdir.iterdir()):
-            shutil.rmtree(workdir, ignore_errors=True)
+        volfs_mounts.remove_workdir(workdir)
     return results
 
 
@@ -593,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         results = benchmark(settings)
-    except BenchError as error:
+    except (BenchError, volfs_mounts.MountError) as error:
         print(f"bench_ring: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

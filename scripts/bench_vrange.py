@@ -38,18 +38,17 @@ import logging
 import os
 import platform
 import shutil
-import signal
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
+
+import volfs_mounts
 
 from volfs.abi import (
     PAGE_SIZE,
@@ -66,7 +65,6 @@ from volfs.client import fvrange, vrange_status
 
 log = logging.getLogger("bench_vrange")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SIZES = (100, 10_000, 1_000_000)
 #: Both latencies of a pair, and of the scaling check, may be this many times the reference.
 TARGET_FACTOR = 2.0
@@ -137,128 +135,38 @@ class SizeResult:
 # -- mounting ----------------------------------------------------------------------------------
 
 
-def is_mounted(path: Path) -> bool:
-    """True if the kernel lists *path* as a fuse.volfs mount (also a dead one)."""
-    target = os.path.realpath(path)
-    with open("/proc/self/mounts", encoding="utf-8") as mounts:
-        for line in mounts:
-            fields = line.split()
-            if len(fields) > 2 and fields[1].replace("\\040", " ") == target:
-                return fields[2] == "fuse.volfs"
-    return False
-
-
-def tail(path: Path, lines: int = 20) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
-class Mount:
-    """A volfs daemon serving ``path`` in the foreground."""
-
-    def __init__(self, path: Path, proc: subprocess.Popen[bytes], logfile: Path) -> None:
-        self.path = path
-        self.proc = proc
-        self.logfile = logfile
-
-    def check_alive(self) -> None:
-        """Raise BenchError, with the end of the daemon's log, if the daemon has exited."""
-        status = self.proc.poll()
-        if status is not None:
-            raise BenchError(f"the volfs daemon exited with status {status}:\n{tail(self.logfile)}")
-
-    def failed(self, what: str, error: OSError) -> BenchError:
-        """The error to raise when a system call on the mount failed."""
-        self.check_alive()
-        return BenchError(f"{what} failed: {error}")
-
-
-def unmount(mountpoint: Path, proc: subprocess.Popen[bytes], logfile: Path) -> None:
-    """Unmount (lazily if busy) and wait for the daemon; terminate it if it lingers."""
-    # A daemon that died earlier was reported by Mount.check_alive.
-    was_running = proc.poll() is None
-    if is_mounted(mountpoint):
-        result = subprocess.run(
-            ["fusermount3", "-u", str(mountpoint)], check=False, capture_output=True, text=True
-        )
-        if result.returncode != 0:
-            log.warning("fusermount3 -u failed (%s), unmounting lazily", result.stderr.strip())
-            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        log.warning("the volfs daemon still runs after the unmount, terminating it")
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    if was_running and proc.returncode != 0:
-        log.warning("the volfs daemon exited with status %s:\n%s", proc.returncode, tail(logfile))
+def failed(mount: volfs_mounts.Daemon, what: str, error: OSError) -> BenchError:
+    """The error to raise when a system call on the mount failed (MountError if it died)."""
+    mount.check_alive()
+    return BenchError(f"{what} failed: {error}")
 
 
 @contextlib.contextmanager
-def mounted(settings: Settings) -> Iterator[Mount]:
+def mounted(settings: Settings) -> Iterator[volfs_mounts.Daemon]:
     """Mount volfs on a fresh directory; always unmount it and remove the directory."""
     mountpoint = Path(tempfile.mkdtemp(prefix="mnt-volfs-", dir=settings.workdir))
-    logfile = settings.workdir / "volfs.log"
-    cmd = [settings.python, "-m", "volfs", "-f", "-o", f"size={settings.fs_size}", str(mountpoint)]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    log.debug("starting %s", " ".join(cmd))
-    with open(logfile, "wb") as out:
-        try:
-            # A session of its own keeps Ctrl-C away from the daemon: the benchmark unmounts it.
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=REPO_ROOT,
-                env=env,
-                start_new_session=True,
-            )
-        except OSError as error:
-            raise BenchError(f"cannot start the volfs daemon ({' '.join(cmd)}): {error}") from None
-    mount = Mount(mountpoint, proc, logfile)
-    try:
-        deadline = time.monotonic() + settings.mount_timeout
-        while not is_mounted(mountpoint):
-            mount.check_alive()
-            if time.monotonic() > deadline:
-                raise BenchError(
-                    f"volfs not mounted after {settings.mount_timeout:g} s "
-                    f"({' '.join(cmd)}):\n{tail(logfile)}"
-                )
-            time.sleep(0.05)
-        log.info("volfs mounted on %s (daemon pid %d)", mountpoint, proc.pid)
+    with volfs_mounts.mounted(
+        volfs_mounts.volfs_command(mountpoint, f"size={settings.fs_size}", settings.python),
+        mountpoint,
+        settings.workdir / "volfs.log",
+        timeout=settings.mount_timeout,
+    ) as mount:
         yield mount
-    finally:
-        unmount(mountpoint, proc, logfile)
-        if is_mounted(mountpoint):
-            log.error("volfs is still mounted on %s", mountpoint)
-        else:
-            with contextlib.suppress(OSError):
-                mountpoint.rmdir()
 
 
 @contextlib.contextmanager
-def open_file(mount: Mount, name: str, pages: int) -> Iterator[int]:
+def open_file(mount: volfs_mounts.Daemon, name: str, pages: int) -> Iterator[int]:
     """Create a sparse file of ``pages`` pages; close and remove it afterwards."""
-    path = mount.path / name
+    path = mount.mountpoint / name
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     except OSError as error:
-        raise mount.failed(f"creating {path}", error) from error
+        raise failed(mount, f"creating {path}", error) from error
     try:
         try:
             os.ftruncate(fd, pages * PAGE_SIZE)
         except OSError as error:
-            raise mount.failed(f"ftruncate {path} to {pages} pages", error) from error
+            raise failed(mount, f"ftruncate {path} to {pages} pages", error) from error
         yield fd
     finally:
         # On a dead mount close(2) reports ENOTCONN, yet the descriptor is gone all the same.
@@ -271,7 +179,7 @@ def open_file(mount: Mount, name: str, pages: int) -> Iterator[int]:
 # -- measuring ---------------------------------------------------------------------------------
 
 
-def populate(mount: Mount, fd: int, count: int) -> float:
+def populate(mount: volfs_mounts.Daemon, fd: int, count: int) -> float:
     """Mark pages 0, 2, 4, ... 2(count-1) volatile, one range each; return the seconds taken."""
     buffer = bytearray(VRANGE_ARGS.pack(0, PAGE_SIZE, VRANGE_VOLATILE, VRANGE_FULL, 0, 0, 0))
     set_start = _START_FIELD.pack_into
@@ -300,7 +208,7 @@ def populate(mount: Mount, fd: int, count: int) -> float:
                     (count - done) / rate,
                 )
     except OSError as error:
-        raise mount.failed(f"marking range {done + 1} of {count} volatile", error) from error
+        raise failed(mount, f"marking range {done + 1} of {count} volatile", error) from error
     return time.perf_counter() - started
 
 
@@ -404,7 +312,9 @@ def p90_us(values: Sequence[int]) -> float:
     return statistics.quantiles(values, n=10, method="inclusive")[-1] / 1000
 
 
-def measure_size(mount: Mount, ref_fd: int, count: int, settings: Settings) -> SizeResult:
+def measure_size(
+    mount: volfs_mounts.Daemon, ref_fd: int, count: int, settings: Settings
+) -> SizeResult:
     """Populate a file with ``count`` ranges and time the rounds on it."""
     page = 2 * (count // 2) + 1
     with open_file(mount, f"ranges-{count}", 2 * count) as fd:
@@ -424,7 +334,7 @@ def measure_size(mount: Mount, ref_fd: int, count: int, settings: Settings) -> S
             samples = time_rounds(fd, ref_fd, page, settings.pairs)
             check_ranges(fd, count, page)
         except OSError as error:
-            raise mount.failed(f"timing with {count} ranges", error) from error
+            raise failed(mount, f"timing with {count} ranges", error) from error
         log.info("%d ranges: closing the file (drops its ranges)", count)
     pairs = [m + u for m, u in zip(samples.mark, samples.unmark, strict=True)]
     return SizeResult(
@@ -445,7 +355,7 @@ def benchmark(settings: Settings) -> list[SizeResult]:
         try:
             check_references(ref_fd)
         except OSError as error:
-            raise mount.failed("the reference ioctls", error) from error
+            raise failed(mount, "the reference ioctls", error) from error
         for count in settings.sizes:
             result = measure_size(mount, ref_fd, count, settings)
             log.info(
@@ -657,18 +567,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-    signal.signal(signal.SIGTERM, _interrupt)
+    volfs_mounts.setup_main(args.verbose)
     if not shutil.which("fusermount3"):
         log.error("fusermount3 not found")
         return 1
@@ -684,17 +585,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         results = benchmark(settings)
-    except BenchError as error:
+    except (BenchError, volfs_mounts.MountError) as error:
         log.error("%s", error)
         return 1
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130
     finally:
-        if any(is_mounted(path) for path in workdir.iterdir()):
-            log.error("leaving %s in place: something is still mounted there", workdir)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        volfs_mounts.remove_workdir(workdir)
 
     if args.json:
         json.dump(report_json(results, settings), sys.stdout, indent=2)

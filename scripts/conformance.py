@@ -49,6 +49,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import volfs_mounts
+
 PASS, SKIP, FAIL, UNAVAILABLE = "pass", "skip", "fail", "unavailable"
 
 
@@ -490,39 +492,18 @@ def own_mounts(
         tmpfs, volfs = Path(workdir) / "tmpfs", Path(workdir) / "volfs"
         tmpfs.mkdir()
         volfs.mkdir()
-        log_path = Path(workdir) / "volfs.log"
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(tmpfs)], check=True
-        )
+        options = ",".join(option for option in (f"size={size}", volfs_options) if option)
         daemon_report: dict[str, object] = {}
-        daemon = None
-        try:
-            options = ",".join(option for option in (f"size={size}", volfs_options) if option)
-            with open(log_path, "wb") as log_file:
-                daemon = subprocess.Popen(
-                    [sys.executable, "-m", "volfs", "-f", "-o", options, str(volfs)],
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                )
-            deadline = time.monotonic() + 20
-            while not os.path.ismount(volfs):
-                if daemon.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"volfs did not mount:\n{log_path.read_text()}")
-                time.sleep(0.01)
+        with (
+            volfs_mounts.tmpfs(tmpfs, size),
+            volfs_mounts.mounted(
+                volfs_mounts.volfs_command(volfs, options),
+                volfs,
+                Path(workdir) / "volfs.log",
+                outcome=daemon_report,
+            ),
+        ):
             yield {"tmpfs": tmpfs, "volfs": volfs}, daemon_report
-        finally:
-            subprocess.run(["umount", str(tmpfs)], check=False)
-            if daemon is not None:
-                subprocess.run(["fusermount3", "-u", str(volfs)], check=False)
-                try:
-                    daemon_report["exit_status"] = daemon.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    daemon.kill()
-                    daemon_report["exit_status"] = daemon.wait()
-                log = log_path.read_text(errors="replace")
-                daemon_report["logged_exception"] = "Traceback" in log
-                if daemon_report["exit_status"] != 0 or daemon_report["logged_exception"]:
-                    daemon_report["log"] = log
 
 
 def missing_tools() -> list[str]:

@@ -73,13 +73,14 @@ import mmap
 import os
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import volfs_mounts
 
 from volfs.client import (
     VRANGE_FULL,
@@ -1081,32 +1082,14 @@ def own_mount(options: str) -> Iterator[tuple[Path, dict[str, object]]]:
     with tempfile.TemporaryDirectory(prefix="fsx-") as workdir:
         mountpoint = Path(workdir) / "mnt"
         mountpoint.mkdir()
-        log_path = Path(workdir) / "volfs.log"
-        with open(log_path, "wb") as log_file:
-            daemon = subprocess.Popen(
-                [sys.executable, "-m", "volfs", "-f", "-o", options, str(mountpoint)],
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-            )
         outcome: dict[str, object] = {}
-        try:
-            deadline = time.monotonic() + 20
-            while not os.path.ismount(mountpoint):
-                if daemon.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"volfs did not mount:\n{log_path.read_text()}")
-                time.sleep(0.01)
+        with volfs_mounts.mounted(
+            volfs_mounts.volfs_command(mountpoint, options),
+            mountpoint,
+            Path(workdir) / "volfs.log",
+            outcome=outcome,
+        ):
             yield mountpoint, outcome
-        finally:
-            subprocess.run(["fusermount3", "-u", str(mountpoint)], check=False)
-            try:
-                outcome["exit_status"] = daemon.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                outcome["exit_status"] = daemon.wait()
-            log = log_path.read_text(errors="replace")
-            outcome["logged_exception"] = "Traceback" in log
-            if outcome["exit_status"] != 0 or outcome["logged_exception"]:
-                outcome["log"] = log
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:

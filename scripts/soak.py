@@ -74,20 +74,20 @@ import random
 import resource
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-import volfs
+import volfs_mounts
+
 from volfs.client import (
     PAGE_SIZE,
     VRANGE_FULL,
@@ -123,7 +123,7 @@ OPERATIONS: dict[str, int] = {
 MAX_REPORTED = 25
 #: Operations of a worker kept for the report of a violation.
 HISTORY = 24
-#: Seconds to wait for the daemon to mount or to exit.
+#: Seconds to wait for the daemon to open its end of the pressure FIFO.
 MOUNT_TIMEOUT = 30.0
 
 
@@ -1339,104 +1339,6 @@ def run_race(
     }
 
 
-# -- mounting ----------------------------------------------------------------------------------
-
-
-def is_mounted(path: Path) -> bool:
-    """True if the kernel lists ``path`` as a fuse.volfs mount (also a dead one)."""
-    target = os.path.realpath(path)
-    with open("/proc/self/mounts", encoding="utf-8") as mounts:
-        for line in mounts:
-            fields = line.split()
-            if len(fields) > 2 and fields[1].replace("\\040", " ") == target:
-                return fields[2] == "fuse.volfs"
-    return False
-
-
-class MountError(RuntimeError):
-    """The daemon did not mount; the message says why."""
-
-
-@dataclass
-class Daemon:
-    """A volfs daemon serving ``mountpoint`` in the foreground."""
-
-    mountpoint: Path
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log_text(self) -> str:
-        """What the daemon wrote so far."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def alive(self) -> bool:
-        """True while the daemon runs."""
-        return self.process.poll() is None
-
-
-@contextlib.contextmanager
-def mounted(workdir: Path, options: str, fifo: Path) -> Iterator[Daemon]:
-    """Mount volfs on ``workdir/mnt``; always unmount, and record the daemon's exit status.
-
-    The exit status is checked by the caller through ``daemon.process.returncode``.
-    """
-    mountpoint = workdir / "mnt"
-    mountpoint.mkdir()
-    log_path = workdir / "volfs.log"
-    env = dict(os.environ)
-    env["MEMORY_PRESSURE_WATCH"] = str(fifo)
-    # The daemon runs the very volfs this script imported.
-    package_root = str(Path(volfs.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", "volfs", "-f", "-o", options, str(mountpoint)]
-    log.info("starting %s", " ".join(command))
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,  # Ctrl-C reaches this script, which unmounts
-        )
-    daemon = Daemon(mountpoint, process, log_path)
-    try:
-        deadline = time.monotonic() + MOUNT_TIMEOUT
-        while not is_mounted(mountpoint):
-            if not daemon.alive():
-                raise MountError(
-                    f"volfs exited with status {process.returncode}:\n{daemon.log_text()}"
-                )
-            if time.monotonic() > deadline:
-                raise MountError(f"volfs not mounted after {MOUNT_TIMEOUT:g} s")
-            time.sleep(0.02)
-        log.info("volfs mounted on %s (pid %d)", mountpoint, process.pid)
-        yield daemon
-    finally:
-        if is_mounted(mountpoint):
-            result = subprocess.run(
-                ["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True, check=False
-            )
-            if result.returncode != 0:
-                log.warning("fusermount3 -u: %s; unmounting lazily", result.stderr.strip())
-                subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
-        try:
-            process.wait(timeout=MOUNT_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            log.error("the daemon still runs after the unmount: terminating it")
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        with contextlib.suppress(OSError):
-            mountpoint.rmdir()
-
-
 # -- reporting ---------------------------------------------------------------------------------
 
 
@@ -1566,32 +1468,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     options = f"size={settings.size},pressure_batch={settings.pressure_batch},pressure_watermark=0"
     with tempfile.TemporaryDirectory(prefix="volfs-soak-", dir=arguments.workdir) as workdir:
-        fifo = Path(workdir) / "pressure"
+        fifo, mountpoint = Path(workdir) / "pressure", Path(workdir) / "mnt"
         os.mkfifo(fifo)
-        daemon: Daemon | None = None
+        mountpoint.mkdir()
+        daemon_outcome: dict[str, object] = {}
         try:
-            with mounted(Path(workdir), options, fifo) as daemon:
+            with volfs_mounts.mounted(
+                volfs_mounts.volfs_command(mountpoint, options),
+                mountpoint,
+                Path(workdir) / "volfs.log",
+                env={"MEMORY_PRESSURE_WATCH": str(fifo)},
+                outcome=daemon_outcome,
+            ):
                 if settings.duration > 0:
-                    report["soak"] = run_soak(daemon.mountpoint, fifo, settings)
+                    report["soak"] = run_soak(mountpoint, fifo, settings)
                 if settings.race_iterations > 0:
-                    report["race"] = run_race(
-                        daemon.mountpoint, settings.race_iterations, settings.seed
-                    )
-                report["statistics"] = statistics(daemon.mountpoint)
-        except MountError as error:
+                    report["race"] = run_race(mountpoint, settings.race_iterations, settings.seed)
+                report["statistics"] = statistics(mountpoint)
+        except volfs_mounts.MountError as error:
             report["errors"].append(str(error))
         except OSError as error:
             report["errors"].append(f"{error} (the daemon may have died)")
         except KeyboardInterrupt:
             report["errors"].append("interrupted")
-        if daemon is not None:
-            log_text = daemon.log_text()
+        if daemon_outcome:
             report["daemon"] = {
-                "exit_status": daemon.process.returncode,
-                "logged_exception": "Traceback" in log_text,
+                key: daemon_outcome[key] for key in ("exit_status", "logged_exception")
             }
-            if daemon.process.returncode != 0 or "Traceback" in log_text:
-                report["errors"].append(f"daemon log:\n{log_text[-20_000:]}")
+            if "log" in daemon_outcome:
+                report["errors"].append(f"daemon log:\n{str(daemon_outcome['log'])[-20_000:]}")
     for phase in ("soak", "race"):
         if report[phase]:
             report["errors"].extend(report[phase]["errors"])

@@ -36,7 +36,9 @@ pytestmark = [
 
 
 def load_conformance() -> ModuleType:
-    """Import scripts/conformance.py (scripts/ is no package)."""
+    """Import scripts/conformance.py (scripts/ is no package; its modules import each other)."""
+    if str(SCRIPT.parent) not in sys.path:
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("volfs_conformance", SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

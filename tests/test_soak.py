@@ -27,7 +27,9 @@ DATA_KINDS = ("lost", "corrupt")
 
 
 def load_soak() -> ModuleType:
-    """Import scripts/soak.py (scripts/ is no package)."""
+    """Import scripts/soak.py (scripts/ is no package; its modules import each other)."""
+    if str(SCRIPT.parent) not in sys.path:
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("volfs_soak", SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
