@@ -192,14 +192,11 @@ class Arena:
         self.dirty_pages = 0
         return runs
 
-    def punch(self, runs: list[Run]) -> int:
-        """Free the memory of ``runs``. Safe in a worker thread: it touches no Python state.
+    def punch(self, runs: list[Run]) -> None:
+        """Free the memory of ``runs``. Safe in a worker thread: it touches no arena state.
 
         Should the kernel refuse to punch, the pages are overwritten with zeros instead, so
-        that free pages still read as zeros; their memory then stays with the daemon.
-
-        Returns:
-            The errno of the first refusal, or 0 if all memory went back to the system.
+        that free pages still read as zeros; their memory then stays with the daemon (logged).
         """
         refused = 0
         for start, count in runs:
@@ -216,7 +213,11 @@ class Arena:
                 for page in range(start, start + count, _ZEROS_PAGES):
                     pages = min(_ZEROS_PAGES, start + count - page)
                     os.pwrite(self._fd, _ZEROS[: pages << PAGE_SHIFT], page << PAGE_SHIFT)
-        return refused
+        if refused:
+            log.error(
+                "released memory stays with the daemon: punching it failed: %s",
+                os.strerror(refused),
+            )
 
     def give_back(self, runs: list[Run]) -> None:
         """Add punched runs to the free space. Runtime complexity: O(r log f) for r runs."""
@@ -643,14 +644,9 @@ class Store:
                     arena.on_release = self._wakeup.set
                     runs = arena.take_dirty()
                     if sum(count for _start, count in runs) <= INLINE_PUNCH_PAGES:
-                        refused = arena.punch(runs)
+                        arena.punch(runs)
                     else:
-                        refused = await worker.run(functools.partial(arena.punch, runs))
-                    if refused:
-                        log.error(
-                            "released memory stays with the daemon: punching it failed: %s",
-                            os.strerror(refused),
-                        )
+                        await worker.run(functools.partial(arena.punch, runs))
                     arena.give_back(runs)
                     self._reclaimed.set()
                     self._reclaimed = trio.Event()
