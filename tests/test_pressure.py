@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import ctypes
 import errno
 import mmap
 import os
-from collections.abc import Callable
+import re
+import signal
+import socket
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +21,7 @@ import pytest
 from tests.conftest import Mount, wait_for
 from volfs.client import (
     VRANGE_NONVOLATILE,
+    VRANGE_PARTIAL,
     VRANGE_VOLATILE,
     fvrange,
     purge,
@@ -21,6 +30,9 @@ from volfs.client import (
 )
 
 MiB = 1 << 20
+PAGE = 4096
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def open_fifo_writer(fifo: Path) -> int:
@@ -52,7 +64,12 @@ def test_pressure_event_purges_a_batch_oldest_first(
         assert vrange_status(fd, 0, 8 * MiB) == (8 * MiB, 8 * MiB)  # the oldest range
         assert fvrange(fd, 8 * MiB, 24 * MiB, VRANGE_NONVOLATILE) == (24 * MiB, False)
         assert os.pread(fd, 24 * MiB, 8 * MiB) == data[8 * MiB :]
-        assert "purge (pressure)" in mount.log()
+        logged = re.search(r"purge \(pressure\): 1 ranges, (\d+) bytes freed; (.*)", mount.log())
+        assert logged, mount.log()
+        assert int(logged[1]) == 8 * MiB
+        counters = dict(field.split("=") for field in logged[2].split())
+        assert counters["purges_pressure"] == "1" and counters["purged_bytes"] == str(8 * MiB)
+        assert counters["volatile_bytes"] == str(32 * MiB) and counters["inodes"] == "2"
     finally:
         os.close(fd)
 
@@ -60,7 +77,8 @@ def test_pressure_event_purges_a_batch_oldest_first(
 def test_pressure_off_watches_nothing(mount_volfs: Callable[..., Mount], tmp_path: Path) -> None:
     fifo = tmp_path / "pressure"
     os.mkfifo(fifo)
-    mount_volfs("size=64M,pressure=off", env={"MEMORY_PRESSURE_WATCH": str(fifo)})
+    mount = mount_volfs("size=64M,pressure=off", env={"MEMORY_PRESSURE_WATCH": str(fifo)})
+    os.listdir(mount.path)  # served: the watcher would have opened the FIFO before serving
     with pytest.raises(OSError) as caught:
         open_fifo_writer(fifo)
     assert caught.value.errno == errno.ENXIO  # no reader: the daemon did not open it
@@ -103,7 +121,12 @@ def test_purging_dirty_mmap_pages_neither_hangs_nor_hides_the_loss(
             fvrange(fd, 0, 32 * 4096, VRANGE_VOLATILE)
             for page in range(0, 64, 2):
                 view[page * 4096 : page * 4096 + 5] = b"dirty"  # dirty, inside and outside
-            assert purge(mnt) >= 0  # returns: no deadlock on the writeback
+            freed: list[int] = []
+            purger = threading.Thread(target=lambda: freed.append(purge(mnt)), daemon=True)
+            purger.start()
+            purger.join(30)
+            assert not purger.is_alive(), "the purge hangs on the dirty pages' writeback"
+            assert freed == [32 * 4096]
             assert fvrange(fd, 0, 32 * 4096, VRANGE_NONVOLATILE)[1] is True
             for page in range(32, 64, 2):
                 assert view[page * 4096 : page * 4096 + 5] == b"dirty"
@@ -130,3 +153,194 @@ def test_the_psi_trigger_is_armed_by_default(mount_volfs: Callable[..., Mount]) 
         os.close(fd)
     assert "memory pressure: watching " in mount.log()
     assert "no PSI source" not in mount.log()
+
+
+def test_low_free_memory_purges_batch_after_batch_until_nothing_is_volatile(
+    mount_volfs: Callable[..., Mount],
+) -> None:
+    # A watermark of all the machine's memory is always breached: the watcher keeps purging.
+    mount = mount_volfs("size=64M,pressure_batch=4M,pressure_watermark=100%")
+    keep = os.urandom(8 * MiB)
+    (mount.path / "keep").write_bytes(keep)
+    (mount.path / "cache").write_bytes(os.urandom(12 * MiB))
+    fd = os.open(mount.path / "cache", os.O_RDWR)
+    try:
+        for index in range(3):
+            fvrange(fd, index * 4 * MiB, 4 * MiB, VRANGE_VOLATILE)
+        wait_for(lambda: vrange_status(fd)[1] == 12 * MiB, 10, "every range to be purged")
+        assert statistics(mount.path)["purges_pressure"] >= 3  # one 4 MiB batch per range
+        assert fvrange(fd, 0, 12 * MiB, VRANGE_NONVOLATILE) == (12 * MiB, True)
+    finally:
+        os.close(fd)
+    assert (mount.path / "keep").read_bytes() == keep
+    assert statistics(mount.path)["used_bytes"] == 8 * MiB
+
+
+def test_systemd_pressure_socket_gets_the_trigger_and_its_events_purge(
+    mount_volfs: Callable[..., Mount], tmp_path: Path
+) -> None:
+    """``$MEMORY_PRESSURE_WATCH`` naming a socket: connect, write ``$MEMORY_PRESSURE_WRITE``."""
+    trigger = b"some 123000 2000000\n"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(tmp_path / "pressure.sock"))
+        listener.listen(1)
+        listener.settimeout(10)
+        mount = mount_volfs(
+            "size=64M,pressure_batch=4M,pressure_watermark=0",
+            env={
+                "MEMORY_PRESSURE_WATCH": str(tmp_path / "pressure.sock"),
+                "MEMORY_PRESSURE_WRITE": base64.b64encode(trigger).decode(),
+            },
+        )
+        connection, _address = listener.accept()
+    with connection:
+        connection.settimeout(10)
+        assert connection.recv(4096) == trigger
+        (mount.path / "cache").write_bytes(os.urandom(8 * MiB))
+        fd = os.open(mount.path / "cache", os.O_RDWR)
+        try:
+            fvrange(fd, 0, 4 * MiB, VRANGE_VOLATILE)
+            fvrange(fd, 4 * MiB, 4 * MiB, VRANGE_VOLATILE)
+            connection.send(b"pressure")
+            wait_for(lambda: vrange_status(fd)[1] == 4 * MiB, 10, "one batch to be purged")
+            assert vrange_status(fd, 0, 4 * MiB) == (4 * MiB, 4 * MiB)  # the older range
+        finally:
+            os.close(fd)
+    assert "memory pressure: watching " + str(tmp_path / "pressure.sock") in mount.log()
+
+
+def resident_pages(view: mmap.mmap, pages: int) -> list[bool]:
+    """Which pages of a file mapping are in the kernel's page cache (mincore(2))."""
+    anchor = ctypes.c_char.from_buffer(view)
+    try:
+        vector = (ctypes.c_ubyte * pages)()
+        if _libc.mincore(ctypes.c_void_p(ctypes.addressof(anchor)), pages * PAGE, vector):
+            raise OSError(ctypes.get_errno(), "mincore")
+        return [bool(byte & 1) for byte in vector]
+    finally:
+        del anchor
+
+
+def test_a_purge_drops_only_the_purged_pages_from_the_kernel_cache(mnt: Path) -> None:
+    data = os.urandom(64 * PAGE)
+    (mnt / "cached").write_bytes(data)
+    fd = os.open(mnt / "cached", os.O_RDWR)
+    try:
+        assert os.pread(fd, 64 * PAGE, 0) == data
+        view = mmap.mmap(fd, 64 * PAGE, mmap.MAP_SHARED)
+        try:
+            assert all(resident_pages(view, 64)), "the read did not fill the page cache"
+            fvrange(fd, 16 * PAGE, 16 * PAGE, VRANGE_VOLATILE)
+            assert purge(mnt) == 16 * PAGE
+            resident = resident_pages(view, 64)
+        finally:
+            view.close()
+        assert not any(resident[16:32])  # dropped: the kernel cannot serve purged data
+        assert all(resident[:16]) and all(resident[32:])  # the rest of the file stays cached
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def memory_cgroup(limit: int) -> Iterator[Path]:
+    """A memory cgroup (v2 or v1) capped at ``limit`` bytes, removed afterwards."""
+    unified = Path("/sys/fs/cgroup")
+    controllers = unified / "cgroup.controllers"
+    if controllers.exists() and "memory" in controllers.read_text().split():
+        (unified / "cgroup.subtree_control").write_text("+memory")
+        group, limit_file = unified / "volfs-test-thrash", "memory.max"
+    elif (unified / "memory" / "memory.limit_in_bytes").exists():
+        group, limit_file = unified / "memory" / "volfs-test-thrash", "memory.limit_in_bytes"
+    else:
+        pytest.skip("no memory cgroup controller to make the machine thrash")
+    group.mkdir(exist_ok=True)
+    try:
+        (group / limit_file).write_text(str(limit))
+        yield group
+    finally:
+        wait_for(lambda: not (group / "cgroup.procs").read_text().strip(), 10, "thrasher gone")
+        group.rmdir()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a memory cgroup")
+@pytest.mark.skipif(not os.path.exists("/proc/pressure/memory"), reason="kernel without PSI")
+def test_real_memory_pressure_fires_the_psi_trigger_and_purges(
+    mount_volfs: Callable[..., Mount], tmp_path: Path
+) -> None:
+    """A process thrashing in a small memory cgroup makes tasks stall on memory for real."""
+    mount = mount_volfs("size=64M,pressure_stall=50,pressure_watermark=0")
+    keep = os.urandom(4 * MiB)
+    (mount.path / "keep").write_bytes(keep)
+    (mount.path / "cache").write_bytes(os.urandom(8 * MiB))
+    churn = tmp_path / "churn"  # on a disk filesystem: its pages can be evicted and re-read
+    churn.write_bytes(os.urandom(12 * MiB))
+    fd = os.open(mount.path / "cache", os.O_RDWR)
+    try:
+        fvrange(fd, 0, 8 * MiB, VRANGE_VOLATILE)
+        with memory_cgroup(8 * MiB) as group:
+            churn_fd = os.open(churn, os.O_RDONLY)
+            os.fsync(churn_fd)
+            os.posix_fadvise(churn_fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(churn_fd)
+            # Re-reading a file bigger than the cgroup's memory refaults its own pages: the
+            # reader stalls on memory, which PSI counts system-wide.
+            thrasher = subprocess.Popen(
+                [
+                    "sh",
+                    "-c",
+                    f"echo $$ > {group / 'cgroup.procs'}; "
+                    f'while :; do cat "{churn}" > /dev/null; done',
+                ],
+                start_new_session=True,
+            )
+            try:
+                wait_for(
+                    lambda: statistics(mount.path)["purges_pressure"] > 0,
+                    30,
+                    "the PSI trigger to fire and purge",
+                )
+            finally:
+                os.killpg(thrasher.pid, signal.SIGKILL)
+                thrasher.wait()
+        assert vrange_status(fd) == (8 * MiB, 8 * MiB)
+        assert fvrange(fd, 0, 8 * MiB, VRANGE_NONVOLATILE) == (8 * MiB, True)
+    finally:
+        os.close(fd)
+    assert (mount.path / "keep").read_bytes() == keep
+    assert "memory pressure: watching /" in mount.log()
+
+
+def test_the_size_cap_purges_oldest_first_and_only_what_it_needs(
+    mount_volfs: Callable[..., Mount],
+) -> None:
+    mount = mount_volfs("size=32M,pressure=off")
+    contents = {name: os.urandom(8 * MiB) for name in ("old", "partial", "new")}
+    fds = {}
+    for name, data in contents.items():
+        (mount.path / name).write_bytes(data)
+        fds[name] = os.open(mount.path / name, os.O_RDWR)
+    try:
+        fvrange(fds["old"], 0, 8 * MiB, VRANGE_VOLATILE)
+        fvrange(fds["partial"], 0, 8 * MiB, VRANGE_VOLATILE, VRANGE_PARTIAL)
+        fvrange(fds["new"], 0, 8 * MiB, VRANGE_VOLATILE)
+
+        first = os.urandom(12 * MiB)  # 4 MiB more than is free: the oldest range goes whole
+        (mount.path / "first").write_bytes(first)
+        assert vrange_status(fds["old"]) == (8 * MiB, 8 * MiB)
+        assert vrange_status(fds["partial"]) == (8 * MiB, 0)
+
+        second = os.urandom(6 * MiB)  # 2 MiB more: the PARTIAL range loses just its tail
+        (mount.path / "second").write_bytes(second)
+        assert vrange_status(fds["partial"]) == (8 * MiB, 2 * MiB)
+        assert vrange_status(fds["partial"], 6 * MiB, 2 * MiB) == (2 * MiB, 2 * MiB)
+        assert os.pread(fds["partial"], 6 * MiB, 0) == contents["partial"][: 6 * MiB]
+
+        assert fvrange(fds["new"], 0, 8 * MiB, VRANGE_NONVOLATILE) == (8 * MiB, False)
+        assert os.pread(fds["new"], 8 * MiB, 0) == contents["new"]
+        assert fvrange(fds["old"], 0, 8 * MiB, VRANGE_NONVOLATILE) == (8 * MiB, True)
+        assert (mount.path / "first").read_bytes() == first
+        assert (mount.path / "second").read_bytes() == second
+        assert statistics(mount.path)["purges_size"] >= 2
+    finally:
+        for fd in fds.values():
+            os.close(fd)

@@ -33,6 +33,7 @@ from volfs.abi import (
     VOLFS_IOC_VRANGE_STATUS,
     VOLFS_PURGE,
     VOLFS_STATS,
+    VOLFS_STATS_FIELDS,
     VRANGE_ARGS,
     VRANGE_NONVOLATILE,
     VRANGE_STATUS,
@@ -40,6 +41,7 @@ from volfs.abi import (
 )
 from volfs.namespace import Inode, Namespace
 from volfs.pressure import PressureSettings, watch_pressure
+from volfs.purge import PurgeResult
 from volfs.store import PAGE_SHIFT
 from volfs.worker import WorkerThread
 
@@ -376,7 +378,7 @@ class VolfsOperations(pyfuse3.Operations):
                     raise
         arena = store.arena
         missing = (end - first) - arena.free_pages - arena.dirty_pages
-        result = self.namespace.purger.purge(max(missing, 1) << PAGE_SHIFT, source="size")
+        result = self._purge_batch(max(missing, 1) << PAGE_SHIFT, "size")
         drop = self._begin_drop(result.invalidations)
         if drop is not None and self.nursery is not None:
             self.nursery.start_soon(drop)
@@ -652,6 +654,27 @@ class VolfsOperations(pyfuse3.Operations):
         volatile, lost = self.namespace.vrange_status(self.namespace.get(ino), start, length)
         return VRANGE_STATUS.pack(start, length, volatile, lost)
 
+    def _purge_batch(self, wanted: int, source: str) -> PurgeResult:
+        """Purge up to ``wanted`` bytes (0: all) oldest first; log the batch and the counters.
+
+        The log line carries the statistics ``vrangectl stats`` shows, so a log alone tells
+        what each batch did to the mount.
+        """
+        result = self.namespace.purger.purge(wanted, source=source)
+        if result.ranges:
+            counters = VOLFS_STATS.unpack(self.statistics_record())
+            log.info(
+                "purge (%s): %d ranges, %d bytes freed; %s",
+                source,
+                result.ranges,
+                result.freed_bytes,
+                " ".join(
+                    f"{name}={value}"
+                    for name, value in zip(VOLFS_STATS_FIELDS, counters, strict=False)
+                ),
+            )
+        return result
+
     async def purge_for_pressure(self, wanted: int) -> int:
         """Purge up to ``wanted`` bytes for memory pressure; return the bytes freed.
 
@@ -659,7 +682,7 @@ class VolfsOperations(pyfuse3.Operations):
         the pressure eased.
         """
         try:
-            result = self.namespace.purger.purge(wanted, source="pressure")
+            result = self._purge_batch(wanted, "pressure")
             await self._drop_from_kernel_cache(result.invalidations)
             await self.namespace.store.wait_reclaimed()
         except Exception:
@@ -671,7 +694,7 @@ class VolfsOperations(pyfuse3.Operations):
 
     async def _purge(self, request: bridge.Request, wanted: int) -> None:
         with answering(request, "purge(%d)", wanted):
-            result = self.namespace.purger.purge(wanted, source="ioctl")
+            result = self._purge_batch(wanted, "ioctl")
             await self._drop_from_kernel_cache(result.invalidations)
             request.reply_ioctl(0, VOLFS_PURGE.pack(wanted, result.freed_bytes))
 

@@ -103,11 +103,17 @@ class PressureSource:
         # and becomes readable itself when it has an event.
         self._epoll = select.epoll()
         self._epoll.register(self.fd, events)
+        self._psi = events == select.EPOLLPRI
 
     async def wait(self) -> None:
         """Wait for the next pressure event."""
         while True:
             await trio.lowlevel.wait_readable(self._epoll.fileno())
+            if self._psi:
+                # The kernel clears a PSI trigger's event as a poll reports it, and trio's
+                # poll of our epoll set was that poll: a later one would find nothing. Being
+                # woken is the event.
+                return
             events = self._epoll.poll(0)
             if not events:
                 continue
@@ -115,7 +121,7 @@ class PressureSource:
                 self._drain()
             if any(
                 event & (select.EPOLLHUP | select.EPOLLERR) for _fd, event in events
-            ) and not any(event & (select.EPOLLPRI | select.EPOLLIN) for _fd, event in events):
+            ) and not any(event & select.EPOLLIN for _fd, event in events):
                 # A FIFO whose writers all left: wait for the next one without spinning.
                 await trio.sleep(0.1)
                 continue

@@ -12,15 +12,12 @@ kernel page cache must be dropped, which the caller does outside the event loop.
 from __future__ import annotations
 
 import itertools
-import logging
 from dataclasses import dataclass, field
 
 from sortedcontainers import SortedDict
 
 from volfs.ranges import VolatileRange
 from volfs.store import PAGE_SHIFT
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,14 +109,6 @@ class Purger:
             )
         self._purges[source] = self._purges.get(source, 0) + 1
         self._purged_bytes += freed << PAGE_SHIFT
-        if purged:
-            log.info(
-                "purge (%s): %d ranges, %d bytes freed, %d ranges left",
-                source,
-                purged,
-                freed << PAGE_SHIFT,
-                len(self._order),
-            )
         return PurgeResult(freed << PAGE_SHIFT, purged, invalidations)
 
     def statistics(self) -> PurgeStatistics:
