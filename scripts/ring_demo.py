@@ -8,7 +8,8 @@ Run the two ends as separate commands, in either order; the first creates the ri
 Each line typed into the producer (without its newline) is one message; the consumer prints
 every message on a line of its own. Ctrl-D at the producer closes the ring and the consumer
 exits 0 once it has printed everything; if either end is killed the other reports it and
-exits 1. Start a new producer or consumer at any time to carry on with the same ring.
+exits 1 (a producer waiting for its next line notices within a fraction of a second). Start a
+new producer or consumer at any time to carry on with the same ring.
 
 Exit status: 0 at the end of the stream, 1 on an error (one line on stderr), 2 for bad usage,
 130 on Ctrl-C.
@@ -17,9 +18,11 @@ Exit status: 0 at the end of the stream, 1 on an error (one line on stderr), 2 f
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import select
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -32,6 +35,8 @@ from volfs.ring import (
 )
 
 UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+#: While waiting for input the producer looks at the consumer this often (milliseconds).
+PEER_CHECK_MS = 200
 
 
 def parse_size(text: str) -> int:
@@ -39,6 +44,30 @@ def parse_size(text: str) -> int:
     if not match:
         raise argparse.ArgumentTypeError(f"expected a size such as 64K or 16M, not {text!r}")
     return int(match.group(1)) * UNITS[match.group(2)]
+
+
+def input_lines(ring: Producer) -> Iterator[bytes]:
+    """Yield the lines of stdin without their newlines, checking the consumer while waiting.
+
+    Reads the descriptor itself (a buffered file would hide what it holds from ``poll``), so
+    that a consumer killed while nobody types is reported within ``PEER_CHECK_MS``, not at the
+    next line.
+    """
+    fd = sys.stdin.fileno()
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    pending = b""
+    while True:
+        if not poller.poll(PEER_CHECK_MS):
+            ring.check_peer()
+            continue
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        *lines, pending = (pending + chunk).split(b"\n")
+        yield from lines
+    if pending:
+        yield pending  # a last line without a newline
 
 
 def produce(ring: Producer) -> int:
@@ -49,9 +78,11 @@ def produce(ring: Producer) -> int:
             "bytes); Ctrl-D ends",
             file=sys.stderr,
         )
-    for line in sys.stdin.buffer:
+    for line in input_lines(ring):
         ring.check_peer()  # a consumer killed since the last line: say so now
-        ring.send(line.removesuffix(b"\n"))
+        ring.send(line)
+    # A consumer killed after the last line would otherwise go unmentioned.
+    ring.check_peer()
     return 0
 
 

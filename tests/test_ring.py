@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import random
+import re
+import select
 import signal
 import subprocess
 import sys
@@ -20,6 +23,8 @@ import pytest
 from tests.conftest import Mount, wait_for
 from volfs.client import purge, statistics, vrange_status
 from volfs.ring import (
+    _HEAD,  # the header's index words (byte offset / 8), to watch the ring from outside
+    _TAIL,
     Consumer,
     PeerVanishedError,
     Producer,
@@ -34,6 +39,7 @@ PAGE = 4096
 KiB = 1 << 10
 MiB = 1 << 20
 DEMO = Path(__file__).resolve().parent.parent / "scripts" / "ring_demo.py"
+BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench_ring.py"
 
 #: Both ends of the traffic test compute message i with this, so the consumer can check it.
 MESSAGES = """
@@ -445,3 +451,201 @@ def test_demo_two_commands_talk_through_a_ring(
     assert consumer.returncode == 0, err
     assert out == lines
     assert "closed the ring" in err
+
+
+def data_spans(start: int, end: int, capacity: int) -> list[tuple[int, int]]:
+    """File ``(offset, length)`` spans of ring positions ``[start, end)``, split at the wrap."""
+    spans = []
+    while start < end:
+        offset = start % capacity
+        length = min(end - start, capacity - offset)
+        spans.append((PAGE + offset, length))
+        start += length
+    return spans
+
+
+def test_header_and_unconsumed_pages_are_never_volatile_while_purges_run(
+    mnt: Path, reaper: list[subprocess.Popen[str]]
+) -> None:
+    ring, count, capacity = mnt / "ring", 1500, 256 * KiB
+    geometry = f"capacity={capacity}, segment_size={16 * KiB}"
+    messages = """
+import random
+def message(i):
+    rng = random.Random(i)
+    return rng.randbytes(rng.randrange(0, 3 * 4096 + 100))  # many records span pages
+"""
+    producer = python(
+        messages
+        + f"""
+import dataclasses, json, sys, time
+from volfs.ring import Producer
+with Producer(sys.argv[1], {geometry}) as ring:
+    for i in range({count}):
+        if i % 150 == 149:
+            time.sleep(0.03)  # the consumer goes idle and marks what it consumed volatile
+        ring.send(message(i), timeout=30)
+    print(json.dumps(dataclasses.asdict(ring.statistics())), flush=True)
+    sys.stdin.readline()  # stay attached until the observer is done
+""",
+        str(ring),
+        stdin=subprocess.PIPE,
+    )
+    reaper.append(producer)
+    consumer = python(
+        messages
+        + f"""
+import dataclasses, json, sys, time
+from volfs.ring import Consumer
+with Consumer(sys.argv[1], {geometry}) as ring:
+    for i in range({count}):
+        if i % 40 == 39:
+            time.sleep(0.005)  # unconsumed messages pile up, some of them across the wrap
+        data = ring.receive(timeout=30)
+        if data != message(i):
+            sys.exit(f"message {{i}}: {{len(data)}} bytes, not the {{len(message(i))}} sent")
+    extra = len(list(ring))  # nothing more until the producer closes
+    print(json.dumps({{"extra": extra, **dataclasses.asdict(ring.statistics())}}))
+""",
+        str(ring),
+    )
+    reaper.append(consumer)
+    # Where the consumer's tail ends: every record is an 8-byte length and a padded payload.
+    same: dict[str, Any] = {}
+    exec(messages, same)
+    total = sum(8 + (len(same["message"](i)) + 7) // 8 * 8 for i in range(count))
+
+    stop = threading.Event()
+    freed: list[int] = []
+
+    def purge_all_the_time() -> None:  # the third party: what memory pressure would do
+        while not stop.is_set():
+            freed.append(purge(mnt))
+            time.sleep(0.001)
+
+    wait_for(ring.exists, 10, "the ring file")
+    fd = os.open(ring, os.O_RDONLY)
+    header = mmap.mmap(fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ)  # page 0 only
+    words = memoryview(header).cast("Q")
+    purger = threading.Thread(target=purge_all_the_time)
+    purger.start()
+    samples = unconsumed_samples = both_at_once = 0
+    most_volatile = 0
+    try:
+        deadline = time.monotonic() + 30
+        while words[_TAIL] < total:
+            for process in (producer, consumer):
+                if process.poll() is not None:
+                    err = process.communicate()[1]
+                    pytest.fail(f"a ring process exited early, status {process.returncode}:\n{err}")
+            assert time.monotonic() < deadline, "the traffic did not finish within 30 s"
+            tail = words[_TAIL]
+            head = words[_HEAD]  # after tail: [tail, head) is published and not consumed
+            start, end = tail // PAGE * PAGE, -(-head // PAGE) * PAGE
+            assert vrange_status(fd, 0, PAGE) == (0, 0), "the header page became volatile"
+            unconsumed = [vrange_status(fd, *span) for span in data_spans(start, end, capacity)]
+            volatile, _purged = vrange_status(fd, PAGE, capacity)
+            samples += 1
+            most_volatile = max(most_volatile, volatile)
+            # The consumer marks only whole pages before its tail: if the tail stayed in its
+            # page, those pages were unconsumed all along.
+            if words[_TAIL] // PAGE * PAGE == start and unconsumed:
+                assert all(status == (0, 0) for status in unconsumed), (
+                    f"unconsumed pages [{start}, {end}) volatile or purged: {unconsumed}"
+                )
+                unconsumed_samples += 1
+                both_at_once += volatile > 0
+    finally:
+        stop.set()
+        purger.join()
+        words.release()
+        header.close()
+        os.close(fd)
+    assert producer.stdin is not None
+    producer.stdin.write("close\n")
+    producer.stdin.flush()
+    sent = finish(producer)
+    received = finish(consumer)
+
+    assert sent["messages"] == received["messages"] == count
+    assert received["extra"] == 0
+    assert samples > 100 and unconsumed_samples > 50, (samples, unconsumed_samples)
+    # Idle periods made consumed pages volatile while unconsumed ones sat next to them, and
+    # purges took them.
+    assert received["marks"] > 0 and most_volatile > 0 and both_at_once > 0
+    assert sum(freed) > 0
+    assert sent["purged"] > 0
+
+
+def read_line(stream: Any, timeout: float) -> str:
+    """The next line of a helper's output, failing the test if none comes within ``timeout``."""
+    ready, _, _ = select.select([stream], [], [], timeout)
+    assert ready, f"no output within {timeout} s"
+    line: str = stream.readline()
+    return line
+
+
+@pytest.mark.parametrize(
+    ("killed", "then_eof"),
+    [("producer", False), ("consumer", False), ("consumer", True)],
+    ids=["producer", "consumer", "consumer-then-ctrl-d"],
+)
+def test_demo_reports_a_killed_peer_in_one_line_and_exits_1(
+    mnt: Path, reaper: list[subprocess.Popen[str]], killed: str, then_eof: bool
+) -> None:
+    ring = mnt / "chat"
+    processes = {}
+    for role in ("consumer", "producer"):
+        processes[role] = subprocess.Popen(
+            [sys.executable, str(DEMO), role, str(ring), "--size", "64K"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        reaper.append(processes[role])
+    producer, consumer = processes["producer"], processes["consumer"]
+    assert producer.stdin is not None and consumer.stdout is not None
+    producer.stdin.write("hello\n")
+    producer.stdin.flush()
+    assert read_line(consumer.stdout, 10) == "hello\n"
+
+    victim = processes[killed]
+    survivor = consumer if victim is producer else producer
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait(timeout=10) == -signal.SIGKILL
+    if then_eof:
+        producer.stdin.close()  # Ctrl-D: the end of the input must not hide the loss
+    # Otherwise the survivor notices on its own: the producer's stdin stays open, nobody types.
+    assert survivor.wait(timeout=10) == 1
+    assert survivor.stderr is not None
+    err = survivor.stderr.read()
+    assert re.fullmatch(
+        f"ring_demo: {re.escape(str(ring))}: the {killed} \\(pid {victim.pid}\\) "
+        "went away without closing\n",
+        err,
+    ), err
+
+
+def test_bench_quick_run_prints_figures_for_every_size_and_transport() -> None:
+    # The benchmark mounts a volfs and finds a tmpfs of its own.
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = re.findall(
+        r"^(64 B|4 KiB|1 MiB) +(volfs ring|volfs, no marks|tmpfs ring|mp\.Pipe|os\.pipe)"
+        r" +([\d,]+) +([\d,.]+) ",
+        result.stdout,
+        re.MULTILINE,
+    )
+    figures = {(size, transport): (rate, mib) for size, transport, rate, mib in rows}
+    assert len(rows) == len(figures) == 15, result.stdout
+    for (size, transport), (rate, mib) in figures.items():
+        assert float(rate.replace(",", "")) > 0, (size, transport)
+        assert float(mib.replace(",", "")) > 0, (size, transport)
+    assert "not judged: --quick" in result.stdout
