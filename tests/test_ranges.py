@@ -282,6 +282,10 @@ class Harness:
         ranges, inode = self.sets[ino], self.model.inodes[ino]
         assert ranges.status(first, end) == inode.status(first, end), (ino, first, end)
         assert ranges.is_lost(first, end) == any(inode.lost[first:end]), (ino, first, end)
+        # The range VOLFS_IOC_VRANGE_NEXT answers: the model's first run ending after ``first``.
+        found = ranges.next_range(first)
+        expected = next(((lo, hi) for lo, hi, _r in inode.runs() if hi > first), None)
+        assert (found and (found.start, found.end)) == expected, (ino, first)
 
     def check_data(self) -> None:
         for ino, inode in self.model.inodes.items():
@@ -648,6 +652,12 @@ def test_many_disjoint_ranges() -> None:
         ranges._check()
         purger._check()
         assert len(purger) == len(list(ranges.ranges())) == 2 * count
+        # Walking with next_range meets every range once, in order, touching ones apart.
+        walked, page = [], 0
+        while (found := ranges.next_range(page)) is not None:
+            walked.append((found.start, found.end, found.partial))
+            page = found.end
+        assert walked == [(page, page + 1, page % 4 == 2) for page in range(2 * count)]
         assert ranges.status(1, 2 * count - 1) == (2 * count - 2, 0)
         for i in range(0, count, 2):
             assert ranges.mark_nonvolatile(2 * i, 2 * i + 2) is False

@@ -256,6 +256,26 @@ def test_service_works_with_its_capability_bounding_set(
     assert mount.unmount() == 0
 
 
+# -- the installed commands ---------------------------------------------------------------------
+
+#: root's default PATH (Debian's login.defs and systemd's): what mount(8) helpers, fstab and
+#: units find commands on.
+ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@pytest.mark.parametrize("command", ["volfs", "vrangectl"])
+def test_roots_path_runs_this_checkouts_commands(command: str) -> None:
+    """`mount -t fuse.volfs`, fstab and the unit run `volfs` from root's PATH: this checkout's."""
+    ours = os.path.realpath(Path(sys.prefix) / "bin" / command)
+    found = shutil.which(command, path=ROOT_PATH)
+    where = found and os.path.realpath(found)
+    assert where == ours, (
+        f"root's PATH runs {found or 'no ' + command} ({where}), not {ours}: see scripts/setup.sh"
+    )
+    if command == "volfs":
+        assert os.path.realpath(INSTALLED_VOLFS) == ours  # the unit's ExecStart
+
+
 # -- fstab --------------------------------------------------------------------------------------
 
 

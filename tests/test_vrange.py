@@ -19,13 +19,16 @@ import pytest
 from tests.conftest import Mount
 from volfs import abi
 from volfs.client import (
+    VRANGE_FULL,
     VRANGE_NONVOLATILE,
     VRANGE_PARTIAL,
     VRANGE_VOLATILE,
+    VRange,
     fvrange,
     pinned,
     purge,
     statistics,
+    vrange_ranges,
     vrange_status,
 )
 
@@ -372,11 +375,13 @@ def test_header_matches_the_python_abi(tmp_path: Path) -> None:
         #include <stdio.h>
         #include <volfs.h>
         int main(void) {
-            printf("%lu %lu %lu %lu %lu %lu %lu %lu %d %d %d %d\\n",
+            printf("%lu %lu %lu %lu %lu %lu %lu %lu %lu %lu %d %d %d %d\\n",
                    (unsigned long)VOLFS_IOC_VRANGE, (unsigned long)VOLFS_IOC_VRANGE_STATUS,
                    (unsigned long)VOLFS_IOC_PURGE, (unsigned long)VOLFS_IOC_STATS,
+                   (unsigned long)VOLFS_IOC_VRANGE_NEXT,
                    sizeof(struct vrange_args), sizeof(struct vrange_status),
                    sizeof(struct volfs_purge), sizeof(struct volfs_stats),
+                   sizeof(struct vrange_next),
                    VRANGE_VOLATILE, VRANGE_NONVOLATILE, VRANGE_FULL, VRANGE_PARTIAL);
             return 0;
         }
@@ -389,10 +394,12 @@ def test_header_matches_the_python_abi(tmp_path: Path) -> None:
         abi.VOLFS_IOC_VRANGE_STATUS,
         abi.VOLFS_IOC_PURGE,
         abi.VOLFS_IOC_STATS,
+        abi.VOLFS_IOC_VRANGE_NEXT,
         abi.VRANGE_ARGS.size,
         abi.VRANGE_STATUS.size,
         abi.VOLFS_PURGE.size,
         abi.VOLFS_STATS.size,
+        abi.VRANGE_NEXT.size,
         abi.VRANGE_VOLATILE,
         abi.VRANGE_NONVOLATILE,
         abi.VRANGE_FULL,
@@ -407,6 +414,81 @@ def compile_c(source: Path) -> str:
         ["cc", "-Wall", "-Werror", "-I", str(include), "-o", str(binary), str(source)], check=True
     )
     return str(binary)
+
+
+def test_vrange_next_lists_the_ranges_themselves(
+    mnt: Path, data_file: tuple[Path, int, bytes], tmp_path: Path
+) -> None:
+    path, fd, _data = data_file
+    fvrange(fd, 64 * PAGE, 16 * PAGE, VRANGE_VOLATILE)
+    fvrange(fd, 0, 4 * PAGE, VRANGE_VOLATILE)
+    fvrange(fd, 4 * PAGE, 4 * PAGE, VRANGE_VOLATILE, VRANGE_PARTIAL)  # touches: stays apart
+    first, partial, last = (
+        VRange(0, 4 * PAGE, VRANGE_FULL, False),
+        VRange(4 * PAGE, 8 * PAGE, VRANGE_PARTIAL, False),
+        VRange(64 * PAGE, 80 * PAGE, VRANGE_FULL, False),
+    )
+    assert list(vrange_ranges(fd)) == [first, partial, last]  # in file order, not marking order
+
+    # Oldest first: the FULL ranges go whole, then the PARTIAL one loses its last page, which
+    # becomes a range of its own.
+    assert purge(mnt, PAGE) == 16 * PAGE
+    assert purge(mnt, PAGE) == 4 * PAGE
+    assert purge(mnt, PAGE) == PAGE
+    after = [
+        first._replace(purged=True),
+        partial._replace(end=7 * PAGE),
+        VRange(7 * PAGE, 8 * PAGE, VRANGE_PARTIAL, True),
+        last._replace(purged=True),
+    ]
+    assert list(vrange_ranges(fd)) == after
+    # A start inside a range lists that range whole; past the last one, nothing.
+    assert list(vrange_ranges(fd, 5 * PAGE)) == after[1:]
+    assert list(vrange_ranges(fd, 8 * PAGE)) == after[3:]
+    assert list(vrange_ranges(fd, 80 * PAGE)) == []
+    assert list(vrange_ranges(fd, 1 << 62)) == []
+
+    read_only = os.open(path, os.O_RDONLY)
+    try:
+        assert list(vrange_ranges(read_only)) == after  # any descriptor will do
+    finally:
+        os.close(read_only)
+    assert errno_of(lambda: list(vrange_ranges(fd, 100))) == errno.EINVAL
+    directory = os.open(mnt, os.O_RDONLY)
+    try:
+        assert errno_of(lambda: list(vrange_ranges(directory))) == errno.EISDIR
+    finally:
+        os.close(directory)
+
+    # C programs walk the same list with the header's struct.
+    source = tmp_path / "ranges.c"
+    source.write_text(
+        textwrap.dedent("""
+        #include <fcntl.h>
+        #include <stdio.h>
+        #include <sys/ioctl.h>
+        #include <volfs.h>
+
+        int main(int argc, char **argv) {
+            int fd = open(argv[1], O_RDONLY);
+            struct vrange_next next = {.start = 0};
+            for (;;) {
+                if (ioctl(fd, VOLFS_IOC_VRANGE_NEXT, &next) != 0) return 1;
+                if (next.range_end == 0) return 0;
+                printf("%llu %llu %u %u\\n", (unsigned long long)next.range_start,
+                       (unsigned long long)next.range_end, next.flags, next.purged);
+                next.start = next.range_end;
+            }
+        }
+    """)
+    )
+    listed = subprocess.run(
+        [compile_c(source), str(path)], capture_output=True, text=True, check=True
+    ).stdout
+    assert listed == "".join(f"{r.start} {r.end} {r.flags} {int(r.purged)}\n" for r in after)
+
+    fvrange(fd, 0, MiB, VRANGE_NONVOLATILE)
+    assert list(vrange_ranges(fd)) == []
 
 
 def test_c_program_marks_purges_and_unmarks(mnt: Path, tmp_path: Path) -> None:

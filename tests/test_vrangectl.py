@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
 import traceback
@@ -17,7 +16,7 @@ import pytest
 from tests.conftest import Mount, is_mounted
 from volfs.abi import VOLFS_STATS_FIELDS
 from volfs.client import VRANGE_VOLATILE, fvrange, statistics, vrange_status
-from volfs.vrangectl import Run, main, parse_size, walk_runs
+from volfs.vrangectl import main, parse_size
 
 PAGE = 4096
 KiB = 1024
@@ -131,7 +130,7 @@ def test_parse_size() -> None:
             parse_size(text)
 
 
-def test_partial_purge_and_the_ranges_table(mnt: Path, held: tuple[Path, int]) -> None:
+def test_ranges_table_lists_each_range(mnt: Path, held: tuple[Path, int]) -> None:
     path, _fd = held
     succeeds("volatile", path, 0, "64K")
     succeeds("volatile", path, "128K", "64K", "--partial")
@@ -139,22 +138,26 @@ def test_partial_purge_and_the_ranges_table(mnt: Path, held: tuple[Path, int]) -
     # Oldest first: the FULL range goes whole, then the PARTIAL one loses a page from its end.
     assert succeeds("purge", path, "--bytes", "4K") == "purged=65536\n"
     assert succeeds("purge", mnt, "--bytes", "4K") == "purged=4096\n"
+    succeeds("volatile", path, "64K", "64K")  # touches its neighbours: a range of its own
     assert succeeds("status", path, "--ranges") == (
-        "volatile=655360 purged=69632\n"
-        " START      END  LENGTH  STATE\n"
-        "     0    65536   65536  purged\n"
-        "131072   192512   61440  volatile\n"
-        "192512   196608    4096  purged\n"
-        "524288  1048576  524288  volatile\n"
+        "volatile=720896 purged=69632\n"
+        " START      END    SIZE  FLAGS    STATE\n"
+        "     0    65536   65536  FULL     purged\n"
+        " 65536   131072   65536  FULL     intact\n"
+        "131072   192512   61440  PARTIAL  intact\n"
+        "192512   196608    4096  PARTIAL  purged\n"
+        "524288  1048576  524288  FULL     intact\n"
     )
-    assert succeeds("status", path, "64K", "192K", "-r") == (
-        "volatile=65536 purged=4096\n"
-        " START     END  LENGTH  STATE\n"
-        "131072  192512   61440  volatile\n"
-        "192512  196608    4096  purged\n"
+    # A span lists the ranges overlapping it, each whole.
+    assert succeeds("status", path, "4K", "128K", "-r") == (
+        "volatile=131072 purged=61440\n"
+        " START     END   SIZE  FLAGS    STATE\n"
+        "     0   65536  65536  FULL     purged\n"
+        " 65536  131072  65536  FULL     intact\n"
+        "131072  192512  61440  PARTIAL  intact\n"
     )
     assert succeeds("status", path, "256K", "128K", "-r") == (
-        "volatile=0 purged=0\nSTART  END  LENGTH  STATE\n"
+        "volatile=0 purged=0\nSTART  END  SIZE  FLAGS  STATE\n"
     )
 
 
@@ -200,12 +203,26 @@ def test_not_on_volfs(tmp_path: Path, command: tuple[object, ...]) -> None:
 
 
 @pytest.mark.parametrize(
-    "command", [("volatile", 0, "4K"), ("nonvolatile", 0, "4K"), ("status",), ("purge",)]
+    "command",
+    [("volatile", 0, "4K"), ("nonvolatile", 0, "4K"), ("status",), ("purge",), ("stats",)],
 )
 def test_missing_file(mnt: Path, command: tuple[object, ...]) -> None:
     path = mnt / "absent"
     stderr = fails(command[0], path, *command[1:])
     assert stderr == f"vrangectl: {path}: No such file or directory\n"
+
+
+@pytest.mark.parametrize(
+    "command", [("volatile", 0, "4K"), ("nonvolatile", 0, "4K"), ("status",), ("stats",)]
+)
+def test_descriptor_not_open(command: tuple[object, ...]) -> None:
+    # The shell was to hold the file open as descriptor 9 and did not (or closed it).
+    for path in ("/dev/fd/9", "/proc/self/fd/9"):
+        stderr = fails(command[0], path, *command[1:])
+        assert stderr == (
+            f"vrangectl: {path}: descriptor 9 is not open "
+            "(open the file in the shell first, e.g. exec 9<>FILE)\n"
+        )
 
 
 @pytest.mark.parametrize(
@@ -335,67 +352,3 @@ def test_usage_errors_exit_2(arguments: list[str]) -> None:
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr.startswith("usage: vrangectl")
     assert "Traceback" not in result.stderr
-
-
-# -- the walk behind status --ranges ------------------------------------------------------------
-
-
-def model_status(runs: list[Run], calls: list[int]) -> Callable[[int, int], tuple[int, int]]:
-    """VOLFS_IOC_VRANGE_STATUS answered from a list of runs, counting the calls."""
-
-    def status(start: int, length: int) -> tuple[int, int]:
-        calls.append(start)
-        volatile = purged = 0
-        for run in runs:
-            overlap = max(0, min(run.end, start + length) - max(run.start, start))
-            volatile += overlap
-            purged += overlap if run.state == "purged" else 0
-        return volatile, purged
-
-    return status
-
-
-def merged(runs: list[Run]) -> list[Run]:
-    """Adjacent runs in the same state, joined: what the walk must report."""
-    result: list[Run] = []
-    for run in runs:
-        if result and result[-1].end == run.start and result[-1].state == run.state:
-            result[-1] = Run(result[-1].start, run.end, run.state)
-        else:
-            result.append(run)
-    return result
-
-
-def test_walk_finds_maximal_runs_against_a_model() -> None:
-    generator = random.Random(5)
-    for _ in range(300):
-        pages = generator.randint(1, 200)
-        runs: list[Run] = []
-        page = 0
-        while page < pages:
-            length = generator.randint(1, 20)
-            state = generator.choice(["", "volatile", "purged"])
-            if state:
-                runs.append(Run(page * PAGE, min(page + length, pages) * PAGE, state))
-            page += length
-        first = generator.randint(0, pages - 1)
-        last = generator.randint(first + 1, pages)
-        clipped = [
-            Run(max(run.start, first * PAGE), min(run.end, last * PAGE), run.state)
-            for run in runs
-            if run.end > first * PAGE and run.start < last * PAGE
-        ]
-        found = list(walk_runs(model_status(runs, []), first * PAGE, last * PAGE))
-        assert found == merged(clipped)
-
-
-def test_walk_costs_log_pages_per_run_not_pages() -> None:
-    tebibyte = 1 << 40
-    runs = [
-        Run(PAGE, 2 * PAGE, "volatile"),
-        Run(tebibyte // 2, tebibyte // 2 + 7 * PAGE, "purged"),
-        Run(tebibyte - 64 * PAGE, tebibyte, "volatile"),
-    ]
-    calls: list[int] = []
-    assert list(walk_runs(model_status(runs, calls), 0, tebibyte)) == runs
-    assert len(calls) < 6 * 28 * len(runs)  # 2**28 pages; 2**28 calls page by page

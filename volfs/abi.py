@@ -21,6 +21,8 @@ VRANGE_ARGS = struct.Struct("=QQIIQII")
 VRANGE_STATUS = struct.Struct("=QQQQ")
 #: struct volfs_purge: bytes, purged (16 bytes).
 VOLFS_PURGE = struct.Struct("=QQ")
+#: struct vrange_next: start, range_start, range_end, flags, purged (32 bytes).
+VRANGE_NEXT = struct.Struct("=QQQII")
 
 #: struct volfs_stats: capacity_bytes, used_bytes, volatile_bytes, purged_bytes, ranges,
 #: purgeable_ranges, purges_ioctl, purges_size, purges_pressure, inodes, max_inodes,
@@ -59,8 +61,12 @@ VOLFS_IOC_VRANGE_STATUS = _iowr("v", 0x81, VRANGE_STATUS.size)
 VOLFS_IOC_PURGE = _iowr("v", 0x82, VOLFS_PURGE.size)
 #: Statistics of the whole mount, on any file or directory of it (an extension of the ABI).
 VOLFS_IOC_STATS = _ior("v", 0x83, VOLFS_STATS.size)
+#: The volatile range holding or following a byte, so a program can list the ranges themselves
+#: (an extension of the ABI).
+VOLFS_IOC_VRANGE_NEXT = _iowr("v", 0x84, VRANGE_NEXT.size)
 
 assert VOLFS_IOC_VRANGE == 0xC0287680
 assert VOLFS_IOC_VRANGE_STATUS == 0xC0207681
 assert VOLFS_IOC_PURGE == 0xC0107682
 assert VOLFS_IOC_STATS == 0x80607683
+assert VOLFS_IOC_VRANGE_NEXT == 0xC0207684

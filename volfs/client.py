@@ -21,18 +21,21 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from volfs.abi import (
     PAGE_SIZE,
     VOLFS_IOC_PURGE,
     VOLFS_IOC_STATS,
     VOLFS_IOC_VRANGE,
+    VOLFS_IOC_VRANGE_NEXT,
     VOLFS_IOC_VRANGE_STATUS,
     VOLFS_PURGE,
     VOLFS_STATS,
     VOLFS_STATS_FIELDS,
     VRANGE_ARGS,
     VRANGE_FULL,
+    VRANGE_NEXT,
     VRANGE_NONVOLATILE,
     VRANGE_PARTIAL,
     VRANGE_STATUS,
@@ -43,16 +46,19 @@ __all__ = [
     "PAGE_SIZE",
     "VOLFS_IOC_PURGE",
     "VOLFS_IOC_VRANGE",
+    "VOLFS_IOC_VRANGE_NEXT",
     "VOLFS_IOC_VRANGE_STATUS",
     "VRANGE_FULL",
     "VRANGE_NONVOLATILE",
     "VRANGE_PARTIAL",
     "VRANGE_VOLATILE",
     "Pin",
+    "VRange",
     "fvrange",
     "pinned",
     "purge",
     "statistics",
+    "vrange_ranges",
     "vrange_status",
 ]
 
@@ -92,6 +98,44 @@ def vrange_status(fd: int, start: int = 0, length: int = 0) -> tuple[int, int]:
     fcntl.ioctl(fd, VOLFS_IOC_VRANGE_STATUS, buffer, True)
     _start, _length, volatile, purged = VRANGE_STATUS.unpack(buffer)
     return volatile, purged
+
+
+class VRange(NamedTuple):
+    """One volatile range of a file, as :func:`vrange_ranges` lists it."""
+
+    #: First byte.
+    start: int
+    #: End (exclusive).
+    end: int
+    #: :data:`VRANGE_FULL` or :data:`VRANGE_PARTIAL`, as it was marked.
+    flags: int
+    #: Some of it was purged since it was marked: NON_VOLATILE over it would report purged.
+    purged: bool
+
+
+def vrange_ranges(fd: int, start: int = 0) -> Iterator[VRange]:
+    """Yield the volatile ranges of an open file that end after ``start``, in file order.
+
+    Ranges that only touch are listed separately, and a purge that took the tail of a PARTIAL
+    range leaves that tail a range of its own. Each range is one VOLFS_IOC_VRANGE_NEXT call,
+    O(log n) in the file's ranges; ranges changed meanwhile by others show as they are then.
+
+    Args:
+        fd: any descriptor of a volfs file, read-only included.
+        start: a multiple of 4096; a range holding it is listed whole.
+
+    Raises:
+        OSError: EINVAL for an unaligned start or a non-regular file, EISDIR for a directory,
+            ENOTTY if the file is not on volfs.
+    """
+    while True:
+        buffer = bytearray(VRANGE_NEXT.pack(start, 0, 0, 0, 0))
+        fcntl.ioctl(fd, VOLFS_IOC_VRANGE_NEXT, buffer, True)
+        _start, range_start, range_end, flags, purged = VRANGE_NEXT.unpack(buffer)
+        if range_end == 0:
+            return
+        yield VRange(range_start, range_end, flags, bool(purged))
+        start = range_end
 
 
 def _ioctl_on(path_or_fd: str | os.PathLike[str] | int, cmd: int, buffer: bytearray) -> None:

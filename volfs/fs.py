@@ -30,12 +30,16 @@ from volfs.abi import (
     VOLFS_IOC_PURGE,
     VOLFS_IOC_STATS,
     VOLFS_IOC_VRANGE,
+    VOLFS_IOC_VRANGE_NEXT,
     VOLFS_IOC_VRANGE_STATUS,
     VOLFS_PURGE,
     VOLFS_STATS,
     VOLFS_STATS_FIELDS,
     VRANGE_ARGS,
+    VRANGE_FULL,
+    VRANGE_NEXT,
     VRANGE_NONVOLATILE,
+    VRANGE_PARTIAL,
     VRANGE_STATUS,
     VRANGE_VOLATILE,
 )
@@ -489,18 +493,21 @@ class VolfsOperations(pyfuse3.Operations):
     ) -> None:
         """Answer one ioctl; called by the bridge on the thread serving requests.
 
-        VOLFS_IOC_VRANGE and VOLFS_IOC_VRANGE_STATUS are answered at once; VOLFS_IOC_PURGE
+        The volatility ioctls (VRANGE, VRANGE_STATUS, VRANGE_NEXT) are answered at once, or
+        once the file's purged pages have left the kernel's cache; VOLFS_IOC_PURGE
         continues in a task, since dropping purged pages from the kernel's cache must happen
         off this thread. Errors answer the request with their errno, never escape.
         """
         with answering(request, "ioctl(ino=%d, cmd=%#x)", ino, cmd):
-            if cmd in (VOLFS_IOC_VRANGE, VOLFS_IOC_VRANGE_STATUS) and ino in self._dropping:
+            if cmd in _VOLATILITY_IOCTLS and ino in self._dropping:
                 assert self.nursery is not None
                 self.nursery.start_soon(self._vrange_once_dropped, request, ino, cmd, fh, data)
             elif cmd == VOLFS_IOC_VRANGE:
                 request.reply_ioctl(0, self._vrange(ino, fh, is_dir, data))
             elif cmd == VOLFS_IOC_VRANGE_STATUS:
                 request.reply_ioctl(0, self._vrange_status(ino, data))
+            elif cmd == VOLFS_IOC_VRANGE_NEXT:
+                request.reply_ioctl(0, self._vrange_next(ino, data))
             elif cmd == VOLFS_IOC_STATS:
                 request.reply_ioctl(0, self.statistics_record())
             elif cmd == VOLFS_IOC_PURGE:
@@ -602,6 +609,8 @@ class VolfsOperations(pyfuse3.Operations):
                 await self._dropping[ino][0].wait()
             if cmd == VOLFS_IOC_VRANGE:
                 request.reply_ioctl(0, self._vrange(ino, fh, False, data))
+            elif cmd == VOLFS_IOC_VRANGE_NEXT:
+                request.reply_ioctl(0, self._vrange_next(ino, data))
             else:
                 request.reply_ioctl(0, self._vrange_status(ino, data))
 
@@ -654,6 +663,23 @@ class VolfsOperations(pyfuse3.Operations):
         volatile, lost = self.namespace.vrange_status(self.namespace.get(ino), start, length)
         return VRANGE_STATUS.pack(start, length, volatile, lost)
 
+    def _vrange_next(self, ino: int, data: bytes) -> bytes:
+        """Answer VOLFS_IOC_VRANGE_NEXT: the first range of the file ending after ``start``."""
+        start, _range_start, _range_end, _flags, _purged = VRANGE_NEXT.unpack(data)
+        node = self.namespace.get(ino)
+        if node.contents is None:
+            # As VOLFS_IOC_VRANGE_STATUS answers: EISDIR for a directory, EINVAL otherwise.
+            raise OSError(errno.EISDIR if node.is_dir() else errno.EINVAL, "not a regular file")
+        if start % PAGE_SIZE:
+            raise OSError(errno.EINVAL, "start must be a multiple of the page size")
+        found = None if node.vranges is None else node.vranges.next_range(start >> PAGE_SHIFT)
+        if found is None:
+            return VRANGE_NEXT.pack(start, 0, 0, 0, 0)
+        flags = VRANGE_PARTIAL if found.partial else VRANGE_FULL
+        return VRANGE_NEXT.pack(
+            start, found.start << PAGE_SHIFT, found.end << PAGE_SHIFT, flags, int(found.purged)
+        )
+
     def _purge_batch(self, wanted: int, source: str) -> PurgeResult:
         """Purge up to ``wanted`` bytes (0: all) oldest first; log the batch and the counters.
 
@@ -697,6 +723,10 @@ class VolfsOperations(pyfuse3.Operations):
             result = self._purge_batch(wanted, "ioctl")
             await self._drop_from_kernel_cache(result.invalidations)
             request.reply_ioctl(0, VOLFS_PURGE.pack(wanted, result.freed_bytes))
+
+
+#: The ioctls about a file's volatility: answered once its purged pages left the kernel's cache.
+_VOLATILITY_IOCTLS = (VOLFS_IOC_VRANGE, VOLFS_IOC_VRANGE_STATUS, VOLFS_IOC_VRANGE_NEXT)
 
 
 def _invalidate_all(invalidations: list[tuple[int, int, int]]) -> None:

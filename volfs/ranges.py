@@ -106,6 +106,24 @@ class InodeRanges:
         """All ranges in page order. O(n)."""
         return iter(self._ranges.values())
 
+    def next_range(self, page: int) -> VolatileRange | None:
+        """Return the first range ending after ``page`` (holding it, or the next), or None.
+
+        Ranges that only touch are distinct ranges, answered one at a time.
+
+        Runtime complexity: O(log n).
+        """
+        ranges = self._ranges
+        values = ranges.values()
+        # Ranges do not overlap, so their ends are sorted too: the range starting at or before
+        # ``page`` holds it, or else the one after it is the answer.
+        index = max(ranges.bisect_right(page) - 1, 0)
+        for i in range(index, min(index + 2, len(values))):
+            candidate = values[i]
+            if candidate.end > page:
+                return candidate
+        return None
+
     def status(self, first: int, end: int) -> tuple[int, int]:
         """Return ``(volatile pages, lost pages)`` within [first, end).
 

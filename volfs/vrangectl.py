@@ -3,6 +3,7 @@
 Volatility ends with the last close of a file, so a shell keeps the file open itself and hands
 ``vrangectl`` a descriptor path::
 
+    head -c 1M /dev/urandom >/mnt/vol/cache.bin
     exec 3<>/mnt/vol/cache.bin
     vrangectl volatile /dev/fd/3 0 1M        # marked=1048576 purged=0
     vrangectl purge /mnt/vol                 # purged=1048576
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import errno
 import fcntl
+import itertools
 import json
 import os
 import re
@@ -26,7 +28,6 @@ import sys
 import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import TypeVar
 
 from volfs.abi import PAGE_SIZE, VOLFS_STATS_FIELDS
@@ -35,9 +36,11 @@ from volfs.client import (
     VRANGE_NONVOLATILE,
     VRANGE_PARTIAL,
     VRANGE_VOLATILE,
+    VRange,
     fvrange,
     purge,
     statistics,
+    vrange_ranges,
     vrange_status,
 )
 
@@ -51,15 +54,19 @@ _DESCRIPTOR_PATH = re.compile(r"/(?:dev|proc/self)/fd/(\d+)")
 
 EXAMPLES = """\
 examples:
-  exec 3<>/mnt/vol/cache.bin                 # the shell holds the file open
-  vrangectl volatile /dev/fd/3 0 1M          # marked=1048576 purged=0
-  vrangectl volatile /dev/fd/3 1M 1M --partial
-  vrangectl status /dev/fd/3                 # volatile=2097152 purged=0
-  vrangectl status /dev/fd/3 0 1M --ranges   # and a table of the volatile and purged runs
-  vrangectl purge /mnt/vol --bytes 64K       # purged=1048576: a range not --partial goes whole
-  vrangectl nonvolatile /dev/fd/3 0 1M       # marked=1048576 purged=1
-  vrangectl stats /mnt/vol                   # capacity_bytes=... one counter a line
-  exec 3>&-                                  # the last close ends all volatility
+  head -c 2M /dev/urandom >/mnt/vol/cache.bin    # a file with data worth caching
+  exec 3<>/mnt/vol/cache.bin                     # the shell holds it open
+  vrangectl volatile /dev/fd/3 0 1M              # marked=1048576 purged=0
+  vrangectl volatile /dev/fd/3 1M 1M --partial   # marked=1048576 purged=0
+  vrangectl status /dev/fd/3                     # volatile=2097152 purged=0
+  vrangectl purge /mnt/vol --bytes 64K           # purged=1048576: the oldest range goes whole
+  vrangectl status /dev/fd/3 --ranges            # volatile=2097152 purged=1048576, and:
+                                                 #   START      END     SIZE  FLAGS    STATE
+                                                 #       0  1048576  1048576  FULL     purged
+                                                 # 1048576  2097152  1048576  PARTIAL  intact
+  vrangectl nonvolatile /dev/fd/3 0 1M           # marked=1048576 purged=1
+  vrangectl stats /mnt/vol                       # capacity_bytes=... one counter a line
+  exec 3>&-                                      # the last close ends all volatility
 
 Volatility lasts while any descriptor of the file is open, in any process: vrangectl's own
 descriptor closes when it exits, so keep the file open in the shell (exec 3<>FILE) and pass
@@ -72,15 +79,6 @@ exit status: 0 done, 1 the operation failed (one line on stderr says why), 2 usa
 
 class CommandError(Exception):
     """An operation failed; the message is the line to print after ``vrangectl: ``."""
-
-
-@dataclass(frozen=True)
-class Run:
-    """A maximal run of pages in one state, as ``status --ranges`` lists it."""
-
-    start: int
-    end: int
-    state: str  # "volatile" (intact) or "purged"
 
 
 def parse_size(text: str) -> int:
@@ -130,6 +128,18 @@ def _inherited_read_only(path: str) -> int | None:
     return int(match[1]) if flags & os.O_ACCMODE == os.O_RDONLY else None
 
 
+def _closed_descriptor(path: str) -> int | None:
+    """The descriptor ``path`` names if it is one that is not open here, else None."""
+    match = _DESCRIPTOR_PATH.fullmatch(path)
+    if match is None:
+        return None
+    try:
+        os.fstat(int(match[1]))
+    except OSError:
+        return int(match[1])
+    return None
+
+
 @contextmanager
 def opened(path: str, *, writable: bool) -> Iterator[int]:
     """Open ``path`` for an ioctl and close it afterwards.
@@ -151,6 +161,12 @@ def opened(path: str, *, writable: bool) -> Iterator[int]:
         else:
             fd = os.open(path, flags | (os.O_RDWR if writable else os.O_RDONLY))
     except OSError as error:
+        closed = _closed_descriptor(path)
+        if closed is not None:
+            raise CommandError(
+                f"{path}: descriptor {closed} is not open (open the file in the shell first, "
+                f"e.g. exec {closed}<>FILE)"
+            ) from None
         hint = ""
         if writable and error.errno in (errno.EACCES, errno.EROFS):
             hint = "changing volatility needs the file open for writing"
@@ -213,76 +229,48 @@ def cmd_nonvolatile(arguments: argparse.Namespace) -> list[str]:
     return [f"marked={marked} purged={int(purged)}"]
 
 
-def walk_runs(status: Callable[[int, int], tuple[int, int]], start: int, end: int) -> Iterator[Run]:
-    """Find the maximal volatile and purged runs of ``[start, end)`` by bisection.
-
-    ``status(start, length)`` answers like VOLFS_IOC_VRANGE_STATUS. A span that is wholly
-    non-volatile, wholly intact-volatile or wholly purged is settled by one query; any other
-    is split at a page boundary. So the cost grows with the number of runs times the log of
-    the file's pages, not with the pages: a large file with few ranges takes few queries.
-
-    Args:
-        status: the query, e.g. ``functools.partial(vrange_status, fd)``.
-        start: first byte, a multiple of 4096.
-        end: end of the span (exclusive), a multiple of 4096.
-
-    Yields:
-        Runs in file order; adjacent runs differ in state, or are separated by
-        non-volatile pages.
-    """
-    pending: Run | None = None
-    stack = [(start, end)] if end > start else []
-    while stack:
-        low, high = stack.pop()
-        volatile, purged = status(low, high - low)
-        size = high - low
-        if size == PAGE_SIZE:  # a page is in one state
-            state = "purged" if purged else "volatile" if volatile else ""
-        elif volatile == 0:
-            state = ""
-        elif purged == size:
-            state = "purged"
-        elif volatile == size and purged == 0:
-            state = "volatile"
-        else:
-            middle = low + (size // PAGE_SIZE // 2) * PAGE_SIZE
-            stack += [(middle, high), (low, middle)]  # the lower half is popped first
-            continue
-        if pending is not None and (pending.end != low or pending.state != state):
-            if pending.state:
-                yield pending
-            pending = None
-        pending = Run(pending.start if pending else low, high, state)
-    if pending is not None and pending.state:
-        yield pending
-
-
-def format_runs(runs: Sequence[Run]) -> list[str]:
-    """An aligned ``START END LENGTH STATE`` table, numbers in bytes."""
-    rows = [("START", "END", "LENGTH", "STATE")]
-    rows += [(str(r.start), str(r.end), str(r.end - r.start), r.state) for r in runs]
-    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+def format_ranges(ranges: Sequence[VRange]) -> list[str]:
+    """An aligned table ``START END SIZE FLAGS STATE``, a range a line, numbers in bytes."""
+    rows = [("START", "END", "SIZE", "FLAGS", "STATE")]
+    rows += [
+        (
+            str(r.start),
+            str(r.end),
+            str(r.end - r.start),
+            "PARTIAL" if r.flags == VRANGE_PARTIAL else "FULL",
+            "purged" if r.purged else "intact",
+        )
+        for r in ranges
+    ]
+    # Numbers right-aligned, FLAGS padded; STATE ends the line, so it needs no padding.
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
     return [
-        "  ".join(cell.rjust(width) for cell, width in zip(row[:3], widths, strict=True))
-        + "  "
-        + row[3]
+        "  ".join(
+            [cell.rjust(width) for cell, width in zip(row[:3], widths, strict=False)]
+            + [row[3].ljust(widths[3]), row[4]]
+        )
         for row in rows
     ]
+
+
+def _ranges_in(fd: int, start: int, end: int) -> list[VRange]:
+    """The volatile ranges overlapping ``[start, end)``, each whole, in file order."""
+    return list(itertools.takewhile(lambda r: r.start < end, vrange_ranges(fd, start)))
 
 
 def cmd_status(arguments: argparse.Namespace) -> list[str]:
     """``status FILE [OFFSET LENGTH] [--ranges]``."""
     path, offset, length = arguments.file, arguments.offset or 0, arguments.length or 0
     with opened(path, writable=False) as fd:
-
-        def status(start: int, size: int) -> tuple[int, int]:
-            return _on_span(path, fd, start, size, lambda: vrange_status(fd, start, size))
-
-        volatile, purged = status(offset, length)
+        volatile, purged = _on_span(
+            path, fd, offset, length, lambda: vrange_status(fd, offset, length)
+        )
         lines = [f"volatile={volatile} purged={purged}"]
         if arguments.ranges:
+            # The span is valid (the status said so): list every range overlapping it, whole.
             end = offset + length if length else _page_rounded_size(fd)
-            lines += format_runs(list(walk_runs(status, offset, end)))
+            ranges = _on_span(path, fd, offset, length, lambda: _ranges_in(fd, offset, end))
+            lines += format_ranges(ranges)
     return lines
 
 
@@ -344,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Mark [OFFSET, OFFSET+LENGTH) volatile: volfs may purge it from now on, "
             "until it is marked non-volatile or the file's last descriptor closes."
         ),
-        epilog="example:\n  exec 3<>/mnt/vol/cache.bin\n"
+        epilog="example:\n  head -c 1M /dev/urandom >/mnt/vol/cache.bin\n"
+        "  exec 3<>/mnt/vol/cache.bin\n"
         "  vrangectl volatile /dev/fd/3 0 1M        # marked=1048576 purged=0",
         formatter_class=formatter,
     )
@@ -378,20 +367,22 @@ def build_parser() -> argparse.ArgumentParser:
         description=_wrap(
             "Count the volatile bytes of the file (or of [OFFSET, OFFSET+LENGTH)) and "
             "the purged ones, which fail to read (EIO) until rewritten or marked non-volatile. "
-            "With --ranges, also list the runs: a table START END LENGTH STATE (END exclusive, "
-            "bytes), STATE volatile or purged. The ABI shows neither whether a range was marked "
-            "--partial nor where two adjacent marked ranges meet, so the table lists maximal runs "
-            "of pages in one state. Any descriptor will do, read-only included."
+            "With --ranges, also list the volatile ranges overlapping the span, whole, a range a "
+            "line: START END SIZE (bytes, END exclusive), FLAGS FULL or PARTIAL as marked, STATE "
+            "purged if any of it was purged since it was marked (nonvolatile would report "
+            "purged=1), else intact. Ranges that only touch are listed apart, and a purge that "
+            "takes the tail of a PARTIAL range leaves that tail a range of its own. Any "
+            "descriptor will do, read-only included."
         ),
         epilog="examples:\n"
         "  vrangectl status /dev/fd/3                # volatile=1048576 purged=0\n"
-        "  vrangectl status /mnt/vol/cache.bin 0 64K --ranges",
+        "  vrangectl status /mnt/vol/cache.bin 0 64K --ranges   # and the ranges, one a line",
         formatter_class=formatter,
     )
     status.add_argument("file", metavar="FILE", help="a file on a volfs mount")
     span_arguments(status, optional=True)
     status.add_argument(
-        "-r", "--ranges", action="store_true", help="also list the volatile and purged runs"
+        "-r", "--ranges", action="store_true", help="also list the volatile ranges, one a line"
     )
     status.set_defaults(run=cmd_status, subparser=status)
 

@@ -34,5 +34,6 @@ case $message in
 esac
 
 expect "marked=16384 purged=1" vrangectl nonvolatile /dev/fd/3 16K 16K
-dd if="$file" bs=4K skip=4 count=4 status=none | cmp - <(head -c 16K /dev/zero)
+zeros=$(head -c 16K /dev/zero | sha256sum)
+[ "$(dd if="$file" bs=4K skip=4 count=4 status=none | sha256sum)" = "$zeros" ]
 exec 3>&-

@@ -20,21 +20,23 @@ head -c 1M /dev/urandom >"$file"
 exec 3<>"$file"
 expect "marked=524288 purged=0" vrangectl volatile /dev/fd/3 0 512K
 
-# The second shell: another bash process, its own descriptor on the same file.
+# The second shell: another bash process that does not inherit our descriptor 3 (3>&-) and
+# opens the file itself.
 bash -c '
     set -euo pipefail
+    [ ! -e /dev/fd/3 ] || { echo "the second shell inherited descriptor 3" >&2; exit 1; }
     exec 4<>"$1"
     expect "volatile=524288 purged=0" vrangectl status /dev/fd/4
     expect "marked=131072 purged=0" vrangectl nonvolatile /dev/fd/4 0 128K
     expect "marked=262144 purged=0" vrangectl volatile /dev/fd/4 768K 256K
-' second "$file"
+' second "$file" 3>&-
 
 # The second shell has closed its descriptor and exited; ours keeps its changes alive.
 expect "volatile=655360 purged=0
- START      END  LENGTH  STATE
-131072   524288  393216  volatile
-786432  1048576  262144  volatile" vrangectl status /dev/fd/3 --ranges
+ START      END    SIZE  FLAGS  STATE
+131072   524288  393216  FULL   intact
+786432  1048576  262144  FULL   intact" vrangectl status /dev/fd/3 --ranges
 
-bash -c 'expect "purged=655360" vrangectl purge "$1"' second "$mnt"
+bash -c 'expect "purged=655360" vrangectl purge "$1"' second "$mnt" 3>&-
 expect "marked=1048576 purged=1" vrangectl nonvolatile /dev/fd/3 0 1M
 exec 3>&-

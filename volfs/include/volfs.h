@@ -61,4 +61,21 @@ struct volfs_stats {            /* 96 bytes */
 };
 #define VOLFS_IOC_STATS          _IOR('v', 0x83, struct volfs_stats)    /* 0x80607683 */
 
+/*
+ * An extension of the fvrange ABI: the volatile ranges of a file themselves, one per call.
+ * Any descriptor of a regular file will do. Ranges that only touch are answered separately;
+ * a purge that takes the tail of a VRANGE_PARTIAL range leaves that tail a range of its own.
+ * List them all with: start = 0; then start = range_end until range_end == 0.
+ * Errors: EINVAL for an unaligned start, EISDIR/EINVAL on a non-regular file.
+ */
+struct vrange_next {            /* 32 bytes */
+    __u64 start;        /* in:  multiple of 4096: find the first range ending after it      */
+    __u64 range_start;  /* out: its first byte                                             */
+    __u64 range_end;    /* out: its end (exclusive); 0 when there is no such range         */
+    __u32 flags;        /* out: VRANGE_FULL or VRANGE_PARTIAL, as it was marked            */
+    __u32 purged;       /* out: 1 if any of it was purged since it was marked (what        */
+                        /*      VRANGE_NONVOLATILE over it would report), else 0            */
+};
+#define VOLFS_IOC_VRANGE_NEXT    _IOWR('v', 0x84, struct vrange_next)   /* 0xc0207684 */
+
 #endif /* VOLFS_H */
