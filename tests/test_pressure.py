@@ -344,3 +344,28 @@ def test_the_size_cap_purges_oldest_first_and_only_what_it_needs(
     finally:
         for fd in fds.values():
             os.close(fd)
+
+
+def test_rewriting_held_pages_at_the_cap_purges_only_for_the_new_ones(
+    mount_volfs: Callable[..., Mount],
+) -> None:
+    mount = mount_volfs("size=16M,pressure=off")
+    (mount.path / "other").write_bytes(os.urandom(11 * MiB))
+    target = os.urandom(MiB)
+    (mount.path / "target").write_bytes(target)
+    cache = os.urandom(4 * MiB)
+    (mount.path / "cache").write_bytes(cache)  # the mount is full
+    fd = os.open(mount.path / "cache", os.O_RDWR)
+    try:
+        fvrange(fd, 0, 4 * MiB, VRANGE_VOLATILE, VRANGE_PARTIAL)
+        update = os.urandom(MiB)  # one request: 512 KiB over held pages, 512 KiB new
+        target_fd = os.open(mount.path / "target", os.O_WRONLY)
+        try:
+            assert os.pwrite(target_fd, update, 512 * 1024) == MiB
+        finally:
+            os.close(target_fd)
+        assert vrange_status(fd) == (4 * MiB, 512 * 1024)  # only the new pages' worth
+        assert os.pread(fd, 3 * MiB, 0) == cache[: 3 * MiB]
+    finally:
+        os.close(fd)
+    assert (mount.path / "target").read_bytes() == target[: 512 * 1024] + update

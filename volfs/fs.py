@@ -46,7 +46,7 @@ from volfs.abi import (
 from volfs.namespace import Inode, Namespace
 from volfs.pressure import PressureSettings, watch_pressure
 from volfs.purge import PurgeResult
-from volfs.store import PAGE_SHIFT
+from volfs.store import PAGE_SHIFT, FileContents
 from volfs.worker import WorkerThread
 
 log = logging.getLogger(__name__)
@@ -344,6 +344,7 @@ class VolfsOperations(pyfuse3.Operations):
                     raise
                 contents = node.contents
                 written = await self._retry_after_making_room(
+                    contents,
                     off >> PAGE_SHIFT,
                     (off + len(buf) + PAGE_SIZE - 1) >> PAGE_SHIFT,
                     lambda: contents.write(off, buf),
@@ -364,13 +365,18 @@ class VolfsOperations(pyfuse3.Operations):
             log.exception("write(fh=%d, off=%d, len=%d) failed; answering EIO", fh, off, len(buf))
             raise pyfuse3.FUSEError(errno.EIO) from None
 
-    async def _retry_after_making_room(self, first: int, end: int, attempt: Callable[[], _R]) -> _R:
-        """Retry an allocation of pages [first, end) that hit the size cap, after making room.
+    async def _retry_after_making_room(
+        self, contents: FileContents, first: int, end: int, attempt: Callable[[], _R]
+    ) -> _R:
+        """Retry an allocation of the holes of [first, end) in ``contents`` that hit the cap.
 
-        Memory just released is waited for; then volatile data is purged for what is still
-        missing, so ENOSPC is returned only when no volatile data is left. The purged pages
-        are dropped from the kernel's cache in the background, not before the request is
-        answered: the kernel may hold locked pages of a write in a purged range.
+        Memory just released is waited for; then volatile data is purged, oldest first, for
+        the pages still missing (holes of the span, not pages the file already holds), so
+        ENOSPC is returned only when no volatile data is left. A purge may take pages of
+        this very span and so widen what is missing: it goes on until the attempt fits or
+        nothing is left to purge. The purged pages are dropped from the kernel's cache in
+        the background, not before the request is answered: the kernel may hold locked
+        pages of a write in a purged range.
         """
         store = self.namespace.store
         if store.reclaim_pending:
@@ -381,12 +387,18 @@ class VolfsOperations(pyfuse3.Operations):
                 if error.errno != errno.ENOSPC:
                     raise
         arena = store.arena
-        missing = (end - first) - arena.free_pages - arena.dirty_pages
-        result = self._purge_batch(max(missing, 1) << PAGE_SHIFT, "size")
-        drop = self._begin_drop(result.invalidations)
-        if drop is not None and self.nursery is not None:
-            self.nursery.start_soon(drop)
-        return attempt()
+        while True:
+            holes = sum(count for _page, count in contents.holes(first, end))
+            missing = holes - arena.free_pages - arena.dirty_pages
+            result = self._purge_batch(max(missing, 1) << PAGE_SHIFT, "size")
+            drop = self._begin_drop(result.invalidations)
+            if drop is not None and self.nursery is not None:
+                self.nursery.start_soon(drop)
+            try:
+                return attempt()
+            except OSError as error:
+                if error.errno != errno.ENOSPC or not result.ranges:
+                    raise
 
     async def flush(self, fh: int) -> None:
         pass  # nothing is buffered: data is in the store once WRITE is answered
@@ -537,9 +549,10 @@ class VolfsOperations(pyfuse3.Operations):
             try:
                 self.namespace.fallocate(node, mode, offset, length)
             except OSError as error:
-                if error.errno != errno.ENOSPC:
+                if error.errno != errno.ENOSPC or node.contents is None:
                     raise
                 await self._retry_after_making_room(
+                    node.contents,
                     offset >> PAGE_SHIFT,
                     (offset + length + PAGE_SIZE - 1) >> PAGE_SHIFT,
                     lambda: self.namespace.fallocate(node, mode, offset, length),
