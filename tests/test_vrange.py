@@ -560,7 +560,7 @@ def test_malformed_ioctls_never_hurt_the_daemon(
         for _ in range(300):
             direction = rng.choice([0, 1, 2, 3])
             size = rng.choice([0, 1, 8, 16, 32, 40, 64, 200])
-            number = rng.choice([0x80, 0x81, 0x82, 0x83, rng.randrange(256)])
+            number = rng.choice([0x80, 0x81, 0x82, 0x83, 0x84, rng.randrange(256)])
             kind = rng.choice([ord("v"), ord("v"), rng.randrange(256)])
             cmd = (direction << 30) | (size << 16) | (kind << 8) | number
             payload = bytearray(rng.randbytes(size)) if size else bytearray(8)

@@ -352,3 +352,26 @@ def test_usage_errors_exit_2(arguments: list[str]) -> None:
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr.startswith("usage: vrangectl")
     assert "Traceback" not in result.stderr
+
+
+def test_a_reader_that_goes_away_gets_no_traceback(mnt: Path) -> None:
+    path = mnt / "many"
+    path.write_bytes(bytes(8192 * PAGE))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for page in range(0, 8192, 2):  # 4096 ranges: more lines than a pipe holds
+            fvrange(fd, page * PAGE, PAGE, VRANGE_VOLATILE)
+        result = subprocess.run(
+            f"{VRANGECTL} status /dev/fd/{fd} --ranges | head -n 2",
+            shell=True,
+            capture_output=True,
+            text=True,
+            pass_fds=[fd],
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(fd)
+    assert result.stdout.splitlines()[0] == f"volatile={4096 * PAGE} purged=0"
+    assert len(result.stdout.splitlines()) == 2
+    assert result.stderr == ""

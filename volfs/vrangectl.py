@@ -435,8 +435,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandError as error:
         print(f"vrangectl: {error}", file=sys.stderr)
         return EXIT_FAILURE
-    for line in lines:
-        print(line)
+    try:
+        for line in lines:
+            print(line)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (``| head``): stop quietly, as coreutils do. Python would
+        # complain again flushing stdout at exit, so it gets /dev/null instead.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
     return 0
 
 
