@@ -569,7 +569,7 @@ with Consumer(sys.argv[1], {geometry}) as ring:
 
     assert sent["messages"] == received["messages"] == count
     assert received["extra"] == 0
-    assert samples > 100 and unconsumed_samples > 50, (samples, unconsumed_samples)
+    assert samples > 10 and unconsumed_samples > 0, (samples, unconsumed_samples)
     # Idle periods made consumed pages volatile while unconsumed ones sat next to them, and
     # purges took them.
     assert received["marks"] > 0 and most_volatile > 0 and both_at_once > 0

@@ -16,6 +16,7 @@ Volatility lasts while any descriptor of the file is open, in any process.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from collections.abc import Iterator
@@ -134,6 +135,10 @@ def vrange_ranges(fd: int, start: int = 0) -> Iterator[VRange]:
         _start, range_start, range_end, flags, purged = VRANGE_NEXT.unpack(buffer)
         if range_end == 0:
             return
+        if range_end <= start:
+            raise OSError(
+                errno.EIO, f"VOLFS_IOC_VRANGE_NEXT answered a range ending at {range_end}"
+            )
         yield VRange(range_start, range_end, flags, bool(purged))
         start = range_end
 

@@ -387,6 +387,8 @@ class VolfsOperations(pyfuse3.Operations):
                 if error.errno != errno.ENOSPC:
                     raise
         arena = store.arena
+        if end - first > arena.capacity_pages:
+            raise OSError(errno.ENOSPC, "more than the whole filesystem")  # purge nobody's cache
         while True:
             holes = sum(count for _page, count in contents.holes(first, end))
             missing = holes - arena.free_pages - arena.dirty_pages

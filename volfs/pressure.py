@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import trio
 
+from volfs.worker import WorkerThread
+
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
@@ -70,6 +72,14 @@ def cgroup_pressure_path() -> str | None:
     return None
 
 
+#: How long the PSI poller blocks at a time (ms): bounds how long closing it waits.
+_PSI_POLL_MS = 200
+
+
+class SourceGoneError(Exception):
+    """The pressure source can signal no more: its socket was closed, its trigger is gone."""
+
+
 class PressureSource:
     """An open pressure notification: a PSI trigger, a FIFO or a socket."""
 
@@ -81,10 +91,8 @@ class PressureSource:
         """
         self.path = path
         self._socket: socket.socket | None = None
+        self._poller: WorkerThread | None = None
         mode = os.stat(path).st_mode
-        # A PSI file always polls readable; only POLLPRI means pressure. A FIFO or a socket
-        # signals by having something to read.
-        events = select.EPOLLIN
         if stat.S_ISSOCK(mode):
             self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self._socket.connect(path)
@@ -96,49 +104,51 @@ class PressureSource:
             self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         else:
             self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-            events = select.EPOLLPRI
             if trigger:
                 os.write(self.fd, trigger)
-        # PSI signals with POLLPRI, which trio does not wait for: an epoll set of our own does,
-        # and becomes readable itself when it has an event.
-        self._epoll = select.epoll()
-        self._epoll.register(self.fd, events)
-        self._psi = events == select.EPOLLPRI
+            # A PSI trigger signals with POLLPRI, which trio cannot wait for, and the kernel
+            # clears its event as any poll reports it: a second poller (trio re-arming a
+            # nested epoll set, say) would swallow events. One thread of our own is the only
+            # poller, started now since a thread may not start once memory is short.
+            self._poller = WorkerThread("volfs-pressure").__enter__()
 
     async def wait(self) -> None:
-        """Wait for the next pressure event."""
-        while True:
-            await trio.lowlevel.wait_readable(self._epoll.fileno())
-            if self._psi:
-                # The kernel clears a PSI trigger's event as a poll reports it, and trio's
-                # poll of our epoll set was that poll: a later one would find nothing. Being
-                # woken is the event.
-                return
-            events = self._epoll.poll(0)
-            if not events:
-                continue
-            if any(event & select.EPOLLIN for _fd, event in events):
-                self._drain()
-            if any(
-                event & (select.EPOLLHUP | select.EPOLLERR) for _fd, event in events
-            ) and not any(event & select.EPOLLIN for _fd, event in events):
-                # A FIFO whose writers all left: wait for the next one without spinning.
-                await trio.sleep(0.1)
-                continue
-            return
+        """Wait for the next pressure event.
 
-    def _drain(self) -> None:
-        try:
+        Raises:
+            SourceGoneError: the source can signal no more.
+        """
+        if self._poller is not None:
+            while not await self._poller.run(self._poll_psi):
+                # The poller's calls are shielded: cancellation gets in only here.
+                await trio.lowlevel.checkpoint()
+            return
+        while True:
+            await trio.lowlevel.wait_readable(self.fd)
+            try:
+                data = self._socket.recv(4096) if self._socket else os.read(self.fd, 4096)
+            except (BlockingIOError, InterruptedError):
+                continue
+            if data:
+                return
             if self._socket is not None:
-                self._socket.recv(4096)
-            else:
-                os.read(self.fd, 4096)
-        except (BlockingIOError, InterruptedError):
-            pass
+                raise SourceGoneError("the socket was closed")
+            # A FIFO whose writers all left: wait for the next one without spinning.
+            await trio.sleep(0.1)
+
+    def _poll_psi(self) -> bool:
+        """Block up to _PSI_POLL_MS for the trigger; True if it fired. Runs in the poller."""
+        poller = select.poll()
+        poller.register(self.fd, select.POLLPRI)
+        events = poller.poll(_PSI_POLL_MS)
+        if any(event & (select.POLLERR | select.POLLNVAL) for _fd, event in events):
+            raise SourceGoneError("no trigger armed")
+        return bool(events)
 
     def close(self) -> None:
         """Disarm and close."""
-        self._epoll.close()
+        if self._poller is not None:
+            self._poller.__exit__(None, None, None)
         if self._socket is not None:
             self._socket.close()
         else:
@@ -158,7 +168,11 @@ def open_pressure_source(settings: PressureSettings) -> PressureSource | None:
     candidates: list[tuple[str, bytes | None]] = []
     if watch:
         written = os.environ.get("MEMORY_PRESSURE_WRITE")
-        candidates.append((watch, base64.b64decode(written) if written else None))
+        if written:
+            candidates.append((watch, base64.b64decode(written)))
+        else:
+            # Nothing to write: a socket or FIFO needs nothing, a PSI file our own trigger.
+            candidates.append((watch, None if _is_stream(watch) else trigger))
     cgroup = cgroup_pressure_path()
     if cgroup:
         candidates.append((cgroup, trigger))
@@ -173,6 +187,14 @@ def open_pressure_source(settings: PressureSettings) -> PressureSource | None:
         return source
     log.warning("memory pressure: no PSI source can be watched; only the watermark is used")
     return None
+
+
+def _is_stream(path: str) -> bool:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False  # opening it will fail and say why
+    return stat.S_ISSOCK(mode) or stat.S_ISFIFO(mode)
 
 
 async def watch_pressure(
@@ -212,7 +234,13 @@ async def _on_events(
     purge_batch: Callable[[int], Awaitable[int]],
 ) -> None:
     while True:
-        await source.wait()
+        try:
+            await source.wait()
+        except SourceGoneError as gone:
+            log.warning(
+                "memory pressure: %s can signal no more (%s); watching stops", source.path, gone
+            )
+            return
         await purge_batch(settings.batch)
         await _purge_while_low(settings, purge_batch)
 

@@ -246,7 +246,7 @@ def format_ranges(ranges: Sequence[VRange]) -> list[str]:
     widths = [max(len(row[column]) for row in rows) for column in range(4)]
     return [
         "  ".join(
-            [cell.rjust(width) for cell, width in zip(row[:3], widths, strict=False)]
+            [cell.rjust(width) for cell, width in zip(row[:3], widths[:3], strict=True)]
             + [row[3].ljust(widths[3]), row[4]]
         )
         for row in rows
