@@ -681,13 +681,7 @@ class VolfsOperations(pyfuse3.Operations):
     def _vrange_next(self, ino: int, data: bytes) -> bytes:
         """Answer VOLFS_IOC_VRANGE_NEXT: the first range of the file ending after ``start``."""
         start, _range_start, _range_end, _flags, _purged = VRANGE_NEXT.unpack(data)
-        node = self.namespace.get(ino)
-        if node.contents is None:
-            # As VOLFS_IOC_VRANGE_STATUS answers: EISDIR for a directory, EINVAL otherwise.
-            raise OSError(errno.EISDIR if node.is_dir() else errno.EINVAL, "not a regular file")
-        if start % PAGE_SIZE:
-            raise OSError(errno.EINVAL, "start must be a multiple of the page size")
-        found = None if node.vranges is None else node.vranges.next_range(start >> PAGE_SHIFT)
+        found = self.namespace.vrange_next(self.namespace.get(ino), start)
         if found is None:
             return VRANGE_NEXT.pack(start, 0, 0, 0, 0)
         flags = VRANGE_PARTIAL if found.partial else VRANGE_FULL

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from volfs.abi import PAGE_SIZE, VRANGE_NONVOLATILE, VRANGE_PARTIAL, VRANGE_VOLATILE
 from volfs.purge import Purger
-from volfs.ranges import InodeRanges
+from volfs.ranges import InodeRanges, VolatileRange
 from volfs.store import PAGE_SHIFT, FileContents, Store
 
 _U64 = 1 << 64
@@ -568,8 +568,8 @@ class Namespace:
             OSError: EISDIR or EINVAL for a non-regular file; EINVAL for an unaligned start
                 or length, an overflowing span, or one past the page-rounded file size.
         """
-        if inode.contents is None:
-            raise OSError(errno.EISDIR if inode.is_dir() else errno.EINVAL, "not a regular file")
+        _require_regular(inode)
+        assert inode.contents is not None
         if start % PAGE_SIZE or length % PAGE_SIZE:
             raise OSError(errno.EINVAL, "start and length must be multiples of the page size")
         eof_page = (inode.contents.size + PAGE_SIZE - 1) >> PAGE_SHIFT
@@ -578,6 +578,20 @@ class Namespace:
         if start + length >= _U64 or first > end or end > eof_page:
             raise OSError(errno.EINVAL, "span past the end of the file")
         return first, end
+
+    @staticmethod
+    def vrange_next(inode: Inode, start: int) -> VolatileRange | None:
+        """The first range of a file ending after byte ``start`` (VOLFS_IOC_VRANGE_NEXT).
+
+        Raises:
+            OSError: EISDIR or EINVAL for a non-regular file; EINVAL for an unaligned start.
+
+        Runtime complexity: O(log n) in the file's ranges.
+        """
+        _require_regular(inode)
+        if start % PAGE_SIZE:
+            raise OSError(errno.EINVAL, "start must be a multiple of the page size")
+        return None if inode.vranges is None else inode.vranges.next_range(start >> PAGE_SHIFT)
 
     def vrange(
         self, inode: Inode, start: int, length: int, mode: int, flags: int
@@ -619,3 +633,9 @@ class Namespace:
             return 0, 0
         volatile, lost = inode.vranges.status(first, end)
         return volatile << PAGE_SHIFT, lost << PAGE_SHIFT
+
+
+def _require_regular(inode: Inode) -> None:
+    """Volatility belongs to regular files: EISDIR for a directory, EINVAL for the rest."""
+    if inode.contents is None:
+        raise OSError(errno.EISDIR if inode.is_dir() else errno.EINVAL, "not a regular file")
