@@ -73,7 +73,7 @@ def test_unsupported_modes_fail_with_eopnotsupp_and_change_nothing(
     inode.contents.write(0, os.urandom(8 * PAGE_SIZE))
     # Pages 4..8 volatile and purged: a mode that punched or zeroed first would forget that.
     namespace.vrange(inode, 4 * PAGE_SIZE, 4 * PAGE_SIZE, VRANGE_VOLATILE, VRANGE_FULL)
-    namespace.purger.purge(0, source="ioctl")
+    namespace.purger.purge(0, [])
     before = snapshot(namespace, inode)
     assert before[3] == (4 * PAGE_SIZE, 4 * PAGE_SIZE)
 

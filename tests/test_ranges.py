@@ -9,6 +9,7 @@ is in the LRU at all.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import random
 from collections.abc import Iterator
@@ -20,11 +21,20 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from volfs.abi import PAGE_SIZE
-from volfs.purge import Purger, PurgeResult
-from volfs.ranges import InodeRanges
+from volfs.purge import Invalidation, Purger
+from volfs.ranges import InodeRanges, RecordLimits
 from volfs.store import PAGE_SHIFT, FileContents, Store
 
 STORE_PAGES = 256
+
+
+@dataclass
+class Purged:
+    """What a whole purge did, its budgets added up."""
+
+    freed_bytes: int
+    ranges: int
+    invalidations: list[Invalidation]
 
 
 @dataclass(eq=False)
@@ -169,9 +179,10 @@ class Model:
             if hi > end:
                 inode.assign(end, hi, replace(volatile_range))
         inode.assign(first, end, None)
+        lost = any(inode.lost[first:end])
         for page in range(first, end):
             inode.lost[page] = False
-        return any(r.purged for r in overlapped)
+        return lost or any(r.purged for r in overlapped)
 
     def write(self, ino: int, first: int, end: int, fill: int) -> None:
         inode = self.inodes[ino]
@@ -188,12 +199,12 @@ class Model:
         inode.release(end_page, inode.pages)
         inode.size_pages = end_page
 
-    def clear(self, ino: int) -> None:
+    def end_volatility(self, ino: int) -> None:
+        """The last close: the ranges go, lost pages stay lost."""
         inode = self.inodes[ino]
         inode.assign(0, inode.pages, None)
-        inode.lost = [False] * inode.pages
 
-    def purge(self, wanted_bytes: int, result: PurgeResult) -> None:
+    def purge(self, wanted_bytes: int, result: Purged) -> None:
         """Check a purge's result step by step against the LRU, and apply it.
 
         Pieces of one marking share a stamp and may go in any order among themselves, so the
@@ -263,20 +274,43 @@ class Harness:
         self.sets[ino].rewritten(first, end)
         self.model.write(ino, first, end, fill)
 
-    def purge(self, wanted_bytes: int) -> PurgeResult:
-        result = self.purger.purge(wanted_bytes, source="ioctl")
+    def purge(self, wanted_bytes: int, budget: int = 1000) -> Purged:
+        """Purge as the daemon does: ``budget`` ranges at a time until complete."""
+        self.purger.count_purge("ioctl")
+        invalidations: list[Invalidation] = []
+        freed = ranges = 0
+        while True:
+            result = self.purger.purge(
+                wanted_bytes - freed if wanted_bytes else 0, invalidations, budget=budget
+            )
+            freed += result.freed_bytes
+            ranges += result.ranges
+            if result.complete:
+                break
+            assert wanted_bytes == 0 or freed < wanted_bytes
+        purged = Purged(freed, ranges, invalidations)
         self.purges += 1
-        self.model.purge(wanted_bytes, result)
-        return result
+        self.model.purge(wanted_bytes, purged)
+        return purged
 
     def truncate(self, ino: int, end_page: int) -> None:
         self.files[ino].truncate(end_page << PAGE_SHIFT)
         self.sets[ino].truncate(end_page)
         self.model.truncate(ino, end_page)
 
-    def clear(self, ino: int) -> None:
-        self.sets[ino].clear()
-        self.model.clear(ino)
+    def end_volatility(self, ino: int, budget: int = 3, purge_meanwhile: bool = False) -> None:
+        """The last close: volatility ends at once, its ranges are discarded in budgets."""
+        ended = self.sets[ino]
+        survivor = ended.end_volatility()
+        self.sets[ino] = survivor or InodeRanges(self.purger, ino, self.files[ino])
+        self.model.end_volatility(ino)
+        if purge_meanwhile:
+            # The ended ranges still wait in the LRU: a purge must pass them over.
+            self.purge(0)
+            self.check()
+        while not ended.discard(budget):
+            pass
+        assert not ended.range_count
 
     def check_query(self, ino: int, first: int, end: int) -> None:
         ranges, inode = self.sets[ino], self.model.inodes[ino]
@@ -366,13 +400,13 @@ def test_random_operations_match_the_page_model(seed: int) -> None:
             elif operation < 0.76:
                 harness.write(ino, *random_span(rng, harness.pages), rng.randrange(1, 256))
             elif operation < 0.9:
-                harness.purge(random_wanted(rng))
+                harness.purge(random_wanted(rng), budget=rng.choice([1, 2, 1000]))
             elif operation < 0.96:
                 harness.truncate(ino, rng.randrange(harness.pages // 2, harness.pages + 1))
             elif operation < 0.98:
                 harness.truncate(ino, rng.randrange(harness.pages + 1))
             else:
-                harness.clear(ino)
+                harness.end_volatility(ino, purge_meanwhile=rng.random() < 0.5)
             harness.check()
             for _query in range(3):
                 harness.check_query(rng.choice(inodes), *random_span(rng, harness.pages + 4))
@@ -382,7 +416,7 @@ def test_random_operations_match_the_page_model(seed: int) -> None:
         harness.purge(0)
         harness.check()
         for ino in inodes:
-            harness.clear(ino)
+            harness.end_volatility(ino)
         harness.check()
         assert len(harness.purger) == 0
     finally:
@@ -415,17 +449,20 @@ class RangesMachine(RuleBasedStateMachine):
     def write(self, ino: int, span: tuple[int, int], fill: int) -> None:
         self.harness.write(ino, *span, fill)
 
-    @rule(wanted=st.one_of(st.just(0), st.integers(1, 12 * PAGE_SIZE)))
-    def purge(self, wanted: int) -> None:
-        self.harness.purge(wanted)
+    @rule(
+        wanted=st.one_of(st.just(0), st.integers(1, 12 * PAGE_SIZE)),
+        budget=st.sampled_from([1, 1000]),
+    )
+    def purge(self, wanted: int, budget: int) -> None:
+        self.harness.purge(wanted, budget)
 
     @rule(ino=inodes, end_page=st.integers(0, PAGES))
     def truncate(self, ino: int, end_page: int) -> None:
         self.harness.truncate(ino, end_page)
 
-    @rule(ino=inodes)
-    def clear(self, ino: int) -> None:
-        self.harness.clear(ino)
+    @rule(ino=inodes, purge_meanwhile=st.booleans())
+    def end_volatility(self, ino: int, purge_meanwhile: bool) -> None:
+        self.harness.end_volatility(ino, purge_meanwhile=purge_meanwhile)
 
     @rule(ino=inodes, span=spans)
     def query(self, ino: int, span: tuple[int, int]) -> None:
@@ -542,7 +579,7 @@ def test_partial_purge_counts_only_held_pages(harness: Harness) -> None:
     assert result.freed_bytes == 2 * PAGE_SIZE
     assert result.invalidations == [(2, 20 * PAGE_SIZE, 2 * PAGE_SIZE)]
     assert ranges.status(0, 64) == (10, 10)
-    assert harness.purge(0) == PurgeResult(0, 0, [])
+    assert harness.purge(0) == Purged(0, 0, [])
     harness.check()
     harness.check_data()
 
@@ -590,7 +627,7 @@ def test_rewritten_pages_are_no_longer_lost_and_purgeable_again(harness: Harness
     harness.mark_volatile(1, 0, 6, False)
     assert harness.purge(0).freed_bytes == 6 * PAGE_SIZE
     assert len(harness.purger) == 0 and harness.store.used_bytes == 0
-    assert harness.purge(0) == PurgeResult(0, 0, [])
+    assert harness.purge(0) == Purged(0, 0, [])
     harness.write(1, 2, 3, 9)
     assert not ranges.is_lost(2, 3) and ranges.is_lost(0, 2) and ranges.is_lost(3, 6)
     assert ranges.status(0, 6) == (6, 5)
@@ -619,7 +656,7 @@ def test_splitting_a_purged_range_leaves_it_out_of_the_lru(harness: Harness) -> 
     assert harness.mark_nonvolatile(1, 3, 5) is True
     assert harness.sets[1].status(0, 8) == (6, 6)
     assert len(harness.purger) == 0, "pieces of a purged range came back into the LRU"
-    assert harness.purge(0) == PurgeResult(0, 0, [])
+    assert harness.purge(0) == Purged(0, 0, [])
     harness.check()
     harness.check_data()
 
@@ -631,7 +668,7 @@ def test_truncating_a_purged_range_leaves_it_out_of_the_lru(harness: Harness) ->
     harness.truncate(1, 4)
     assert harness.sets[1].status(0, 8) == (4, 4)
     assert len(harness.purger) == 0, "the head of a purged range came back into the LRU"
-    assert harness.purge(0) == PurgeResult(0, 0, [])
+    assert harness.purge(0) == Purged(0, 0, [])
     harness.check()
     harness.check_data()
 
@@ -664,8 +701,12 @@ def test_many_disjoint_ranges() -> None:
         assert len(purger) == count
         assert ranges.status(0, 2 * count) == (count, 0)
         assert ranges.status(2, 4) == (2, 0) and ranges.status(0, 2) == (0, 0)
-        result = purger.purge(0, source="ioctl")
-        assert result.ranges == count and result.freed_bytes == 0
+        invalidations: list[Invalidation] = []
+        # 10,000 ranges in budgets of 1,000: each call stops short and says so.
+        results = [purger.purge(0, invalidations) for _ in range(count // 1000)]
+        assert [r.complete for r in results] == [False] * (count // 1000 - 1) + [True]
+        assert sum(r.ranges for r in results) == count == len(invalidations)
+        assert sum(r.freed_bytes for r in results) == 0
         assert len(purger) == 0
         ranges._check()
         assert ranges.status(0, 2 * count) == (count, count)
@@ -683,5 +724,74 @@ def test_many_disjoint_ranges() -> None:
         assert not ranges and len(purger) == 0
         ranges._check()
         purger._check()
+    finally:
+        store.close()
+
+
+def test_records_are_bounded_per_inode_and_per_mount() -> None:
+    store = Store(STORE_PAGES * PAGE_SIZE)
+    limits = RecordLimits(per_inode=4, per_mount=6)
+    purger = Purger(limits)
+    first, second = store.new_file(), store.new_file()
+    a, b = InodeRanges(purger, 1, first), InodeRanges(purger, 2, second)
+    try:
+        for i in range(4):
+            a.mark_volatile(2 * i, 2 * i + 1, partial=False)
+        with pytest.raises(OSError) as refused:
+            a.mark_volatile(20, 21, partial=False)
+        assert refused.value.errno == errno.ENOSPC
+        # Merging needs no new record, and unmarking whole ranges frees them.
+        a.mark_volatile(0, 3, partial=False)
+        assert a.records == 3 == limits.records
+        a.mark_volatile(20, 21, partial=False)
+        b.mark_volatile(0, 30, partial=True)
+        b.mark_volatile(40, 50, partial=False)
+        assert limits.records == 6
+        with pytest.raises(OSError) as refused:
+            b.mark_volatile(60, 61, partial=False)
+        assert refused.value.errno == errno.ENOSPC
+        # An unmark that would split a range past the mount's bound changes nothing.
+        before = [(r.start, r.end) for r in b.ranges()]
+        with pytest.raises(OSError) as refused:
+            b.mark_nonvolatile(10, 11)
+        assert refused.value.errno == errno.ENOSPC
+        assert [(r.start, r.end) for r in b.ranges()] == before
+        # One that only trims is always possible.
+        assert b.mark_nonvolatile(0, 1) is False
+        assert [(r.start, r.end) for r in b.ranges()] == [(1, 30), (40, 50)]
+        # At the bound, a purge takes a PARTIAL range whole instead of splitting it.
+        assert second.write(20 * PAGE_SIZE, bytes(PAGE_SIZE)) == PAGE_SIZE
+        b.rewritten(20, 21)
+        a.clear()
+        limits.per_mount = limits.records
+        invalidations: list[Invalidation] = []
+        purger.purge(PAGE_SIZE, invalidations)
+        assert invalidations == [(2, PAGE_SIZE, 29 * PAGE_SIZE)]
+        a._check()
+        b._check()
+        purger._check()
+    finally:
+        store.close()
+
+
+def test_lost_pages_outlive_the_end_of_volatility() -> None:
+    store = Store(STORE_PAGES * PAGE_SIZE)
+    purger = Purger()
+    contents = store.new_file()
+    ranges = InodeRanges(purger, 1, contents)
+    try:
+        assert contents.write(0, b"x" * 8 * PAGE_SIZE) == 8 * PAGE_SIZE
+        ranges.mark_volatile(0, 8, partial=False)
+        purger.purge(0, [])
+        survivor = ranges.end_volatility()
+        assert survivor is not None and ranges.discard(10)
+        assert purger.statistics().ranges == 0 and len(purger) == 0
+        assert survivor.is_lost(0, 8) and survivor.status(0, 8) == (0, 8)
+        # A write takes its pages out; an unmark over the rest reports the purge once.
+        survivor.rewritten(0, 2)
+        assert not survivor.is_lost(0, 2) and survivor.is_lost(2, 8)
+        assert survivor.mark_nonvolatile(0, 8) is True
+        assert not survivor and survivor.mark_nonvolatile(0, 8) is False
+        survivor._check()
     finally:
         store.close()

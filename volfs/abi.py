@@ -6,6 +6,7 @@ This module is the one definition; the daemon, :mod:`volfs.client` and
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 PAGE_SIZE = 4096
@@ -41,6 +42,42 @@ VOLFS_STATS_FIELDS = (
     "inodes",
     "max_inodes",
 )
+
+#: The largest value of a ``__u64`` field.
+U64_MAX = (1 << 64) - 1
+
+
+def saturated(value: int) -> int:
+    """``value`` clamped to what a ``__u64`` holds: counters saturate rather than wrap."""
+    return min(max(value, 0), U64_MAX)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MountStatistics:
+    """The counters of a mount (``struct volfs_stats``), as ``vrangectl stats`` shows them."""
+
+    capacity_bytes: int
+    used_bytes: int
+    volatile_bytes: int
+    purged_bytes: int
+    ranges: int
+    purgeable_ranges: int
+    purges_ioctl: int
+    purges_size: int
+    purges_pressure: int
+    inodes: int
+    max_inodes: int
+
+    def pack(self) -> bytes:
+        """The record VOLFS_IOC_STATS returns; a counter past 2**64 - 1 reads as 2**64 - 1."""
+        return VOLFS_STATS.pack(*(saturated(value) for value in dataclasses.astuple(self)), 0)
+
+    def describe(self) -> str:
+        """``name=value`` pairs on one line, for the log."""
+        return " ".join(f"{name}={value}" for name, value in dataclasses.asdict(self).items())
+
+
+assert tuple(field.name for field in dataclasses.fields(MountStatistics)) == VOLFS_STATS_FIELDS
 
 _IOC_WRITE = 1
 _IOC_READ = 2

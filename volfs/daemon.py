@@ -33,6 +33,7 @@ from volfs.namespace import Namespace
 from volfs.options import MAX_SIZE, MountOptions, OptionError, parse_mount_options
 from volfs.pressure import PressureSettings
 from volfs.purge import Purger
+from volfs.ranges import RecordLimits
 from volfs.store import Store
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="volfs",
         description="Mount a volfs: a tmpfs-like filesystem in memory with volatile ranges.",
         epilog="Options (-o): size=BYTES[k|m|g|t]|N%%, nr_inodes=N, mode=OCTAL, uid=N, gid=N, "
+        "max_ranges=N, max_file_ranges=N, "
         "and FUSE options such as allow_other. Unmount with umount or fusermount3 -u.",
     )
     parser.add_argument(
@@ -118,7 +120,7 @@ def build_filesystem(options: MountOptions) -> fs.VolfsOperations:
     store = Store(options.size or MAX_SIZE)
     namespace = Namespace(
         store,
-        Purger(),
+        Purger(RecordLimits(per_inode=options.max_file_ranges, per_mount=options.max_ranges)),
         max_inodes=options.nr_inodes,
         root_mode=options.mode,
         root_uid=options.uid,

@@ -15,7 +15,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -33,8 +33,6 @@ from volfs.abi import (
     VOLFS_IOC_VRANGE_NEXT,
     VOLFS_IOC_VRANGE_STATUS,
     VOLFS_PURGE,
-    VOLFS_STATS,
-    VOLFS_STATS_FIELDS,
     VRANGE_ARGS,
     VRANGE_FULL,
     VRANGE_NEXT,
@@ -42,10 +40,12 @@ from volfs.abi import (
     VRANGE_PARTIAL,
     VRANGE_STATUS,
     VRANGE_VOLATILE,
+    MountStatistics,
+    saturated,
 )
 from volfs.namespace import Inode, Namespace
 from volfs.pressure import PressureSettings, watch_pressure
-from volfs.purge import PurgeResult
+from volfs.purge import Invalidation, PurgeResult
 from volfs.store import PAGE_SHIFT, FileContents
 from volfs.worker import WorkerThread
 
@@ -115,14 +115,6 @@ class OpenFile:
         return self.flags & os.O_ACCMODE != os.O_RDONLY
 
 
-@dataclass(slots=True)
-class OpenDirectory:
-    """A directory being listed: a snapshot taken at opendir and at each rewind."""
-
-    inode: Inode
-    listing: list[tuple[bytes, Inode]]
-
-
 class VolfsOperations(pyfuse3.Operations):
     """pyfuse3 handlers for one mount."""
 
@@ -145,7 +137,10 @@ class VolfsOperations(pyfuse3.Operations):
         #: an event per drop in progress.
         self._dropping: dict[int, list[trio.Event]] = {}
         self._files: dict[int, OpenFile] = {}
-        self._directories: dict[int, OpenDirectory] = {}
+        self._discard_wakeup = trio.Event()
+        #: Open directory handles: the inode listed. Listings resume from the offset the
+        #: kernel passes back, so a handle holds nothing of the directory.
+        self._directories: dict[int, Inode] = {}
         self._next_handle = 1
 
     # -- helpers ----------------------------------------------------------------------------
@@ -209,7 +204,8 @@ class VolfsOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         node = self.namespace.get(inode)
         if fields.update_size:
-            self.namespace.truncate(node, attr.st_size)
+            for _step in self.namespace.truncate_steps(node, attr.st_size):
+                await trio.sleep(0)  # dropping many ranges: let other requests in
             node.touch(mtime=True)
         if fields.update_mode:
             node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(attr.st_mode)
@@ -391,15 +387,12 @@ class VolfsOperations(pyfuse3.Operations):
             raise OSError(errno.ENOSPC, "more than the whole filesystem")  # purge nobody's cache
         while True:
             holes = sum(count for _page, count in contents.holes(first, end))
-            missing = holes - arena.free_pages - arena.dirty_pages
-            result = self._purge_batch(max(missing, 1) << PAGE_SHIFT, "size")
-            drop = self._begin_drop(result.invalidations)
-            if drop is not None and self.nursery is not None:
-                self.nursery.start_soon(drop)
+            missing = holes - arena.available_pages - arena.dirty_pages
+            purged = await self._purge(max(missing, 1) << PAGE_SHIFT, "size")
             try:
                 return attempt()
             except OSError as error:
-                if error.errno != errno.ENOSPC or not result.ranges:
+                if error.errno != errno.ENOSPC or not purged.ranges:
                     raise
 
     async def flush(self, fh: int) -> None:
@@ -410,34 +403,42 @@ class VolfsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def release(self, fh: int) -> None:
-        self.namespace.close(self._files.pop(fh).inode)
+        if self.namespace.close(self._files.pop(fh).inode):
+            self._discard_wakeup.set()
+
+    async def discard_ended_ranges(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Drop the ranges of closed files a little at a time, until cancelled.
+
+        A last close ends a file's volatility at once; dropping its ranges one by one
+        could hold the event loop for a second, so it happens here, between requests.
+        """
+        task_status.started()
+        while True:
+            await self._discard_wakeup.wait()
+            self._discard_wakeup = trio.Event()
+            while self.namespace.discard_ended():
+                await trio.sleep(0)
 
     # -- directories ------------------------------------------------------------------------
 
     @fuse_errors
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        listing = self.namespace.directory_listing(inode)
+        node = self.namespace.get(inode)
+        if not node.is_dir():
+            raise OSError(errno.ENOTDIR, "not a directory")
         handle = self._handle()
-        self._directories[handle] = OpenDirectory(self.namespace.get(inode), listing)
+        self._directories[handle] = node
         return handle
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         directory = self._directories[fh]
-        if start_id == 0:
-            directory.listing = self.namespace.directory_listing(directory.inode.ino)
-        entries = directory.inode.entries
-        assert entries is not None
-        listing = directory.listing
-        for index in range(start_id, len(listing)):
-            name, node = listing[index]
-            dot = name in (b".", b"..")
-            # An entry removed since the snapshot is skipped, never revived.
-            if not dot and entries.get(name) is not node:
-                continue
-            if not pyfuse3.readdir_reply(token, name, self._attributes(node), index + 1):
+        for next_id, name, node in self.namespace.directory_listing(directory.ino, start_id):
+            if not pyfuse3.readdir_reply(token, name, self._attributes(node), next_id):
                 return
-            if not dot:
+            if name not in (b".", b".."):
                 node.lookups += 1
 
     @fuse_errors
@@ -517,20 +518,28 @@ class VolfsOperations(pyfuse3.Operations):
                 assert self.nursery is not None
                 self.nursery.start_soon(self._vrange_once_dropped, request, ino, cmd, fh, data)
             elif cmd == VOLFS_IOC_VRANGE:
-                request.reply_ioctl(0, self._vrange(ino, fh, is_dir, data))
+                steps = self._vrange_steps(ino, fh, is_dir, data)
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    request.reply_ioctl(0, done.value)
+                else:
+                    # A span over many ranges: the rest between other requests.
+                    assert self.nursery is not None
+                    self.nursery.start_soon(self._vrange_in_steps, request, ino, steps)
             elif cmd == VOLFS_IOC_VRANGE_STATUS:
                 request.reply_ioctl(0, self._vrange_status(ino, data))
             elif cmd == VOLFS_IOC_VRANGE_NEXT:
                 request.reply_ioctl(0, self._vrange_next(ino, data))
             elif cmd == VOLFS_IOC_STATS:
-                request.reply_ioctl(0, self.statistics_record())
+                request.reply_ioctl(0, self.statistics().pack())
             elif cmd == VOLFS_IOC_PURGE:
                 # Purging takes memory from every user of the mount: only its owner or root.
                 if request.uid not in (0, os.getuid()):
                     raise OSError(errno.EPERM, "purge needs root or the mount's owner")
                 (wanted, _purged) = VOLFS_PURGE.unpack(data)
                 assert self.nursery is not None
-                self.nursery.start_soon(self._purge, request, wanted)
+                self.nursery.start_soon(self._purge_ioctl, request, wanted)
             else:
                 request.reply_error(errno.ENOTTY)
 
@@ -576,26 +585,28 @@ class VolfsOperations(pyfuse3.Operations):
                 raise OSError(errno.ENXIO, "no more data")
             request.reply_lseek(found)
 
-    def statistics_record(self) -> bytes:
-        """The mount's statistics as ``struct volfs_stats``."""
+    def statistics(self) -> MountStatistics:
+        """The mount's counters, as ``vrangectl stats`` shows them."""
         names = self.namespace.statistics()
         purges = self.namespace.purger.statistics()
-        return VOLFS_STATS.pack(
-            names.capacity_bytes,
-            names.used_bytes,
-            purges.volatile_bytes,
-            purges.purged_bytes,
-            purges.ranges,
-            purges.purgeable_ranges,
-            purges.purges.get("ioctl", 0),
-            purges.purges.get("size", 0),
-            purges.purges.get("pressure", 0),
-            names.inodes,
-            names.max_inodes,
-            0,
+        return MountStatistics(
+            capacity_bytes=names.capacity_bytes,
+            used_bytes=names.used_bytes,
+            volatile_bytes=purges.volatile_bytes,
+            purged_bytes=purges.purged_bytes,
+            ranges=purges.ranges,
+            purgeable_ranges=purges.purgeable_ranges,
+            purges_ioctl=purges.purges.get("ioctl", 0),
+            purges_size=purges.purges.get("size", 0),
+            purges_pressure=purges.purges.get("pressure", 0),
+            inodes=names.inodes,
+            max_inodes=names.max_inodes,
         )
 
-    def _vrange(self, ino: int, fh: int, is_dir: bool, data: bytes) -> bytes:
+    def _vrange_steps(
+        self, ino: int, fh: int, is_dir: bool, data: bytes
+    ) -> Generator[None, None, bytes]:
+        """VOLFS_IOC_VRANGE as steps (see :meth:`Namespace.vrange_steps`); returns the reply."""
         start, length, mode, flags, _marked, _purged, reserved = VRANGE_ARGS.unpack(data)
         node = self.namespace.get(ino)
         if is_dir or node.is_dir():
@@ -608,8 +619,33 @@ class VolfsOperations(pyfuse3.Operations):
         # As for fallocate: changing a file's data needs a descriptor open for writing.
         if mode in (VRANGE_VOLATILE, VRANGE_NONVOLATILE) and not open_file.writable:
             raise OSError(errno.EBADF, "descriptor not open for writing")
-        marked, purged = self.namespace.vrange(node, start, length, mode, flags)
+        marked, purged = yield from self.namespace.vrange_steps(node, start, length, mode, flags)
         return VRANGE_ARGS.pack(start, length, mode, flags, marked, int(purged), 0)
+
+    async def _vrange_in_steps(
+        self, request: bridge.Request, ino: int, steps: Generator[None, None, bytes]
+    ) -> None:
+        """Go on with a VOLFS_IOC_VRANGE a step at a time, letting other requests run between.
+
+        A purge may take part of the span meanwhile: the answer waits, as any volatility
+        ioctl does, until its pages have left the kernel's cache.
+        """
+        with answering(request, "ioctl(ino=%d, VRANGE)", ino):
+            reply = await self._finish_steps(steps)
+            while ino in self._dropping:
+                await self._dropping[ino][0].wait()
+            request.reply_ioctl(0, reply)
+
+    @staticmethod
+    async def _finish_steps(steps: Generator[None, None, bytes]) -> bytes:
+        """Run ``steps`` to the end, serving other requests between two of them."""
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                reply: bytes = done.value
+                return reply
+            await trio.sleep(0)
 
     async def _vrange_once_dropped(
         self, request: bridge.Request, ino: int, cmd: int, fh: int, data: bytes
@@ -623,23 +659,25 @@ class VolfsOperations(pyfuse3.Operations):
             while ino in self._dropping:
                 await self._dropping[ino][0].wait()
             if cmd == VOLFS_IOC_VRANGE:
-                request.reply_ioctl(0, self._vrange(ino, fh, False, data))
+                reply = await self._finish_steps(self._vrange_steps(ino, fh, False, data))
+                while ino in self._dropping:
+                    await self._dropping[ino][0].wait()
+                request.reply_ioctl(0, reply)
             elif cmd == VOLFS_IOC_VRANGE_NEXT:
                 request.reply_ioctl(0, self._vrange_next(ino, data))
             else:
                 request.reply_ioctl(0, self._vrange_status(ino, data))
 
-    def _begin_drop(
-        self, invalidations: list[tuple[int, int, int]]
-    ) -> Callable[[], Coroutine[Any, Any, None]] | None:
-        """Note the inodes of purged ranges as leaving the kernel's cache, from now on.
+    def _begin_drop(self, invalidations: list[Invalidation]) -> trio.Event | None:
+        """Start dropping purged byte ranges from the kernel's cache; return its event.
 
-        Returns the coroutine function that drops them and clears the note, or None if there
-        is nothing to drop. Noting before anything is awaited closes the window in which a
-        volatility change could be answered before the drop even started.
+        The inodes are noted as leaving the cache before this returns, which closes the
+        window in which a volatility change could be answered before the drop even started.
+        Returns None if there is nothing to drop.
         """
         if not invalidations:
             return None
+        assert self.nursery is not None, "purges happen while serving"
         done = trio.Event()
         inodes = {ino for ino, _offset, _length in invalidations}
         for ino in inodes:
@@ -656,9 +694,10 @@ class VolfsOperations(pyfuse3.Operations):
                     if not events:
                         del self._dropping[ino]
 
-        return drop
+        self.nursery.start_soon(drop)
+        return done
 
-    async def _drop_ranges(self, invalidations: list[tuple[int, int, int]]) -> None:
+    async def _drop_ranges(self, invalidations: list[Invalidation]) -> None:
         """Drop purged byte ranges ``(ino, offset, length)`` from the kernel's page cache.
 
         Done in a worker thread: the kernel first writes dirty mmap pages of the range back
@@ -666,12 +705,6 @@ class VolfsOperations(pyfuse3.Operations):
         """
         assert self.cache_dropper is not None, "drops start once serving"
         await self.cache_dropper.run(functools.partial(_invalidate_all, invalidations))
-
-    async def _drop_from_kernel_cache(self, invalidations: list[tuple[int, int, int]]) -> None:
-        """Drop purged ranges from the kernel's cache and wait for it."""
-        drop = self._begin_drop(invalidations)
-        if drop is not None:
-            await drop()
 
     def _vrange_status(self, ino: int, data: bytes) -> bytes:
         start, length, _volatile, _purged = VRANGE_STATUS.unpack(data)
@@ -689,26 +722,53 @@ class VolfsOperations(pyfuse3.Operations):
             start, found.start << PAGE_SHIFT, found.end << PAGE_SHIFT, flags, int(found.purged)
         )
 
-    def _purge_batch(self, wanted: int, source: str) -> PurgeResult:
-        """Purge up to ``wanted`` bytes (0: all) oldest first; log the batch and the counters.
+    async def _purge(self, wanted: int, source: str, *, wait: bool = False) -> PurgeResult:
+        """Purge up to ``wanted`` bytes (0: all) oldest first, a budget at a time.
 
-        The log line carries the statistics ``vrangectl stats`` shows, so a log alone tells
-        what each batch did to the mount.
+        Between budgets other requests are served. Each budget's purged pages start leaving
+        the kernel's cache as soon as they are purged, whatever happens next; with ``wait``
+        this returns only once they are gone. The batch is logged with the counters
+        ``vrangectl stats`` shows, so a log alone tells what each batch did to the mount.
+
+        Returns:
+            What the whole purge did.
         """
-        result = self.namespace.purger.purge(wanted, source=source)
-        if result.ranges:
-            counters = VOLFS_STATS.unpack(self.statistics_record())
+        purger = self.namespace.purger
+        purger.count_purge(source)
+        freed = ranges = 0
+        drops: list[trio.Event] = []
+        while True:
+            invalidations: list[Invalidation] = []
+            try:
+                result = purger.purge(wanted - freed if wanted else 0, invalidations)
+            finally:
+                drop = self._begin_drop(invalidations)
+                if drop is not None:
+                    drops.append(drop)
+            freed += result.freed_bytes
+            ranges += result.ranges
+            if result.complete:
+                break
+            await trio.sleep(0)
+        if ranges:
+            self._log_purge(source, ranges, freed)
+        if wait:
+            for drop in drops:
+                await drop.wait()
+        return PurgeResult(freed, ranges)
+
+    def _log_purge(self, source: str, ranges: int, freed: int) -> None:
+        try:
             log.info(
                 "purge (%s): %d ranges, %d bytes freed; %s",
                 source,
-                result.ranges,
-                result.freed_bytes,
-                " ".join(
-                    f"{name}={value}"
-                    for name, value in zip(VOLFS_STATS_FIELDS, counters, strict=False)
-                ),
+                ranges,
+                freed,
+                self.statistics().describe(),
             )
-        return result
+        except Exception:
+            # Nothing about a log line may undo or fail a purge that has happened.
+            log.exception("cannot log a purge")
 
     async def purge_for_pressure(self, wanted: int) -> int:
         """Purge up to ``wanted`` bytes for memory pressure; return the bytes freed.
@@ -717,8 +777,7 @@ class VolfsOperations(pyfuse3.Operations):
         the pressure eased.
         """
         try:
-            result = self._purge_batch(wanted, "pressure")
-            await self._drop_from_kernel_cache(result.invalidations)
+            result = await self._purge(wanted, "pressure", wait=True)
             await self.namespace.store.wait_reclaimed()
         except Exception:
             # The watcher must outlive a failed batch (out of memory, a bug): it is what
@@ -727,18 +786,17 @@ class VolfsOperations(pyfuse3.Operations):
             return 0
         return result.freed_bytes
 
-    async def _purge(self, request: bridge.Request, wanted: int) -> None:
+    async def _purge_ioctl(self, request: bridge.Request, wanted: int) -> None:
         with answering(request, "purge(%d)", wanted):
-            result = self._purge_batch(wanted, "ioctl")
-            await self._drop_from_kernel_cache(result.invalidations)
-            request.reply_ioctl(0, VOLFS_PURGE.pack(wanted, result.freed_bytes))
+            result = await self._purge(wanted, "ioctl", wait=True)
+            request.reply_ioctl(0, VOLFS_PURGE.pack(wanted, saturated(result.freed_bytes)))
 
 
 #: The ioctls about a file's volatility: answered once its purged pages left the kernel's cache.
 _VOLATILITY_IOCTLS = (VOLFS_IOC_VRANGE, VOLFS_IOC_VRANGE_STATUS, VOLFS_IOC_VRANGE_NEXT)
 
 
-def _invalidate_all(invalidations: list[tuple[int, int, int]]) -> None:
+def _invalidate_all(invalidations: list[Invalidation]) -> None:
     for ino, offset, length in invalidations:
         # A range reaching past the largest offset (a page-rounded 2**63-1 byte file) does not
         # fit an off_t: length 0 asks the kernel for everything from offset on.
@@ -793,6 +851,7 @@ async def _serve_until_unmounted(operations: VolfsOperations, pressure: Pressure
     async with trio.open_nursery() as nursery:
         operations.nursery = nursery
         await nursery.start(operations.namespace.store.run_reclaimer, name="reclaimer")
+        await nursery.start(operations.discard_ended_ranges, name="discard")
         await nursery.start(
             functools.partial(watch_pressure, pressure, operations.purge_for_pressure),
             name="pressure",

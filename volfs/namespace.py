@@ -14,20 +14,35 @@ from __future__ import annotations
 import errno
 import stat
 import time
+from collections import deque
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
+
+from sortedcontainers import SortedDict
 
 from volfs.abi import PAGE_SIZE, VRANGE_NONVOLATILE, VRANGE_PARTIAL, VRANGE_VOLATILE
 from volfs.purge import Purger
 from volfs.ranges import InodeRanges, VolatileRange
-from volfs.store import PAGE_SHIFT, FileContents, Store
+from volfs.store import MAX_FILE_SIZE, PAGE_SHIFT, FileContents, Store, pages_for
 
 _U64 = 1 << 64
 
 ROOT_INODE = 1
 NAME_MAX = 255
+#: The longest symlink target, its terminating NUL included (PATH_MAX).
+PATH_MAX = 4096
+#: Symlink targets this long or shorter (NUL included) live in the inode for free, as on
+#: tmpfs; a longer one takes a page of the size cap.
+SHORT_SYMLINK_LEN = 128
 #: The kernel's limit for one extended attribute value (XATTR_SIZE_MAX).
 XATTR_SIZE_MAX = 65536
 XATTR_NAME_MAX = 255
+#: The kernel's limit for a listxattr(2) reply (XATTR_LIST_MAX): an inode's attribute names,
+#: each with its NUL, never add up to more, so listing costs at most this much.
+XATTR_LIST_MAX = 65536
+#: What an attribute costs the daemon besides its name and value (the dictionary slot and the
+#: two bytes objects), charged to the size cap with them.
+XATTR_ENTRY_OVERHEAD = 128
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -35,6 +50,82 @@ RENAME_EXCHANGE = 2
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
+
+#: Ranges of closed files dropped in one go: a few milliseconds of work.
+DISCARD_BUDGET = 1000
+#: Ranges (or lost runs) one step of a mark or unmark takes on: a few milliseconds of work.
+VRANGE_STEP = 1000
+#: A page number past any file.
+_NO_PAGE = pages_for(MAX_FILE_SIZE) + 1
+
+
+class DirectoryEntries:
+    """The entries of one directory: name -> inode, each with a serial for readdir.
+
+    Serials grow with each new name and stay with it (a name replaced by rename keeps its
+    serial), so a directory listing resumes from a serial in O(log n) without a snapshot:
+    entries present for a whole listing appear exactly once, others may or may not.
+    """
+
+    __slots__ = ("_inodes", "_names", "_next_serial", "_serials")
+
+    def __init__(self) -> None:
+        self._inodes: dict[bytes, Inode] = {}
+        self._serials: dict[bytes, int] = {}
+        self._names: SortedDict[int, bytes] = SortedDict()
+        self._next_serial = 0
+
+    def __len__(self) -> int:
+        return len(self._inodes)
+
+    def __bool__(self) -> bool:
+        return bool(self._inodes)
+
+    def __contains__(self, name: bytes) -> bool:
+        return name in self._inodes
+
+    def __getitem__(self, name: bytes) -> Inode:
+        return self._inodes[name]
+
+    def get(self, name: bytes) -> Inode | None:
+        """The inode ``name`` names, or None. Runtime complexity: O(1)."""
+        return self._inodes.get(name)
+
+    def __setitem__(self, name: bytes, inode: Inode) -> None:
+        """Add or replace an entry. Runtime complexity: O(log n)."""
+        if name not in self._inodes:
+            serial = self._next_serial
+            self._next_serial += 1
+            self._serials[name] = serial
+            self._names[serial] = name
+        self._inodes[name] = inode
+
+    def __delitem__(self, name: bytes) -> None:
+        """Remove an entry. Runtime complexity: O(log n)."""
+        del self._inodes[name]
+        del self._names[self._serials.pop(name)]
+
+    def items(self) -> Iterator[tuple[bytes, Inode]]:
+        """All entries, oldest name first. Runtime complexity: O(n)."""
+        inodes = self._inodes
+        return ((name, inodes[name]) for name in self._names.values())
+
+    def listing(self, serial: int) -> Iterator[tuple[int, bytes, Inode]]:
+        """Yield ``(serial, name, inode)`` of the entries from ``serial`` on, in serial order.
+
+        The walk follows the live directory: entries added or removed while it goes on
+        may or may not be seen.
+
+        Runtime complexity: O(log n) to start, O(1) amortised per entry.
+        """
+        names, inodes = self._names, self._inodes
+        while True:
+            index = names.bisect_left(serial)
+            if index == len(names):
+                return
+            serial, name = names.peekitem(index)
+            yield serial, name, inodes[name]
+            serial += 1
 
 
 @dataclass(slots=True, eq=False)
@@ -58,13 +149,15 @@ class Inode:
     contents: FileContents | None = None
     #: Regular files with volatile ranges or lost pages only; cleared at the last close.
     vranges: InodeRanges | None = None
-    #: Directories only: name -> inode.
-    entries: dict[bytes, Inode] | None = None
+    #: Directories only.
+    entries: DirectoryEntries | None = None
     #: Directories only: the directory holding this one (itself for the root).
     parent: Inode | None = None
     #: Symlinks only.
     target: bytes = b""
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    #: Bytes of the attribute names, a NUL each: what listxattr(2) returns.
+    xattr_list_bytes: int = 0
 
     @property
     def size(self) -> int:
@@ -136,11 +229,11 @@ class Namespace:
         self._inodes: dict[int, Inode] = {}
         #: Inodes with an entry or a handle, plus extra hard links: what ``nr_inodes`` limits.
         self.live_inodes = 0
-        #: Bytes of extended attribute names and values held.
-        self.xattr_bytes = 0
+        #: Range sets whose volatility ended, waiting for :meth:`discard_ended`.
+        self._ended: deque[InodeRanges] = deque()
         self._next_ino = ROOT_INODE
         root = self._new_inode(stat.S_IFDIR | (root_mode & 0o7777), root_uid, root_gid)
-        root.entries = {}
+        root.entries = DirectoryEntries()
         root.parent = root
         root.nlink = 2
         root.lookups = 1  # the kernel holds the root for the whole mount
@@ -186,8 +279,15 @@ class Namespace:
             self.live_inodes -= 1
             if inode.contents is not None:
                 inode.contents.clear()
-            self.xattr_bytes -= sum(len(name) + len(value) for name, value in inode.xattrs.items())
+            if inode.vranges is not None:
+                inode.vranges.clear()  # what is gone cannot be lost any more
+                inode.vranges = None
+            self.store.uncharge(
+                _symlink_charge(inode.target)
+                + sum(_xattr_charge(name, value) for name, value in inode.xattrs.items())
+            )
             inode.xattrs.clear()
+            inode.xattr_list_bytes = 0
         if not inode.lookups and inode is not self.root:
             del self._inodes[inode.ino]
 
@@ -208,17 +308,42 @@ class Namespace:
             inode.touch(mtime=True, ctime=True)
         inode.opens += 1
 
-    def close(self, inode: Inode) -> None:
+    def close(self, inode: Inode) -> bool:
         """Forget an open handle.
 
-        The last close ends all volatility of the inode (pages already purged stay holes) and
-        frees the contents of an unlinked file.
+        The last close ends all volatility of the inode and frees the contents of an unlinked
+        file. Pages already purged stay lost (EIO) until rewritten, truncated away or reported
+        by an unmark: nobody has been told of them yet.
+
+        Returns:
+            True if ranges were left for :meth:`discard_ended` to drop.
+
+        Runtime complexity: O(1) (a file's ranges are dropped by :meth:`discard_ended`).
         """
         inode.opens -= 1
+        ended = None
         if not inode.opens and inode.vranges is not None:
-            inode.vranges.clear()
-            inode.vranges = None
+            ended = inode.vranges
+            inode.vranges = ended.end_volatility()
+            if ended.discard(DISCARD_BUDGET):
+                ended = None
+            else:
+                self._ended.append(ended)
         self._release_if_unused(inode)
+        return ended is not None
+
+    def discard_ended(self, budget: int = DISCARD_BUDGET) -> bool:
+        """Drop up to ``budget`` ranges of files whose volatility ended; True if more remain.
+
+        Runtime complexity: O(budget log n).
+        """
+        while self._ended and budget > 0:
+            ranges = self._ended[0]
+            dropped = min(budget, ranges.range_count)
+            if ranges.discard(budget):
+                self._ended.popleft()
+            budget -= max(dropped, 1)
+        return bool(self._ended)
 
     def statistics(self) -> NamespaceStatistics:
         """Return the current counts."""
@@ -231,7 +356,7 @@ class Namespace:
 
     # -- lookups ----------------------------------------------------------------------------
 
-    def _directory(self, ino: int) -> tuple[Inode, dict[bytes, Inode]]:
+    def _directory(self, ino: int) -> tuple[Inode, DirectoryEntries]:
         directory = self.get(ino)
         if directory.entries is None:
             raise OSError(errno.ENOTDIR, "not a directory")
@@ -257,7 +382,7 @@ class Namespace:
 
     # -- creation ---------------------------------------------------------------------------
 
-    def _check_new_name(self, entries: dict[bytes, Inode], name: bytes) -> None:
+    def _check_new_name(self, entries: DirectoryEntries, name: bytes) -> None:
         if len(name) > NAME_MAX:
             raise OSError(errno.ENAMETOOLONG, "name too long")
         if name in entries or name in (b".", b".."):
@@ -300,17 +425,28 @@ class Namespace:
         """Create a directory."""
         inode = self._link_new(parent_ino, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
         parent = self._inodes[parent_ino]
-        inode.entries = {}
+        inode.entries = DirectoryEntries()
         inode.parent = parent
         inode.nlink = 2
         parent.nlink += 1
         return inode
 
     def symlink(self, parent_ino: int, name: bytes, target: bytes, uid: int, gid: int) -> Inode:
-        """Create a symbolic link to ``target``."""
-        if len(target) >= 4096:
+        """Create a symbolic link to ``target``; a long target is charged to the size cap.
+
+        Raises:
+            OSError: ENAMETOOLONG for a target of PATH_MAX bytes or more; ENOSPC when the cap
+                has no room for it.
+        """
+        if len(target) >= PATH_MAX:
             raise OSError(errno.ENAMETOOLONG, "symlink target too long")
-        inode = self._link_new(parent_ino, name, stat.S_IFLNK | 0o777, uid, gid)
+        charge = _symlink_charge(target)
+        self.store.charge(charge)
+        try:
+            inode = self._link_new(parent_ino, name, stat.S_IFLNK | 0o777, uid, gid)
+        except BaseException:
+            self.store.uncharge(charge)
+            raise
         inode.target = target
         return inode
 
@@ -339,7 +475,7 @@ class Namespace:
 
     # -- removal ----------------------------------------------------------------------------
 
-    def _entry(self, parent_ino: int, name: bytes) -> tuple[Inode, dict[bytes, Inode], Inode]:
+    def _entry(self, parent_ino: int, name: bytes) -> tuple[Inode, DirectoryEntries, Inode]:
         directory, entries = self._directory(parent_ino)
         inode = entries.get(name)
         if inode is None:
@@ -470,12 +606,36 @@ class Namespace:
     # -- attributes -------------------------------------------------------------------------
 
     def truncate(self, inode: Inode, size: int) -> None:
-        """Set a regular file's size (pages past it are freed, growth is a hole)."""
+        """Set a regular file's size in one go; see :meth:`truncate_steps`."""
+        for _step in self.truncate_steps(inode, size):
+            pass
+
+    def truncate_steps(self, inode: Inode, size: int) -> Iterator[None]:
+        """Set a regular file's size (pages past it are freed, growth is a hole).
+
+        The size and the pages change at once; the ranges past the new end are then dropped
+        :data:`VRANGE_STEP` at a time, the generator yielding between steps. Meanwhile no
+        mark can reach past the new end, and what a purge takes there holds no page.
+
+        Raises:
+            OSError: EISDIR or EINVAL for a file that is not regular, EFBIG for a size past
+                the largest file size; nothing changes then.
+        """
         if inode.contents is None:
             raise OSError(errno.EISDIR if inode.is_dir() else errno.EINVAL, "not a regular file")
         inode.contents.truncate(size)
-        if inode.vranges is not None:
-            inode.vranges.truncate((size + PAGE_SIZE - 1) >> PAGE_SHIFT)
+        ranges = inode.vranges
+        if ranges is None:
+            return
+        end_page = pages_for(size)
+        low = end_page
+        for cut in ranges.step_bounds(end_page, _NO_PAGE, VRANGE_STEP):
+            ranges.mark_nonvolatile(low, cut, admit=False)
+            low = cut
+            yield
+            if inode.vranges is not ranges:
+                return  # another request emptied the set meanwhile
+        ranges.truncate(end_page)
 
     def fallocate(self, inode: Inode, mode: int, offset: int, length: int) -> None:
         """Allocate, punch or zero a byte range of a regular file (fallocate(2)).
@@ -498,6 +658,9 @@ class Namespace:
         if offset < 0 or length <= 0:
             raise OSError(errno.EINVAL, "bad range")
         end = offset + length
+        zeroed = (offset + PAGE_SIZE - 1) >> PAGE_SHIFT, end >> PAGE_SHIFT
+        if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) and inode.vranges is not None:
+            inode.vranges.admit_rewrite(*zeroed)
         if mode & FALLOC_FL_PUNCH_HOLE:
             if not mode & FALLOC_FL_KEEP_SIZE or mode & FALLOC_FL_ZERO_RANGE:
                 raise OSError(errno.EOPNOTSUPP, "punching a hole needs FALLOC_FL_KEEP_SIZE")
@@ -511,18 +674,28 @@ class Namespace:
         if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
             # Zeros written, in effect: purged pages in the range are plain holes from now on.
             if inode.vranges is not None:
-                first, last = (offset + PAGE_SIZE - 1) >> PAGE_SHIFT, end >> PAGE_SHIFT
-                if first < last:
-                    inode.vranges.rewritten(first, last)
+                inode.vranges.rewritten(*zeroed)
             inode.touch(mtime=True, ctime=True)
         else:
             inode.touch(ctime=True)
 
-    def directory_listing(self, ino: int) -> list[tuple[bytes, Inode]]:
-        """Return a snapshot of a directory's entries, ``.`` and ``..`` first."""
+    def directory_listing(self, ino: int, offset: int) -> Iterator[tuple[int, bytes, Inode]]:
+        """Yield ``(next offset, name, inode)`` of a directory's entries from ``offset`` on.
+
+        Offsets are readdir cookies: 0 starts with ``.``, then ``..``, then the entries in
+        the order they were created; each entry's next offset resumes after it. The walk
+        follows the live directory and holds nothing of it between calls.
+
+        Runtime complexity: O(log n) to start, O(1) amortised per entry.
+        """
         directory, entries = self._directory(ino)
         assert directory.parent is not None
-        return [(b".", directory), (b"..", directory.parent), *entries.items()]
+        if offset <= 0:
+            yield 1, b".", directory
+        if offset <= 1:
+            yield 2, b"..", directory.parent
+        for serial, name, inode in entries.listing(max(offset, 2) - 2):
+            yield serial + 3, name, inode
 
     # -- extended attributes ----------------------------------------------------------------
 
@@ -538,15 +711,22 @@ class Namespace:
             # As on tmpfs: user attributes only on files and directories.
             raise OSError(errno.EPERM, "user attributes only on files and directories")
         old = inode.xattrs.get(name)
-        growth = len(name) + len(value) - (0 if old is None else len(name) + len(old))
-        # Attributes live outside the page store; bounding them by the room the cap leaves
-        # keeps a writer of attributes from growing the daemon without limit, as on tmpfs.
-        if growth > 0 and (
-            self.xattr_bytes + growth > self.store.capacity_bytes - self.store.used_bytes
-        ):
-            raise OSError(errno.ENOSPC, "no space for extended attributes")
+        list_bytes = inode.xattr_list_bytes
+        if old is None:
+            list_bytes += len(name) + 1
+            # More names than one listxattr(2) can return could never be listed, and listing
+            # stays bounded by what the kernel lets a caller receive.
+            if list_bytes > XATTR_LIST_MAX:
+                raise OSError(errno.ENOSPC, "too many extended attributes on this inode")
+        # Attributes live outside the page store: charged to the size cap, entry overhead
+        # included, they cannot grow the daemon past what df shows.
+        growth = _xattr_charge(name, value) - (0 if old is None else _xattr_charge(name, old))
+        if growth > 0:
+            self.store.charge(growth)
+        else:
+            self.store.uncharge(-growth)
         inode.xattrs[name] = value
-        self.xattr_bytes += growth
+        inode.xattr_list_bytes = list_bytes
         inode.touch(ctime=True)
 
     def removexattr(self, inode: Inode, name: bytes) -> None:
@@ -555,7 +735,8 @@ class Namespace:
             value = inode.xattrs.pop(name)
         except KeyError:
             raise OSError(errno.ENODATA, "no such attribute") from None
-        self.xattr_bytes -= len(name) + len(value)
+        self.store.uncharge(_xattr_charge(name, value))
+        inode.xattr_list_bytes -= len(name) + 1
         inode.touch(ctime=True)
 
     # -- volatile ranges --------------------------------------------------------------------
@@ -596,16 +777,39 @@ class Namespace:
     def vrange(
         self, inode: Inode, start: int, length: int, mode: int, flags: int
     ) -> tuple[int, bool]:
-        """Mark a span volatile or non-volatile (VOLFS_IOC_VRANGE).
+        """Mark a span volatile or non-volatile (VOLFS_IOC_VRANGE) in one go.
+
+        See :meth:`vrange_steps`, which this runs to the end.
+        """
+        steps = self.vrange_steps(inode, start, length, mode, flags)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                result: tuple[int, bool] = done.value
+                return result
+
+    def vrange_steps(
+        self, inode: Inode, start: int, length: int, mode: int, flags: int
+    ) -> Generator[None, None, tuple[int, bool]]:
+        """Mark a span volatile or non-volatile (VOLFS_IOC_VRANGE), a bounded step at a time.
+
+        A span over many ranges is taken in sub-spans of :data:`VRANGE_STEP` ranges (or lost
+        runs) each, from left to right; the generator yields between them so that the caller
+        can serve other requests. Sub-spans taken in order do what the whole span does (an
+        unmark splits at most the ranges straddling the span's two ends, a mark merges the
+        pieces in a last step), and everything that can fail is checked before the first one.
 
         Returns:
             ``(marked bytes, purged)``: purged tells, for NON_VOLATILE, whether any of the
             span had been purged while volatile.
 
         Raises:
-            OSError: EINVAL for a bad mode, flag or span; nothing changes then.
+            OSError: EINVAL for a bad mode, flag or span; ENOSPC if a bound on ranges would be
+                passed; nothing changes then.
 
-        Runtime complexity: O(log n) in the inode's ranges (amortised).
+        Runtime complexity: O(log n) per step in the inode's ranges, plus O(1) amortised per
+        range merged or removed; a step takes on at most :data:`VRANGE_STEP` of them.
         """
         if mode not in (VRANGE_VOLATILE, VRANGE_NONVOLATILE) or flags & ~VRANGE_PARTIAL:
             raise OSError(errno.EINVAL, "unknown mode or flags")
@@ -613,18 +817,50 @@ class Namespace:
         marked = (end - first) << PAGE_SHIFT
         if first == end:
             return 0, False
-        assert inode.contents is not None
+        contents = inode.contents
+        assert contents is not None
+        ranges = inode.vranges
+        cuts = (
+            []
+            if ranges is None
+            else ranges.step_bounds(first, end, VRANGE_STEP, lost=mode == VRANGE_NONVOLATILE)
+        )
         if mode == VRANGE_VOLATILE:
-            if inode.vranges is None:
-                inode.vranges = InodeRanges(self.purger, inode.ino, inode.contents)
-            inode.vranges.mark_volatile(first, end, partial=bool(flags & VRANGE_PARTIAL))
+            partial = bool(flags & VRANGE_PARTIAL)
+            if ranges is None:
+                ranges = inode.vranges = InodeRanges(self.purger, inode.ino, contents)
+            ranges.admit_mark(first, end)
+            low = first
+            for cut in cuts:
+                # Each piece merges the ranges it overlaps: never more records than before.
+                self._ranges_of(inode).mark_volatile(low, cut, partial=partial)
+                low = cut
+                yield
+            self._ranges_of(inode).mark_volatile(first, end, partial=partial)
             return marked, False
-        if inode.vranges is None:
+        if ranges is None:
             return marked, False
-        purged = inode.vranges.mark_nonvolatile(first, end)
-        if not inode.vranges:
-            inode.vranges = None
+        ranges.admit_unmark(first, end)
+        purged = False
+        low = first
+        for cut in [*cuts, end]:
+            ranges = inode.vranges
+            if ranges is None:
+                break  # another request left nothing to unmark
+            purged = ranges.mark_nonvolatile(low, cut, admit=False) or purged
+            if not ranges:
+                inode.vranges = None
+            low = cut
+            if cut != end:
+                yield
         return marked, purged
+
+    def _ranges_of(self, inode: Inode) -> InodeRanges:
+        """The inode's range set, created empty if it has none."""
+        if inode.vranges is None:
+            assert inode.contents is not None
+            inode.vranges = InodeRanges(self.purger, inode.ino, inode.contents)
+        return inode.vranges
 
     def vrange_status(self, inode: Inode, start: int, length: int) -> tuple[int, int]:
         """Return ``(volatile bytes, purged bytes)`` of a span (VOLFS_IOC_VRANGE_STATUS)."""
@@ -633,6 +869,16 @@ class Namespace:
             return 0, 0
         volatile, lost = inode.vranges.status(first, end)
         return volatile << PAGE_SHIFT, lost << PAGE_SHIFT
+
+
+def _symlink_charge(target: bytes) -> int:
+    """What a symlink's target costs the size cap: a page unless it is short, as on tmpfs."""
+    return PAGE_SIZE if len(target) + 1 > SHORT_SYMLINK_LEN else 0
+
+
+def _xattr_charge(name: bytes, value: bytes) -> int:
+    """What one extended attribute costs the size cap."""
+    return len(name) + len(value) + XATTR_ENTRY_OVERHEAD
 
 
 def _require_regular(inode: Inode) -> None:

@@ -21,6 +21,11 @@ MAX_SIZE = 1 << 46
 #: The longest ``fsname=``: all mount options together must fit the kernel's one page.
 MAX_FSNAME = 255
 
+#: Default bounds on volatile range records (ranges and runs of purged pages): each costs the
+#: daemon a few hundred bytes, so these keep a client's ranges within tens of MiB.
+DEFAULT_MAX_RANGES = 131072
+DEFAULT_MAX_FILE_RANGES = 65536
+
 _SUFFIXES = {
     "": 1,
     "k": 1 << 10,
@@ -108,6 +113,10 @@ class MountOptions:
     fuse_options: frozenset[str]
     #: ``purged=zero``: reads of purged volatile data return zeros instead of failing.
     purged_reads_zero: bool = False
+    #: ``max_ranges=``: volatile range records in the whole mount.
+    max_ranges: int = DEFAULT_MAX_RANGES
+    #: ``max_file_ranges=``: volatile range records in one file.
+    max_file_ranges: int = DEFAULT_MAX_FILE_RANGES
     #: ``pressure=``, ``pressure_stall=``, ``pressure_watermark=``, ``pressure_batch=``.
     pressure: PressureSettings = field(default_factory=PressureSettings)
 
@@ -184,6 +193,7 @@ def parse_mount_options(
     fuse_options = {"default_permissions", "subtype=volfs"}
     fsname = source
     purged_reads_zero = False
+    max_ranges, max_file_ranges = DEFAULT_MAX_RANGES, DEFAULT_MAX_FILE_RANGES
     pressure: dict[str, Any] = {"watermark": memory // 50}
     for item in split_options(option_strings):
         name, has_value, value = item.partition("=")
@@ -203,6 +213,10 @@ def parse_mount_options(
             if value not in ("eio", "zero"):
                 raise OptionError(f"purged={value}: expected eio or zero")
             purged_reads_zero = value == "zero"
+        elif name == "max_ranges" and has_value:
+            max_ranges = parse_count(name, value)
+        elif name == "max_file_ranges" and has_value:
+            max_file_ranges = parse_count(name, value)
         elif name == "pressure" and has_value:
             if value not in ("on", "off"):
                 raise OptionError(f"pressure={value}: expected on or off")
@@ -243,5 +257,7 @@ def parse_mount_options(
         gid=gid,
         fuse_options=frozenset(fuse_options),
         purged_reads_zero=purged_reads_zero,
+        max_ranges=max_ranges,
+        max_file_ranges=max_file_ranges,
         pressure=PressureSettings(**pressure),
     )

@@ -5,31 +5,39 @@ keep their place), and a purge takes them oldest first. A FULL range goes as a w
 range loses only as many pages from its end as the purge still needs. Ranges holding nothing a
 purge could take (already purged, and not rewritten since) are not in the order.
 
-The purge itself only changes the store and the ranges; it returns the byte ranges whose
-kernel page cache must be dropped, which the caller does outside the event loop.
+The purge itself only changes the store and the ranges; it hands the caller the byte ranges
+whose kernel page cache must be dropped, which the caller does outside the event loop. A purge
+does a bounded amount of work per call (``budget`` ranges looked at), so a caller on the event
+loop can purge a little, let other requests run, and go on.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sortedcontainers import SortedDict
 
-from volfs.ranges import VolatileRange
+from volfs.ranges import RecordLimits, VolatileRange
 from volfs.store import PAGE_SHIFT
+
+#: Ranges one call of :meth:`Purger.purge` looks at, at most: a few milliseconds of work.
+PURGE_BUDGET = 1000
+
+#: A byte range ``(ino, offset, length)`` to drop from the kernel's page cache.
+Invalidation = tuple[int, int, int]
 
 
 @dataclass(frozen=True, slots=True)
 class PurgeResult:
-    """What one purge did."""
+    """What one call of :meth:`Purger.purge` did."""
 
     #: Bytes of memory released.
     freed_bytes: int
     #: Ranges (or tails of PARTIAL ranges) purged.
     ranges: int
-    #: ``(ino, offset, length)`` byte ranges to drop from the kernel's page cache.
-    invalidations: list[tuple[int, int, int]] = field(default_factory=list)
+    #: False if the budget ran out before the purge was done: call again for the rest.
+    complete: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +62,9 @@ class Purger:
     Implements :class:`volfs.ranges.RangeTracker`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limits: RecordLimits | None = None) -> None:
+        """Create an empty order; ``limits`` bounds the records of ranges (default: none)."""
+        self._limits = limits or RecordLimits(per_inode=1 << 62, per_mount=1 << 62)
         self._order: SortedDict[tuple[int, int], VolatileRange] = SortedDict()
         self._stamps = itertools.count()
         self._purges: dict[str, int] = {}
@@ -64,6 +74,11 @@ class Purger:
 
     def __len__(self) -> int:
         return len(self._order)
+
+    @property
+    def limits(self) -> RecordLimits:
+        """The bounds on records of ranges, and the mount's count of them."""
+        return self._limits
 
     def next_stamp(self) -> int:
         """A stamp newer than all before. Runtime complexity: O(1)."""
@@ -82,34 +97,64 @@ class Purger:
         """Remove a range from the order. Runtime complexity: O(log n)."""
         del self._order[volatile_range.stamp, volatile_range.serial]
 
-    def purge(self, wanted_bytes: int, *, source: str) -> PurgeResult:
+    def count_purge(self, source: str) -> None:
+        """Count one purge request, for the statistics.
+
+        Args:
+            source: what asked (``ioctl``, ``size``, ``pressure``).
+        """
+        self._purges[source] = self._purges.get(source, 0) + 1
+
+    def purge(
+        self,
+        wanted_bytes: int,
+        invalidations: list[Invalidation],
+        *,
+        budget: int = PURGE_BUDGET,
+    ) -> PurgeResult:
         """Purge oldest ranges first until ``wanted_bytes`` are freed (0: all of them).
+
+        Looks at ``budget`` ranges at most; a result that is not ``complete`` asks for another
+        call with what is still wanted.
 
         Args:
             wanted_bytes: memory to free; 0 purges every volatile range.
-            source: what asked (``ioctl``, ``size``, ``pressure``), for the statistics.
+            invalidations: where each purged byte range is appended as it is purged, so that
+                the caller drops it from the kernel's cache even if this call fails halfway.
+            budget: ranges to look at, at most.
 
-        Runtime complexity: O(k log n) for k ranges purged, plus the pages released.
+        Runtime complexity: O(budget log n), plus the pages released.
         """
         wanted = (wanted_bytes + (1 << PAGE_SHIFT) - 1) >> PAGE_SHIFT if wanted_bytes else None
         freed = 0
         purged = 0
-        invalidations: list[tuple[int, int, int]] = []
-        while self._order and (wanted is None or freed < wanted):
-            victim = self._order.peekitem(0)[1]
-            owner = victim.owner
-            first = victim.start
-            if victim.partial and wanted is not None:
-                first = owner.contents.tail_start(victim.start, victim.end, wanted - freed)
-            freed += owner.contents.release_pages(first, victim.end)
-            owner.purged(victim, first, victim.end)
-            purged += 1
-            invalidations.append(
-                (owner.ino, first << PAGE_SHIFT, (victim.end - first) << PAGE_SHIFT)
-            )
-        self._purges[source] = self._purges.get(source, 0) + 1
-        self._purged_bytes += freed << PAGE_SHIFT
-        return PurgeResult(freed << PAGE_SHIFT, purged, invalidations)
+        order = self._order
+        try:
+            for _ in range(budget):
+                if not order or (wanted is not None and freed >= wanted):
+                    break
+                victim = order.peekitem(0)[1]
+                owner = victim.owner
+                if owner.ended:
+                    # Volatility ended with the last close: nothing of it may be purged.
+                    victim.tracked = False
+                    self.untrack(victim)
+                    continue
+                first = victim.start
+                if victim.partial and wanted is not None and owner.may_split():
+                    first = owner.contents.tail_start(victim.start, victim.end, wanted - freed)
+                # Noted first: dropping cached pages that a failure left in place costs a
+                # re-read, while keeping cached pages that were purged would serve lost data.
+                invalidations.append(
+                    (owner.ino, first << PAGE_SHIFT, (victim.end - first) << PAGE_SHIFT)
+                )
+                freed += owner.contents.release_pages(first, victim.end)
+                owner.purged(victim, first, victim.end)
+                purged += 1
+        finally:
+            self._purged_bytes += freed << PAGE_SHIFT
+        complete = not order or (wanted is not None and freed >= wanted)
+        return PurgeResult(freed << PAGE_SHIFT, purged, complete)
 
     def statistics(self) -> PurgeStatistics:
         """Return the counters."""

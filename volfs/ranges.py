@@ -5,9 +5,17 @@ Pure logic over page numbers; no FUSE, no I/O. Two sorted maps per inode:
 - ``ranges``: start page -> :class:`VolatileRange`, non-overlapping. Marking merges
   overlapping ranges into one (purged if any of them was, FULL if any of them was); ranges that
   only touch stay apart. Unmarking splits ranges at the edges of the span.
-- ``lost``: start page -> end page of pages purged and not yet rewritten or unmarked. Reads
-  touching them fail (EIO); a write takes its pages out; unmarking takes them out (they read as
-  zeros from then on, being holes in the store).
+- ``lost``: start page -> end page of pages purged and not yet rewritten, truncated away or
+  reported by an unmark. Reads touching them fail (EIO); a write takes its pages out; unmarking
+  takes them out (they read as zeros from then on, being holes in the store). Lost pages
+  outlive the volatility that lost them: when the last handle closes, the ranges go and the
+  lost pages stay (:meth:`InodeRanges.end_volatility`).
+
+Ranges and lost runs are *records* the daemon holds for a client, so their number is bounded:
+per inode and per mount (:class:`RecordLimits`). A mark or unmark that would need a record past
+a bound fails with ENOSPC and changes nothing; purges and writes never fail for it (a purge
+that would split a PARTIAL range at the bound takes the whole range instead; a write's split of
+a lost run is bounded by the pages it allocates).
 
 Every range that may hold purgeable data is registered with a :class:`RangeTracker` (the
 global LRU of :mod:`volfs.purge`); the set tells it when ranges appear, vanish or split.
@@ -18,6 +26,7 @@ Mark and unmark cost O(log n + k) for n ranges in the inode and k ranges overlap
 
 from __future__ import annotations
 
+import errno
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -70,6 +79,34 @@ class RangeTracker(Protocol):
     def account(self, pages: int, ranges: int) -> None:
         """Volatile pages and ranges came (positive) or went (negative)."""
 
+    @property
+    def limits(self) -> RecordLimits:
+        """The bounds on records, and the records of the whole mount."""
+
+
+class RecordLimits:
+    """How many records (ranges and lost runs) one inode and the whole mount may hold."""
+
+    def __init__(self, per_inode: int, per_mount: int) -> None:
+        """Bound records to ``per_inode`` in one inode and ``per_mount`` in all."""
+        self.per_inode = per_inode
+        self.per_mount = per_mount
+        #: Records held in the whole mount, those of closed files not yet discarded included.
+        self.records = 0
+
+    def admit(self, inode_records: int, growth: int) -> None:
+        """Refuse ``growth`` more records for an inode holding ``inode_records``.
+
+        Raises:
+            OSError: ENOSPC past either bound.
+        """
+        if growth <= 0:
+            return
+        if inode_records + growth > self.per_inode:
+            raise OSError(errno.ENOSPC, "too many volatile ranges in this file")
+        if self.records + growth > self.per_mount:
+            raise OSError(errno.ENOSPC, "too many volatile ranges in this filesystem")
+
 
 class InodeRanges:
     """The volatile ranges and lost pages of one inode."""
@@ -82,9 +119,25 @@ class InodeRanges:
         self.contents = contents
         self._ranges: SortedDict[int, VolatileRange] = SortedDict()
         self._lost: SortedDict[int, int] = SortedDict()
+        #: Pages in ranges and lost pages: whole-file status in O(1).
+        self.volatile_pages = 0
+        self.lost_pages = 0
+        #: True once the inode's volatility ended: the ranges left are only waiting to be
+        #: discarded (:meth:`discard`), and no purge may take anything from them.
+        self.ended = False
 
     def __bool__(self) -> bool:
         return bool(self._ranges or self._lost)
+
+    @property
+    def range_count(self) -> int:
+        """Ranges held. Runtime complexity: O(1)."""
+        return len(self._ranges)
+
+    @property
+    def records(self) -> int:
+        """Ranges and lost runs held. Runtime complexity: O(1)."""
+        return len(self._ranges) + len(self._lost)
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -129,9 +182,14 @@ class InodeRanges:
 
         Runtime complexity: O(log n + k) for k ranges and lost runs in the span.
         """
+        ranges, lost = self._ranges, self._lost
+        if (not ranges or (first <= ranges.keys()[0] and end >= ranges.values()[-1].end)) and (
+            not lost or (first <= lost.keys()[0] and end >= lost.values()[-1])
+        ):
+            return self.volatile_pages, self.lost_pages
         volatile = sum(min(r.end, end) - max(r.start, first) for r in self._overlapping(first, end))
-        lost = sum(hi - lo for lo, hi in clip(self._lost, first, end))
-        return volatile, lost
+        lost_pages = sum(hi - lo for lo, hi in clip(lost, first, end))
+        return volatile, lost_pages
 
     def is_lost(self, first: int, end: int) -> bool:
         """True if any page of [first, end) was purged and not rewritten or unmarked.
@@ -153,10 +211,12 @@ class InodeRanges:
         """
         if first >= end:
             return
+        overlapping = self._overlapping(first, end)
+        self._admit(1 - len(overlapping))
         merged_start, merged_end = first, end
         purged = False
         full = not partial
-        for overlapped in self._overlapping(first, end):
+        for overlapped in overlapping:
             merged_start = min(merged_start, overlapped.start)
             merged_end = max(merged_end, overlapped.end)
             purged = purged or overlapped.purged
@@ -168,17 +228,28 @@ class InodeRanges:
             )
         )
 
-    def mark_nonvolatile(self, first: int, end: int) -> bool:
+    def mark_nonvolatile(self, first: int, end: int, *, admit: bool = True) -> bool:
         """Make [first, end) non-volatile; return True if any of it had been purged.
 
         The purge record of the span is forgotten: its lost pages read as zeros from now on.
+
+        Args:
+            admit: check the bounds on records (a caller that checked the whole span with
+                :meth:`admit_unmark` before taking it in pieces passes False).
+
+        Raises:
+            OSError: ENOSPC if splitting a range or a lost run needs a record past a bound;
+                nothing changes then.
 
         Runtime complexity: O(log n + k) for k ranges overlapping the span.
         """
         if first >= end:
             return False
-        purged = False
-        for overlapped in self._overlapping(first, end):
+        overlapping = self._overlapping(first, end)
+        if admit:
+            self._admit(self._splits(overlapping, first, end) + self._lost_splits(first, end))
+        purged = self.is_lost(first, end)
+        for overlapped in overlapping:
             purged = purged or overlapped.purged
             # Pieces of a range holding nothing purgeable stay out of the LRU too.
             tracked = overlapped.tracked
@@ -187,18 +258,57 @@ class InodeRanges:
                 self._add(self._piece(overlapped, overlapped.start, first), track=tracked)
             if overlapped.end > end:
                 self._add(self._piece(overlapped, end, overlapped.end), track=tracked)
-        remove_interval(self._lost, first, end)
+        self._remove_lost(first, end)
         return purged
 
     def truncate(self, end_page: int) -> None:
-        """Drop everything from page ``end_page`` on (the file shrank)."""
+        """Drop everything from page ``end_page`` on (the file shrank); it never splits."""
         self.mark_nonvolatile(end_page, _INFINITY)
 
     def clear(self) -> None:
-        """Drop every range and every lost page (the last handle closed)."""
+        """Drop every range and every lost page (the inode's contents are gone).
+
+        Runtime complexity: O(n log n) for n ranges; O(1) for the lost pages.
+        """
         for volatile_range in list(self._ranges.values()):
             self._remove(volatile_range)
-        self._lost.clear()
+        self.tracker.limits.records -= len(self._lost)
+        self._lost = SortedDict()
+        self.lost_pages = 0
+
+    def end_volatility(self) -> InodeRanges | None:
+        """End the inode's volatility (its last handle closed); return what stays of it.
+
+        The lost pages move to a new set (None if there are none), which takes this one's
+        place in the inode: they stay lost until rewritten, truncated away or reported by an
+        unmark. This set keeps its ranges only until :meth:`discard` drops them; from now on
+        they count in no statistic and no purge takes anything from them.
+
+        Runtime complexity: O(1).
+        """
+        self.ended = True
+        self.tracker.account(-self.volatile_pages, -len(self._ranges))
+        if not self._lost:
+            return None
+        survivor = InodeRanges(self.tracker, self.ino, self.contents)
+        survivor._lost, self._lost = self._lost, SortedDict()
+        survivor.lost_pages, self.lost_pages = self.lost_pages, 0
+        return survivor
+
+    def discard(self, budget: int) -> bool:
+        """Drop up to ``budget`` ranges of an ended set; return True once none is left.
+
+        Runtime complexity: O(budget log n).
+        """
+        assert self.ended
+        ranges = self._ranges
+        for _ in range(min(budget, len(ranges))):
+            _start, volatile_range = ranges.popitem()
+            self.tracker.limits.records -= 1
+            if volatile_range.tracked:
+                volatile_range.tracked = False
+                self.tracker.untrack(volatile_range)
+        return not ranges
 
     # -- purging and rewriting -------------------------------------------------------------
 
@@ -210,35 +320,129 @@ class InodeRanges:
         untracked; an unpurged head stays as it was. Returns the purged range.
         """
         assert volatile_range.start <= first < end == volatile_range.end
+        assert not self.ended
         self._remove(volatile_range)
         if first > volatile_range.start:
             self._add(self._piece(volatile_range, volatile_range.start, first))
         gone = self._piece(volatile_range, first, end)
         gone.purged = True
         self._add(gone, track=False)
-        add_interval(self._lost, first, end)
+        self._add_lost(first, end)
         return gone
+
+    def may_split(self) -> bool:
+        """True if one more range stays within the bounds (a purge may split a range)."""
+        limits = self.tracker.limits
+        return self.records < limits.per_inode and limits.records < limits.per_mount
 
     def rewritten(self, first: int, end: int) -> None:
         """Pages [first, end) were written: no longer lost, and purgeable again.
 
         Runtime complexity: O(log n + k).
         """
-        if not self._ranges or first >= end:
+        if first >= end:
             return
-        remove_interval(self._lost, first, end)
+        self._remove_lost(first, end)
         for overlapped in self._overlapping(first, end):
             if not overlapped.tracked:
                 overlapped.tracked = True
                 self.tracker.track(overlapped)
 
+    def step_bounds(self, first: int, end: int, step: int, *, lost: bool = True) -> list[int]:
+        """Cut points in (first, end) leaving at most ``step`` ranges (and, with ``lost``,
+        ``step`` lost runs) between two of them, for taking a long span a piece at a time.
+
+        Each cut is the start of a range or a lost run, so a piece ending at a cut never
+        splits what starts there.
+
+        Runtime complexity: O(log n + k / step) for k ranges and lost runs in the span.
+        """
+        cuts: set[int] = set()
+        for starts in (self._ranges, self._lost) if lost else (self._ranges,):
+            low = starts.bisect_right(first)
+            high = starts.bisect_left(end)
+            keys = starts.keys()
+            cuts.update(keys[index] for index in range(low + step - 1, high, step))
+        return sorted(cuts)
+
+    def admit_mark(self, first: int, end: int) -> None:
+        """Refuse a mark of [first, end) that would need a record past a bound.
+
+        Raises:
+            OSError: ENOSPC.
+
+        Runtime complexity: O(log n).
+        """
+        ranges = self._ranges
+        low = max(ranges.bisect_right(first) - 1, 0)
+        overlaps = any(
+            ranges.values()[index].end > first and ranges.keys()[index] < end
+            for index in range(low, min(low + 2, len(ranges)))
+        )
+        self._admit(0 if overlaps else 1)
+
+    def admit_unmark(self, first: int, end: int) -> None:
+        """Refuse an unmark of [first, end) that would need a record past a bound.
+
+        Raises:
+            OSError: ENOSPC.
+
+        Runtime complexity: O(log n).
+        """
+        ranges = self._ranges
+        index = ranges.bisect_right(first) - 1
+        splits = index >= 0 and ranges.keys()[index] < first and ranges.values()[index].end > end
+        self._admit(int(splits) + self._lost_splits(first, end))
+
+    def admit_rewrite(self, first: int, end: int) -> None:
+        """Refuse a rewrite of [first, end) that allocates nothing (a punched hole) if it
+        would split a lost run past a bound.
+
+        Raises:
+            OSError: ENOSPC.
+        """
+        if first < end:
+            self._admit(self._lost_splits(first, end))
+
     # -- internals -------------------------------------------------------------------------
+
+    def _admit(self, growth: int) -> None:
+        self.tracker.limits.admit(self.records, growth)
+
+    @staticmethod
+    def _splits(overlapping: list[VolatileRange], first: int, end: int) -> int:
+        """1 if unmarking [first, end) splits a range in two, else 0."""
+        return int(
+            len(overlapping) == 1 and overlapping[0].start < first and overlapping[0].end > end
+        )
+
+    def _lost_splits(self, first: int, end: int) -> int:
+        """1 if taking [first, end) out of the lost pages splits a lost run in two, else 0."""
+        lost = self._lost
+        index = lost.bisect_right(first) - 1
+        return int(index >= 0 and lost.keys()[index] < first and lost.values()[index] > end)
+
+    def _add_lost(self, first: int, end: int) -> None:
+        before = len(self._lost)
+        self.lost_pages += (end - first) - sum(hi - lo for lo, hi in clip(self._lost, first, end))
+        add_interval(self._lost, first, end)
+        self.tracker.limits.records += len(self._lost) - before
+
+    def _remove_lost(self, first: int, end: int) -> None:
+        if not self._lost:
+            return
+        before = len(self._lost)
+        self.lost_pages -= sum(hi - lo for lo, hi in clip(self._lost, first, end))
+        remove_interval(self._lost, first, end)
+        self.tracker.limits.records += len(self._lost) - before
 
     def _piece(self, source: VolatileRange, start: int, end: int) -> VolatileRange:
         return VolatileRange(start, end, source.partial, source.purged, source.stamp, self)
 
     def _add(self, volatile_range: VolatileRange, *, track: bool = True) -> None:
         self._ranges[volatile_range.start] = volatile_range
+        self.volatile_pages += volatile_range.pages
+        self.tracker.limits.records += 1
         self.tracker.account(volatile_range.pages, 1)
         if track:
             volatile_range.tracked = True
@@ -246,6 +450,8 @@ class InodeRanges:
 
     def _remove(self, volatile_range: VolatileRange) -> None:
         del self._ranges[volatile_range.start]
+        self.volatile_pages -= volatile_range.pages
+        self.tracker.limits.records -= 1
         self.tracker.account(-volatile_range.pages, -1)
         if volatile_range.tracked:
             volatile_range.tracked = False
@@ -258,12 +464,14 @@ class InodeRanges:
             assert start == volatile_range.start < volatile_range.end
             assert start >= previous_end, "ranges overlap"
             assert volatile_range.owner is self
+            assert not (self.ended and volatile_range.tracked), "an ended range in the LRU"
             previous_end = volatile_range.end
+        assert self.volatile_pages == sum(r.pages for r in self._ranges.values())
         previous_end = -1
         for start, end in self._lost.items():
             assert start < end and start > previous_end, "lost runs overlap or touch"
             previous_end = end
-            assert self.status(start, end)[0] == end - start, "lost pages outside any range"
+        assert self.lost_pages == sum(end - start for start, end in self._lost.items())
 
 
 _INFINITY = 1 << 62

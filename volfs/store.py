@@ -58,6 +58,11 @@ _ZEROS = memoryview(bytes(_ZEROS_PAGES << PAGE_SHIFT))
 _NO_PAGE = (MAX_FILE_SIZE >> PAGE_SHIFT) + 1
 
 
+def pages_for(nbytes: int) -> int:
+    """Return the number of pages ``nbytes`` take, rounded up."""
+    return (nbytes + PAGE_SIZE - 1) >> PAGE_SHIFT
+
+
 def pages_spanned(offset: int, length: int) -> tuple[int, int]:
     """Return the half-open page interval ``[first, end)`` touched by a byte range."""
     return offset >> PAGE_SHIFT, (offset + length + PAGE_SIZE - 1) >> PAGE_SHIFT
@@ -109,6 +114,9 @@ class Arena:
         self.punching_pages = 0
         #: Called after each release; None punches released pages at once instead.
         self.on_release: Callable[[], None] | None = None
+        #: Pages of the cap set aside for what the store holds outside the arena (metadata):
+        #: not allocatable, counted as used.
+        self.reserved_pages = 0
 
     def close(self) -> None:
         """Release the mapping and the memfd."""
@@ -118,8 +126,19 @@ class Arena:
 
     @property
     def used_pages(self) -> int:
-        """Pages held by files (released pages not yet punched are not counted)."""
-        return self.capacity_pages - self.free_pages - self.dirty_pages - self.punching_pages
+        """Pages held by files and reserved (released pages not yet punched are not counted)."""
+        return (
+            self.capacity_pages
+            - self.free_pages
+            - self.dirty_pages
+            - self.punching_pages
+            + self.reserved_pages
+        )
+
+    @property
+    def available_pages(self) -> int:
+        """Pages an allocation may take now."""
+        return self.free_pages - self.reserved_pages
 
     def ensure_free(self, count: int) -> None:
         """Make sure ``count`` pages can be allocated, punching dirty pages if needed.
@@ -127,10 +146,24 @@ class Arena:
         Raises:
             OSError: ENOSPC if they cannot.
         """
-        if count > self.free_pages and self.dirty_pages:
+        if count > self.available_pages and self.dirty_pages:
             self._punch_dirty_now()
-        if count > self.free_pages:
+        if count > self.available_pages:
             raise OSError(errno.ENOSPC, "volfs is full")
+
+    def reserve(self, count: int) -> None:
+        """Set ``count`` pages of the cap aside (they stay free memory but count as used).
+
+        Raises:
+            OSError: ENOSPC if fewer than ``count`` pages are available; nothing changes then.
+        """
+        self.ensure_free(count)
+        self.reserved_pages += count
+
+    def unreserve(self, count: int) -> None:
+        """Give back ``count`` reserved pages."""
+        assert 0 <= count <= self.reserved_pages
+        self.reserved_pages -= count
 
     def allocate(self, count: int, hint: int | None = None) -> list[tuple[int, int]]:
         """Take ``count`` zeroed pages, as few runs as the free space allows.
@@ -254,6 +287,7 @@ class Arena:
             previous_end = start + length
             total += length
         assert total == self.free_pages, (total, self.free_pages)
+        assert 0 <= self.reserved_pages <= self.free_pages, "reserved pages that are not free"
 
 
 _NO_EXTENTS: SortedDict[int, tuple[int, int]] = SortedDict()
@@ -602,8 +636,31 @@ class Store:
     def __init__(self, capacity_bytes: int) -> None:
         """Create a store holding at most ``capacity_bytes`` (rounded down to pages)."""
         self.arena = Arena(capacity_bytes >> PAGE_SHIFT)
+        #: Bytes held outside the arena and charged to the cap (symlink targets, attributes).
+        self.charged_bytes = 0
         self._wakeup = trio.Event()
         self._reclaimed = trio.Event()
+
+    def charge(self, nbytes: int) -> None:
+        """Count ``nbytes`` the daemon holds outside the arena against the cap.
+
+        The cap is kept in pages, so charges are added up and reserved a page at a time.
+
+        Raises:
+            OSError: ENOSPC if the cap has no room for them; nothing is charged then.
+        """
+        pages = pages_for(self.charged_bytes + nbytes) - self.arena.reserved_pages
+        if pages > 0:
+            self.arena.reserve(pages)
+        self.charged_bytes += nbytes
+
+    def uncharge(self, nbytes: int) -> None:
+        """Give back a charge made with :meth:`charge`."""
+        self.charged_bytes -= nbytes
+        assert self.charged_bytes >= 0
+        surplus = self.arena.reserved_pages - pages_for(self.charged_bytes)
+        if surplus > 0:
+            self.arena.unreserve(surplus)
 
     def new_file(self) -> FileContents:
         """Return empty contents for a new regular file."""
