@@ -35,6 +35,8 @@ NAMES = (
     "pressure_stall",
     "pressure_watermark",
     "pressure_batch",
+    "max_ranges",
+    "max_file_ranges",
     "fsname",
     "subtype",
     "allow_other",
@@ -89,6 +91,8 @@ SENSIBLE = {
     "pressure_stall": ("150",),
     "pressure_watermark": ("64M",),
     "pressure_batch": ("1M",),
+    "max_ranges": ("1", "100k"),
+    "max_file_ranges": ("0", "64k"),
     "fsname": ("cache",),
     "subtype": ("volfs",),
 }
@@ -131,6 +135,7 @@ def test_the_parser_accepts_or_refuses_with_one_printable_line(option_strings: l
     assert 0 <= options.uid < 2**32 - 1 and 0 <= options.gid < 2**32 - 1
     assert options.pressure.watermark <= MEMORY
     assert options.pressure.batch > 0
+    assert options.max_ranges >= 0 and options.max_file_ranges >= 0
     for fuse_option in options.fuse_options:
         name = fuse_option.partition("=")[0]
         assert name not in IGNORED_OPTIONS and name not in {"max_read", "blkdev"}, fuse_option
