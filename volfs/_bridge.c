@@ -2,15 +2,23 @@
  * volfs._bridge: the FUSE operations pyfuse3 does not expose.
  *
  * pyfuse3 builds its struct fuse_lowlevel_ops and passes it to libfuse's fuse_session_new().
- * This module, loaded with RTLD_GLOBAL before pyfuse3, defines fuse_session_new itself: it
- * copies pyfuse3's operations, adds the handlers pyfuse3 lacks, and calls the real function,
- * found with dlvsym() (RTLD_NEXT does not reach past a dlopen'ed library). The session pointer
- * it sees is kept for notifications pyfuse3 only offers for whole inodes.
+ * This module, loaded with RTLD_GLOBAL before pyfuse3, defines that function itself: it copies
+ * pyfuse3's operations, adds the handlers pyfuse3 lacks, and calls the real function, found
+ * with dlvsym() in the libfuse already loaded (RTLD_NEXT does not reach past a dlopen'ed
+ * library). libfuse 3.17 (libfuse3.so.4) adds fuse_session_new_versioned, which programs
+ * built against its headers call instead: both are defined here.
+ *
+ * The session's end is interposed the same way (fuse_session_unmount, fuse_session_destroy,
+ * which pyfuse3.close() calls in that order): from the unmount on, nothing here touches the
+ * session. Each session has a generation, and each Request remembers the one it came from,
+ * so a reply that arrives after its session ended fails with ENOTCONN instead of using freed
+ * memory. Calls that use the session (replies, notifications, possibly from worker threads)
+ * are counted, and the session ends only once none is in progress.
  *
  * Requests handled here (ioctl, fallocate, lseek) are passed to a Python callable with a
- * Request object, which replies
- * exactly once: from the handler itself, later from a trio task, or from a worker thread. A
- * Request dropped without a reply answers EIO, so a bug can never leave a caller hanging.
+ * Request object, which replies exactly once: from the handler itself, later from a trio
+ * task, or from a worker thread. A Request dropped without a reply answers EIO, so a bug can
+ * never leave a caller hanging.
  *
  * pyfuse3's own operations are wrapped too (see "contained operations" below), so that a
  * request whose arguments pyfuse3 cannot turn into Python objects (a write's data when the
@@ -25,24 +33,139 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <fuse_lowlevel.h>
+#include <pthread.h>
+#include <stdarg.h>
 #include <string.h>
 
-typedef struct fuse_session *(*session_new_fn)(struct fuse_args *,
-                                                const struct fuse_lowlevel_ops *, size_t,
-                                                void *);
+/* logging.WARNING, for bridge_log. */
+#define LOG_LEVEL_WARNING 30
 
-static struct fuse_session *bridge_session;
 static struct fuse_lowlevel_ops bridge_ops;
 static void (*pyfuse3_init)(void *, struct fuse_conn_info *);
 static PyObject *ioctl_handler;
 static PyObject *fallocate_handler;
 static PyObject *lseek_handler;
 
+/*
+ * Log a message on the "volfs.bridge" logger, from any thread, keeping any exception
+ * being raised. Used where nothing can be raised: a reply that failed inside libfuse's
+ * callbacks or in a destructor. Supports the formats common to printf and
+ * PyUnicode_FromFormat (%s, %d); falls back to stderr when logging itself fails.
+ */
+static void bridge_log(int level, const char *format, ...) {
+    va_list arguments, fallback;
+    va_start(arguments, format);
+    va_copy(fallback, arguments);
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyObject *result = NULL;
+    PyObject *message = PyUnicode_FromFormatV(format, arguments);
+    if (message != NULL) {
+        PyObject *logging = PyImport_ImportModule("logging");
+        PyObject *logger =
+            logging ? PyObject_CallMethod(logging, "getLogger", "s", "volfs.bridge") : NULL;
+        /* The message is passed as an argument: a '%' in it is not a format. */
+        result = logger ? PyObject_CallMethod(logger, "log", "isO", level, "%s", message) : NULL;
+        Py_XDECREF(logger);
+        Py_XDECREF(logging);
+        Py_DECREF(message);
+    }
+    if (result == NULL) {
+        PyErr_Clear();
+        fputs("volfs.bridge: ", stderr);
+        vfprintf(stderr, format, fallback);
+        fputc('\n', stderr);
+    }
+    Py_XDECREF(result);
+    PyErr_Restore(type, value, traceback);
+    PyGILState_Release(gil);
+    va_end(fallback);
+    va_end(arguments);
+}
+
+/* -- the session's lifetime ---------------------------------------------------------------- */
+
+static pthread_mutex_t session_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t session_idle = PTHREAD_COND_INITIALIZER;
+/* The session created through the bridge, NULL once it is being unmounted or destroyed. */
+static struct fuse_session *bridge_session;
+/* Bumped for each new session: a Request belongs to the generation it was created in. */
+static unsigned long session_generation;
+/* Calls using bridge_session right now; its end waits for them. */
+static unsigned int session_users;
+
+/* Accept generation in place of a Request's: any live session will do. */
+#define ANY_GENERATION 0UL
+
+/*
+ * The live session of generation (or any, ANY_GENERATION), counted as in use until
+ * release_session(); NULL if it has ended. Never blocks for long: the lock is only held to
+ * read and count. Called without the GIL.
+ */
+static struct fuse_session *use_session(unsigned long generation) {
+    pthread_mutex_lock(&session_lock);
+    struct fuse_session *se = bridge_session;
+    if (se != NULL && generation != ANY_GENERATION && generation != session_generation)
+        se = NULL;
+    if (se != NULL) session_users++;
+    pthread_mutex_unlock(&session_lock);
+    return se;
+}
+
+static void release_session(void) {
+    pthread_mutex_lock(&session_lock);
+    if (--session_users == 0) pthread_cond_broadcast(&session_idle);
+    pthread_mutex_unlock(&session_lock);
+}
+
+static unsigned long current_generation(void) {
+    pthread_mutex_lock(&session_lock);
+    unsigned long generation = session_generation;
+    pthread_mutex_unlock(&session_lock);
+    return generation;
+}
+
+static struct fuse_session *begin_session(struct fuse_session *se) {
+    if (se != NULL) {
+        pthread_mutex_lock(&session_lock);
+        bridge_session = se;
+        /* Never ANY_GENERATION, even after wrapping around. */
+        if (++session_generation == ANY_GENERATION) session_generation++;
+        pthread_mutex_unlock(&session_lock);
+    }
+    return se;
+}
+
+/*
+ * From now on se (if it is the bridge's) is refused to new users; returns once the calls
+ * using it have finished, so libfuse may then close its descriptor and free it.
+ *
+ * Waiting here cannot add a deadlock: a counted call needs neither the GIL (released while
+ * waiting) nor the thread calling this. A notification the kernel holds up while it writes
+ * dirty pages back through this daemon, whose loop has stopped, could not finish anyway:
+ * it keeps the device file open, so neither closing it nor unmounting aborts the connection.
+ */
+static void end_session(struct fuse_session *se) {
+    pthread_mutex_lock(&session_lock);
+    int ours = se != NULL && se == bridge_session;
+    if (ours) bridge_session = NULL;
+    int busy = ours && session_users > 0;
+    pthread_mutex_unlock(&session_lock);
+    if (!busy) return;
+    PyThreadState *saved = PyGILState_Check() ? PyEval_SaveThread() : NULL;
+    pthread_mutex_lock(&session_lock);
+    while (session_users > 0) pthread_cond_wait(&session_idle, &session_lock);
+    pthread_mutex_unlock(&session_lock);
+    if (saved != NULL) PyEval_RestoreThread(saved);
+}
+
 /* -- Request ---------------------------------------------------------------------------- */
 
 typedef struct {
     PyObject_HEAD
-    fuse_req_t req;   /* NULL once replied */
+    fuse_req_t req;   /* NULL once a reply was attempted */
+    unsigned long generation; /* of the session the request came from */
     unsigned int uid; /* of the calling process */
     unsigned int gid;
     int pid;
@@ -50,70 +173,98 @@ typedef struct {
 
 static PyTypeObject RequestType;
 
-static int take_request(RequestObject *self, fuse_req_t *req) {
-    if (self->req == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "request already answered");
-        return -1;
+typedef enum { REPLY_ERROR, REPLY_IOCTL, REPLY_LSEEK } reply_kind;
+
+typedef struct {
+    reply_kind kind;
+    int value; /* errno (0: success) or the ioctl's result */
+    const void *data;
+    size_t size;
+    off_t offset;
+} reply_t;
+
+/*
+ * Send reply to req if its session (of generation) still lives: libfuse's result, 0 or
+ * -errno; -ENOTCONN with *ended set if the session has ended. Either way libfuse no longer
+ * knows req. Called without the GIL.
+ */
+static int send_reply(fuse_req_t req, unsigned long generation, const reply_t *reply,
+                      int *ended) {
+    *ended = use_session(generation) == NULL;
+    if (*ended) return -ENOTCONN;
+    int rc;
+    switch (reply->kind) {
+    case REPLY_IOCTL:
+        rc = fuse_reply_ioctl(req, reply->value, reply->size ? reply->data : NULL, reply->size);
+        break;
+    case REPLY_LSEEK:
+        rc = fuse_reply_lseek(req, reply->offset);
+        break;
+    default:
+        rc = fuse_reply_err(req, reply->value);
+        break;
     }
-    *req = self->req;
+    release_session();
+    return rc;
+}
+
+/* Reply once for self: None, or NULL with OSError(errno) if the reply failed. */
+static PyObject *answer(RequestObject *self, const reply_t *reply) {
+    fuse_req_t req = self->req;
+    if (req == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "request already answered");
+        return NULL;
+    }
     self->req = NULL;
-    return 0;
+    int rc, ended;
+    Py_BEGIN_ALLOW_THREADS
+    rc = send_reply(req, self->generation, reply, &ended);
+    Py_END_ALLOW_THREADS
+    if (rc == 0) Py_RETURN_NONE;
+    PyObject *error = PyObject_CallFunction(
+        PyExc_OSError, "is", -rc,
+        ended ? "the request's FUSE session has ended" : strerror(-rc));
+    if (error != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(error), error);
+        Py_DECREF(error);
+    }
+    return NULL;
 }
 
 static PyObject *request_reply_ioctl(RequestObject *self, PyObject *args) {
     int result;
     Py_buffer data = {0};
-    fuse_req_t req;
     if (!PyArg_ParseTuple(args, "iy*", &result, &data)) return NULL;
-    if (take_request(self, &req) < 0) {
-        PyBuffer_Release(&data);
-        return NULL;
-    }
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = fuse_reply_ioctl(req, result, data.len ? data.buf : NULL, (size_t)data.len);
-    Py_END_ALLOW_THREADS
+    reply_t reply = {.kind = REPLY_IOCTL, .value = result, .data = data.buf,
+                     .size = (size_t)data.len};
+    PyObject *answered = answer(self, &reply);
     PyBuffer_Release(&data);
-    return PyLong_FromLong(rc);
+    return answered;
 }
 
 static PyObject *request_reply_error(RequestObject *self, PyObject *args) {
     int code;
-    fuse_req_t req;
     if (!PyArg_ParseTuple(args, "i", &code)) return NULL;
-    if (code <= 0) {
-        PyErr_SetString(PyExc_ValueError, "errno must be positive");
+    /* The kernel refuses other values without ending the request: its caller would hang. */
+    if (code <= 0 || code >= 512) {
+        PyErr_SetString(PyExc_ValueError, "errno must be between 1 and 511");
         return NULL;
     }
-    if (take_request(self, &req) < 0) return NULL;
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = fuse_reply_err(req, code);
-    Py_END_ALLOW_THREADS
-    return PyLong_FromLong(rc);
+    reply_t reply = {.kind = REPLY_ERROR, .value = code};
+    return answer(self, &reply);
 }
 
 static PyObject *request_reply_ok(RequestObject *self, PyObject *unused) {
     (void)unused;
-    fuse_req_t req;
-    if (take_request(self, &req) < 0) return NULL;
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = fuse_reply_err(req, 0);
-    Py_END_ALLOW_THREADS
-    return PyLong_FromLong(rc);
+    reply_t reply = {.kind = REPLY_ERROR, .value = 0};
+    return answer(self, &reply);
 }
 
 static PyObject *request_reply_lseek(RequestObject *self, PyObject *args) {
     long long offset;
-    fuse_req_t req;
     if (!PyArg_ParseTuple(args, "L", &offset)) return NULL;
-    if (take_request(self, &req) < 0) return NULL;
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = fuse_reply_lseek(req, (off_t)offset);
-    Py_END_ALLOW_THREADS
-    return PyLong_FromLong(rc);
+    reply_t reply = {.kind = REPLY_LSEEK, .offset = (off_t)offset};
+    return answer(self, &reply);
 }
 
 static PyObject *request_get_answered(RequestObject *self, void *closure) {
@@ -122,7 +273,17 @@ static PyObject *request_get_answered(RequestObject *self, void *closure) {
 }
 
 static void request_dealloc(RequestObject *self) {
-    if (self->req != NULL) fuse_reply_err(self->req, EIO);
+    fuse_req_t req = self->req;
+    if (req != NULL) {
+        self->req = NULL;
+        reply_t reply = {.kind = REPLY_ERROR, .value = EIO};
+        int ended;
+        int rc = send_reply(req, self->generation, &reply, &ended);
+        /* A request of an ended session has nobody left to answer. */
+        if (rc != 0 && !ended)
+            bridge_log(LOG_LEVEL_WARNING, "cannot answer EIO to a request dropped unanswered: %s",
+                       strerror(-rc));
+    }
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -130,7 +291,7 @@ static PyMethodDef request_methods[] = {
     {"reply_ioctl", (PyCFunction)request_reply_ioctl, METH_VARARGS,
      "reply_ioctl(result, data): answer an ioctl with its return value and output bytes."},
     {"reply_error", (PyCFunction)request_reply_error, METH_VARARGS,
-     "reply_error(errno): answer with an error."},
+     "reply_error(errno): answer with an error (1 to 511)."},
     {"reply_ok", (PyCFunction)request_reply_ok, METH_NOARGS,
      "reply_ok(): answer success without data (fallocate)."},
     {"reply_lseek", (PyCFunction)request_reply_lseek, METH_VARARGS,
@@ -146,7 +307,8 @@ static PyMemberDef request_members[] = {
 };
 
 static PyGetSetDef request_getset[] = {
-    {"answered", (getter)request_get_answered, NULL, "True once replied", NULL},
+    {"answered", (getter)request_get_answered, NULL,
+     "True once a reply was attempted, whether or not it reached the kernel", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -155,7 +317,10 @@ static PyTypeObject RequestType = {
     .tp_name = "volfs._bridge.Request",
     .tp_basicsize = sizeof(RequestObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "A FUSE request awaiting exactly one reply.",
+    .tp_doc = "A FUSE request awaiting exactly one reply.\n\n"
+              "Each reply_* method answers it: a second call raises RuntimeError. A reply "
+              "that fails raises OSError with libfuse's errno (ENOTCONN once the request's "
+              "session has ended) and still counts as the answer.",
     .tp_dealloc = (destructor)request_dealloc,
     .tp_methods = request_methods,
     .tp_members = request_members,
@@ -164,22 +329,40 @@ static PyTypeObject RequestType = {
 
 /* -- handlers added to pyfuse3's operations ---------------------------------------------- */
 
+/*
+ * Answer req with an error from within libfuse's callback for it, where its session is
+ * necessarily alive. Nothing can be raised here: a failure is logged.
+ */
+static void reply_internal(fuse_req_t req, int code, const char *operation) {
+    int rc = fuse_reply_err(req, code);
+    if (rc != 0)
+        bridge_log(LOG_LEVEL_WARNING, "cannot answer a %s request with %s: %s", operation,
+                   strerror(code), strerror(-rc));
+}
+
 static void bridge_init(void *userdata, struct fuse_conn_info *conn) {
+    /*
+     * An exception pyfuse3's init raises is left set for pyfuse3: it declares
+     * fuse_session_process_buf() "except *" (since 3.3, see volfs.bridge's version check),
+     * so the exception ends its main loop as soon as INIT has been processed, before any
+     * other request, and the daemon unmounts. Serving after a failed init is not wanted.
+     */
     if (pyfuse3_init != NULL) pyfuse3_init(userdata, conn);
     /* VOLFS_IOC_PURGE works on directories too. */
     if (conn->capable & FUSE_CAP_IOCTL_DIR) conn->want |= FUSE_CAP_IOCTL_DIR;
 }
 
 /* A Request for req with the caller's credentials, or NULL (req answered ENOMEM). */
-static RequestObject *new_request(fuse_req_t req) {
+static RequestObject *new_request(fuse_req_t req, const char *operation) {
     RequestObject *request = PyObject_New(RequestObject, &RequestType);
     if (request == NULL) {
         PyErr_Clear();
-        fuse_reply_err(req, ENOMEM);
+        reply_internal(req, ENOMEM, operation);
         return NULL;
     }
     const struct fuse_ctx *ctx = fuse_req_ctx(req);
     request->req = req;
+    request->generation = current_generation();
     request->uid = ctx->uid;
     request->gid = ctx->gid;
     request->pid = ctx->pid;
@@ -209,15 +392,11 @@ static void bridge_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void 
                          struct fuse_file_info *fi, unsigned flags, const void *in_buf,
                          size_t in_bufsz, size_t out_bufsz) {
     (void)arg;
-    if (flags & FUSE_IOCTL_UNRESTRICTED) {
-        fuse_reply_err(req, ENOTTY);
-        return;
-    }
     PyGILState_STATE gil = PyGILState_Ensure();
-    if (ioctl_handler == NULL) {
-        fuse_reply_err(req, ENOTTY);
+    if (flags & FUSE_IOCTL_UNRESTRICTED || ioctl_handler == NULL) {
+        reply_internal(req, ENOTTY, "ioctl");
     } else {
-        RequestObject *request = new_request(req);
+        RequestObject *request = new_request(req, "ioctl");
         if (request != NULL)
             dispatch(ioctl_handler, request,
                      Py_BuildValue("KIKOy#n", (unsigned long long)ino, cmd,
@@ -233,9 +412,9 @@ static void bridge_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off
                              off_t length, struct fuse_file_info *fi) {
     PyGILState_STATE gil = PyGILState_Ensure();
     if (fallocate_handler == NULL) {
-        fuse_reply_err(req, EOPNOTSUPP);
+        reply_internal(req, EOPNOTSUPP, "fallocate");
     } else {
-        RequestObject *request = new_request(req);
+        RequestObject *request = new_request(req, "fallocate");
         if (request != NULL)
             dispatch(fallocate_handler, request,
                      Py_BuildValue("KKiLL", (unsigned long long)ino,
@@ -249,9 +428,9 @@ static void bridge_lseek(fuse_req_t req, fuse_ino_t ino, off_t offset, int whenc
                          struct fuse_file_info *fi) {
     PyGILState_STATE gil = PyGILState_Ensure();
     if (lseek_handler == NULL) {
-        fuse_reply_err(req, ENOSYS);
+        reply_internal(req, ENOSYS, "lseek");
     } else {
-        RequestObject *request = new_request(req);
+        RequestObject *request = new_request(req, "lseek");
         if (request != NULL)
             dispatch(lseek_handler, request,
                      Py_BuildValue("KKLi", (unsigned long long)ino,
@@ -293,7 +472,7 @@ static int report_failure(const char *operation) {
 }
 
 static void answer_failure(fuse_req_t req, const char *operation) {
-    fuse_reply_err(req, report_failure(operation));
+    reply_internal(req, report_failure(operation), operation);
 }
 
 /* forget expects no answer, only the request's release. */
@@ -390,19 +569,91 @@ static void contain_pyfuse3_operations(void) {
     CONTAIN(removexattr) CONTAIN(access) CONTAIN(create) CONTAIN(poll)
 }
 
-/* -- the hook --------------------------------------------------------------------------- */
+/* -- the hooks ---------------------------------------------------------------------------- */
 
-struct fuse_session *fuse_session_new(struct fuse_args *args,
-                                      const struct fuse_lowlevel_ops *op, size_t op_size,
-                                      void *userdata) {
-    void *libfuse = dlopen("libfuse3.so.3", RTLD_NOW | RTLD_NOLOAD);
-    if (libfuse == NULL) libfuse = dlopen("libfuse3.so.3", RTLD_NOW);
-    session_new_fn real =
-        libfuse ? (session_new_fn)dlvsym(libfuse, "fuse_session_new", "FUSE_3.0") : NULL;
-    if (real == NULL) {
-        fprintf(stderr, "volfs: cannot find libfuse's fuse_session_new: %s\n", dlerror());
-        return NULL;
+/* libfuse >= 3.17 passes the version a program was built against; only handed on here. */
+struct libfuse_version;
+
+struct fuse_session *fuse_session_new_versioned(struct fuse_args *args,
+                                                const struct fuse_lowlevel_ops *op,
+                                                size_t op_size, struct libfuse_version *version,
+                                                void *userdata);
+void fuse_session_unmount(struct fuse_session *se);
+void fuse_session_destroy(struct fuse_session *se);
+
+typedef struct fuse_session *(*session_new_fn)(struct fuse_args *,
+                                                const struct fuse_lowlevel_ops *, size_t,
+                                                void *);
+typedef struct fuse_session *(*session_new_versioned_fn)(struct fuse_args *,
+                                                          const struct fuse_lowlevel_ops *,
+                                                          size_t, struct libfuse_version *,
+                                                          void *);
+typedef void (*session_end_fn)(struct fuse_session *);
+
+/* libfuse's own functions, found by find_libfuse() when the module is loaded. */
+static struct {
+    const char *soname;
+    session_new_fn session_new;                    /* fuse_session_new@FUSE_3.0 */
+    session_new_versioned_fn session_new_versioned; /* fuse_session_new_versioned@FUSE_3.17 */
+    session_end_fn session_unmount;
+    session_end_fn session_destroy;
+} libfuse;
+
+/*
+ * Set while libfuse creates a session for one of the hooks: libfuse 3.17's
+ * fuse_session_new@FUSE_3.0 calls fuse_session_new_versioned, which (when libfuse binds
+ * its own exported functions through the global scope) is the hook here again, and must
+ * then pass the already wrapped operations straight on.
+ */
+static __thread int creating_session;
+
+/*
+ * Find libfuse's functions in whichever libfuse 3 is loaded, the one this module was linked
+ * against: libfuse3.so.4 (libfuse >= 3.17) or libfuse3.so.3. 0, or -1 with ImportError set.
+ */
+static int find_libfuse(void) {
+    static const char *const sonames[] = {"libfuse3.so.4", "libfuse3.so.3"};
+    for (size_t i = 0; i < sizeof sonames / sizeof *sonames; i++) {
+        /* Only a library already loaded: loading another libfuse would mix two of them. */
+        void *handle = dlopen(sonames[i], RTLD_NOW | RTLD_NOLOAD);
+        if (handle == NULL) continue;
+        libfuse.soname = sonames[i];
+        libfuse.session_new = (session_new_fn)dlvsym(handle, "fuse_session_new", "FUSE_3.0");
+        libfuse.session_new_versioned = (session_new_versioned_fn)dlvsym(
+            handle, "fuse_session_new_versioned", "FUSE_3.17");
+        libfuse.session_unmount =
+            (session_end_fn)dlvsym(handle, "fuse_session_unmount", "FUSE_3.0");
+        libfuse.session_destroy =
+            (session_end_fn)dlvsym(handle, "fuse_session_destroy", "FUSE_3.0");
+        /* The handle stays open: the functions are used as long as the process lives. */
+        if ((libfuse.session_new == NULL && libfuse.session_new_versioned == NULL) ||
+            libfuse.session_unmount == NULL || libfuse.session_destroy == NULL) {
+            PyErr_Format(PyExc_ImportError,
+                         "volfs._bridge: %s lacks fuse_session_new@FUSE_3.0 or "
+                         "fuse_session_new_versioned@FUSE_3.17, fuse_session_unmount or "
+                         "fuse_session_destroy",
+                         sonames[i]);
+            return -1;
+        }
+        return 0;
     }
+    PyErr_SetString(PyExc_ImportError,
+                    "volfs._bridge: neither libfuse3.so.4 (libfuse >= 3.17) nor libfuse3.so.3 "
+                    "is loaded: the bridge must be linked against libfuse 3");
+    return -1;
+}
+
+/* Refuse to create a session libfuse cannot create through this entry point. */
+static int missing(const void *function, const char *name) {
+    if (function != NULL) return 0;
+    fprintf(stderr, "volfs: %s has no %s\n", libfuse.soname ? libfuse.soname : "libfuse",
+            name);
+    return 1;
+}
+
+/* pyfuse3's operations, with the bridge's added and pyfuse3's contained. */
+static const struct fuse_lowlevel_ops *bridge_operations(const struct fuse_lowlevel_ops *op,
+                                                         size_t op_size) {
     memset(&bridge_ops, 0, sizeof bridge_ops);
     memcpy(&bridge_ops, op, op_size < sizeof bridge_ops ? op_size : sizeof bridge_ops);
     pyfuse3_init = bridge_ops.init;
@@ -411,8 +662,49 @@ struct fuse_session *fuse_session_new(struct fuse_args *args,
     bridge_ops.ioctl = bridge_ioctl;
     bridge_ops.fallocate = bridge_fallocate;
     bridge_ops.lseek = bridge_lseek;
-    bridge_session = real(args, &bridge_ops, sizeof bridge_ops, userdata);
-    return bridge_session;
+    return &bridge_ops;
+}
+
+/* Parenthesized: libfuse >= 3.17's header makes fuse_session_new a function-like macro. */
+struct fuse_session *(fuse_session_new)(struct fuse_args *args,
+                                        const struct fuse_lowlevel_ops *op, size_t op_size,
+                                        void *userdata) {
+    if (missing((const void *)libfuse.session_new, "fuse_session_new@FUSE_3.0")) return NULL;
+    if (creating_session) return libfuse.session_new(args, op, op_size, userdata);
+    const struct fuse_lowlevel_ops *ops = bridge_operations(op, op_size);
+    creating_session = 1;
+    struct fuse_session *se = libfuse.session_new(args, ops, sizeof *ops, userdata);
+    creating_session = 0;
+    return begin_session(se);
+}
+
+struct fuse_session *fuse_session_new_versioned(struct fuse_args *args,
+                                                const struct fuse_lowlevel_ops *op,
+                                                size_t op_size, struct libfuse_version *version,
+                                                void *userdata) {
+    if (missing((const void *)libfuse.session_new_versioned,
+                "fuse_session_new_versioned@FUSE_3.17"))
+        return NULL;
+    if (creating_session)
+        return libfuse.session_new_versioned(args, op, op_size, version, userdata);
+    const struct fuse_lowlevel_ops *ops = bridge_operations(op, op_size);
+    creating_session = 1;
+    struct fuse_session *se =
+        libfuse.session_new_versioned(args, ops, sizeof *ops, version, userdata);
+    creating_session = 0;
+    return begin_session(se);
+}
+
+void fuse_session_unmount(struct fuse_session *se) {
+    /* Ended before the unmount closes the device: a reply could otherwise reach a reused fd. */
+    end_session(se);
+    libfuse.session_unmount(se);
+}
+
+void fuse_session_destroy(struct fuse_session *se) {
+    /* Ended here too for pyfuse3.close(unmount=False), which skips the unmount. */
+    end_session(se);
+    libfuse.session_destroy(se);
 }
 
 /* -- module functions ------------------------------------------------------------------- */
@@ -446,13 +738,15 @@ static PyObject *bridge_invalidate_range(PyObject *module, PyObject *args) {
     unsigned long long ino;
     long long offset, length;
     if (!PyArg_ParseTuple(args, "KLL", &ino, &offset, &length)) return NULL;
-    if (bridge_session == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "no FUSE session");
-        return NULL;
-    }
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = fuse_lowlevel_notify_inval_inode(bridge_session, (fuse_ino_t)ino, offset, length);
+    struct fuse_session *se = use_session(ANY_GENERATION);
+    if (se == NULL) {
+        rc = -ENOTCONN;
+    } else {
+        rc = fuse_lowlevel_notify_inval_inode(se, (fuse_ino_t)ino, offset, length);
+        release_session();
+    }
     Py_END_ALLOW_THREADS
     /* ENOENT: the kernel has no such inode cached, so there is nothing to drop. */
     if (rc != 0 && rc != -ENOENT) {
@@ -465,7 +759,16 @@ static PyObject *bridge_invalidate_range(PyObject *module, PyObject *args) {
 static PyObject *bridge_active(PyObject *module, PyObject *unused) {
     (void)module;
     (void)unused;
-    return PyBool_FromLong(bridge_session != NULL);
+    pthread_mutex_lock(&session_lock);
+    int active = bridge_session != NULL;
+    pthread_mutex_unlock(&session_lock);
+    return PyBool_FromLong(active);
+}
+
+static PyObject *bridge_libfuse(PyObject *module, PyObject *unused) {
+    (void)module;
+    (void)unused;
+    return PyUnicode_FromString(libfuse.soname);
 }
 
 static PyMethodDef bridge_methods[] = {
@@ -480,9 +783,13 @@ static PyMethodDef bridge_methods[] = {
     {"invalidate_range", bridge_invalidate_range, METH_VARARGS,
      "invalidate_range(ino, offset, length): drop that byte range from the kernel's page "
      "cache. Blocks while the kernel writes back dirty pages through this daemon: call it "
-     "from a worker thread, never from the thread serving requests."},
+     "from a worker thread, never from the thread serving requests. Raises OSError "
+     "(ENOTCONN once the session is unmounted or destroyed, or was never created)."},
     {"active", bridge_active, METH_NOARGS,
-     "active(): True once a FUSE session was created through the bridge."},
+     "active(): True from the creation of a FUSE session through the bridge until its "
+     "unmount or destruction."},
+    {"libfuse", bridge_libfuse, METH_NOARGS,
+     "libfuse(): the soname of the libfuse whose session functions the bridge calls."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -493,6 +800,7 @@ static struct PyModuleDef bridge_module = {
 };
 
 PyMODINIT_FUNC PyInit__bridge(void) {
+    if (find_libfuse() < 0) return NULL;
     if (PyType_Ready(&RequestType) < 0) return NULL;
     PyObject *module = PyModule_Create(&bridge_module);
     if (module == NULL) return NULL;

@@ -71,12 +71,24 @@ def answering(request: bridge.Request, what: str, *args: object) -> Iterator[Non
     try:
         yield
     except OSError as error:
-        if not request.answered:
-            request.reply_error(error.errno or errno.EIO)
+        _answer_error(request, error.errno or errno.EIO)
     except Exception:
         log.exception(what + " failed; answering EIO", *args)
-        if not request.answered:
-            request.reply_error(errno.EIO)
+        _answer_error(request, errno.EIO)
+
+
+def _answer_error(request: bridge.Request, code: int) -> None:
+    """Answer ``request`` with errno ``code`` (EIO if the kernel cannot take it), unless it was.
+
+    A reply that cannot be sent is dropped: the kernel no longer waits for the request (its
+    connection was aborted) or the request's session has ended.
+    """
+    if request.answered:
+        return
+    try:
+        request.reply_error(code if 0 < code < 512 else errno.EIO)
+    except OSError as error:
+        log.debug("cannot answer a request with %s: %s", errno.errorcode.get(code, code), error)
 
 
 def fuse_errors(
