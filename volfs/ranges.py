@@ -34,8 +34,9 @@ from typing import Protocol
 
 from sortedcontainers import SortedDict
 
-from volfs.intervals import add_interval, clip, remove_interval
+from volfs.intervals import Change, add_interval, remove_interval
 from volfs.store import FileContents
+from volfs.sums import WeightedKeys, covered
 
 _serials = itertools.count()
 
@@ -119,15 +120,25 @@ class InodeRanges:
         self.contents = contents
         self._ranges: SortedDict[int, VolatileRange] = SortedDict()
         self._lost: SortedDict[int, int] = SortedDict()
-        #: Pages in ranges and lost pages: whole-file status in O(1).
-        self.volatile_pages = 0
-        self.lost_pages = 0
+        # The lengths of the ranges and of the lost runs by start: status in O(log n).
+        self._range_pages = WeightedKeys()
+        self._lost_pages = WeightedKeys()
         #: True once the inode's volatility ended: the ranges left are only waiting to be
         #: discarded (:meth:`discard`), and no purge may take anything from them.
         self.ended = False
 
     def __bool__(self) -> bool:
         return bool(self._ranges or self._lost)
+
+    @property
+    def volatile_pages(self) -> int:
+        """Pages in ranges. Runtime complexity: O(1)."""
+        return self._range_pages.total
+
+    @property
+    def lost_pages(self) -> int:
+        """Lost pages. Runtime complexity: O(1)."""
+        return self._lost_pages.total
 
     @property
     def range_count(self) -> int:
@@ -180,16 +191,9 @@ class InodeRanges:
     def status(self, first: int, end: int) -> tuple[int, int]:
         """Return ``(volatile pages, lost pages)`` within [first, end).
 
-        Runtime complexity: O(log n + k) for k ranges and lost runs in the span.
+        Runtime complexity: O(log n).
         """
-        ranges, lost = self._ranges, self._lost
-        if (not ranges or (first <= ranges.keys()[0] and end >= ranges.values()[-1].end)) and (
-            not lost or (first <= lost.keys()[0] and end >= lost.values()[-1])
-        ):
-            return self.volatile_pages, self.lost_pages
-        volatile = sum(min(r.end, end) - max(r.start, first) for r in self._overlapping(first, end))
-        lost_pages = sum(hi - lo for lo, hi in clip(lost, first, end))
-        return volatile, lost_pages
+        return covered(self._range_pages, first, end), covered(self._lost_pages, first, end)
 
     def is_lost(self, first: int, end: int) -> bool:
         """True if any page of [first, end) was purged and not rewritten or unmarked.
@@ -274,7 +278,7 @@ class InodeRanges:
             self._remove(volatile_range)
         self.tracker.limits.records -= len(self._lost)
         self._lost = SortedDict()
-        self.lost_pages = 0
+        self._lost_pages = WeightedKeys()
 
     def end_volatility(self) -> InodeRanges | None:
         """End the inode's volatility (its last handle closed); return what stays of it.
@@ -288,11 +292,13 @@ class InodeRanges:
         """
         self.ended = True
         self.tracker.account(-self.volatile_pages, -len(self._ranges))
+        # Nobody asks an ended set for its status: its sums go at once.
+        self._range_pages = WeightedKeys()
         if not self._lost:
             return None
         survivor = InodeRanges(self.tracker, self.ino, self.contents)
         survivor._lost, self._lost = self._lost, SortedDict()
-        survivor.lost_pages, self.lost_pages = self.lost_pages, 0
+        survivor._lost_pages, self._lost_pages = self._lost_pages, WeightedKeys()
         return survivor
 
     def discard(self, budget: int) -> bool:
@@ -423,25 +429,27 @@ class InodeRanges:
         return int(index >= 0 and lost.keys()[index] < first and lost.values()[index] > end)
 
     def _add_lost(self, first: int, end: int) -> None:
-        before = len(self._lost)
-        self.lost_pages += (end - first) - sum(hi - lo for lo, hi in clip(self._lost, first, end))
-        add_interval(self._lost, first, end)
-        self.tracker.limits.records += len(self._lost) - before
+        self._lost_changed(add_interval(self._lost, first, end))
 
     def _remove_lost(self, first: int, end: int) -> None:
-        if not self._lost:
-            return
-        before = len(self._lost)
-        self.lost_pages -= sum(hi - lo for lo, hi in clip(self._lost, first, end))
-        remove_interval(self._lost, first, end)
-        self.tracker.limits.records += len(self._lost) - before
+        if self._lost:
+            self._lost_changed(remove_interval(self._lost, first, end))
+
+    def _lost_changed(self, change: Change) -> None:
+        removed, added = change
+        sums = self._lost_pages
+        for start, _end in removed:
+            sums.remove(start)
+        for start, end in added:
+            sums.add(start, end - start)
+        self.tracker.limits.records += len(added) - len(removed)
 
     def _piece(self, source: VolatileRange, start: int, end: int) -> VolatileRange:
         return VolatileRange(start, end, source.partial, source.purged, source.stamp, self)
 
     def _add(self, volatile_range: VolatileRange, *, track: bool = True) -> None:
         self._ranges[volatile_range.start] = volatile_range
-        self.volatile_pages += volatile_range.pages
+        self._range_pages.add(volatile_range.start, volatile_range.pages)
         self.tracker.limits.records += 1
         self.tracker.account(volatile_range.pages, 1)
         if track:
@@ -450,7 +458,7 @@ class InodeRanges:
 
     def _remove(self, volatile_range: VolatileRange) -> None:
         del self._ranges[volatile_range.start]
-        self.volatile_pages -= volatile_range.pages
+        self._range_pages.remove(volatile_range.start)
         self.tracker.limits.records -= 1
         self.tracker.account(-volatile_range.pages, -1)
         if volatile_range.tracked:
@@ -466,12 +474,17 @@ class InodeRanges:
             assert volatile_range.owner is self
             assert not (self.ended and volatile_range.tracked), "an ended range in the LRU"
             previous_end = volatile_range.end
-        assert self.volatile_pages == sum(r.pages for r in self._ranges.values())
+        if not self.ended:
+            assert list(self._range_pages.items()) == [
+                (r.start, r.pages) for r in self._ranges.values()
+            ]
+            self._range_pages._check()
         previous_end = -1
         for start, end in self._lost.items():
             assert start < end and start > previous_end, "lost runs overlap or touch"
             previous_end = end
-        assert self.lost_pages == sum(end - start for start, end in self._lost.items())
+        assert list(self._lost_pages.items()) == [(lo, hi - lo) for lo, hi in self._lost.items()]
+        self._lost_pages._check()
 
 
 _INFINITY = 1 << 62
