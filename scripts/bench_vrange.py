@@ -1,6 +1,7 @@
 """Latency of volatile-range ioctls on files holding many ranges, next to a FUSE round trip.
 
-Mounts one volfs (``<python> -m volfs -f -o size=4G MOUNTPOINT``) and, for every size N in
+Mounts one volfs (``<python> -m volfs -f -o size=4G,max_ranges=...`` with the bounds on
+range records raised to the largest N) and, for every size N in
 ``--sizes``, creates a sparse file of 2N pages, marks N disjoint one-page ranges volatile in it
 (range i is page 2i, FULL) and then times ``--pairs`` VOLATILE + NON_VOLATILE ioctl pairs on
 one odd page in the middle of the set (a page no range holds, so the pair adds one range and
@@ -145,8 +146,11 @@ def failed(mount: volfs_mounts.Daemon, what: str, error: OSError) -> BenchError:
 def mounted(settings: Settings) -> Iterator[volfs_mounts.Daemon]:
     """Mount volfs on a fresh directory; always unmount it and remove the directory."""
     mountpoint = Path(tempfile.mkdtemp(prefix="mnt-volfs-", dir=settings.workdir))
+    # The bounds on range records must hold the largest set, and the pair's extra range.
+    records = max(settings.sizes) + 16
+    options = f"size={settings.fs_size},max_ranges={records},max_file_ranges={records}"
     with volfs_mounts.mounted(
-        volfs_mounts.volfs_command(mountpoint, f"size={settings.fs_size}", settings.python),
+        volfs_mounts.volfs_command(mountpoint, options, settings.python),
         mountpoint,
         settings.workdir / "volfs.log",
         timeout=settings.mount_timeout,

@@ -287,8 +287,9 @@ class VolfsOperations(pyfuse3.Operations):
 
     # -- files ------------------------------------------------------------------------------
 
-    def _open(self, node: Inode, flags: int) -> pyfuse3.FileInfo:
-        self.namespace.open(node, truncate=bool(flags & os.O_TRUNC))
+    async def _open(self, node: Inode, flags: int) -> pyfuse3.FileInfo:
+        for _step in self.namespace.open_steps(node, truncate=bool(flags & os.O_TRUNC)):
+            await trio.sleep(0)  # truncating many ranges: let other requests in
         handle = self._handle()
         self._files[handle] = OpenFile(node, flags)
         # keep_cache: every change passes through this kernel, so its page cache stays valid
@@ -297,7 +298,7 @@ class VolfsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        return self._open(self.namespace.get(inode), flags)
+        return await self._open(self.namespace.get(inode), flags)
 
     @fuse_errors
     async def create(
@@ -311,7 +312,7 @@ class VolfsOperations(pyfuse3.Operations):
         node = self.namespace.mknod(
             parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx.uid, ctx.gid
         )
-        return self._open(node, flags), self._attributes(node)
+        return await self._open(node, flags), self._attributes(node)
 
     async def read(self, fh: int, off: int, size: int) -> Any:
         # The hot path: no decorator frame, and the reply is a view of the arena, not a copy.

@@ -301,12 +301,25 @@ class Namespace:
 
     def open(self, inode: Inode, *, truncate: bool = False) -> None:
         """Count an open handle of a regular file; ``truncate`` empties it (O_TRUNC)."""
+        for _step in self.open_steps(inode, truncate=truncate):
+            pass
+
+    def open_steps(self, inode: Inode, *, truncate: bool = False) -> Iterator[None]:
+        """Count an open handle of a regular file; ``truncate`` empties it (O_TRUNC).
+
+        The handle counts from the start, so the file stays while its ranges are dropped
+        a step at a time (see :meth:`truncate_steps`).
+        """
         if inode.contents is None:
             raise OSError(errno.EISDIR if inode.is_dir() else errno.ENXIO, "not a regular file")
-        if truncate and inode.contents.size:
-            self.truncate(inode, 0)
-            inode.touch(mtime=True, ctime=True)
         inode.opens += 1
+        if truncate and inode.contents.size:
+            try:
+                yield from self.truncate_steps(inode, 0)
+            except BaseException:
+                self.close(inode)  # no handle will be made: its count goes again
+                raise
+            inode.touch(mtime=True, ctime=True)
 
     def close(self, inode: Inode) -> bool:
         """Forget an open handle.
