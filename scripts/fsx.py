@@ -229,7 +229,8 @@ class Model:
         return bool(self.overlapping(page, page + 1))
 
     def mark_volatile(self, first: int, end: int, *, partial: bool) -> None:
-        """Overlapping ranges merge: purged if any was, FULL if any was; touching ones don't."""
+        """Overlapping ranges merge: purged if any was (or holds a lost page), FULL if any was;
+        touching ones don't."""
         if first >= end:
             return
         merged = ModelRange(first, end, partial, False, True, next(self._stamps))
@@ -239,13 +240,15 @@ class Model:
             merged.purged = merged.purged or overlapped.purged
             merged.partial = merged.partial and overlapped.partial
             self.ranges.remove(overlapped)
+        # Pages lost before (in an earlier volatility, never reported) make it purged too.
+        merged.purged = merged.purged or any(merged.start <= p < merged.end for p in self.lost)
         self._insert(merged)
 
     def mark_nonvolatile(self, first: int, end: int) -> bool:
-        """Unmark [first, end); return whether any overlapped range had been purged."""
+        """Unmark [first, end); return whether any of it had been purged and not reported."""
         if first >= end:
             return False
-        purged = False
+        purged = any(first <= page < end for page in self.lost)
         for overlapped in self.overlapping(first, end):
             purged = purged or overlapped.purged
             self.ranges.remove(overlapped)
@@ -258,7 +261,7 @@ class Model:
 
     def rewritten(self, first: int, end: int) -> None:
         """Pages [first, end) were written: no longer lost, their ranges purgeable again."""
-        if not self.ranges or first >= end:
+        if first >= end:
             return
         self.lost = {page for page in self.lost if not first <= page < end}
         for overlapped in self.overlapping(first, end):
@@ -314,9 +317,8 @@ class Model:
             self.zero(page * PAGE, PAGE)
 
     def close_all(self) -> None:
-        """The last close: every range and purge record goes; purged pages stay zeros."""
+        """The last close: every range goes; purged pages stay lost until reported."""
         self.ranges.clear()
-        self.lost.clear()
 
     def _piece(self, source: ModelRange, start: int, end: int) -> ModelRange:
         return ModelRange(start, end, source.partial, source.purged, source.tracked, source.stamp)

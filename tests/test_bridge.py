@@ -8,6 +8,7 @@ the session has gone: the program's output and exit status say how the bridge be
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import shutil
 import subprocess
@@ -146,6 +147,7 @@ first.ioctl = keep
 print("callers", *serve(first, 4), flush=True)
 print("active", bridge.active(), flush=True)
 attempt("invalidate", lambda: bridge.invalidate_range(1, 0, 4096))
+print("invalidate many", *bridge.invalidate_ranges([(1, 0, 4096), (2, 1 << 62, 1 << 62)]))
 attempt("reply_ioctl", lambda: kept[0].reply_ioctl(0, bytes(VOLFS_STATS.size)))
 attempt("reply_error", lambda: kept[1].reply_error(errno.EIO))
 print("answered", *(request.answered for request in kept), flush=True)
@@ -160,6 +162,7 @@ def answer_on_the_new_session(request, ino, cmd, fh, is_dir, data, out_size):
     try:
         print("active while mounted again", bridge.active(), flush=True)
         attempt("invalidate while mounted again", lambda: bridge.invalidate_range(1, 0, 4096))
+        print("invalidate many again", bridge.invalidate_ranges([(1, 0, 1), (1, 1 << 62, 1 << 62)]))
         attempt("reply to an old request", lambda: old.reply_lseek(0))
         request.reply_ioctl(0, bytes(out_size))
     finally:
@@ -188,12 +191,14 @@ def test_a_session_that_ended_is_never_touched_again(mountpoint: Path) -> None:
     assert output[1:] == [
         "active False",
         "invalidate OSError ENOTCONN",
+        f"invalidate many (1, {errno.ENOTCONN}) (2, {errno.ENOTCONN})",
         "reply_ioctl OSError ENOTCONN",
         "reply_error OSError ENOTCONN",
         "answered True True False False",
         "dropped",
         "active while mounted again True",
         "invalidate while mounted again ok",
+        "invalidate many again []",
         "reply to an old request OSError ENOTCONN",
         "callers answered",
         "active False",

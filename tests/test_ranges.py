@@ -162,7 +162,7 @@ class Model:
             start, stop = min(start, lo), max(stop, hi)
         merged = ModelRange(
             partial=partial and all(r.partial for r in overlapped),
-            purged=any(r.purged for r in overlapped),
+            purged=any(r.purged for r in overlapped) or any(inode.lost[start:stop]),
             stamp=next(self._stamps),
             tracked=True,
         )
@@ -703,7 +703,7 @@ def test_many_disjoint_ranges() -> None:
         assert ranges.status(2, 4) == (2, 0) and ranges.status(0, 2) == (0, 0)
         invalidations: list[Invalidation] = []
         # 10,000 ranges in budgets of 1,000: each call stops short and says so.
-        results = [purger.purge(0, invalidations) for _ in range(count // 1000)]
+        results = [purger.purge(0, invalidations, budget=1000) for _ in range(count // 1000)]
         assert [r.complete for r in results] == [False] * (count // 1000 - 1) + [True]
         assert sum(r.ranges for r in results) == count == len(invalidations)
         assert sum(r.freed_bytes for r in results) == 0

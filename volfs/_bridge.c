@@ -35,6 +35,7 @@
 #include <fuse_lowlevel.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <string.h>
 
 /* logging.WARNING, for bridge_log. */
@@ -756,6 +757,64 @@ static PyObject *bridge_invalidate_range(PyObject *module, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* One byte range to drop from the kernel's cache. */
+typedef struct {
+    fuse_ino_t ino;
+    off_t offset;
+    off_t length;
+    int error; /* out: 0, or the errno the kernel answered */
+} inval_t;
+
+static PyObject *bridge_invalidate_ranges(PyObject *module, PyObject *ranges) {
+    (void)module;
+    PyObject *sequence = PySequence_Fast(ranges, "invalidate_ranges() takes a sequence");
+    if (sequence == NULL) return NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(sequence);
+    inval_t *work = PyMem_Calloc(count ? (size_t)count : 1, sizeof *work);
+    if (work == NULL) {
+        Py_DECREF(sequence);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        unsigned long long ino, offset, length;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(sequence, i), "KKK;ranges are "
+                              "(ino, offset, length) tuples", &ino, &offset, &length)) {
+            PyMem_Free(work);
+            Py_DECREF(sequence);
+            return NULL;
+        }
+        if (offset > (unsigned long long)INT64_MAX) offset = INT64_MAX;
+        work[i].ino = (fuse_ino_t)ino;
+        work[i].offset = (off_t)offset;
+        /* A range reaching past the largest offset does not fit an off_t: length 0 asks
+         * the kernel for everything from offset on. */
+        work[i].length = length > (unsigned long long)INT64_MAX - offset ? 0 : (off_t)length;
+    }
+    Py_DECREF(sequence);
+    /* All of them without the GIL: a loop in Python would take it back between two
+     * notifications and hold up the thread serving requests. */
+    Py_BEGIN_ALLOW_THREADS
+    struct fuse_session *se = use_session(ANY_GENERATION);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        int rc = se == NULL ? -ENOTCONN
+                            : fuse_lowlevel_notify_inval_inode(se, work[i].ino, work[i].offset,
+                                                               work[i].length);
+        /* ENOENT: the kernel has no such inode cached, so there is nothing to drop. */
+        work[i].error = rc == -ENOENT ? 0 : -rc;
+    }
+    if (se != NULL) release_session();
+    Py_END_ALLOW_THREADS
+    PyObject *failures = PyList_New(0);
+    for (Py_ssize_t i = 0; failures != NULL && i < count; i++) {
+        if (work[i].error == 0) continue;
+        PyObject *failure = Py_BuildValue("Ki", (unsigned long long)work[i].ino, work[i].error);
+        if (failure == NULL || PyList_Append(failures, failure) < 0) Py_CLEAR(failures);
+        Py_XDECREF(failure);
+    }
+    PyMem_Free(work);
+    return failures;
+}
+
 static PyObject *bridge_active(PyObject *module, PyObject *unused) {
     (void)module;
     (void)unused;
@@ -785,6 +844,11 @@ static PyMethodDef bridge_methods[] = {
      "cache. Blocks while the kernel writes back dirty pages through this daemon: call it "
      "from a worker thread, never from the thread serving requests. Raises OSError "
      "(ENOTCONN once the session is unmounted or destroyed, or was never created)."},
+    {"invalidate_ranges", bridge_invalidate_ranges, METH_O,
+     "invalidate_ranges(ranges): drop each (ino, offset, length) byte range from the kernel's "
+     "page cache, all without the GIL; a range past the largest offset is taken to the end. "
+     "Returns the (ino, errno) of the ranges the kernel refused (ENOTCONN for all once the "
+     "session has ended). Blocks as invalidate_range does: call it from a worker thread."},
     {"active", bridge_active, METH_NOARGS,
      "active(): True from the creation of a FUSE session through the bridge until its "
      "unmount or destruction."},

@@ -53,7 +53,14 @@ _check_installed_pyfuse3()
 _flags = sys.getdlopenflags()
 sys.setdlopenflags(_flags | os.RTLD_GLOBAL)
 try:
-    from volfs._bridge import Request, active, invalidate_range, libfuse, set_handlers
+    from volfs._bridge import (
+        Request,
+        active,
+        invalidate_range,
+        invalidate_ranges,
+        libfuse,
+        set_handlers,
+    )
 finally:
     sys.setdlopenflags(_flags)
 
@@ -63,6 +70,7 @@ __all__ = [
     "active",
     "check_pyfuse3_version",
     "invalidate_range",
+    "invalidate_ranges",
     "libfuse",
     "set_handlers",
 ]

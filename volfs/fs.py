@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 #: through this kernel, which updates its own caches, so only a short bound is kept for safety.
 CACHE_TIMEOUT = 1.0
 
+#: Purged ranges whose pages leave the kernel's cache in one hand-off to the worker thread.
+DROP_BATCH = 1024
+
 #: relatime: atime is refreshed by reads at most this often unless older than mtime or ctime.
 RELATIME_INTERVAL_NS = 24 * 3600 * 10**9
 
@@ -681,34 +684,44 @@ class VolfsOperations(pyfuse3.Operations):
             else:
                 request.reply_ioctl(0, self._vrange_status(ino, data))
 
-    def _begin_drop(self, invalidations: list[Invalidation]) -> trio.Event | None:
-        """Start dropping purged byte ranges from the kernel's cache; return its event.
+    def _note_dropping(self, inodes: set[int], done: trio.Event) -> None:
+        """Note ``inodes`` as having purged pages on their way out of the kernel's cache.
 
-        The inodes are noted as leaving the cache before this returns, which closes the
-        window in which a volatility change could be answered before the drop even started.
-        Returns None if there is nothing to drop.
+        Noted as soon as they are purged, before anything is awaited: a volatility change on
+        them waits for ``done`` instead of being answered while the cache may still serve
+        their old bytes.
         """
-        if not invalidations:
-            return None
-        assert self.nursery is not None, "purges happen while serving"
-        done = trio.Event()
-        inodes = {ino for ino, _offset, _length in invalidations}
         for ino in inodes:
             self._dropping.setdefault(ino, []).append(done)
+
+    def _start_drop(self, invalidations: list[Invalidation]) -> trio.Event:
+        """Start dropping purged byte ranges from the kernel's cache; return its event."""
+        assert self.nursery is not None, "purges happen while serving"
+        dropped = trio.Event()
 
         async def drop() -> None:
             try:
                 await self._drop_ranges(invalidations)
             finally:
-                done.set()
-                for ino in inodes:
-                    events = self._dropping[ino]
-                    events.remove(done)
-                    if not events:
-                        del self._dropping[ino]
+                dropped.set()
 
         self.nursery.start_soon(drop)
-        return done
+        return dropped
+
+    async def _end_drop(
+        self, batches: list[trio.Event], inodes: set[int], done: trio.Event
+    ) -> None:
+        """Once every batch of a purge left the cache, lift its notes and set ``done``."""
+        try:
+            for batch in batches:
+                await batch.wait()
+        finally:
+            done.set()
+            for ino in inodes:
+                events = self._dropping[ino]
+                events.remove(done)
+                if not events:
+                    del self._dropping[ino]
 
     async def _drop_ranges(self, invalidations: list[Invalidation]) -> None:
         """Drop purged byte ranges ``(ino, offset, length)`` from the kernel's page cache.
@@ -738,36 +751,49 @@ class VolfsOperations(pyfuse3.Operations):
     async def _purge(self, wanted: int, source: str, *, wait: bool = False) -> PurgeResult:
         """Purge up to ``wanted`` bytes (0: all) oldest first, a budget at a time.
 
-        Between budgets other requests are served. Each budget's purged pages start leaving
-        the kernel's cache as soon as they are purged, whatever happens next; with ``wait``
-        this returns only once they are gone. The batch is logged with the counters
-        ``vrangectl stats`` shows, so a log alone tells what each batch did to the mount.
+        Between budgets other requests are served. The inodes a budget purged are noted as
+        leaving the kernel's cache at once, and their pages leave it in batches of
+        :data:`DROP_BATCH` ranges (whatever happens next); with ``wait`` this returns only
+        once they are all gone. The purge is logged with the counters ``vrangectl stats``
+        shows, so a log alone tells what each one did to the mount.
 
         Returns:
             What the whole purge did.
         """
+        assert self.nursery is not None, "purges happen while serving"
         purger = self.namespace.purger
         purger.count_purge(source)
         freed = ranges = 0
-        drops: list[trio.Event] = []
-        while True:
-            invalidations: list[Invalidation] = []
-            try:
-                result = purger.purge(wanted - freed if wanted else 0, invalidations)
-            finally:
-                drop = self._begin_drop(invalidations)
-                if drop is not None:
-                    drops.append(drop)
-            freed += result.freed_bytes
-            ranges += result.ranges
-            if result.complete:
-                break
-            await trio.sleep(0)
+        done = trio.Event()
+        noted: set[int] = set()
+        pending: list[Invalidation] = []
+        batches: list[trio.Event] = []
+        try:
+            while True:
+                invalidations: list[Invalidation] = []
+                try:
+                    result = purger.purge(wanted - freed if wanted else 0, invalidations)
+                finally:
+                    inodes = {ino for ino, _offset, _length in invalidations} - noted
+                    self._note_dropping(inodes, done)
+                    noted |= inodes
+                    pending += invalidations
+                    if len(pending) >= DROP_BATCH:
+                        batches.append(self._start_drop(pending))
+                        pending = []
+                freed += result.freed_bytes
+                ranges += result.ranges
+                if result.complete:
+                    break
+                await trio.sleep(0)
+        finally:
+            if pending:
+                batches.append(self._start_drop(pending))
+            self.nursery.start_soon(self._end_drop, batches, noted, done)
         if ranges:
             self._log_purge(source, ranges, freed)
         if wait:
-            for drop in drops:
-                await drop.wait()
+            await done.wait()
         return PurgeResult(freed, ranges)
 
     def _log_purge(self, source: str, ranges: int, freed: int) -> None:
@@ -810,14 +836,11 @@ _VOLATILITY_IOCTLS = (VOLFS_IOC_VRANGE, VOLFS_IOC_VRANGE_STATUS, VOLFS_IOC_VRANG
 
 
 def _invalidate_all(invalidations: list[Invalidation]) -> None:
-    for ino, offset, length in invalidations:
-        # A range reaching past the largest offset (a page-rounded 2**63-1 byte file) does not
-        # fit an off_t: length 0 asks the kernel for everything from offset on.
-        try:
-            bridge.invalidate_range(ino, offset, length if offset + length < 1 << 63 else 0)
-        except OSError as error:
-            # Only an unmounted session refuses; its cache is gone with it.
-            log.warning("cannot drop inode %d's purged pages from the kernel cache: %s", ino, error)
+    for ino, code in bridge.invalidate_ranges(invalidations):
+        # Only an unmounted session refuses; its cache is gone with it.
+        log.warning(
+            "cannot drop inode %d's purged pages from the kernel cache: %s", ino, os.strerror(code)
+        )
 
 
 def _log_unserved_request(operation: str, error: BaseException, code: int) -> None:
@@ -869,7 +892,13 @@ async def _serve_until_unmounted(operations: VolfsOperations, pressure: Pressure
             functools.partial(watch_pressure, pressure, operations.purge_for_pressure),
             name="pressure",
         )
-        await pyfuse3.main()
+        try:
+            await pyfuse3.main()
+        except* ConnectionAbortedError:
+            # The kernel ended the connection as aborted rather than unmounted: it does so
+            # now and then on unmount with many inodes to forget, and on a fusectl abort.
+            # Either way the filesystem is gone; what it held goes as on any unmount.
+            log.warning("the kernel aborted the FUSE connection; serving ends")
         nursery.cancel_scope.cancel()
 
 

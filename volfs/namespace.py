@@ -51,10 +51,10 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
-#: Ranges of closed files dropped in one go: a few milliseconds of work.
-DISCARD_BUDGET = 1000
-#: Ranges (or lost runs) one step of a mark or unmark takes on: a few milliseconds of work.
-VRANGE_STEP = 1000
+#: Ranges of closed files dropped in one go: about a millisecond of work.
+DISCARD_BUDGET = 200
+#: Ranges (or lost runs) one step of a mark or unmark takes on: about a millisecond of work.
+VRANGE_STEP = 200
 #: A page number past any file.
 _NO_PAGE = pages_for(MAX_FILE_SIZE) + 1
 

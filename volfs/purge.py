@@ -21,8 +21,9 @@ from sortedcontainers import SortedDict
 from volfs.ranges import RecordLimits, VolatileRange
 from volfs.store import PAGE_SHIFT
 
-#: Ranges one call of :meth:`Purger.purge` looks at, at most: a few milliseconds of work.
-PURGE_BUDGET = 1000
+#: Ranges one call of :meth:`Purger.purge` looks at, at most: a fraction of a millisecond,
+#: so that other users' requests wait little for a purge that walks many empty ranges.
+PURGE_BUDGET = 16
 
 #: A byte range ``(ino, offset, length)`` to drop from the kernel's page cache.
 Invalidation = tuple[int, int, int]

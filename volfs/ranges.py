@@ -3,8 +3,8 @@
 Pure logic over page numbers; no FUSE, no I/O. Two sorted maps per inode:
 
 - ``ranges``: start page -> :class:`VolatileRange`, non-overlapping. Marking merges
-  overlapping ranges into one (purged if any of them was, FULL if any of them was); ranges that
-  only touch stay apart. Unmarking splits ranges at the edges of the span.
+  overlapping ranges into one (purged if any of them was or it holds a lost page, FULL if any
+  of them was); ranges that only touch stay apart. Unmarking splits ranges at the edges of the span.
 - ``lost``: start page -> end page of pages purged and not yet rewritten, truncated away or
   reported by an unmark. Reads touching them fail (EIO); a write takes its pages out; unmarking
   takes them out (they read as zeros from then on, being holes in the store). Lost pages
@@ -226,6 +226,9 @@ class InodeRanges:
             purged = purged or overlapped.purged
             full = full or not overlapped.partial
             self._remove(overlapped)
+        # Pages lost in an earlier volatility and never reported make the range purged: an
+        # unmark must report them whatever happens to them meanwhile.
+        purged = purged or self.is_lost(merged_start, merged_end)
         self._add(
             VolatileRange(
                 merged_start, merged_end, not full, purged, self.tracker.next_stamp(), self

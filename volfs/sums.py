@@ -189,20 +189,7 @@ class WeightedKeys:
 
         Runtime complexity: O(log n) worst case.
         """
-        bounds, sums, children = self._root
-        node_total = self._total
-        below = 0
-        while True:
-            i = bisect_left(bounds, key)
-            # Summing the shorter side halves the work on average.
-            if i + i <= len(sums):
-                below += sum(sums[:i])
-            else:
-                below += node_total - sum(sums[i:])
-            if children is None or i == len(bounds):
-                return below
-            node_total = sums[i]
-            bounds, sums, children = children[i]
+        return self.below(key)[0]
 
     def below(self, key: int) -> tuple[int, int | None, int]:
         """Return the weight below ``key``, the greatest key below it, and that key's weight.
@@ -220,6 +207,7 @@ class WeightedKeys:
         before: _Node | None = None
         while True:
             i = bisect_left(bounds, key)
+            # Summing the shorter side halves the work on average.
             if i + i <= len(sums):
                 below += sum(sums[:i])
             else:
