@@ -28,6 +28,14 @@ struct vrange_args {            /* 40 bytes */
     __u32 reserved;  /* in:  must be 0                                            */
 };
 #define VOLFS_IOC_VRANGE         _IOWR('v', 0x80, struct vrange_args)   /* 0xc0287680 */
+/*
+ * Errors of VOLFS_IOC_VRANGE: EINVAL (unaligned or overflowing span, one past the
+ * page-rounded EOF, unknown mode or flag, reserved != 0), EBADF (descriptor not open for
+ * writing), EISDIR/EINVAL (not a regular file), and ENOSPC when the change needs a new range
+ * record past the file's or the mount's bound (mount options max_file_ranges=, max_ranges=):
+ * a mark that overlaps no range, or an unmark that splits a range in two. An unmark that only
+ * trims or removes ranges never fails for this. An error means nothing changed.
+ */
 
 struct vrange_status {          /* 32 bytes */
     __u64 start;          /* in:  as above                                  */
@@ -48,7 +56,7 @@ struct volfs_purge {            /* 16 bytes */
 struct volfs_stats {            /* 96 bytes */
     __u64 capacity_bytes;   /* the size= cap                                      */
     __u64 used_bytes;       /* memory held by file contents                       */
-    __u64 volatile_bytes;   /* bytes in volatile ranges                           */
+    __u64 volatile_bytes;   /* bytes in volatile ranges (saturates at 2^64 - 1)   */
     __u64 purged_bytes;     /* memory released by purges since the mount          */
     __u64 ranges;           /* volatile ranges                                    */
     __u64 purgeable_ranges; /* volatile ranges holding data a purge could take    */
