@@ -175,3 +175,18 @@ def test_truncation_drops_many_ranges_in_steps(namespace: Namespace) -> None:
     ]
     assert namespace.purger.limits.records == keep // 2
     assert namespace.purger.statistics().volatile_bytes == keep // 2 * PAGE_SIZE
+
+
+def test_a_truncation_between_steps_of_a_mark_leaves_nothing_past_the_end(
+    namespace: Namespace,
+) -> None:
+    inode = sparse_file(namespace, b"f", 4 * RANGES)
+    every_other_page(namespace, inode, RANGES)
+    steps = namespace.vrange_steps(inode, 0, 0, VRANGE_VOLATILE, 0)
+    next(steps)
+    namespace.truncate(inode, 10 * PAGE_SIZE)
+    assert run(steps)[1] == 4 * RANGES * PAGE_SIZE
+    assert [(start, end) for start, end, _p, _q in shape(inode)] == [(0, 10)]
+    assert inode.vranges is not None
+    inode.vranges._check()
+    namespace.purger._check()

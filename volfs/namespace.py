@@ -846,10 +846,15 @@ class Namespace:
             low = first
             for cut in cuts:
                 # Each piece merges the ranges it overlaps: never more records than before.
-                self._ranges_of(inode).mark_volatile(low, cut, partial=partial)
+                self._ranges_of(inode).mark_volatile(
+                    low, min(cut, pages_for(contents.size)), partial=partial
+                )
                 low = cut
                 yield
-            self._ranges_of(inode).mark_volatile(first, end, partial=partial)
+            # A truncation meanwhile may have cut the span short: nothing is marked past EOF.
+            self._ranges_of(inode).mark_volatile(
+                first, min(end, pages_for(contents.size)), partial=partial
+            )
             return marked, False
         if ranges is None:
             return marked, False
