@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Mount
+from tests.conftest import Mount, wait_for
 from tests.test_permissions import Mounts, User, attempt, mounts, run_as
 from volfs.client import (
     VRANGE_NONVOLATILE,
@@ -378,3 +378,33 @@ def test_extended_attributes_are_charged_and_bounded_per_inode(mounts: Mounts) -
     assert listed == count, "attributes were set that listxattr cannot return"
     assert charged >= count * 128, f"{count} attributes charged only {charged} bytes"
     assert left <= 0, "a removed file's attributes kept their charge"
+
+
+def test_what_a_released_inode_gains_is_given_back(mounts: Mounts) -> None:
+    mnt, _daemon = mount(mounts, "size=64M")
+    free = used_bytes(mnt)
+    # Attributes set through a removed directory that is still held open.
+    fd = os.open(mnt, os.O_RDONLY)
+    os.mkdir(mnt / "gone")
+    held = os.open(mnt / "gone", os.O_RDONLY)
+    os.rmdir(mnt / "gone")
+    for index in range(100):
+        os.setxattr(f"/proc/self/fd/{held}", f"user.a{index}", b"v" * 65536)
+    os.close(held)
+    # An unlinked file reopened through /proc/self/fd and written.
+    os.close(os.open(mnt / "file", os.O_CREAT | os.O_RDWR, 0o600))
+    path_only = os.open(mnt / "file", os.O_PATH)
+    os.unlink(mnt / "file")
+    writer = os.open(f"/proc/self/fd/{path_only}", os.O_RDWR)
+    os.write(writer, bytes(16 * MIB))
+    os.close(writer)
+    os.close(path_only)
+    os.close(fd)
+
+    def given_back() -> bool:
+        # The kernel forgets the inodes (and volfs frees what they held) once it drops them.
+        with open("/proc/sys/vm/drop_caches", "w") as drop:
+            drop.write("2")
+        return used_bytes(mnt) <= free
+
+    wait_for(given_back, 10, "the released inodes' charges to come back")

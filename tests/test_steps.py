@@ -9,6 +9,7 @@ the first step, and that a purge between steps never takes what it must not.
 from __future__ import annotations
 
 import errno
+import itertools
 from collections.abc import Iterator
 
 import pytest
@@ -188,5 +189,50 @@ def test_a_truncation_between_steps_of_a_mark_leaves_nothing_past_the_end(
     assert run(steps)[1] == 4 * RANGES * PAGE_SIZE
     assert [(start, end) for start, end, _p, _q in shape(inode)] == [(0, 10)]
     assert inode.vranges is not None
+    inode.vranges._check()
+    namespace.purger._check()
+
+
+def test_a_last_close_between_steps_of_a_truncation_leaves_no_lost_page_past_the_end(
+    namespace: Namespace,
+) -> None:
+    inode = sparse_file(namespace, b"f", 4 * RANGES)
+    assert inode.contents is not None
+    inode.contents.write(0, b"x" * (4 * RANGES * PAGE_SIZE))
+    every_other_page(namespace, inode, RANGES)
+    purge_all(namespace)
+    steps = namespace.truncate_steps(inode, 0)
+    next(steps)
+    namespace.close(inode)  # the only opener goes; a truncate(2) by path goes on
+    for _step in steps:
+        pass
+    while namespace.discard_ended():
+        pass
+    assert inode.vranges is None, "lost pages past the end outlived the truncation"
+    assert namespace.purger.limits.records == 0
+    namespace.open(inode)
+    namespace.truncate(inode, 4 * RANGES * PAGE_SIZE)  # holes again: they must read as zeros
+    assert inode.vranges is None
+
+
+def test_every_step_stays_bounded_whatever_happens_between_steps(namespace: Namespace) -> None:
+    inode = sparse_file(namespace, b"f", 8 * RANGES)
+    big = 4 * RANGES
+    namespace.vrange(inode, 0, big * PAGE_SIZE, VRANGE_VOLATILE, 0)
+    for index in range(RANGES):
+        namespace.vrange(inode, (big + 2 * index) * PAGE_SIZE, PAGE_SIZE, VRANGE_VOLATILE, 0)
+    steps = namespace.vrange_steps(inode, 0, 0, VRANGE_VOLATILE, 0)
+    next(steps)
+    # Another user splits what the first step marked into thousands of ranges.
+    for index in range(1, RANGES):
+        namespace.vrange(inode, 2 * index * PAGE_SIZE, PAGE_SIZE, VRANGE_NONVOLATILE, 0)
+    assert inode.vranges is not None
+    counts = [inode.vranges.range_count]
+    for _step in steps:
+        counts.append(inode.vranges.range_count)
+    counts.append(inode.vranges.range_count)
+    assert len(counts) > 2, "the rest of the span was taken in one step"
+    # A step merges at most its own share of ranges, not all the fragments made meanwhile.
+    assert all(before - after <= VRANGE_STEP + 2 for before, after in itertools.pairwise(counts))
     inode.vranges._check()
     namespace.purger._check()

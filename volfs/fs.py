@@ -153,6 +153,8 @@ class VolfsOperations(pyfuse3.Operations):
         self._dropping: dict[int, list[trio.Event]] = {}
         self._files: dict[int, OpenFile] = {}
         self._discard_wakeup = trio.Event()
+        #: Inodes being truncated a step at a time, with the event that ends it.
+        self._truncating: dict[int, trio.Event] = {}
         #: Open directory handles: the inode listed. Listings resume from the offset the
         #: kernel passes back, so a handle holds nothing of the directory.
         self._directories: dict[int, Inode] = {}
@@ -219,8 +221,7 @@ class VolfsOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         node = self.namespace.get(inode)
         if fields.update_size:
-            for _step in self.namespace.truncate_steps(node, attr.st_size):
-                await trio.sleep(0)  # dropping many ranges: let other requests in
+            await self._truncate(node, self.namespace.truncate_steps(node, attr.st_size))
             node.touch(mtime=True)
         if fields.update_mode:
             node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(attr.st_mode)
@@ -290,9 +291,35 @@ class VolfsOperations(pyfuse3.Operations):
 
     # -- files ------------------------------------------------------------------------------
 
+    async def _truncate(self, node: Inode, steps: Iterator[None]) -> None:
+        """Run a truncation's steps, serving other requests between them.
+
+        Writes, fallocate and volatility ioctls of the inode wait until it is over: a write
+        past the new end would land in a range that is about to go, where a purge could take
+        it. Truncations of one inode go one at a time.
+        """
+        await self._truncated(node.ino)
+        done = trio.Event()
+        self._truncating[node.ino] = done
+        try:
+            for _step in steps:
+                await trio.sleep(0)
+        finally:
+            del self._truncating[node.ino]
+            done.set()
+
+    async def _truncated(self, ino: int) -> None:
+        """Wait until no truncation of ``ino`` is in progress."""
+        while (truncation := self._truncating.get(ino)) is not None:
+            await truncation.wait()
+
     async def _open(self, node: Inode, flags: int) -> pyfuse3.FileInfo:
-        for _step in self.namespace.open_steps(node, truncate=bool(flags & os.O_TRUNC)):
-            await trio.sleep(0)  # truncating many ranges: let other requests in
+        steps = self.namespace.open_steps(node, truncate=bool(flags & os.O_TRUNC))
+        if flags & os.O_TRUNC:
+            await self._truncate(node, steps)
+        else:
+            for _step in steps:
+                pass
         handle = self._handle()
         self._files[handle] = OpenFile(node, flags)
         # keep_cache: every change passes through this kernel, so its page cache stays valid
@@ -349,6 +376,8 @@ class VolfsOperations(pyfuse3.Operations):
         try:
             node = self._files[fh].inode
             assert node.contents is not None
+            if node.ino in self._truncating:
+                await self._truncated(node.ino)
             try:
                 written = node.contents.write(off, buf)
             except OSError as error:
@@ -530,7 +559,7 @@ class VolfsOperations(pyfuse3.Operations):
         off this thread. Errors answer the request with their errno, never escape.
         """
         with answering(request, "ioctl(ino=%d, cmd=%#x)", ino, cmd):
-            if cmd in _VOLATILITY_IOCTLS and ino in self._dropping:
+            if cmd in _VOLATILITY_IOCTLS and (ino in self._dropping or ino in self._truncating):
                 assert self.nursery is not None
                 self.nursery.start_soon(self._vrange_once_dropped, request, ino, cmd, fh, data)
             elif cmd == VOLFS_IOC_VRANGE:
@@ -573,6 +602,7 @@ class VolfsOperations(pyfuse3.Operations):
     ) -> None:
         with answering(request, "fallocate(fh=%d, mode=%#x)", fh, mode):
             node = self._files[fh].inode
+            await self._truncated(node.ino)
             try:
                 self.namespace.fallocate(node, mode, offset, length)
             except OSError as error:
@@ -666,12 +696,14 @@ class VolfsOperations(pyfuse3.Operations):
     async def _vrange_once_dropped(
         self, request: bridge.Request, ino: int, cmd: int, fh: int, data: bytes
     ) -> None:
-        """A volatility ioctl on an inode whose purged pages are leaving the kernel's cache.
+        """A volatility ioctl on an inode being truncated or whose purged pages are leaving
+        the kernel's cache.
 
-        Answered only once they are gone: a program told its range was purged must not then
-        read the old bytes from the cache.
+        Answered only once the truncation is over and the pages are gone: a program told its
+        range was purged must not then read the old bytes from the cache.
         """
         with answering(request, "ioctl(ino=%d, cmd=%#x)", ino, cmd):
+            await self._truncated(ino)
             while ino in self._dropping:
                 await self._dropping[ino][0].wait()
             if cmd == VOLFS_IOC_VRANGE:

@@ -277,14 +277,18 @@ class Namespace:
         if inode.alive:
             inode.alive = False
             self.live_inodes -= 1
-            if inode.contents is not None:
-                inode.contents.clear()
-            if inode.vranges is not None:
-                inode.vranges.clear()  # what is gone cannot be lost any more
-                inode.vranges = None
+            self.store.uncharge(_symlink_charge(inode.target))
+        # Every time, not only the first: an inode nobody can name may still be reached
+        # (reopened through /proc/self/fd, given attributes through a removed directory held
+        # open), and what it gained since must go too.
+        if inode.contents is not None:
+            inode.contents.clear()
+        if inode.vranges is not None:
+            inode.vranges.clear()  # what is gone cannot be lost any more
+            inode.vranges = None
+        if inode.xattrs:
             self.store.uncharge(
-                _symlink_charge(inode.target)
-                + sum(_xattr_charge(name, value) for name, value in inode.xattrs.items())
+                sum(_xattr_charge(name, value) for name, value in inode.xattrs.items())
             )
             inode.xattrs.clear()
             inode.xattr_list_bytes = 0
@@ -628,7 +632,9 @@ class Namespace:
 
         The size and the pages change at once; the ranges past the new end are then dropped
         :data:`VRANGE_STEP` at a time, the generator yielding between steps. Meanwhile no
-        mark can reach past the new end, and what a purge takes there holds no page.
+        mark can reach past the new end, and what a purge takes there holds no page; the
+        caller keeps writes to the inode waiting until the last step (a write past the new end
+        would land in a range about to go).
 
         Raises:
             OSError: EISDIR or EINVAL for a file that is not regular, EFBIG for a size past
@@ -637,18 +643,20 @@ class Namespace:
         if inode.contents is None:
             raise OSError(errno.EISDIR if inode.is_dir() else errno.EINVAL, "not a regular file")
         inode.contents.truncate(size)
-        ranges = inode.vranges
-        if ranges is None:
-            return
         end_page = pages_for(size)
-        low = end_page
-        for cut in ranges.step_bounds(end_page, _NO_PAGE, VRANGE_STEP):
-            ranges.mark_nonvolatile(low, cut, admit=False)
-            low = cut
+        while True:
+            # The set itself may change between steps (the last close leaves one of lost
+            # pages only): what lies past the new end goes from whichever holds it.
+            ranges = inode.vranges
+            if ranges is None:
+                return
+            cut = ranges.next_cut(end_page, _NO_PAGE, VRANGE_STEP)
+            ranges.mark_nonvolatile(end_page, cut, admit=False)
+            if not ranges:
+                inode.vranges = None
+            if cut >= _NO_PAGE:
+                return
             yield
-            if inode.vranges is not ranges:
-                return  # another request emptied the set meanwhile
-        ranges.truncate(end_page)
 
     def fallocate(self, inode: Inode, mode: int, offset: int, length: int) -> None:
         """Allocate, punch or zero a byte range of a regular file (fallocate(2)).
@@ -833,44 +841,44 @@ class Namespace:
         contents = inode.contents
         assert contents is not None
         ranges = inode.vranges
-        cuts = (
-            []
-            if ranges is None
-            else ranges.step_bounds(first, end, VRANGE_STEP, lost=mode == VRANGE_NONVOLATILE)
-        )
         if mode == VRANGE_VOLATILE:
             partial = bool(flags & VRANGE_PARTIAL)
             if ranges is None:
                 ranges = inode.vranges = InodeRanges(self.purger, inode.ino, contents)
             ranges.admit_mark(first, end)
             low = first
-            for cut in cuts:
-                # Each piece merges the ranges it overlaps: never more records than before.
-                self._ranges_of(inode).mark_volatile(
-                    low, min(cut, pages_for(contents.size)), partial=partial
+            while True:
+                live = self._ranges_of(inode)
+                # A truncation meanwhile may have cut the span short: nothing past EOF.
+                stop = min(end, pages_for(contents.size))
+                cut = min(live.next_cut(low, stop, VRANGE_STEP, lost=False), stop)
+                # The piece marked by the step before ends at ``low``: marking over it merges
+                # the two, one neighbour more to merge whatever happened in between.
+                left = live.range_ending_at(low) if low > first else None
+                live.mark_volatile(
+                    low if left is None else left.start, cut, partial=partial, admit=low == first
                 )
+                if cut >= stop:
+                    return marked, False
                 low = cut
                 yield
-            # A truncation meanwhile may have cut the span short: nothing is marked past EOF.
-            self._ranges_of(inode).mark_volatile(
-                first, min(end, pages_for(contents.size)), partial=partial
-            )
-            return marked, False
         if ranges is None:
             return marked, False
         ranges.admit_unmark(first, end)
         purged = False
         low = first
-        for cut in [*cuts, end]:
+        while True:
             ranges = inode.vranges
             if ranges is None:
                 break  # another request left nothing to unmark
+            cut = ranges.next_cut(low, end, VRANGE_STEP)
             purged = ranges.mark_nonvolatile(low, cut, admit=False) or purged
             if not ranges:
                 inode.vranges = None
+            if cut >= end:
+                break
             low = cut
-            if cut != end:
-                yield
+            yield
         return marked, purged
 
     def _ranges_of(self, inode: Inode) -> InodeRanges:

@@ -208,15 +208,23 @@ class InodeRanges:
 
     # -- marking ---------------------------------------------------------------------------
 
-    def mark_volatile(self, first: int, end: int, *, partial: bool) -> None:
+    def mark_volatile(self, first: int, end: int, *, partial: bool, admit: bool = True) -> None:
         """Make [first, end) volatile, merging with the ranges it overlaps.
+
+        Args:
+            admit: check the bounds on records (a caller that checked the whole span with
+                :meth:`admit_mark` before taking it in pieces passes False).
+
+        Raises:
+            OSError: ENOSPC if the new range needs a record past a bound; nothing changes.
 
         Runtime complexity: O(log n + k) for k ranges merged.
         """
         if first >= end:
             return
         overlapping = self._overlapping(first, end)
-        self._admit(1 - len(overlapping))
+        if admit:
+            self._admit(1 - len(overlapping))
         merged_start, merged_end = first, end
         purged = False
         full = not partial
@@ -357,22 +365,31 @@ class InodeRanges:
                 overlapped.tracked = True
                 self.tracker.track(overlapped)
 
-    def step_bounds(self, first: int, end: int, step: int, *, lost: bool = True) -> list[int]:
-        """Cut points in (first, end) leaving at most ``step`` ranges (and, with ``lost``,
-        ``step`` lost runs) between two of them, for taking a long span a piece at a time.
+    def next_cut(self, low: int, end: int, step: int, *, lost: bool = True) -> int:
+        """Where a piece of a long span that starts at ``low`` ends: at most ``end``, and
+        with at most ``step`` ranges (and, with ``lost``, ``step`` lost runs) starting in it
+        after ``low``.
 
-        Each cut is the start of a range or a lost run, so a piece ending at a cut never
-        splits what starts there.
+        The cut is the start of a range or a lost run (or ``end``), so a piece ending there
+        never splits what starts there. Taken from the live set at each step, it bounds the
+        work of every step whatever other requests did in between.
 
-        Runtime complexity: O(log n + k / step) for k ranges and lost runs in the span.
+        Runtime complexity: O(log n).
         """
-        cuts: set[int] = set()
+        cut = end
         for starts in (self._ranges, self._lost) if lost else (self._ranges,):
-            low = starts.bisect_right(first)
-            high = starts.bisect_left(end)
-            keys = starts.keys()
-            cuts.update(keys[index] for index in range(low + step - 1, high, step))
-        return sorted(cuts)
+            index = starts.bisect_right(low) + step - 1
+            if index < len(starts):
+                cut = min(cut, starts.keys()[index])
+        return cut
+
+    def range_ending_at(self, page: int) -> VolatileRange | None:
+        """The range whose last page is ``page - 1``, if any. Runtime complexity: O(log n)."""
+        index = self._ranges.bisect_left(page) - 1
+        if index < 0:
+            return None
+        found = self._ranges.values()[index]
+        return found if found.end == page else None
 
     def admit_mark(self, first: int, end: int) -> None:
         """Refuse a mark of [first, end) that would need a record past a bound.

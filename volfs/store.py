@@ -559,14 +559,21 @@ class FileContents:
         If all of [first, end) holds fewer, return ``first``. Used to purge a PARTIAL range
         from its end, only as much as needed.
 
-        Runtime complexity: O(log e + k) for k runs in the interval.
+        Runtime complexity: O(log e + k) for the k runs from ``end`` back to where the
+        wanted pages are found (not all the runs of the interval).
         """
-        runs = list(self._runs(first, end))
-        for page, _arena_page, count in reversed(runs):
+        extents = self._extents
+        keys, values = extents.keys(), extents.values()
+        index = extents.bisect_left(end) - 1
+        while index >= 0:
+            page, (_arena_page, count) = keys[index], values[index]
+            if page + count <= first:
+                break
             lo, hi = max(page, first), min(page + count, end)
             if hi - lo >= wanted:
                 return hi - wanted
             wanted -= hi - lo
+            index -= 1
         return first
 
     def zero(self, offset: int, length: int) -> None:
