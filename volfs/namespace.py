@@ -815,11 +815,13 @@ class Namespace:
     ) -> Generator[None, None, tuple[int, bool]]:
         """Mark a span volatile or non-volatile (VOLFS_IOC_VRANGE), a bounded step at a time.
 
-        A span over many ranges is taken in sub-spans of :data:`VRANGE_STEP` ranges (or lost
-        runs) each, from left to right; the generator yields between them so that the caller
-        can serve other requests. Sub-spans taken in order do what the whole span does (an
-        unmark splits at most the ranges straddling the span's two ends, a mark merges the
-        pieces in a last step), and everything that can fail is checked before the first one.
+        A span over many ranges is taken in pieces of at most :data:`VRANGE_STEP` ranges (or
+        lost runs) each, from left to right, each piece's end found in the live set; the
+        generator yields between them so that the caller can serve other requests. Pieces
+        taken in order do what the whole span does (an unmark splits at most the ranges
+        straddling the span's two ends; each piece of a mark merges the one before it), and
+        everything that can fail is checked before the first one. What other requests do in
+        between takes effect as if it came before or after.
 
         Returns:
             ``(marked bytes, purged)``: purged tells, for NON_VOLATILE, whether any of the
