@@ -30,10 +30,11 @@ operations and every result is compared with a reference model of what the file 
   reopen1      close and reopen one of two read-write descriptors (volatility stays)
   verify       read the whole file and compare, page by page
 
-The model follows the normative semantics of ../shared/DESIGN.md: volatile ranges per inode,
-merged when they overlap (purged if either was), split by NON_VOLATILE; purged pages read as
-zeros once unmarked and fail with EIO (mmap: SIGBUS) while still volatile; writes, punches and
-zeroing repopulate purged pages; truncation trims the ranges; the last close drops them all.
+The model follows the semantics the README's "Volatile ranges" section gives: volatile ranges
+per inode, merged when they overlap (purged if either was), split by NON_VOLATILE; purged pages
+read as zeros once unmarked and fail with EIO (mmap: SIGBUS) until then or until rewritten;
+writes, punches and zeroing repopulate purged pages; truncation trims the ranges; the last close
+drops the ranges, and pages purged before it stay lost.
 A purge of everything must take every range that holds purgeable data. A partial purge may
 take any ranges, so after one the model learns what was taken from VRANGE_STATUS, and checks
 that it was allowed: only ranges that held purgeable data, a FULL range whole, a PARTIAL range

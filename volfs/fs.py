@@ -678,8 +678,7 @@ class VolfsOperations(pyfuse3.Operations):
         """
         with answering(request, "ioctl(ino=%d, VRANGE)", ino):
             reply = await self._finish_steps(steps)
-            while ino in self._dropping:
-                await self._dropping[ino][0].wait()
+            await self._dropped(ino)
             request.reply_ioctl(0, reply)
 
     @staticmethod
@@ -704,17 +703,18 @@ class VolfsOperations(pyfuse3.Operations):
         """
         with answering(request, "ioctl(ino=%d, cmd=%#x)", ino, cmd):
             await self._truncated(ino)
-            while ino in self._dropping:
-                await self._dropping[ino][0].wait()
+            await self._dropped(ino)
             if cmd == VOLFS_IOC_VRANGE:
-                reply = await self._finish_steps(self._vrange_steps(ino, fh, False, data))
-                while ino in self._dropping:
-                    await self._dropping[ino][0].wait()
-                request.reply_ioctl(0, reply)
+                await self._vrange_in_steps(request, ino, self._vrange_steps(ino, fh, False, data))
             elif cmd == VOLFS_IOC_VRANGE_NEXT:
                 request.reply_ioctl(0, self._vrange_next(ino, data))
             else:
                 request.reply_ioctl(0, self._vrange_status(ino, data))
+
+    async def _dropped(self, ino: int) -> None:
+        """Wait until no purged page of ``ino`` is on its way out of the kernel's cache."""
+        while (drops := self._dropping.get(ino)) is not None:
+            await drops[0].wait()
 
     def _note_dropping(self, inodes: set[int], done: trio.Event) -> None:
         """Note ``inodes`` as having purged pages on their way out of the kernel's cache.

@@ -356,10 +356,10 @@ class Namespace:
         """
         while self._ended and budget > 0:
             ranges = self._ended[0]
-            dropped = min(budget, ranges.range_count)
-            if ranges.discard(budget):
+            count = min(budget, ranges.range_count)
+            if ranges.discard(count):
                 self._ended.popleft()
-            budget -= max(dropped, 1)
+            budget -= count
         return bool(self._ended)
 
     def statistics(self) -> NamespaceStatistics:

@@ -260,9 +260,9 @@ class InodeRanges:
         """
         if first >= end:
             return False
-        overlapping = self._overlapping(first, end)
         if admit:
-            self._admit(self._splits(overlapping, first, end) + self._lost_splits(first, end))
+            self.admit_unmark(first, end)
+        overlapping = self._overlapping(first, end)
         purged = self.is_lost(first, end)
         for overlapped in overlapping:
             purged = purged or overlapped.purged
@@ -434,13 +434,6 @@ class InodeRanges:
 
     def _admit(self, growth: int) -> None:
         self.tracker.limits.admit(self.records, growth)
-
-    @staticmethod
-    def _splits(overlapping: list[VolatileRange], first: int, end: int) -> int:
-        """1 if unmarking [first, end) splits a range in two, else 0."""
-        return int(
-            len(overlapping) == 1 and overlapping[0].start < first and overlapping[0].end > end
-        )
 
     def _lost_splits(self, first: int, end: int) -> int:
         """1 if taking [first, end) out of the lost pages splits a lost run in two, else 0."""

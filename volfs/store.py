@@ -65,7 +65,7 @@ def pages_for(nbytes: int) -> int:
 
 def pages_spanned(offset: int, length: int) -> tuple[int, int]:
     """Return the half-open page interval ``[first, end)`` touched by a byte range."""
-    return offset >> PAGE_SHIFT, (offset + length + PAGE_SIZE - 1) >> PAGE_SHIFT
+    return offset >> PAGE_SHIFT, pages_for(offset + length)
 
 
 class Arena:
