@@ -71,7 +71,7 @@ import volfs_mounts
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from volfs.abi import PAGE_SIZE, VRANGE_VOLATILE  # noqa: E402
+from volfs.abi import MAX_FILE_SIZE, PAGE_SIZE, VRANGE_VOLATILE  # noqa: E402
 from volfs.client import fvrange, purge, statistics, vrange_status  # noqa: E402
 
 MiB = 1 << 20
@@ -79,7 +79,6 @@ NOBODY = 65534
 PROBE_UID = 65533
 MOUNT_OPTIONS = "size=256M,allow_other"
 #: The largest file size (the kernel's MAX_LFS_FILESIZE).
-MAX_FILE_SIZE = (1 << 63) - 1
 
 #: Target: RSS growth beyond what was charged to the cap stays below this.
 RSS_UNCHARGED = 64 * MiB

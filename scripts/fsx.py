@@ -83,6 +83,7 @@ from pathlib import Path
 
 import volfs_mounts
 
+from volfs.abi import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
 from volfs.client import (
     VRANGE_FULL,
     VRANGE_NONVOLATILE,
@@ -95,9 +96,6 @@ from volfs.client import (
 )
 
 PAGE = 4096
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
 #: Operation log lines kept for a failure report.
 LOG_TAIL = 40
 

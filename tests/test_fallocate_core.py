@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.test_parity import (
+from volfs.abi import (
     FALLOC_FL_COLLAPSE_RANGE,
     FALLOC_FL_INSERT_RANGE,
     FALLOC_FL_KEEP_SIZE,
@@ -21,8 +21,10 @@ from tests.test_parity import (
     FALLOC_FL_UNSHARE_RANGE,
     FALLOC_FL_WRITE_ZEROES,
     FALLOC_FL_ZERO_RANGE,
+    PAGE_SIZE,
+    VRANGE_FULL,
+    VRANGE_VOLATILE,
 )
-from volfs.abi import PAGE_SIZE, VRANGE_FULL, VRANGE_VOLATILE
 from volfs.namespace import ROOT_INODE, Inode, Namespace
 from volfs.purge import Purger
 from volfs.store import Store

@@ -19,6 +19,15 @@ from typing import TypeVar
 import pytest
 
 from tests.conftest import Mount
+from volfs.abi import (
+    FALLOC_FL_COLLAPSE_RANGE,
+    FALLOC_FL_INSERT_RANGE,
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_UNSHARE_RANGE,
+    FALLOC_FL_WRITE_ZEROES,
+    FALLOC_FL_ZERO_RANGE,
+)
 from volfs.client import (
     VRANGE_NONVOLATILE,
     VRANGE_PARTIAL,
@@ -30,13 +39,6 @@ from volfs.client import (
 
 PAGE = 4096
 MiB = 1 << 20
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_COLLAPSE_RANGE = 0x08
-FALLOC_FL_ZERO_RANGE = 0x10
-FALLOC_FL_INSERT_RANGE = 0x20
-FALLOC_FL_UNSHARE_RANGE = 0x40
-FALLOC_FL_WRITE_ZEROES = 0x80
 PUNCH = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -20,10 +20,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from volfs.abi import PAGE_SIZE
+from volfs.abi import PAGE_SHIFT, PAGE_SIZE
 from volfs.purge import Invalidation, Purger
 from volfs.ranges import InodeRanges, RecordLimits
-from volfs.store import PAGE_SHIFT, FileContents, Store
+from volfs.store import FileContents, Store
 
 STORE_PAGES = 256
 

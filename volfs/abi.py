@@ -1,7 +1,9 @@
-"""The ioctl ABI shared with C programs: numbers, struct layouts, constants.
+"""The binary interfaces volfs meets: its ioctl ABI, and the kernel's limits it follows.
 
-This module is the one definition; the daemon, :mod:`volfs.client` and
-``volfs/include/volfs.h`` agree with it (a test compiles the header and compares).
+For the ioctls (numbers, struct layouts, constants) this module is the one definition; the
+daemon, :mod:`volfs.client` and ``volfs/include/volfs.h`` agree with it (a test compiles the
+header and compares). The kernel's facts below (page size, name and path limits, fallocate
+modes, the largest file) are written once here for every module and tool.
 """
 
 from __future__ import annotations
@@ -10,6 +12,42 @@ import dataclasses
 import struct
 
 PAGE_SIZE = 4096
+PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
+
+#: Largest file size: the kernel's limit for a 64-bit ``loff_t``, as on tmpfs.
+MAX_FILE_SIZE = (1 << 63) - 1
+#: The longest name in a directory (NAME_MAX).
+NAME_MAX = 255
+#: The longest path, and symlink target, its terminating NUL included (PATH_MAX).
+PATH_MAX = 4096
+#: The kernel's limits on extended attributes: one name, one value, and a listxattr(2) reply.
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 65536
+XATTR_LIST_MAX = 65536
+
+#: fallocate(2) modes (linux/falloc.h).
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_COLLAPSE_RANGE = 0x08
+FALLOC_FL_ZERO_RANGE = 0x10
+FALLOC_FL_INSERT_RANGE = 0x20
+FALLOC_FL_UNSHARE_RANGE = 0x40
+FALLOC_FL_WRITE_ZEROES = 0x80
+
+
+def pages_for(nbytes: int) -> int:
+    """Return the number of pages ``nbytes`` take, rounded up."""
+    return (nbytes + PAGE_SIZE - 1) >> PAGE_SHIFT
+
+
+def pages_spanned(offset: int, length: int) -> tuple[int, int]:
+    """Return the half-open page interval ``[first, end)`` touched by a byte range."""
+    return offset >> PAGE_SHIFT, pages_for(offset + length)
+
+
+#: A page number past the last page of any file.
+NO_PAGE = pages_for(MAX_FILE_SIZE) + 1
+
 
 VRANGE_VOLATILE = 0
 VRANGE_NONVOLATILE = 1

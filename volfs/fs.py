@@ -26,6 +26,7 @@ import pyfuse3
 import trio
 
 from volfs.abi import (
+    PAGE_SHIFT,
     PAGE_SIZE,
     VOLFS_IOC_PURGE,
     VOLFS_IOC_STATS,
@@ -46,7 +47,7 @@ from volfs.abi import (
 from volfs.namespace import Inode, Namespace
 from volfs.pressure import PressureSettings, watch_pressure
 from volfs.purge import Invalidation, PurgeResult
-from volfs.store import PAGE_SHIFT, FileContents
+from volfs.store import FileContents
 from volfs.worker import WorkerThread
 
 log = logging.getLogger(__name__)

@@ -20,26 +20,33 @@ from dataclasses import dataclass, field
 
 from sortedcontainers import SortedDict
 
-from volfs.abi import PAGE_SIZE, VRANGE_NONVOLATILE, VRANGE_PARTIAL, VRANGE_VOLATILE
+from volfs.abi import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    NAME_MAX,
+    NO_PAGE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PATH_MAX,
+    VRANGE_NONVOLATILE,
+    VRANGE_PARTIAL,
+    VRANGE_VOLATILE,
+    XATTR_LIST_MAX,
+    XATTR_NAME_MAX,
+    XATTR_SIZE_MAX,
+    pages_for,
+)
 from volfs.purge import Purger
 from volfs.ranges import InodeRanges, VolatileRange
-from volfs.store import MAX_FILE_SIZE, PAGE_SHIFT, FileContents, Store, pages_for
+from volfs.store import FileContents, Store
 
 _U64 = 1 << 64
 
 ROOT_INODE = 1
-NAME_MAX = 255
-#: The longest symlink target, its terminating NUL included (PATH_MAX).
-PATH_MAX = 4096
 #: Symlink targets this long or shorter (NUL included) live in the inode for free, as on
 #: tmpfs; a longer one takes a page of the size cap.
 SHORT_SYMLINK_LEN = 128
-#: The kernel's limit for one extended attribute value (XATTR_SIZE_MAX).
-XATTR_SIZE_MAX = 65536
-XATTR_NAME_MAX = 255
-#: The kernel's limit for a listxattr(2) reply (XATTR_LIST_MAX): an inode's attribute names,
-#: each with its NUL, never add up to more, so listing costs at most this much.
-XATTR_LIST_MAX = 65536
 #: What an attribute costs the daemon besides its name and value (the dictionary slot and the
 #: two bytes objects), charged to the size cap with them.
 XATTR_ENTRY_OVERHEAD = 128
@@ -47,16 +54,10 @@ XATTR_ENTRY_OVERHEAD = 128
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-
 #: Ranges of closed files dropped in one go: about a millisecond of work.
 DISCARD_BUDGET = 200
 #: Ranges (or lost runs) one step of a mark or unmark takes on: about a millisecond of work.
 VRANGE_STEP = 200
-#: A page number past any file.
-_NO_PAGE = pages_for(MAX_FILE_SIZE) + 1
 
 
 class DirectoryEntries:
@@ -650,11 +651,11 @@ class Namespace:
             ranges = inode.vranges
             if ranges is None:
                 return
-            cut = ranges.next_cut(end_page, _NO_PAGE, VRANGE_STEP)
+            cut = ranges.next_cut(end_page, NO_PAGE, VRANGE_STEP)
             ranges.mark_nonvolatile(end_page, cut, admit=False)
             if not ranges:
                 inode.vranges = None
-            if cut >= _NO_PAGE:
+            if cut >= NO_PAGE:
                 return
             yield
 
@@ -679,7 +680,7 @@ class Namespace:
         if offset < 0 or length <= 0:
             raise OSError(errno.EINVAL, "bad range")
         end = offset + length
-        zeroed = (offset + PAGE_SIZE - 1) >> PAGE_SHIFT, end >> PAGE_SHIFT
+        zeroed = pages_for(offset), end >> PAGE_SHIFT
         if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) and inode.vranges is not None:
             inode.vranges.admit_rewrite(*zeroed)
         if mode & FALLOC_FL_PUNCH_HOLE:
@@ -774,7 +775,7 @@ class Namespace:
         assert inode.contents is not None
         if start % PAGE_SIZE or length % PAGE_SIZE:
             raise OSError(errno.EINVAL, "start and length must be multiples of the page size")
-        eof_page = (inode.contents.size + PAGE_SIZE - 1) >> PAGE_SHIFT
+        eof_page = pages_for(inode.contents.size)
         first = start >> PAGE_SHIFT
         end = eof_page if length == 0 else (start + length) >> PAGE_SHIFT
         if start + length >= _U64 or first > end or end > eof_page:

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from sortedcontainers import SortedDict
 
+from volfs.abi import PAGE_SHIFT, pages_for
 from volfs.ranges import RecordLimits, VolatileRange
-from volfs.store import PAGE_SHIFT
 
 #: Ranges one call of :meth:`Purger.purge` looks at, at most: a fraction of a millisecond,
 #: so that other users' requests wait little for a purge that walks many empty ranges.
@@ -126,7 +126,7 @@ class Purger:
 
         Runtime complexity: O(budget log n), plus the pages released.
         """
-        wanted = (wanted_bytes + (1 << PAGE_SHIFT) - 1) >> PAGE_SHIFT if wanted_bytes else None
+        wanted = pages_for(wanted_bytes) if wanted_bytes else None
         freed = 0
         purged = 0
         order = self._order

@@ -27,18 +27,18 @@ from collections.abc import Callable, Iterator
 import trio
 from sortedcontainers import SortedDict
 
-from volfs.abi import PAGE_SIZE
+from volfs.abi import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    MAX_FILE_SIZE,
+    NO_PAGE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    pages_for,
+    pages_spanned,
+)
 from volfs.intervals import add_interval, clip, remove_interval
 from volfs.worker import WorkerThread
-
-PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
-
-#: Largest file size: the kernel's limit for a 64-bit ``loff_t``, as on tmpfs.
-MAX_FILE_SIZE = (1 << 63) - 1
-
-
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +54,6 @@ Run = tuple[int, int]
 _ZEROS_PAGES = 256
 _ZEROS = memoryview(bytes(_ZEROS_PAGES << PAGE_SHIFT))
 
-#: A page number past any file.
-_NO_PAGE = (MAX_FILE_SIZE >> PAGE_SHIFT) + 1
-
-
-def pages_for(nbytes: int) -> int:
-    """Return the number of pages ``nbytes`` take, rounded up."""
-    return (nbytes + PAGE_SIZE - 1) >> PAGE_SHIFT
-
-
-def pages_spanned(offset: int, length: int) -> tuple[int, int]:
-    """Return the half-open page interval ``[first, end)`` touched by a byte range."""
-    return offset >> PAGE_SHIFT, pages_for(offset + length)
 
 
 class Arena:
@@ -236,7 +224,7 @@ class Arena:
             if (
                 _libc.fallocate(
                     self._fd,
-                    _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                    FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                     start << PAGE_SHIFT,
                     count << PAGE_SHIFT,
                 )
@@ -503,7 +491,7 @@ class FileContents:
     def punch(self, offset: int, length: int) -> None:
         """Make a byte range read as zeros, freeing the pages it covers whole."""
         end = offset + length
-        first_whole = (offset + PAGE_SIZE - 1) >> PAGE_SHIFT
+        first_whole = pages_for(offset)
         end_whole = end >> PAGE_SHIFT
         if first_whole < end_whole:
             self.release_pages(first_whole, end_whole)
@@ -515,7 +503,7 @@ class FileContents:
     def _data(self, first: int) -> Iterator[tuple[int, int]]:
         """Yield the page intervals from ``first`` on that hold written data, in order."""
         unwritten = self._unwritten
-        for page, _arena_page, count in self._runs(first, _NO_PAGE):
+        for page, _arena_page, count in self._runs(first, NO_PAGE):
             lo = max(page, first)
             if not unwritten:
                 yield lo, page + count
@@ -598,9 +586,9 @@ class FileContents:
         if size > MAX_FILE_SIZE or size < 0:
             raise OSError(errno.EFBIG, "size past the largest file size")
         if size < self.size:
-            keep = (size + PAGE_SIZE - 1) >> PAGE_SHIFT
+            keep = pages_for(size)
             # To the end of the map, not of the old size: fallocate may have left pages past EOF.
-            self.release_pages(keep, _NO_PAGE)
+            self.release_pages(keep, NO_PAGE)
             if size & (PAGE_SIZE - 1):
                 # The kept part of the last page must read as zeros if the file grows again.
                 self.zero(size, PAGE_SIZE - (size & (PAGE_SIZE - 1)))
