@@ -1,8 +1,9 @@
 """The C bridge's lifetimes, its failed replies and the libfuse and pyfuse3 versions it takes.
 
-Most tests run a small program in a subprocess that mounts a volfs with :mod:`volfs.fs`
-directly, as :mod:`volfs.daemon` does, so that it can keep requests and call the bridge after
-the session has gone: the program's output and exit status say how the bridge behaved.
+Most tests run a small program in a subprocess that mounts a volfs with
+:func:`volfs.daemon.run_mount` and answers ioctls with a handler of its own, so that it can keep
+requests and call the bridge after the session has gone: the program's output and exit status
+say how the bridge behaved.
 """
 
 from __future__ import annotations
@@ -30,9 +31,8 @@ PROGRAM_TIMEOUT = 60.0
 PRELUDE = """
 import errno, fcntl, logging, os, sys, threading
 import trio
-from volfs import bridge, fs
+from volfs import bridge, daemon, fs
 from volfs.abi import VOLFS_IOC_STATS, VOLFS_STATS
-from volfs.daemon import build_filesystem
 from volfs.options import parse_mount_options
 
 logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
@@ -52,20 +52,23 @@ def ask_stats():
         os.close(fd)
 
 
-def serve(operations, callers):
-    \"\"\"Mount, run `callers` threads of ask_stats, serve until told to stop, unmount.
+def serve(ioctl, callers):
+    \"\"\"Mount with `ioctl` answering ioctls, run `callers` threads of ask_stats, serve
+    until told to stop, unmount.
 
     The callers may be held until the unmount: they are joined only after it.
     \"\"\"
-    fs.mount(operations, mountpoint, set(options.fuse_options))
     results = []
     threads = [
         threading.Thread(target=lambda: results.append(ask_stats())) for _ in range(callers)
     ]
-    for thread in threads:
-        thread.start()
-    trio.run(fs.serve, operations, options.pressure)
-    fs.unmount()
+
+    def ready(operations):
+        bridge.set_handlers(ioctl=ioctl)
+        for thread in threads:
+            thread.start()
+
+    trio.run(daemon.run_mount, options, mountpoint, ready)
     for thread in threads:
         thread.join()
     return sorted(results)
@@ -136,15 +139,13 @@ ENDED_SESSION = """
 kept = []
 
 
-def keep(request, ino, cmd, fh, is_dir, data, out_size):
+def keep(request, ino, cmd, fh, is_dir, data):
     kept.append(request)
     if len(kept) == 4:
         fs.terminate()
 
 
-first = build_filesystem(options)
-first.ioctl = keep
-print("callers", *serve(first, 4), flush=True)
+print("callers", *serve(keep, 4), flush=True)
 print("active", bridge.active(), flush=True)
 attempt("invalidate", lambda: bridge.invalidate_range(1, 0, 4096))
 print("invalidate many", *bridge.invalidate_ranges([(1, 0, 4096), (2, 1 << 62, 1 << 62)]))
@@ -155,22 +156,20 @@ kept.pop(2)
 print("dropped", flush=True)
 old = kept.pop()
 
-second = build_filesystem(options)
 
 
-def answer_on_the_new_session(request, ino, cmd, fh, is_dir, data, out_size):
+def answer_on_the_new_session(request, ino, cmd, fh, is_dir, data):
     try:
         print("active while mounted again", bridge.active(), flush=True)
         attempt("invalidate while mounted again", lambda: bridge.invalidate_range(1, 0, 4096))
         print("invalidate many again", bridge.invalidate_ranges([(1, 0, 1), (1, 1 << 62, 1 << 62)]))
         attempt("reply to an old request", lambda: old.reply_lseek(0))
-        request.reply_ioctl(0, bytes(out_size))
+        request.reply_ioctl(0, bytes(VOLFS_STATS.size))
     finally:
         fs.terminate()
 
 
-second.ioctl = answer_on_the_new_session
-print("callers", *serve(second, 1), flush=True)
+print("callers", *serve(answer_on_the_new_session, 1), flush=True)
 print("active", bridge.active(), flush=True)
 """
 
@@ -179,7 +178,7 @@ print("active", bridge.active(), flush=True)
 def test_a_session_that_ended_is_never_touched_again(mountpoint: Path) -> None:
     """Notifications and replies after the unmount fail cleanly instead of using freed memory.
 
-    Requests kept from ioctls are answered (or dropped) after ``fs.unmount`` destroyed the
+    Requests kept from ioctls are answered (or dropped) after the unmount destroyed the
     session, and one is answered while a new session is mounted: it must not reach the new
     session. MALLOC_PERTURB_ scribbles over freed memory so that a use after free misbehaves.
     """
@@ -220,14 +219,14 @@ def connection():
     raise LookupError(mountpoint)
 
 
-def abort_then_answer(request, ino, cmd, fh, is_dir, data, out_size):
+def abort_then_answer(request, ino, cmd, fh, is_dir, data):
     kept.append(request)
     if len(kept) < 2:
         return
     with open(os.path.join(connections, connection(), "abort"), "w") as abort:
         abort.write("1")
     try:
-        kept[0].reply_ioctl(0, bytes(out_size))
+        kept[0].reply_ioctl(0, bytes(VOLFS_STATS.size))
         print("reply ok", flush=True)
     except OSError as error:
         print("reply OSError", kept[0].answered, flush=True)
@@ -236,9 +235,7 @@ def abort_then_answer(request, ino, cmd, fh, is_dir, data, out_size):
     print("dropped", flush=True)
 
 
-operations = build_filesystem(options)
-operations.ioctl = abort_then_answer
-print("callers", *serve(operations, 2), flush=True)
+print("callers", *serve(abort_then_answer, 2), flush=True)
 """
 
 
@@ -295,14 +292,12 @@ ANSWERING_AFTER_THE_END = """
 kept = []
 
 
-def keep(request, ino, cmd, fh, is_dir, data, out_size):
+def keep(request, ino, cmd, fh, is_dir, data):
     kept.append(request)
     fs.terminate()
 
 
-operations = build_filesystem(options)
-operations.ioctl = keep
-serve(operations, 1)
+serve(keep, 1)
 try:
     with fs.answering(kept[0], "a request kept past its session"):
         raise OSError(errno.EINVAL, "failing once the session has ended")
@@ -455,17 +450,15 @@ def counters():
     )
 
 
-def answer_then_stop(request, ino, cmd, fh, is_dir, data, out_size):
+def answer_then_stop(request, ino, cmd, fh, is_dir, data):
     try:
-        request.reply_ioctl(0, bytes(out_size))
+        request.reply_ioctl(0, bytes(VOLFS_STATS.size))
     finally:
         fs.terminate()
 
 
-operations = build_filesystem(options)
-operations.ioctl = answer_then_stop
 print("libfuse", bridge.libfuse(), flush=True)
-print("callers", *serve(operations, 1), flush=True)
+print("callers", *serve(answer_then_stop, 1), flush=True)
 print("calls", *counters(), flush=True)
 
 

@@ -26,7 +26,6 @@ from volfs.abi import (
     VRANGE_VOLATILE,
 )
 from volfs.namespace import ROOT_INODE, Inode, Namespace
-from volfs.purge import Purger
 from volfs.store import Store
 
 
@@ -35,7 +34,7 @@ def namespace() -> Iterator[Namespace]:
     """A namespace over a 64-page store."""
     store = Store(64 * PAGE_SIZE)
     try:
-        yield Namespace(store, Purger(), max_inodes=0, root_mode=0o755, root_uid=0, root_gid=0)
+        yield Namespace(store, max_inodes=0, root_mode=0o755, root_uid=0, root_gid=0)
     finally:
         store.close()
 

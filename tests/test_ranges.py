@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from volfs.abi import PAGE_SHIFT, PAGE_SIZE
-from volfs.purge import Invalidation, Purger
+from volfs.purge import Invalidation, Purger, PurgeSource
 from volfs.ranges import InodeRanges, RecordLimits
 from volfs.store import FileContents, Store
 
@@ -247,13 +247,13 @@ class Harness:
     def __init__(self, inodes: int = 3, pages: int = 40) -> None:
         self.pages = pages
         self.store = Store(STORE_PAGES * PAGE_SIZE)
-        self.purger = Purger()
-        self.model = Model(inodes, pages)
         self.files: dict[int, FileContents] = {}
+        self.purger = Purger(self.files.__getitem__)
+        self.model = Model(inodes, pages)
         self.sets: dict[int, InodeRanges] = {}
         for ino in self.model.inodes:
             self.files[ino] = self.store.new_file()
-            self.sets[ino] = InodeRanges(self.purger, ino, self.files[ino])
+            self.sets[ino] = InodeRanges(self.purger, ino)
         self.purges = 0
 
     def close(self) -> None:
@@ -276,7 +276,7 @@ class Harness:
 
     def purge(self, wanted_bytes: int, budget: int = 1000) -> Purged:
         """Purge as the daemon does: ``budget`` ranges at a time until complete."""
-        self.purger.count_purge("ioctl")
+        self.purger.count_purge(PurgeSource.IOCTL)
         invalidations: list[Invalidation] = []
         freed = ranges = 0
         while True:
@@ -302,7 +302,7 @@ class Harness:
         """The last close: volatility ends at once, its ranges are discarded in budgets."""
         ended = self.sets[ino]
         survivor = ended.end_volatility()
-        self.sets[ino] = survivor or InodeRanges(self.purger, ino, self.files[ino])
+        self.sets[ino] = survivor or InodeRanges(self.purger, ino)
         self.model.end_volatility(ino)
         if purge_meanwhile:
             # The ended ranges still wait in the LRU: a purge must pass them over.
@@ -676,9 +676,9 @@ def test_truncating_a_purged_range_leaves_it_out_of_the_lru(harness: Harness) ->
 def test_many_disjoint_ranges() -> None:
     count = 10_000
     store = Store(STORE_PAGES * PAGE_SIZE)
-    purger = Purger()
     contents = store.new_file()
-    ranges = InodeRanges(purger, 1, contents)
+    purger = Purger({1: contents}.__getitem__)
+    ranges = InodeRanges(purger, 1)
     try:
         for i in range(count):
             ranges.mark_volatile(2 * i, 2 * i + 1, partial=bool(i % 2))
@@ -731,9 +731,9 @@ def test_many_disjoint_ranges() -> None:
 def test_records_are_bounded_per_inode_and_per_mount() -> None:
     store = Store(STORE_PAGES * PAGE_SIZE)
     limits = RecordLimits(per_inode=4, per_mount=6)
-    purger = Purger(limits)
     first, second = store.new_file(), store.new_file()
-    a, b = InodeRanges(purger, 1, first), InodeRanges(purger, 2, second)
+    purger = Purger({1: first, 2: second}.__getitem__, limits)
+    a, b = InodeRanges(purger, 1), InodeRanges(purger, 2)
     try:
         for i in range(4):
             a.mark_volatile(2 * i, 2 * i + 1, partial=False)
@@ -776,9 +776,9 @@ def test_records_are_bounded_per_inode_and_per_mount() -> None:
 
 def test_lost_pages_outlive_the_end_of_volatility() -> None:
     store = Store(STORE_PAGES * PAGE_SIZE)
-    purger = Purger()
     contents = store.new_file()
-    ranges = InodeRanges(purger, 1, contents)
+    purger = Purger({1: contents}.__getitem__)
+    ranges = InodeRanges(purger, 1)
     try:
         assert contents.write(0, b"x" * 8 * PAGE_SIZE) == 8 * PAGE_SIZE
         ranges.mark_volatile(0, 8, partial=False)

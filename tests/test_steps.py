@@ -16,7 +16,7 @@ import pytest
 
 from volfs.abi import PAGE_SIZE, VRANGE_NONVOLATILE, VRANGE_PARTIAL, VRANGE_VOLATILE
 from volfs.namespace import DISCARD_BUDGET, ROOT_INODE, VRANGE_STEP, Inode, Namespace
-from volfs.purge import Invalidation, Purger
+from volfs.purge import Invalidation
 from volfs.ranges import RecordLimits
 from volfs.store import Store
 
@@ -29,7 +29,7 @@ def namespace() -> Iterator[Namespace]:
     try:
         yield Namespace(
             store,
-            Purger(RecordLimits(per_inode=10 * RANGES, per_mount=10 * RANGES)),
+            limits=RecordLimits(per_inode=10 * RANGES, per_mount=10 * RANGES),
             max_inodes=0,
             root_mode=0o755,
             root_uid=0,

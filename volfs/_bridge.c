@@ -393,6 +393,7 @@ static void bridge_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void 
                          struct fuse_file_info *fi, unsigned flags, const void *in_buf,
                          size_t in_bufsz, size_t out_bufsz) {
     (void)arg;
+    (void)out_bufsz; /* every command's reply has the size its number encodes */
     PyGILState_STATE gil = PyGILState_Ensure();
     if (flags & FUSE_IOCTL_UNRESTRICTED || ioctl_handler == NULL) {
         reply_internal(req, ENOTTY, "ioctl");
@@ -400,11 +401,11 @@ static void bridge_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void 
         RequestObject *request = new_request(req, "ioctl");
         if (request != NULL)
             dispatch(ioctl_handler, request,
-                     Py_BuildValue("KIKOy#n", (unsigned long long)ino, cmd,
+                     Py_BuildValue("KIKOy#", (unsigned long long)ino, cmd,
                                    (unsigned long long)(fi ? fi->fh : 0),
                                    (flags & FUSE_IOCTL_DIR) ? Py_True : Py_False,
                                    in_buf ? (const char *)in_buf : "",
-                                   (Py_ssize_t)(in_buf ? in_bufsz : 0), (Py_ssize_t)out_bufsz));
+                                   (Py_ssize_t)(in_buf ? in_bufsz : 0)));
     }
     PyGILState_Release(gil);
 }
@@ -734,6 +735,20 @@ static PyObject *bridge_set_handlers(PyObject *module, PyObject *args, PyObject 
     Py_RETURN_NONE;
 }
 
+static PyObject *bridge_close(PyObject *module, PyObject *unused) {
+    (void)module;
+    (void)unused;
+    pthread_mutex_lock(&session_lock);
+    struct fuse_session *se = bridge_session;
+    pthread_mutex_unlock(&session_lock);
+    end_session(se);
+    Py_CLEAR(ioctl_handler);
+    Py_CLEAR(fallocate_handler);
+    Py_CLEAR(lseek_handler);
+    Py_CLEAR(failure_handler);
+    Py_RETURN_NONE;
+}
+
 static PyObject *bridge_invalidate_range(PyObject *module, PyObject *args) {
     (void)module;
     unsigned long long ino;
@@ -834,11 +849,14 @@ static PyMethodDef bridge_methods[] = {
     {"set_handlers", (PyCFunction)(void (*)(void))bridge_set_handlers,
      METH_VARARGS | METH_KEYWORDS,
      "set_handlers(*, ioctl=None, fallocate=None, lseek=None, failure=None): the Python "
-     "callables for these requests: ioctl(request, ino, cmd, fh, is_dir, data, out_size), "
+     "callables for these requests: ioctl(request, ino, cmd, fh, is_dir, data), "
      "fallocate(request, ino, fh, mode, offset, length), lseek(request, ino, fh, offset, "
      "whence). Each must answer its request once; a missing handler answers ENOTTY, "
      "EOPNOTSUPP and ENOSYS respectively. failure(operation, exception, errno) is told of "
      "a request pyfuse3 could not hand to its handler (answered with that errno)."},
+    {"close", bridge_close, METH_NOARGS,
+     "close(): end the bridge's session (new requests and invalidations get ENOTCONN; "
+     "returns once the calls using it have finished) and drop the handlers."},
     {"invalidate_range", bridge_invalidate_range, METH_VARARGS,
      "invalidate_range(ino, offset, length): drop that byte range from the kernel's page "
      "cache. Blocks while the kernel writes back dirty pages through this daemon: call it "

@@ -34,6 +34,10 @@ FALLOC_FL_INSERT_RANGE = 0x20
 FALLOC_FL_UNSHARE_RANGE = 0x40
 FALLOC_FL_WRITE_ZEROES = 0x80
 
+#: renameat2(2) flags (linux/fs.h).
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
 
 def pages_for(nbytes: int) -> int:
     """Return the number of pages ``nbytes`` take, rounded up."""

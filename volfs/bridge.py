@@ -56,6 +56,7 @@ try:
     from volfs._bridge import (
         Request,
         active,
+        close,
         invalidate_range,
         invalidate_ranges,
         libfuse,
@@ -69,6 +70,7 @@ __all__ = [
     "Request",
     "active",
     "check_pyfuse3_version",
+    "close",
     "invalidate_range",
     "invalidate_ranges",
     "libfuse",

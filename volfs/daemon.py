@@ -14,7 +14,9 @@ and ``STOPPING=1`` as it starts to unmount.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import functools
 import gc
 import logging
 import logging.handlers
@@ -24,7 +26,7 @@ import socket
 import stat
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 import trio
@@ -32,10 +34,12 @@ import trio
 from volfs import fs
 from volfs.namespace import Namespace
 from volfs.options import MAX_SIZE, MountOptions, OptionError, parse_mount_options
-from volfs.pressure import PressureSettings
-from volfs.purge import Purger
+from volfs.pressure import watch_pressure
 from volfs.ranges import RecordLimits
+from volfs.reclaim import Reclaimer
+from volfs.stepping import Backlog
 from volfs.store import Store
+from volfs.worker import WorkerThread
 
 log = logging.getLogger(__name__)
 
@@ -119,27 +123,65 @@ def detach_dead_mount(path: str) -> None:
     raise MountError(f"mountpoint {path}: a dead mount is in the way and cannot be detached")
 
 
-def build_filesystem(options: MountOptions) -> fs.VolfsOperations:
-    """Create the store, the namespace and the FUSE handlers for one mount."""
-    store = Store(options.size or MAX_SIZE)
-    namespace = Namespace(
-        store,
-        Purger(RecordLimits(per_inode=options.max_file_ranges, per_mount=options.max_ranges)),
-        max_inodes=options.nr_inodes,
-        root_mode=options.mode,
-        root_uid=options.uid,
-        root_gid=options.gid,
-    )
-    return fs.VolfsOperations(namespace, purged_reads_zero=options.purged_reads_zero)
+async def run_mount(
+    options: MountOptions,
+    mountpoint: str,
+    on_ready: Callable[[fs.VolfsOperations], None] = lambda _operations: None,
+) -> None:
+    """The whole life of one mount: set up, mount, call ``on_ready``, serve, take down.
 
+    Returns once the filesystem is unmounted (from outside, or by a stop signal).
 
-async def serve(operations: fs.VolfsOperations, pressure: PressureSettings) -> None:
-    """Serve until unmounted or told to stop by a signal."""
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signals, name="signals")
+    Raises:
+        MountError: the store cannot be allocated or the filesystem cannot be mounted (within
+            an exception group if raised once tasks run).
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            store = stack.enter_context(Store(options.size or MAX_SIZE))
+        except OSError as error:
+            raise MountError(f"cannot allocate the store: {error.strerror}") from None
+        session = stack.enter_context(fs.Session())
+        cache_dropper = stack.enter_context(WorkerThread("volfs-cache-drop"))
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        # Left in this order: the tasks end, then the thread, then the session is unmounted.
+        stack.callback(nursery.cancel_scope.cancel)
+        namespace = Namespace(
+            store,
+            limits=RecordLimits(per_inode=options.max_file_ranges, per_mount=options.max_ranges),
+            max_inodes=options.nr_inodes,
+            root_mode=options.mode,
+            root_uid=options.uid,
+            root_gid=options.gid,
+            purged_reads_zero=options.purged_reads_zero,
+        )
+        reclaimer = Reclaimer(
+            namespace.purger,
+            store,
+            invalidate=fs.invalidate,
+            nursery=nursery,
+            cache_dropper=cache_dropper,
+            statistics=namespace.statistics,
+        )
+        discards = Backlog(namespace.discard_ended)
+        await nursery.start(_stop_on_signals, name="signals")
         nursery.start_soon(_collect_garbage, name="garbage")
-        await fs.serve(operations, pressure)
-        nursery.cancel_scope.cancel()
+        await nursery.start(store.run_reclaimer, name="reclaimer")
+        await nursery.start(discards.run, name="discard")
+        await nursery.start(
+            functools.partial(watch_pressure, options.pressure, reclaimer.relieve_pressure),
+            name="pressure",
+        )
+        operations = fs.VolfsOperations(namespace, reclaimer, nursery=nursery, discards=discards)
+        try:
+            session.mount(operations, mountpoint, set(options.fuse_options))
+        except RuntimeError as error:
+            raise MountError(f"cannot mount on {mountpoint}: {error}") from None
+        log.info("mounted on %s (size cap %d bytes)", mountpoint, store.capacity_bytes)
+        on_ready(operations)
+        await session.serve()
+        # Reached on a stop signal and an unmount from outside alike.
+        notify_service_manager("STOPPING=1")
 
 
 def _schedule_garbage_collection() -> None:
@@ -163,9 +205,12 @@ async def _collect_garbage() -> None:
         gc.collect()
 
 
-async def _stop_on_signals() -> None:
+async def _stop_on_signals(
+    *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        task_status.started()
         async for signum in signals:
             log.info("%s received: unmounting", signal.Signals(signum).name)
             fs.terminate()
@@ -277,34 +322,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(arguments.debug, arguments.foreground)
 
     mountpoint = os.path.abspath(arguments.mountpoint)
-    try:
-        operations = build_filesystem(options)
-    except OSError as error:
-        _fail(f"cannot allocate the store: {error.strerror}", EXIT_FAILURE)
     # Held until the signal task listens, so that a stop request arriving while mounting still
     # ends in a clean unmount rather than a dead daemon and a stale mountpoint.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    failure = ""
     try:
-        fs.mount(operations, mountpoint, set(options.fuse_options))
-    except RuntimeError as error:
-        _fail(f"cannot mount on {mountpoint}: {error}", EXIT_FAILURE)
-    log.info(
-        "mounted on %s (size cap %d bytes)", mountpoint, operations.namespace.store.capacity_bytes
-    )
+        trio.run(run_mount, options, mountpoint, functools.partial(_announce_ready, mountpoint))
+    except* MountError as errors:
+        failure = str(errors.exceptions[0])
+    except* Exception:
+        log.exception("the FUSE loop failed")
+        failure = "the FUSE loop failed"
+    if failure:
+        _fail(failure, EXIT_FAILURE)
+    log.info("unmounted %s", mountpoint)
+    return 0
+
+
+def _announce_ready(mountpoint: str, _operations: fs.VolfsOperations) -> None:
+    """The mount is ready: tell whoever waits for it, and start collecting as a daemon does."""
     _report_ready()
     notify_service_manager("READY=1", f"STATUS=serving {mountpoint}")
     _schedule_garbage_collection()
-
-    unmount_cleanly = False
-    try:
-        trio.run(serve, operations, options.pressure)
-        unmount_cleanly = True
-    except Exception:
-        log.exception("the FUSE loop failed")
-    finally:
-        # Reached on a stop signal, an unmount from outside and a failure alike.
-        notify_service_manager("STOPPING=1")
-        fs.unmount()
-        operations.namespace.store.close()
-    log.info("unmounted %s", mountpoint)
-    return 0 if unmount_cleanly else EXIT_FAILURE

@@ -14,9 +14,9 @@ import functools
 import logging
 import os
 import stat
-import time
 from collections.abc import Callable, Coroutine, Generator, Iterator, Sequence
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from volfs import bridge  # binds ahead of pyfuse3: see volfs.bridge
@@ -26,6 +26,7 @@ import pyfuse3
 import trio
 
 from volfs.abi import (
+    NAME_MAX,
     PAGE_SHIFT,
     PAGE_SIZE,
     VOLFS_IOC_PURGE,
@@ -41,26 +42,19 @@ from volfs.abi import (
     VRANGE_PARTIAL,
     VRANGE_STATUS,
     VRANGE_VOLATILE,
-    MountStatistics,
+    pages_spanned,
     saturated,
 )
-from volfs.namespace import Inode, Namespace
-from volfs.pressure import PressureSettings, watch_pressure
-from volfs.purge import Invalidation, PurgeResult
-from volfs.store import FileContents
-from volfs.worker import WorkerThread
+from volfs.namespace import AttributeChanges, Inode, Namespace
+from volfs.purge import Invalidation, PurgeSource
+from volfs.reclaim import Reclaimer
+from volfs.stepping import Backlog, Truncations, finish
 
 log = logging.getLogger(__name__)
 
 #: Seconds the kernel may trust names and attributes without asking again. Every change goes
 #: through this kernel, which updates its own caches, so only a short bound is kept for safety.
 CACHE_TIMEOUT = 1.0
-
-#: Purged ranges whose pages leave the kernel's cache in one hand-off to the worker thread.
-DROP_BATCH = 1024
-
-#: relatime: atime is refreshed by reads at most this often unless older than mtime or ctime.
-RELATIME_INTERVAL_NS = 24 * 3600 * 10**9
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -136,26 +130,27 @@ class VolfsOperations(pyfuse3.Operations):
 
     enable_writeback_cache = False  # write-through keeps ENOSPC visible to the writer
 
-    def __init__(self, namespace: Namespace, *, purged_reads_zero: bool = False) -> None:
-        """Serve ``namespace``.
+    def __init__(
+        self,
+        namespace: Namespace,
+        reclaimer: Reclaimer,
+        *,
+        nursery: trio.Nursery,
+        discards: Backlog,
+    ) -> None:
+        """Serve ``namespace``, purging through ``reclaimer``.
 
         Args:
-            purged_reads_zero: reads of purged volatile data return zeros instead of EIO.
+            nursery: where requests answered later (purges, stepped work) run.
+            discards: the task dropping the ranges of closed files, woken by a last close.
         """
         super().__init__()
         self.namespace = namespace
-        self.purged_reads_zero = purged_reads_zero
-        #: Where requests answered later (purges) run; set by :func:`serve`.
-        self.nursery: trio.Nursery | None = None
-        #: The thread dropping purged pages from the kernel's cache, while serving.
-        self.cache_dropper: WorkerThread | None = None
-        #: Inodes whose purged pages are still being dropped from the kernel's cache, with
-        #: an event per drop in progress.
-        self._dropping: dict[int, list[trio.Event]] = {}
+        self.reclaimer = reclaimer
+        self._nursery = nursery
+        self._discards = discards
+        self._truncations = Truncations()
         self._files: dict[int, OpenFile] = {}
-        self._discard_wakeup = trio.Event()
-        #: Inodes being truncated a step at a time, with the event that ends it.
-        self._truncating: dict[int, trio.Event] = {}
         #: Open directory handles: the inode listed. Listings resume from the offset the
         #: kernel passes back, so a handle holds nothing of the directory.
         self._directories: dict[int, Inode] = {}
@@ -187,6 +182,15 @@ class VolfsOperations(pyfuse3.Operations):
         attributes.st_mtime_ns = inode.mtime_ns
         attributes.st_ctime_ns = inode.ctime_ns
         return attributes
+
+    async def _make_room(
+        self, node: Inode, offset: int, length: int, attempt: Callable[[], _R]
+    ) -> _R:
+        """Retry ``attempt`` on ``node``'s bytes [offset, offset + length) that hit the cap."""
+        assert node.contents is not None
+        return await self.reclaimer.make_room(
+            node.contents, *pages_spanned(offset, length), attempt
+        )
 
     # -- names ------------------------------------------------------------------------------
 
@@ -221,28 +225,25 @@ class VolfsOperations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         node = self.namespace.get(inode)
-        if fields.update_size:
-            await self._truncate(node, self.namespace.truncate_steps(node, attr.st_size))
-            node.touch(mtime=True)
-        if fields.update_mode:
-            node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(attr.st_mode)
-        if fields.update_uid:
-            node.uid = attr.st_uid
-        if fields.update_gid:
-            node.gid = attr.st_gid
-        if fields.update_atime:
-            node.atime_ns = attr.st_atime_ns
-        if fields.update_mtime:
-            node.mtime_ns = attr.st_mtime_ns
-        node.touch(ctime=True)
+        changes = AttributeChanges(
+            size=attr.st_size if fields.update_size else None,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        steps = self.namespace.setattr_steps(node, changes)
+        if changes.size is None:
+            for _step in steps:
+                pass
+        else:
+            await self._truncations.run(node.ino, steps)
         return self._attributes(node)
 
     @fuse_errors
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        node = self.namespace.get(inode)
-        if not stat.S_ISLNK(node.mode):
-            raise OSError(errno.EINVAL, "not a symlink")
-        return node.target
+        return self.namespace.readlink(self.namespace.get(inode))
 
     @fuse_errors
     async def mknod(
@@ -292,32 +293,10 @@ class VolfsOperations(pyfuse3.Operations):
 
     # -- files ------------------------------------------------------------------------------
 
-    async def _truncate(self, node: Inode, steps: Iterator[None]) -> None:
-        """Run a truncation's steps, serving other requests between them.
-
-        Writes, fallocate and volatility ioctls of the inode wait until it is over: a write
-        past the new end would land in a range that is about to go, where a purge could take
-        it. Truncations of one inode go one at a time.
-        """
-        await self._truncated(node.ino)
-        done = trio.Event()
-        self._truncating[node.ino] = done
-        try:
-            for _step in steps:
-                await trio.sleep(0)
-        finally:
-            del self._truncating[node.ino]
-            done.set()
-
-    async def _truncated(self, ino: int) -> None:
-        """Wait until no truncation of ``ino`` is in progress."""
-        while (truncation := self._truncating.get(ino)) is not None:
-            await truncation.wait()
-
     async def _open(self, node: Inode, flags: int) -> pyfuse3.FileInfo:
         steps = self.namespace.open_steps(node, truncate=bool(flags & os.O_TRUNC))
         if flags & os.O_TRUNC:
-            await self._truncate(node, steps)
+            await self._truncations.run(node.ino, steps)
         else:
             for _step in steps:
                 pass
@@ -348,25 +327,7 @@ class VolfsOperations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> Any:
         # The hot path: no decorator frame, and the reply is a view of the arena, not a copy.
         try:
-            node = self._files[fh].inode
-            assert node.contents is not None
-            vranges = node.vranges
-            if (
-                vranges is not None
-                and not self.purged_reads_zero
-                and vranges.is_lost(off >> PAGE_SHIFT, (off + size + PAGE_SIZE - 1) >> PAGE_SHIFT)
-            ):
-                # The whole request fails: a short reply would be taken for EOF.
-                raise OSError(errno.EIO, "read of purged volatile data")
-            data = node.contents.read(off, size)
-            now = time.time_ns()
-            if (
-                now - node.atime_ns > RELATIME_INTERVAL_NS
-                or node.atime_ns <= node.mtime_ns
-                or node.atime_ns <= node.ctime_ns
-            ):
-                node.atime_ns = now
-            return data
+            return self.namespace.read(self._files[fh].inode, off, size)
         except OSError as error:
             raise pyfuse3.FUSEError(error.errno or errno.EIO) from None
         except Exception:
@@ -376,29 +337,16 @@ class VolfsOperations(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         try:
             node = self._files[fh].inode
-            assert node.contents is not None
-            if node.ino in self._truncating:
-                await self._truncated(node.ino)
+            if node.ino in self._truncations:
+                await self._truncations.wait(node.ino)
             try:
-                written = node.contents.write(off, buf)
+                return self.namespace.write(node, off, buf)
             except OSError as error:
                 if error.errno != errno.ENOSPC:
                     raise
-                contents = node.contents
-                written = await self._retry_after_making_room(
-                    contents,
-                    off >> PAGE_SHIFT,
-                    (off + len(buf) + PAGE_SIZE - 1) >> PAGE_SHIFT,
-                    lambda: contents.write(off, buf),
-                )
-            if node.vranges is not None:
-                node.vranges.rewritten(
-                    off >> PAGE_SHIFT, (off + written + PAGE_SIZE - 1) >> PAGE_SHIFT
-                )
-            now = time.time_ns()
-            node.mtime_ns = now
-            node.ctime_ns = now
-            return written
+            return await self._make_room(
+                node, off, len(buf), lambda: self.namespace.write(node, off, buf)
+            )
         except OSError as error:
             raise pyfuse3.FUSEError(error.errno or errno.EIO) from None
         except MemoryError:
@@ -406,40 +354,6 @@ class VolfsOperations(pyfuse3.Operations):
         except Exception:
             log.exception("write(fh=%d, off=%d, len=%d) failed; answering EIO", fh, off, len(buf))
             raise pyfuse3.FUSEError(errno.EIO) from None
-
-    async def _retry_after_making_room(
-        self, contents: FileContents, first: int, end: int, attempt: Callable[[], _R]
-    ) -> _R:
-        """Retry an allocation of the holes of [first, end) in ``contents`` that hit the cap.
-
-        Memory just released is waited for; then volatile data is purged, oldest first, for
-        the pages still missing (holes of the span, not pages the file already holds), so
-        ENOSPC is returned only when no volatile data is left. A purge may take pages of
-        this very span and so widen what is missing: it goes on until the attempt fits or
-        nothing is left to purge. The purged pages are dropped from the kernel's cache in
-        the background, not before the request is answered: the kernel may hold locked
-        pages of a write in a purged range.
-        """
-        store = self.namespace.store
-        if store.reclaim_pending:
-            await store.wait_reclaimed()
-            try:
-                return attempt()
-            except OSError as error:
-                if error.errno != errno.ENOSPC:
-                    raise
-        arena = store.arena
-        if end - first > arena.capacity_pages:
-            raise OSError(errno.ENOSPC, "more than the whole filesystem")  # purge nobody's cache
-        while True:
-            holes = sum(count for _page, count in contents.holes(first, end))
-            missing = holes - arena.available_pages - arena.dirty_pages
-            purged = await self._purge(max(missing, 1) << PAGE_SHIFT, "size")
-            try:
-                return attempt()
-            except OSError as error:
-                if error.errno != errno.ENOSPC or not purged.ranges:
-                    raise
 
     async def flush(self, fh: int) -> None:
         pass  # nothing is buffered: data is in the store once WRITE is answered
@@ -450,22 +364,7 @@ class VolfsOperations(pyfuse3.Operations):
     @fuse_errors
     async def release(self, fh: int) -> None:
         if self.namespace.close(self._files.pop(fh).inode):
-            self._discard_wakeup.set()
-
-    async def discard_ended_ranges(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Drop the ranges of closed files a little at a time, until cancelled.
-
-        A last close ends a file's volatility at once; dropping its ranges one by one
-        could hold the event loop for a second, so it happens here, between requests.
-        """
-        task_status.started()
-        while True:
-            await self._discard_wakeup.wait()
-            self._discard_wakeup = trio.Event()
-            while self.namespace.discard_ended():
-                await trio.sleep(0)
+            self._discards.wake()
 
     # -- directories ------------------------------------------------------------------------
 
@@ -485,7 +384,7 @@ class VolfsOperations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, name, self._attributes(node), next_id):
                 return
             if name not in (b".", b".."):
-                node.lookups += 1
+                self.namespace.count_lookup(node)
 
     @fuse_errors
     async def releasedir(self, fh: int) -> None:
@@ -509,7 +408,7 @@ class VolfsOperations(pyfuse3.Operations):
         if statistics.max_inodes:
             data.f_files = statistics.max_inodes
             data.f_ffree = data.f_favail = statistics.max_inodes - statistics.inodes
-        data.f_namemax = 255
+        data.f_namemax = NAME_MAX
         return data
 
     # -- extended attributes ----------------------------------------------------------------
@@ -525,7 +424,7 @@ class VolfsOperations(pyfuse3.Operations):
         # and the answer is almost always "none". Answer that without a decorator frame and
         # without raising twice.
         try:
-            value = self.namespace.get(inode).xattrs.get(name)
+            value = self.namespace.getxattr(self.namespace.get(inode), name)
         except OSError as error:
             raise pyfuse3.FUSEError(error.errno or errno.EIO) from None
         if value is None:
@@ -534,7 +433,7 @@ class VolfsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
-        return list(self.namespace.get(inode).xattrs)
+        return self.namespace.listxattr(self.namespace.get(inode))
 
     @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -543,26 +442,20 @@ class VolfsOperations(pyfuse3.Operations):
     # -- ioctls (through the bridge) --------------------------------------------------------
 
     def ioctl(
-        self,
-        request: bridge.Request,
-        ino: int,
-        cmd: int,
-        fh: int,
-        is_dir: bool,
-        data: bytes,
-        out_size: int,
+        self, request: bridge.Request, ino: int, cmd: int, fh: int, is_dir: bool, data: bytes
     ) -> None:
         """Answer one ioctl; called by the bridge on the thread serving requests.
 
         The volatility ioctls (VRANGE, VRANGE_STATUS, VRANGE_NEXT) are answered at once, or
-        once the file's purged pages have left the kernel's cache; VOLFS_IOC_PURGE
-        continues in a task, since dropping purged pages from the kernel's cache must happen
-        off this thread. Errors answer the request with their errno, never escape.
+        once the file's truncation is over and its purged pages have left the kernel's cache;
+        long marks and VOLFS_IOC_PURGE go on in a task. Errors answer the request with their
+        errno, never escape.
         """
         with answering(request, "ioctl(ino=%d, cmd=%#x)", ino, cmd):
-            if cmd in _VOLATILITY_IOCTLS and (ino in self._dropping or ino in self._truncating):
-                assert self.nursery is not None
-                self.nursery.start_soon(self._vrange_once_dropped, request, ino, cmd, fh, data)
+            if cmd in _VOLATILITY_IOCTLS and (
+                self.reclaimer.is_dropping(ino) or ino in self._truncations
+            ):
+                self._nursery.start_soon(self._volatility_later, request, ino, cmd, fh, data)
             elif cmd == VOLFS_IOC_VRANGE:
                 steps = self._vrange_steps(ino, fh, is_dir, data)
                 try:
@@ -571,84 +464,21 @@ class VolfsOperations(pyfuse3.Operations):
                     request.reply_ioctl(0, done.value)
                 else:
                     # A span over many ranges: the rest between other requests.
-                    assert self.nursery is not None
-                    self.nursery.start_soon(self._vrange_in_steps, request, ino, steps)
+                    self._nursery.start_soon(self._vrange_in_steps, request, ino, steps)
             elif cmd == VOLFS_IOC_VRANGE_STATUS:
                 request.reply_ioctl(0, self._vrange_status(ino, data))
             elif cmd == VOLFS_IOC_VRANGE_NEXT:
                 request.reply_ioctl(0, self._vrange_next(ino, data))
             elif cmd == VOLFS_IOC_STATS:
-                request.reply_ioctl(0, self.statistics().pack())
+                request.reply_ioctl(0, self.namespace.statistics().pack())
             elif cmd == VOLFS_IOC_PURGE:
                 # Purging takes memory from every user of the mount: only its owner or root.
                 if request.uid not in (0, os.getuid()):
                     raise OSError(errno.EPERM, "purge needs root or the mount's owner")
                 (wanted, _purged) = VOLFS_PURGE.unpack(data)
-                assert self.nursery is not None
-                self.nursery.start_soon(self._purge_ioctl, request, wanted)
+                self._nursery.start_soon(self._purge, request, wanted)
             else:
                 request.reply_error(errno.ENOTTY)
-
-    # -- fallocate and lseek (through the bridge) -------------------------------------------
-
-    def fallocate(
-        self, request: bridge.Request, ino: int, fh: int, mode: int, offset: int, length: int
-    ) -> None:
-        """Answer fallocate(2); called by the bridge on the thread serving requests."""
-        assert self.nursery is not None
-        self.nursery.start_soon(self._fallocate, request, fh, mode, offset, length)
-
-    async def _fallocate(
-        self, request: bridge.Request, fh: int, mode: int, offset: int, length: int
-    ) -> None:
-        with answering(request, "fallocate(fh=%d, mode=%#x)", fh, mode):
-            node = self._files[fh].inode
-            await self._truncated(node.ino)
-            try:
-                self.namespace.fallocate(node, mode, offset, length)
-            except OSError as error:
-                if error.errno != errno.ENOSPC or node.contents is None:
-                    raise
-                await self._retry_after_making_room(
-                    node.contents,
-                    offset >> PAGE_SHIFT,
-                    (offset + length + PAGE_SIZE - 1) >> PAGE_SHIFT,
-                    lambda: self.namespace.fallocate(node, mode, offset, length),
-                )
-            request.reply_ok()
-
-    def lseek(self, request: bridge.Request, ino: int, fh: int, offset: int, whence: int) -> None:
-        """Answer SEEK_DATA and SEEK_HOLE; the kernel handles the other kinds of lseek."""
-        with answering(request, "lseek(ino=%d, whence=%d)", ino, whence):
-            contents = self.namespace.get(ino).contents
-            if contents is None or whence not in (os.SEEK_DATA, os.SEEK_HOLE):
-                raise OSError(errno.EINVAL, "SEEK_DATA and SEEK_HOLE on regular files only")
-            if offset < 0:
-                raise OSError(errno.ENXIO, "negative offset")
-            found = (
-                contents.seek_data(offset) if whence == os.SEEK_DATA else contents.seek_hole(offset)
-            )
-            if found is None:
-                raise OSError(errno.ENXIO, "no more data")
-            request.reply_lseek(found)
-
-    def statistics(self) -> MountStatistics:
-        """The mount's counters, as ``vrangectl stats`` shows them."""
-        names = self.namespace.statistics()
-        purges = self.namespace.purger.statistics()
-        return MountStatistics(
-            capacity_bytes=names.capacity_bytes,
-            used_bytes=names.used_bytes,
-            volatile_bytes=purges.volatile_bytes,
-            purged_bytes=purges.purged_bytes,
-            ranges=purges.ranges,
-            purgeable_ranges=purges.purgeable_ranges,
-            purges_ioctl=purges.purges.get("ioctl", 0),
-            purges_size=purges.purges.get("size", 0),
-            purges_pressure=purges.purges.get("pressure", 0),
-            inodes=names.inodes,
-            max_inodes=names.max_inodes,
-        )
 
     def _vrange_steps(
         self, ino: int, fh: int, is_dir: bool, data: bytes
@@ -678,33 +508,20 @@ class VolfsOperations(pyfuse3.Operations):
         ioctl does, until its pages have left the kernel's cache.
         """
         with answering(request, "ioctl(ino=%d, VRANGE)", ino):
-            reply = await self._finish_steps(steps)
-            await self._dropped(ino)
+            reply = await finish(steps)
+            await self.reclaimer.dropped(ino)
             request.reply_ioctl(0, reply)
 
-    @staticmethod
-    async def _finish_steps(steps: Generator[None, None, bytes]) -> bytes:
-        """Run ``steps`` to the end, serving other requests between two of them."""
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                reply: bytes = done.value
-                return reply
-            await trio.sleep(0)
-
-    async def _vrange_once_dropped(
+    async def _volatility_later(
         self, request: bridge.Request, ino: int, cmd: int, fh: int, data: bytes
     ) -> None:
         """A volatility ioctl on an inode being truncated or whose purged pages are leaving
-        the kernel's cache.
-
-        Answered only once the truncation is over and the pages are gone: a program told its
-        range was purged must not then read the old bytes from the cache.
+        the kernel's cache: answered only once both are over, so that a program told its
+        range was purged cannot then read the old bytes from the cache.
         """
         with answering(request, "ioctl(ino=%d, cmd=%#x)", ino, cmd):
-            await self._truncated(ino)
-            await self._dropped(ino)
+            await self._truncations.wait(ino)
+            await self.reclaimer.dropped(ino)
             if cmd == VOLFS_IOC_VRANGE:
                 await self._vrange_in_steps(request, ino, self._vrange_steps(ino, fh, False, data))
             elif cmd == VOLFS_IOC_VRANGE_NEXT:
@@ -712,66 +529,12 @@ class VolfsOperations(pyfuse3.Operations):
             else:
                 request.reply_ioctl(0, self._vrange_status(ino, data))
 
-    async def _dropped(self, ino: int) -> None:
-        """Wait until no purged page of ``ino`` is on its way out of the kernel's cache."""
-        while (drops := self._dropping.get(ino)) is not None:
-            await drops[0].wait()
-
-    def _note_dropping(self, inodes: set[int], done: trio.Event) -> None:
-        """Note ``inodes`` as having purged pages on their way out of the kernel's cache.
-
-        Noted as soon as they are purged, before anything is awaited: a volatility change on
-        them waits for ``done`` instead of being answered while the cache may still serve
-        their old bytes.
-        """
-        for ino in inodes:
-            self._dropping.setdefault(ino, []).append(done)
-
-    def _start_drop(self, invalidations: list[Invalidation]) -> trio.Event:
-        """Start dropping purged byte ranges from the kernel's cache; return its event."""
-        assert self.nursery is not None, "purges happen while serving"
-        dropped = trio.Event()
-
-        async def drop() -> None:
-            try:
-                await self._drop_ranges(invalidations)
-            finally:
-                dropped.set()
-
-        self.nursery.start_soon(drop)
-        return dropped
-
-    async def _end_drop(
-        self, batches: list[trio.Event], inodes: set[int], done: trio.Event
-    ) -> None:
-        """Once every batch of a purge left the cache, lift its notes and set ``done``."""
-        try:
-            for batch in batches:
-                await batch.wait()
-        finally:
-            done.set()
-            for ino in inodes:
-                events = self._dropping[ino]
-                events.remove(done)
-                if not events:
-                    del self._dropping[ino]
-
-    async def _drop_ranges(self, invalidations: list[Invalidation]) -> None:
-        """Drop purged byte ranges ``(ino, offset, length)`` from the kernel's page cache.
-
-        Done in a worker thread: the kernel first writes dirty mmap pages of the range back
-        through this daemon, whose requests the event loop must stay free to serve.
-        """
-        assert self.cache_dropper is not None, "drops start once serving"
-        await self.cache_dropper.run(functools.partial(_invalidate_all, invalidations))
-
     def _vrange_status(self, ino: int, data: bytes) -> bytes:
         start, length, _volatile, _purged = VRANGE_STATUS.unpack(data)
         volatile, lost = self.namespace.vrange_status(self.namespace.get(ino), start, length)
         return VRANGE_STATUS.pack(start, length, volatile, lost)
 
     def _vrange_next(self, ino: int, data: bytes) -> bytes:
-        """Answer VOLFS_IOC_VRANGE_NEXT: the first range of the file ending after ``start``."""
         start, _range_start, _range_end, _flags, _purged = VRANGE_NEXT.unpack(data)
         found = self.namespace.vrange_next(self.namespace.get(ino), start)
         if found is None:
@@ -781,94 +544,54 @@ class VolfsOperations(pyfuse3.Operations):
             start, found.start << PAGE_SHIFT, found.end << PAGE_SHIFT, flags, int(found.purged)
         )
 
-    async def _purge(self, wanted: int, source: str, *, wait: bool = False) -> PurgeResult:
-        """Purge up to ``wanted`` bytes (0: all) oldest first, a budget at a time.
-
-        Between budgets other requests are served. The inodes a budget purged are noted as
-        leaving the kernel's cache at once, and their pages leave it in batches of
-        :data:`DROP_BATCH` ranges (whatever happens next); with ``wait`` this returns only
-        once they are all gone. The purge is logged with the counters ``vrangectl stats``
-        shows, so a log alone tells what each one did to the mount.
-
-        Returns:
-            What the whole purge did.
-        """
-        assert self.nursery is not None, "purges happen while serving"
-        purger = self.namespace.purger
-        purger.count_purge(source)
-        freed = ranges = 0
-        done = trio.Event()
-        noted: set[int] = set()
-        pending: list[Invalidation] = []
-        batches: list[trio.Event] = []
-        try:
-            while True:
-                invalidations: list[Invalidation] = []
-                try:
-                    result = purger.purge(wanted - freed if wanted else 0, invalidations)
-                finally:
-                    inodes = {ino for ino, _offset, _length in invalidations} - noted
-                    self._note_dropping(inodes, done)
-                    noted |= inodes
-                    pending += invalidations
-                    if len(pending) >= DROP_BATCH:
-                        batches.append(self._start_drop(pending))
-                        pending = []
-                freed += result.freed_bytes
-                ranges += result.ranges
-                if result.complete:
-                    break
-                await trio.sleep(0)
-        finally:
-            if pending:
-                batches.append(self._start_drop(pending))
-            self.nursery.start_soon(self._end_drop, batches, noted, done)
-        if ranges:
-            self._log_purge(source, ranges, freed)
-        if wait:
-            await done.wait()
-        return PurgeResult(freed, ranges)
-
-    def _log_purge(self, source: str, ranges: int, freed: int) -> None:
-        try:
-            log.info(
-                "purge (%s): %d ranges, %d bytes freed; %s",
-                source,
-                ranges,
-                freed,
-                self.statistics().describe(),
-            )
-        except Exception:
-            # Nothing about a log line may undo or fail a purge that has happened.
-            log.exception("cannot log a purge")
-
-    async def purge_for_pressure(self, wanted: int) -> int:
-        """Purge up to ``wanted`` bytes for memory pressure; return the bytes freed.
-
-        Returns once the memory is back with the system, so the caller can judge whether
-        the pressure eased.
-        """
-        try:
-            result = await self._purge(wanted, "pressure", wait=True)
-            await self.namespace.store.wait_reclaimed()
-        except Exception:
-            # The watcher must outlive a failed batch (out of memory, a bug): it is what
-            # gives memory back the next time.
-            log.exception("purging for memory pressure failed")
-            return 0
-        return result.freed_bytes
-
-    async def _purge_ioctl(self, request: bridge.Request, wanted: int) -> None:
+    async def _purge(self, request: bridge.Request, wanted: int) -> None:
         with answering(request, "purge(%d)", wanted):
-            result = await self._purge(wanted, "ioctl", wait=True)
+            result = await self.reclaimer.purge(wanted, PurgeSource.IOCTL, wait=True)
             request.reply_ioctl(0, VOLFS_PURGE.pack(wanted, saturated(result.freed_bytes)))
+
+    # -- fallocate and lseek (through the bridge) -------------------------------------------
+
+    def fallocate(
+        self, request: bridge.Request, ino: int, fh: int, mode: int, offset: int, length: int
+    ) -> None:
+        """Answer fallocate(2); called by the bridge on the thread serving requests."""
+        self._nursery.start_soon(self._fallocate, request, fh, mode, offset, length)
+
+    async def _fallocate(
+        self, request: bridge.Request, fh: int, mode: int, offset: int, length: int
+    ) -> None:
+        with answering(request, "fallocate(fh=%d, mode=%#x)", fh, mode):
+            node = self._files[fh].inode
+            await self._truncations.wait(node.ino)
+            try:
+                self.namespace.fallocate(node, mode, offset, length)
+            except OSError as error:
+                if error.errno != errno.ENOSPC:
+                    raise
+                await self._make_room(
+                    node,
+                    offset,
+                    length,
+                    lambda: self.namespace.fallocate(node, mode, offset, length),
+                )
+            request.reply_ok()
+
+    def lseek(self, request: bridge.Request, ino: int, fh: int, offset: int, whence: int) -> None:
+        """Answer SEEK_DATA and SEEK_HOLE; the kernel handles the other kinds of lseek."""
+        with answering(request, "lseek(ino=%d, whence=%d)", ino, whence):
+            request.reply_lseek(self.namespace.seek(self.namespace.get(ino), offset, whence))
 
 
 #: The ioctls about a file's volatility: answered once its purged pages left the kernel's cache.
 _VOLATILITY_IOCTLS = (VOLFS_IOC_VRANGE, VOLFS_IOC_VRANGE_STATUS, VOLFS_IOC_VRANGE_NEXT)
 
 
-def _invalidate_all(invalidations: list[Invalidation]) -> None:
+def invalidate(invalidations: Sequence[Invalidation]) -> None:
+    """Drop byte ranges ``(ino, offset, length)`` from the kernel's page cache.
+
+    Blocks while the kernel writes dirty pages back through the daemon: call it in a worker
+    thread. A range the kernel refuses is logged.
+    """
     for ino, code in bridge.invalidate_ranges(invalidations):
         # Only an unmounted session refuses; its cache is gone with it.
         log.warning(
@@ -887,44 +610,52 @@ def _log_unserved_request(operation: str, error: BaseException, code: int) -> No
     )
 
 
-def mount(operations: VolfsOperations, mountpoint: str, options: set[str]) -> None:
-    """Mount ``operations`` on ``mountpoint``; returns once the kernel knows the mount.
+class Session:
+    """The FUSE session of one mount: mounted by :meth:`mount`, unmounted when left.
 
-    Raises:
-        RuntimeError: libfuse could not mount (it has printed why), or the bridge is not
-            active, so ioctls would not reach the daemon.
+    Entered before anything the mount needs while it serves, so that the unmount comes only
+    after they have ended (no cache drop runs against a closed session).
     """
-    pyfuse3.init(operations, mountpoint, options)
-    if not bridge.active():
-        pyfuse3.close(unmount=True)
-        raise RuntimeError("the ioctl bridge did not take hold of the FUSE session")
-    bridge.set_handlers(
-        ioctl=operations.ioctl,
-        fallocate=operations.fallocate,
-        lseek=operations.lseek,
-        failure=_log_unserved_request,
-    )
 
+    def __init__(self) -> None:
+        self.mounted = False
 
-async def serve(operations: VolfsOperations, pressure: PressureSettings) -> None:
-    """Serve requests until the filesystem is unmounted or :func:`terminate` is called."""
-    with WorkerThread("volfs-cache-drop") as cache_dropper:
-        operations.cache_dropper = cache_dropper
-        try:
-            await _serve_until_unmounted(operations, pressure)
-        finally:
-            operations.cache_dropper = None
+    def __enter__(self) -> Session:
+        return self
 
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self.mounted:
+            self.mounted = False
+            bridge.close()
+            pyfuse3.close(unmount=True)
 
-async def _serve_until_unmounted(operations: VolfsOperations, pressure: PressureSettings) -> None:
-    async with trio.open_nursery() as nursery:
-        operations.nursery = nursery
-        await nursery.start(operations.namespace.store.run_reclaimer, name="reclaimer")
-        await nursery.start(operations.discard_ended_ranges, name="discard")
-        await nursery.start(
-            functools.partial(watch_pressure, pressure, operations.purge_for_pressure),
-            name="pressure",
+    def mount(self, operations: VolfsOperations, mountpoint: str, options: set[str]) -> None:
+        """Mount ``operations`` on ``mountpoint``; returns once the kernel knows the mount.
+
+        Raises:
+            RuntimeError: libfuse could not mount (it has printed why), or the bridge is not
+                active, so ioctls would not reach the daemon.
+        """
+        pyfuse3.init(operations, mountpoint, options)
+        if not bridge.active():
+            pyfuse3.close(unmount=True)
+            raise RuntimeError("the ioctl bridge did not take hold of the FUSE session")
+        bridge.set_handlers(
+            ioctl=operations.ioctl,
+            fallocate=operations.fallocate,
+            lseek=operations.lseek,
+            failure=_log_unserved_request,
         )
+        self.mounted = True
+
+    @staticmethod
+    async def serve() -> None:
+        """Serve requests until the filesystem is unmounted or :func:`terminate` is called."""
         try:
             await pyfuse3.main()
         except* ConnectionAbortedError:
@@ -932,15 +663,8 @@ async def _serve_until_unmounted(operations: VolfsOperations, pressure: Pressure
             # now and then on unmount with many inodes to forget, and on a fusectl abort.
             # Either way the filesystem is gone; what it held goes as on any unmount.
             log.warning("the kernel aborted the FUSE connection; serving ends")
-        nursery.cancel_scope.cancel()
 
 
 def terminate() -> None:
-    """Make :func:`serve` return; call from the event loop's thread."""
+    """Make :meth:`Session.serve` return; call from the event loop's thread."""
     pyfuse3.terminate()
-
-
-def unmount() -> None:
-    """Unmount (if still mounted) and release the FUSE session."""
-    bridge.set_handlers()
-    pyfuse3.close(unmount=True)

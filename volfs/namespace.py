@@ -1,7 +1,9 @@
 """The in-memory namespace: inodes, directories, links, attributes and their lifetimes.
 
-This is the filesystem model; :mod:`volfs.fs` only translates FUSE requests into calls here.
-Failures are raised as :class:`OSError` carrying the errno a POSIX filesystem returns.
+This is the filesystem model; :mod:`volfs.fs` only translates FUSE requests into calls here,
+so every rule about an inode (its data, attributes, times, names and volatility) is written
+once, here, and testable without a mount. Failures are raised as :class:`OSError` carrying the
+errno a POSIX filesystem returns.
 
 An inode lives while anything refers to it: a directory entry (``nlink``), the kernel
 (``lookups``, decremented by FORGET) or an open handle (``opens``). Its contents are freed as
@@ -12,6 +14,7 @@ the memory of an unlinked file returns at its last close, as on tmpfs.
 from __future__ import annotations
 
 import errno
+import os
 import stat
 import time
 from collections import deque
@@ -29,19 +32,22 @@ from volfs.abi import (
     PAGE_SHIFT,
     PAGE_SIZE,
     PATH_MAX,
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    U64_MAX,
     VRANGE_NONVOLATILE,
     VRANGE_PARTIAL,
     VRANGE_VOLATILE,
     XATTR_LIST_MAX,
     XATTR_NAME_MAX,
     XATTR_SIZE_MAX,
+    MountStatistics,
     pages_for,
+    pages_spanned,
 )
-from volfs.purge import Purger
-from volfs.ranges import InodeRanges, VolatileRange
+from volfs.purge import Purger, PurgeSource
+from volfs.ranges import InodeRanges, RecordLimits, VolatileRange
 from volfs.store import FileContents, Store
-
-_U64 = 1 << 64
 
 ROOT_INODE = 1
 #: Symlink targets this long or shorter (NUL included) live in the inode for free, as on
@@ -51,8 +57,8 @@ SHORT_SYMLINK_LEN = 128
 #: two bytes objects), charged to the size cap with them.
 XATTR_ENTRY_OVERHEAD = 128
 
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
+#: relatime: reads refresh atime at most this often, unless it is older than mtime or ctime.
+RELATIME_INTERVAL_NS = 24 * 3600 * 10**9
 
 #: Ranges of closed files dropped in one go: about a millisecond of work.
 DISCARD_BUDGET = 200
@@ -192,13 +198,16 @@ class Inode:
 
 
 @dataclass(frozen=True, slots=True)
-class NamespaceStatistics:
-    """Counts reported by statfs and the stats interface."""
+class AttributeChanges:
+    """What a SETATTR changes; None leaves an attribute as it is."""
 
-    inodes: int
-    max_inodes: int
-    capacity_bytes: int
-    used_bytes: int
+    size: int | None = None
+    #: Permission bits; the file type never changes.
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
 
 
 class Namespace:
@@ -207,26 +216,30 @@ class Namespace:
     def __init__(
         self,
         store: Store,
-        purger: Purger,
         *,
+        limits: RecordLimits | None = None,
         max_inodes: int,
         root_mode: int,
         root_uid: int,
         root_gid: int,
+        purged_reads_zero: bool = False,
     ) -> None:
         """Create an empty tree whose root has the given mode and owner.
 
         Args:
             store: where file contents live.
-            purger: the purge order volatile ranges join.
+            limits: the bounds on records of volatile ranges (default: none).
             max_inodes: the most inodes that may exist at once (0 = no limit).
             root_mode: permission bits of the root directory (type bits are added).
             root_uid: owner of the root directory.
             root_gid: group of the root directory.
+            purged_reads_zero: reads of purged volatile data return zeros instead of EIO.
         """
         self.store = store
-        self.purger = purger
+        #: The purge order of the files' volatile ranges.
+        self.purger = Purger(self._contents_of, limits)
         self.max_inodes = max_inodes
+        self.purged_reads_zero = purged_reads_zero
         self._inodes: dict[int, Inode] = {}
         #: Inodes with an entry or a handle, plus extra hard links: what ``nr_inodes`` limits.
         self.live_inodes = 0
@@ -270,6 +283,12 @@ class Namespace:
             return self._inodes[ino]
         except KeyError:
             raise OSError(errno.ENOENT, "no such inode") from None
+
+    def _contents_of(self, ino: int) -> FileContents:
+        """The pages of regular file ``ino``, which has ranges in the purge order."""
+        contents = self._inodes[ino].contents
+        assert contents is not None
+        return contents
 
     def _release_if_unused(self, inode: Inode) -> None:
         """Free what nobody can reach any more: contents first, then the inode itself."""
@@ -363,13 +382,21 @@ class Namespace:
             budget -= count
         return bool(self._ended)
 
-    def statistics(self) -> NamespaceStatistics:
-        """Return the current counts."""
-        return NamespaceStatistics(
-            inodes=self.live_inodes,
-            max_inodes=self.max_inodes,
+    def statistics(self) -> MountStatistics:
+        """The mount's counters, as statfs and ``vrangectl stats`` show them."""
+        purges = self.purger.statistics()
+        return MountStatistics(
             capacity_bytes=self.store.capacity_bytes,
             used_bytes=self.store.used_bytes,
+            volatile_bytes=purges.volatile_bytes,
+            purged_bytes=purges.purged_bytes,
+            ranges=purges.ranges,
+            purgeable_ranges=purges.purgeable_ranges,
+            purges_ioctl=purges.purges[PurgeSource.IOCTL],
+            purges_size=purges.purges[PurgeSource.SIZE],
+            purges_pressure=purges.purges[PurgeSource.PRESSURE],
+            inodes=self.live_inodes,
+            max_inodes=self.max_inodes,
         )
 
     # -- lookups ----------------------------------------------------------------------------
@@ -397,6 +424,18 @@ class Namespace:
             inode = found
         inode.lookups += 1
         return inode
+
+    @staticmethod
+    def count_lookup(inode: Inode) -> None:
+        """The kernel took a reference to ``inode`` from a directory listing (READDIRPLUS)."""
+        inode.lookups += 1
+
+    @staticmethod
+    def readlink(inode: Inode) -> bytes:
+        """The target of a symlink; EINVAL for anything else."""
+        if not stat.S_ISLNK(inode.mode):
+            raise OSError(errno.EINVAL, "not a symlink")
+        return inode.target
 
     # -- creation ---------------------------------------------------------------------------
 
@@ -516,7 +555,7 @@ class Namespace:
             raise OSError(errno.EISDIR, "is a directory")
         del entries[name]
         directory.touch(mtime=True, ctime=True)
-        self._drop_link(inode)
+        self._unlinked(directory, inode)
 
     def rmdir(self, parent_ino: int, name: bytes) -> None:
         """Remove an empty directory."""
@@ -526,11 +565,8 @@ class Namespace:
         if inode.entries:
             raise OSError(errno.ENOTEMPTY, "directory not empty")
         del entries[name]
-        directory.nlink -= 1
         directory.touch(mtime=True, ctime=True)
-        inode.nlink = 0
-        inode.touch(ctime=True)
-        self._release_if_unused(inode)
+        self._unlinked(directory, inode)
 
     # -- rename -----------------------------------------------------------------------------
 
@@ -557,62 +593,76 @@ class Namespace:
         Args:
             flags: 0, :data:`RENAME_NOREPLACE` or :data:`RENAME_EXCHANGE`.
         """
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == (
-            RENAME_NOREPLACE | RENAME_EXCHANGE
-        ):
+        if flags not in (0, RENAME_NOREPLACE, RENAME_EXCHANGE):
             raise OSError(errno.EINVAL, "unknown rename flags")
         old_dir, old_entries, moved = self._entry(old_parent_ino, old_name)
         new_dir, new_entries = self._directory(new_parent_ino)
-        if len(new_name) > NAME_MAX:
-            raise OSError(errno.ENAMETOOLONG, "name too long")
-        if new_name in (b".", b".."):
-            raise OSError(errno.EBUSY, "cannot rename onto . or ..")
+        _check_rename_target_name(new_name)
         target = new_entries.get(new_name)
         if moved.is_dir() and moved is not new_dir and self._is_ancestor(moved, new_dir):
             raise OSError(errno.EINVAL, "cannot move a directory into itself")
-
         if flags & RENAME_EXCHANGE:
             if target is None:
                 raise OSError(errno.ENOENT, "exchange target does not exist")
             if target.is_dir() and self._is_ancestor(target, old_dir):
                 raise OSError(errno.EINVAL, "cannot move a directory into itself")
-            old_entries[old_name], new_entries[new_name] = target, moved
+            self._exchange((old_dir, old_name, moved), (new_dir, new_name, target))
+        elif target is None or self._may_replace(moved, target, flags):
+            del old_entries[old_name]
+            new_entries[new_name] = moved
             if old_dir is not new_dir:
                 self._reparent(moved, old_dir, new_dir)
-                self._reparent(target, new_dir, old_dir)
-            for inode in (moved, target, old_dir, new_dir):
-                inode.touch(ctime=True)
-            old_dir.touch(mtime=True)
-            new_dir.touch(mtime=True)
-            return
+            if target is not None:
+                self._unlinked(new_dir, target)
+            moved.touch(ctime=True)
+            old_dir.touch(mtime=True, ctime=True)
+            new_dir.touch(mtime=True, ctime=True)
 
-        if target is not None:
-            if flags & RENAME_NOREPLACE:
-                raise OSError(errno.EEXIST, "target exists")
-            if target is moved:
-                return  # two links to one inode: POSIX says do nothing
-            if moved.is_dir():
-                if target.entries is None:
-                    raise OSError(errno.ENOTDIR, "target is not a directory")
-                if target.entries:
-                    raise OSError(errno.ENOTEMPTY, "target directory not empty")
-            elif target.is_dir():
-                raise OSError(errno.EISDIR, "target is a directory")
-        del old_entries[old_name]
-        new_entries[new_name] = moved
-        if old_dir is not new_dir:
-            self._reparent(moved, old_dir, new_dir)
-        if target is not None:
-            if target.is_dir():
-                new_dir.nlink -= 1
-                target.nlink = 0
-                target.touch(ctime=True)
-                self._release_if_unused(target)
-            else:
-                self._drop_link(target)
-        moved.touch(ctime=True)
-        old_dir.touch(mtime=True, ctime=True)
-        new_dir.touch(mtime=True, ctime=True)
+    def _exchange(
+        self, one: tuple[Inode, bytes, Inode], other: tuple[Inode, bytes, Inode]
+    ) -> None:
+        """Swap two entries ``(directory, name, inode)`` (RENAME_EXCHANGE)."""
+        one_dir, one_name, one_inode = one
+        other_dir, other_name, other_inode = other
+        assert one_dir.entries is not None and other_dir.entries is not None
+        one_dir.entries[one_name], other_dir.entries[other_name] = other_inode, one_inode
+        if one_dir is not other_dir:
+            self._reparent(one_inode, one_dir, other_dir)
+            self._reparent(other_inode, other_dir, one_dir)
+        for inode in (one_inode, other_inode, one_dir, other_dir):
+            inode.touch(ctime=True)
+        one_dir.touch(mtime=True)
+        other_dir.touch(mtime=True)
+
+    @staticmethod
+    def _may_replace(moved: Inode, target: Inode, flags: int) -> bool:
+        """Whether a rename of ``moved`` over an existing ``target`` does anything.
+
+        Raises:
+            OSError: why it may not: EEXIST (NOREPLACE), ENOTDIR, ENOTEMPTY or EISDIR.
+        """
+        if flags & RENAME_NOREPLACE:
+            raise OSError(errno.EEXIST, "target exists")
+        if target is moved:
+            return False  # two links to one inode: POSIX says do nothing
+        if moved.is_dir():
+            if target.entries is None:
+                raise OSError(errno.ENOTDIR, "target is not a directory")
+            if target.entries:
+                raise OSError(errno.ENOTEMPTY, "target directory not empty")
+        elif target.is_dir():
+            raise OSError(errno.EISDIR, "target is a directory")
+        return True
+
+    def _unlinked(self, directory: Inode, inode: Inode) -> None:
+        """``inode``'s entry in ``directory`` is gone (an empty directory's only one)."""
+        if inode.is_dir():
+            directory.nlink -= 1
+            inode.nlink = 0
+            inode.touch(ctime=True)
+            self._release_if_unused(inode)
+        else:
+            self._drop_link(inode)
 
     @staticmethod
     def _reparent(inode: Inode, old_dir: Inode, new_dir: Inode) -> None:
@@ -621,7 +671,107 @@ class Namespace:
             old_dir.nlink -= 1
             new_dir.nlink += 1
 
+    # -- data -------------------------------------------------------------------------------
+
+    def read(self, inode: Inode, offset: int, size: int) -> memoryview | bytes | bytearray:
+        """Read from an open regular file: a view of the store where it can be (no copy).
+
+        Refreshes atime as relatime does.
+
+        Raises:
+            OSError: EIO if the span touches purged volatile data (unless ``purged=zero``):
+                the whole read fails, since a short one would be taken for EOF.
+
+        Runtime complexity: O(log e + k) for the k runs of the span, plus O(log n) in the
+        file's lost runs if it has any.
+        """
+        contents = inode.contents
+        assert contents is not None, "only regular files are opened"
+        vranges = inode.vranges
+        if (
+            vranges is not None
+            and not self.purged_reads_zero
+            and vranges.is_lost(*pages_spanned(offset, size))
+        ):
+            raise OSError(errno.EIO, "read of purged volatile data")
+        data = contents.read(offset, size)
+        now = time.time_ns()
+        if (
+            now - inode.atime_ns > RELATIME_INTERVAL_NS
+            or inode.atime_ns <= inode.mtime_ns
+            or inode.atime_ns <= inode.ctime_ns
+        ):
+            inode.atime_ns = now
+        return data
+
+    def write(self, inode: Inode, offset: int, data: bytes | memoryview) -> int:
+        """Write to an open regular file; return the bytes written (all of them).
+
+        Pages written are no longer lost, and purgeable again if volatile.
+
+        Raises:
+            OSError: ENOSPC when the cap has no room for the pages it fills (nothing changes
+                then), EFBIG past the largest file.
+        """
+        contents = inode.contents
+        assert contents is not None, "only regular files are opened"
+        written = contents.write(offset, data)
+        self._rewritten(inode, *pages_spanned(offset, written))
+        now = time.time_ns()
+        inode.mtime_ns = now
+        inode.ctime_ns = now
+        return written
+
+    @staticmethod
+    def _rewritten(inode: Inode, first: int, end: int) -> None:
+        """Pages [first, end) of ``inode`` now hold written data (zeros count)."""
+        if inode.vranges is not None:
+            inode.vranges.rewritten(first, end)
+
+    @staticmethod
+    def seek(inode: Inode, offset: int, whence: int) -> int:
+        """Answer lseek(2)'s SEEK_DATA or SEEK_HOLE on a regular file.
+
+        Raises:
+            OSError: EINVAL for another kind or file, ENXIO past the data or a negative offset.
+        """
+        contents = inode.contents
+        if contents is None or whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise OSError(errno.EINVAL, "SEEK_DATA and SEEK_HOLE on regular files only")
+        if offset < 0:
+            raise OSError(errno.ENXIO, "negative offset")
+        found = contents.seek_data(offset) if whence == os.SEEK_DATA else contents.seek_hole(offset)
+        if found is None:
+            raise OSError(errno.ENXIO, "no more data")
+        return found
+
     # -- attributes -------------------------------------------------------------------------
+
+    def setattr(self, inode: Inode, changes: AttributeChanges) -> None:
+        """Change attributes in one go; see :meth:`setattr_steps`."""
+        for _step in self.setattr_steps(inode, changes):
+            pass
+
+    def setattr_steps(self, inode: Inode, changes: AttributeChanges) -> Iterator[None]:
+        """Change attributes (SETATTR); a size change runs as :meth:`truncate_steps` does.
+
+        A new size also sets mtime; given times are set as given, after that; ctime is always
+        set. Permission checks are the kernel's (``default_permissions``).
+        """
+        if changes.size is not None:
+            yield from self.truncate_steps(inode, changes.size)
+            inode.touch(mtime=True)
+        if changes.mode is not None:
+            inode.mode = stat.S_IFMT(inode.mode) | stat.S_IMODE(changes.mode)
+        if changes.uid is not None:
+            inode.uid = changes.uid
+        if changes.gid is not None:
+            inode.gid = changes.gid
+        if changes.atime_ns is not None:
+            inode.atime_ns = changes.atime_ns
+        if changes.mtime_ns is not None:
+            inode.mtime_ns = changes.mtime_ns
+        inode.touch(ctime=True)
 
     def truncate(self, inode: Inode, size: int) -> None:
         """Set a regular file's size in one go; see :meth:`truncate_steps`."""
@@ -695,8 +845,7 @@ class Namespace:
                 contents.size = end
         if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
             # Zeros written, in effect: purged pages in the range are plain holes from now on.
-            if inode.vranges is not None:
-                inode.vranges.rewritten(*zeroed)
+            self._rewritten(inode, *zeroed)
             inode.touch(mtime=True, ctime=True)
         else:
             inode.touch(ctime=True)
@@ -751,6 +900,16 @@ class Namespace:
         inode.xattr_list_bytes = list_bytes
         inode.touch(ctime=True)
 
+    @staticmethod
+    def getxattr(inode: Inode, name: bytes) -> bytes | None:
+        """The value of one extended attribute, None if it has none of that name."""
+        return inode.xattrs.get(name)
+
+    @staticmethod
+    def listxattr(inode: Inode) -> list[bytes]:
+        """The names of the inode's extended attributes."""
+        return list(inode.xattrs)
+
     def removexattr(self, inode: Inode, name: bytes) -> None:
         """Remove one extended attribute."""
         try:
@@ -778,7 +937,7 @@ class Namespace:
         eof_page = pages_for(inode.contents.size)
         first = start >> PAGE_SHIFT
         end = eof_page if length == 0 else (start + length) >> PAGE_SHIFT
-        if start + length >= _U64 or first > end or end > eof_page:
+        if start + length > U64_MAX or first > end or end > eof_page:
             raise OSError(errno.EINVAL, "span past the end of the file")
         return first, end
 
@@ -841,54 +1000,61 @@ class Namespace:
         marked = (end - first) << PAGE_SHIFT
         if first == end:
             return 0, False
+        if mode == VRANGE_VOLATILE:
+            yield from self._mark_steps(inode, first, end, partial=bool(flags & VRANGE_PARTIAL))
+            return marked, False
+        purged = yield from self._unmark_steps(inode, first, end)
+        return marked, purged
+
+    def _mark_steps(
+        self, inode: Inode, first: int, end: int, *, partial: bool
+    ) -> Generator[None, None, None]:
+        """Mark pages [first, end) volatile, a step at a time (see :meth:`vrange_steps`)."""
         contents = inode.contents
         assert contents is not None
-        ranges = inode.vranges
-        if mode == VRANGE_VOLATILE:
-            partial = bool(flags & VRANGE_PARTIAL)
-            if ranges is None:
-                ranges = inode.vranges = InodeRanges(self.purger, inode.ino, contents)
-            ranges.admit_mark(first, end)
-            low = first
-            while True:
-                live = self._ranges_of(inode)
-                # A truncation meanwhile may have cut the span short: nothing past EOF.
-                stop = min(end, pages_for(contents.size))
-                cut = min(live.next_cut(low, stop, VRANGE_STEP, lost=False), stop)
-                # The piece marked by the step before ends at ``low``: marking over it merges
-                # the two, one neighbour more to merge whatever happened in between.
-                left = live.range_ending_at(low) if low > first else None
-                live.mark_volatile(
-                    low if left is None else left.start, cut, partial=partial, admit=low == first
-                )
-                if cut >= stop:
-                    return marked, False
-                low = cut
-                yield
-        if ranges is None:
-            return marked, False
-        ranges.admit_unmark(first, end)
+        self._ranges_of(inode).admit_mark(first, end)
+        low = first
+        while True:
+            live = self._ranges_of(inode)
+            # A truncation meanwhile may have cut the span short: nothing past EOF.
+            stop = min(end, pages_for(contents.size))
+            cut = min(live.next_cut(low, stop, VRANGE_STEP, lost=False), stop)
+            # The piece marked by the step before ends at ``low``: marking over it merges
+            # the two, one neighbour more to merge whatever happened in between.
+            left = live.range_ending_at(low) if low > first else None
+            live.mark_volatile(
+                low if left is None else left.start, cut, partial=partial, admit=low == first
+            )
+            if cut >= stop:
+                return
+            low = cut
+            yield
+
+    @staticmethod
+    def _unmark_steps(inode: Inode, first: int, end: int) -> Generator[None, None, bool]:
+        """Mark pages [first, end) non-volatile, a step at a time; True if any was purged."""
+        if inode.vranges is None:
+            return False
+        inode.vranges.admit_unmark(first, end)
         purged = False
         low = first
         while True:
             ranges = inode.vranges
             if ranges is None:
-                break  # another request left nothing to unmark
+                return purged  # another request left nothing to unmark
             cut = ranges.next_cut(low, end, VRANGE_STEP)
             purged = ranges.mark_nonvolatile(low, cut, admit=False) or purged
             if not ranges:
                 inode.vranges = None
             if cut >= end:
-                break
+                return purged
             low = cut
             yield
-        return marked, purged
 
     def _ranges_of(self, inode: Inode) -> InodeRanges:
         """The inode's range set, created empty if it has none."""
         if inode.vranges is None:
-            assert inode.contents is not None
-            inode.vranges = InodeRanges(self.purger, inode.ino, inode.contents)
+            inode.vranges = InodeRanges(self.purger, inode.ino)
         return inode.vranges
 
     def vrange_status(self, inode: Inode, start: int, length: int) -> tuple[int, int]:
@@ -898,6 +1064,14 @@ class Namespace:
             return 0, 0
         volatile, lost = inode.vranges.status(first, end)
         return volatile << PAGE_SHIFT, lost << PAGE_SHIFT
+
+
+def _check_rename_target_name(name: bytes) -> None:
+    """Refuse a name no entry may be renamed to: ENAMETOOLONG, or EBUSY for . and ..."""
+    if len(name) > NAME_MAX:
+        raise OSError(errno.ENAMETOOLONG, "name too long")
+    if name in (b".", b".."):
+        raise OSError(errno.EBUSY, "cannot rename onto . or ..")
 
 
 def _symlink_charge(target: bytes) -> int:

@@ -13,13 +13,16 @@ loop can purge a little, let other requests run, and go on.
 
 from __future__ import annotations
 
+import enum
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sortedcontainers import SortedDict
 
 from volfs.abi import PAGE_SHIFT, pages_for
 from volfs.ranges import RecordLimits, VolatileRange
+from volfs.store import FileContents
 
 #: Ranges one call of :meth:`Purger.purge` looks at, at most: a fraction of a millisecond,
 #: so that other users' requests wait little for a purge that walks many empty ranges.
@@ -27,6 +30,17 @@ PURGE_BUDGET = 16
 
 #: A byte range ``(ino, offset, length)`` to drop from the kernel's page cache.
 Invalidation = tuple[int, int, int]
+
+#: Where the pages of inode ``ino`` live: how a purge reaches the data of a range.
+ContentsOf = Callable[[int], FileContents]
+
+
+class PurgeSource(enum.Enum):
+    """What asked for a purge; the statistics count purges by it."""
+
+    IOCTL = "ioctl"
+    SIZE = "size"
+    PRESSURE = "pressure"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +65,8 @@ class PurgeStatistics:
     ranges: int
     #: Ranges a purge could take something from.
     purgeable_ranges: int
-    #: Purges by what asked for them: ``ioctl``, ``size``, ``pressure``.
-    purges: dict[str, int]
+    #: Purges by what asked for them.
+    purges: dict[PurgeSource, int]
     #: Memory released by purges since the mount.
     purged_bytes: int
 
@@ -63,12 +77,19 @@ class Purger:
     Implements :class:`volfs.ranges.RangeTracker`.
     """
 
-    def __init__(self, limits: RecordLimits | None = None) -> None:
-        """Create an empty order; ``limits`` bounds the records of ranges (default: none)."""
+    def __init__(self, contents_of: ContentsOf, limits: RecordLimits | None = None) -> None:
+        """Create an empty order.
+
+        Args:
+            contents_of: the pages of an inode with tracked ranges, which a purge releases.
+            limits: the bounds on records of ranges (default: none).
+        """
+        self._contents_of = contents_of
         self._limits = limits or RecordLimits(per_inode=1 << 62, per_mount=1 << 62)
+        # Keyed by (stamp, start): pieces of one range share its stamp and never a start.
         self._order: SortedDict[tuple[int, int], VolatileRange] = SortedDict()
         self._stamps = itertools.count()
-        self._purges: dict[str, int] = {}
+        self._purges = dict.fromkeys(PurgeSource, 0)
         self._purged_bytes = 0
         self._volatile_pages = 0
         self._ranges = 0
@@ -92,19 +113,15 @@ class Purger:
 
     def track(self, volatile_range: VolatileRange) -> None:
         """Enter a range in the order. Runtime complexity: O(log n)."""
-        self._order[volatile_range.stamp, volatile_range.serial] = volatile_range
+        self._order[volatile_range.stamp, volatile_range.start] = volatile_range
 
     def untrack(self, volatile_range: VolatileRange) -> None:
         """Remove a range from the order. Runtime complexity: O(log n)."""
-        del self._order[volatile_range.stamp, volatile_range.serial]
+        del self._order[volatile_range.stamp, volatile_range.start]
 
-    def count_purge(self, source: str) -> None:
-        """Count one purge request, for the statistics.
-
-        Args:
-            source: what asked (``ioctl``, ``size``, ``pressure``).
-        """
-        self._purges[source] = self._purges.get(source, 0) + 1
+    def count_purge(self, source: PurgeSource) -> None:
+        """Count one purge request, for the statistics."""
+        self._purges[source] += 1
 
     def purge(
         self,
@@ -141,15 +158,16 @@ class Purger:
                     victim.tracked = False
                     self.untrack(victim)
                     continue
+                contents = self._contents_of(owner.ino)
                 first = victim.start
                 if victim.partial and wanted is not None and owner.may_split():
-                    first = owner.contents.tail_start(victim.start, victim.end, wanted - freed)
+                    first = contents.tail_start(victim.start, victim.end, wanted - freed)
                 # Noted first: dropping cached pages that a failure left in place costs a
                 # re-read, while keeping cached pages that were purged would serve lost data.
                 invalidations.append(
                     (owner.ino, first << PAGE_SHIFT, (victim.end - first) << PAGE_SHIFT)
                 )
-                freed += owner.contents.release_pages(first, victim.end)
+                freed += contents.release_pages(first, victim.end)
                 owner.purged(victim, first, victim.end)
                 purged += 1
         finally:
@@ -169,7 +187,7 @@ class Purger:
 
     def _check(self) -> None:
         """Assert the order's invariants. Runtime complexity: O(n)."""
-        for (stamp, serial), volatile_range in self._order.items():
+        for (stamp, start), volatile_range in self._order.items():
             assert volatile_range.tracked
-            assert (volatile_range.stamp, volatile_range.serial) == (stamp, serial)
+            assert (volatile_range.stamp, volatile_range.start) == (stamp, start)
             assert volatile_range.owner._ranges.get(volatile_range.start) is volatile_range

@@ -27,7 +27,6 @@ Mark and unmark cost O(log n + k) for n ranges in the inode and k ranges overlap
 from __future__ import annotations
 
 import errno
-import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -35,10 +34,7 @@ from typing import Protocol
 from sortedcontainers import SortedDict
 
 from volfs.intervals import Change, add_interval, remove_interval
-from volfs.store import FileContents
 from volfs.sums import WeightedKeys, covered
-
-_serials = itertools.count()
 
 
 @dataclass(slots=True, eq=False)
@@ -54,8 +50,6 @@ class VolatileRange:
     #: When it was marked: the LRU order. Pieces of a split range keep their stamp.
     stamp: int
     owner: InodeRanges = field(repr=False)
-    #: Unique, to order pieces sharing a stamp.
-    serial: int = field(default_factory=lambda: next(_serials))
     #: Registered with the tracker (it may hold data a purge can take).
     tracked: bool = False
 
@@ -112,12 +106,10 @@ class RecordLimits:
 class InodeRanges:
     """The volatile ranges and lost pages of one inode."""
 
-    def __init__(self, tracker: RangeTracker, ino: int, contents: FileContents) -> None:
+    def __init__(self, tracker: RangeTracker, ino: int) -> None:
         """Create an empty set for inode ``ino`` whose ranges are reported to ``tracker``."""
         self.tracker = tracker
         self.ino = ino
-        #: Where the inode's pages live, for the purger.
-        self.contents = contents
         self._ranges: SortedDict[int, VolatileRange] = SortedDict()
         self._lost: SortedDict[int, int] = SortedDict()
         # The lengths of the ranges and of the lost runs by start: status in O(log n).
@@ -307,7 +299,7 @@ class InodeRanges:
         self._range_pages = WeightedKeys()
         if not self._lost:
             return None
-        survivor = InodeRanges(self.tracker, self.ino, self.contents)
+        survivor = InodeRanges(self.tracker, self.ino)
         survivor._lost, self._lost = self._lost, SortedDict()
         survivor._lost_pages, self._lost_pages = self._lost_pages, WeightedKeys()
         return survivor

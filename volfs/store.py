@@ -671,6 +671,21 @@ class Store:
         """Bytes of memory held by file contents."""
         return self.arena.used_pages << PAGE_SHIFT
 
+    def shortfall(self, contents: FileContents, first: int, end: int) -> int:
+        """Pages that filling the holes of [first, end) in ``contents`` lacks: those not free
+        now and not on their way back either.
+
+        Raises:
+            OSError: ENOSPC if the span is larger than the whole store (nothing can make room).
+
+        Runtime complexity: O(log e + k) for the k runs of the span.
+        """
+        arena = self.arena
+        if end - first > arena.capacity_pages:
+            raise OSError(errno.ENOSPC, "more than the whole filesystem")
+        holes = sum(count for _page, count in contents.holes(first, end))
+        return holes - arena.available_pages - arena.dirty_pages
+
     @property
     def reclaim_pending(self) -> bool:
         """True while released memory is still on its way back to the free space."""
@@ -709,3 +724,9 @@ class Store:
     def close(self) -> None:
         """Give all memory back; the store is unusable afterwards."""
         self.arena.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
