@@ -29,6 +29,7 @@ from volfs.client import (
     statistics,
     vrange_status,
 )
+from volfs.meminfo import meminfo
 
 MiB = 1 << 20
 PAGE = 4096
@@ -39,6 +40,15 @@ _libc = ctypes.CDLL(None, use_errno=True)
 def open_fifo_writer(fifo: Path) -> int:
     """Open a FIFO for writing without blocking; ENXIO means nobody reads it."""
     return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+
+
+def test_meminfo_reads_what_the_watermark_compares_in_bytes() -> None:
+    total = meminfo("MemTotal")
+    assert total == os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 0 < meminfo("MemAvailable") <= total
+    with pytest.raises(OSError) as missing:
+        meminfo("MemNowhere")
+    assert missing.value.errno == errno.ENOENT
 
 
 def test_pressure_event_purges_a_batch_oldest_first(

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from volfs.abi import PAGE_SIZE
+from volfs.meminfo import meminfo
 from volfs.pressure import PressureSettings
 
 #: The most a size cap may be: the arena is one mapping and must fit the address space.
@@ -121,15 +122,6 @@ class MountOptions:
     pressure: PressureSettings = field(default_factory=PressureSettings)
 
 
-def total_memory() -> int:
-    """Return the machine's RAM in bytes (``MemTotal``)."""
-    with open("/proc/meminfo", encoding="ascii") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("MemTotal missing from /proc/meminfo")
-
-
 def parse_size(text: str, *, memory: int) -> int:
     """Parse ``size=``: bytes with an optional k/m/g/t/p/e suffix, or ``N%`` of ``memory``.
 
@@ -185,7 +177,7 @@ def parse_mount_options(
         OptionError: an unknown option or a bad value; the message names it.
     """
     if memory is None:
-        memory = total_memory()
+        memory = meminfo("MemTotal")
     size = memory // 2 // PAGE_SIZE * PAGE_SIZE
     nr_inodes = memory // PAGE_SIZE // 2
     mode = 0o1777

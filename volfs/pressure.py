@@ -15,7 +15,6 @@ while the watermark is still breached. The sources only say *when*; :mod:`volfs.
 from __future__ import annotations
 
 import base64
-import errno
 import logging
 import os
 import select
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 
 import trio
 
+from volfs.meminfo import meminfo
 from volfs.worker import WorkerThread
 
 log = logging.getLogger(__name__)
@@ -48,15 +48,6 @@ class PressureSettings:
     interval: float = 1.0
     #: Bytes purged per batch.
     batch: int = 64 * MiB
-
-
-def mem_available() -> int:
-    """``MemAvailable`` from /proc/meminfo, in bytes."""
-    with open("/proc/meminfo", encoding="ascii") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise OSError(errno.ENOENT, "MemAvailable missing from /proc/meminfo")
 
 
 def cgroup_pressure_path() -> str | None:
@@ -256,6 +247,6 @@ async def _on_watermark(
 async def _purge_while_low(
     settings: PressureSettings, purge_batch: Callable[[int], Awaitable[int]]
 ) -> None:
-    while settings.watermark and mem_available() < settings.watermark:
+    while settings.watermark and meminfo("MemAvailable") < settings.watermark:
         if not await purge_batch(settings.batch):
             return  # nothing volatile left to give
