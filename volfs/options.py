@@ -14,7 +14,6 @@ from typing import Any
 
 from volfs.abi import PAGE_SIZE
 from volfs.meminfo import meminfo
-from volfs.pressure import PressureSettings
 
 #: The most a size cap may be: the arena is one mapping and must fit the address space.
 MAX_SIZE = 1 << 46
@@ -96,6 +95,23 @@ class OptionError(ValueError):
     def __str__(self) -> str:
         text = super().__str__()
         return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
+@dataclass(frozen=True, slots=True)
+class PressureSettings:
+    """The ``pressure=`` family of mount options."""
+
+    enabled: bool = True
+    #: PSI trigger: purge when "some" tasks stall this long (µs) within a window. Without
+    #: CAP_SYS_RESOURCE the kernel only accepts windows in multiples of 2 s.
+    stall_us: int = 150_000
+    window_us: int = 2_000_000
+    #: Purge while MemAvailable is below this many bytes (0: no watermark).
+    watermark: int = 0
+    #: Seconds between watermark samples.
+    interval: float = 1.0
+    #: Bytes purged per batch.
+    batch: int = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)

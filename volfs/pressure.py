@@ -21,33 +21,14 @@ import select
 import socket
 import stat
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 import trio
 
 from volfs.meminfo import meminfo
+from volfs.options import PressureSettings
 from volfs.worker import WorkerThread
 
 log = logging.getLogger(__name__)
-
-MiB = 1 << 20
-
-
-@dataclass(frozen=True, slots=True)
-class PressureSettings:
-    """The ``pressure=`` family of mount options."""
-
-    enabled: bool = True
-    #: PSI trigger: purge when "some" tasks stall this long (µs) within a window. Without
-    #: CAP_SYS_RESOURCE the kernel only accepts windows in multiples of 2 s.
-    stall_us: int = 150_000
-    window_us: int = 2_000_000
-    #: Purge while MemAvailable is below this many bytes (0: no watermark).
-    watermark: int = 0
-    #: Seconds between watermark samples.
-    interval: float = 1.0
-    #: Bytes purged per batch.
-    batch: int = 64 * MiB
 
 
 def cgroup_pressure_path() -> str | None:
