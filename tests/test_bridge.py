@@ -31,7 +31,7 @@ PROGRAM_TIMEOUT = 60.0
 PRELUDE = """
 import errno, fcntl, logging, os, sys, threading
 import trio
-from volfs import bridge, daemon, fs
+from volfs import bridge, daemon, replies, session
 from volfs.abi import VOLFS_IOC_STATS, VOLFS_STATS
 from volfs.options import parse_mount_options
 
@@ -142,7 +142,7 @@ kept = []
 def keep(request, ino, cmd, fh, is_dir, data):
     kept.append(request)
     if len(kept) == 4:
-        fs.terminate()
+        session.terminate()
 
 
 print("callers", *serve(keep, 4), flush=True)
@@ -166,7 +166,7 @@ def answer_on_the_new_session(request, ino, cmd, fh, is_dir, data):
         attempt("reply to an old request", lambda: old.reply_lseek(0))
         request.reply_ioctl(0, bytes(VOLFS_STATS.size))
     finally:
-        fs.terminate()
+        session.terminate()
 
 
 print("callers", *serve(answer_on_the_new_session, 1), flush=True)
@@ -294,12 +294,12 @@ kept = []
 
 def keep(request, ino, cmd, fh, is_dir, data):
     kept.append(request)
-    fs.terminate()
+    session.terminate()
 
 
 serve(keep, 1)
 try:
-    with fs.answering(kept[0], "a request kept past its session"):
+    with replies.answering(kept[0], "a request kept past its session"):
         raise OSError(errno.EINVAL, "failing once the session has ended")
     print("contained", kept[0].answered, flush=True)
 except OSError as error:
@@ -309,7 +309,7 @@ except OSError as error:
 
 @pytest.mark.root
 def test_answering_contains_a_reply_that_cannot_be_sent(mountpoint: Path) -> None:
-    """A handler failing after its session ended must not raise out of ``fs.answering``.
+    """A handler failing after its session ended must not raise out of ``replies.answering``.
 
     Out of an ioctl handler the error would be printed as unraisable; out of a trio task
     (purges, fallocate) it would end the serving nursery.
@@ -454,7 +454,7 @@ def answer_then_stop(request, ino, cmd, fh, is_dir, data):
     try:
         request.reply_ioctl(0, bytes(VOLFS_STATS.size))
     finally:
-        fs.terminate()
+        session.terminate()
 
 
 print("libfuse", bridge.libfuse(), flush=True)

@@ -37,6 +37,7 @@ from volfs.options import MAX_SIZE, MountOptions, OptionError, parse_mount_optio
 from volfs.pressure import watch_pressure
 from volfs.ranges import RecordLimits
 from volfs.reclaim import Reclaimer
+from volfs.session import Session, invalidate, terminate
 from volfs.stepping import Backlog
 from volfs.store import Store
 from volfs.worker import WorkerThread
@@ -141,7 +142,7 @@ async def run_mount(
             store = stack.enter_context(Store(options.size or MAX_SIZE))
         except OSError as error:
             raise MountError(f"cannot allocate the store: {error.strerror}") from None
-        session = stack.enter_context(fs.Session())
+        session = stack.enter_context(Session())
         cache_dropper = stack.enter_context(WorkerThread("volfs-cache-drop"))
         nursery = await stack.enter_async_context(trio.open_nursery())
         # Left in this order: the tasks end, then the thread, then the session is unmounted.
@@ -158,7 +159,7 @@ async def run_mount(
         reclaimer = Reclaimer(
             namespace.purger,
             store,
-            invalidate=fs.invalidate,
+            invalidate=invalidate,
             nursery=nursery,
             cache_dropper=cache_dropper,
             statistics=namespace.statistics,
@@ -213,7 +214,7 @@ async def _stop_on_signals(
         task_status.started()
         async for signum in signals:
             log.info("%s received: unmounting", signal.Signals(signum).name)
-            fs.terminate()
+            terminate()
             return
 
 
