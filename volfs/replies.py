@@ -18,6 +18,9 @@ import pyfuse3
 
 log = logging.getLogger(__name__)
 
+#: ERESTARTSYS and the errnos after it are the kernel's own: never an answer to a program.
+_FIRST_INTERNAL_ERRNO = 512
+
 _S = TypeVar("_S")
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -47,7 +50,7 @@ def _answer_error(request: bridge.Request, code: int) -> None:
     if request.answered:
         return
     try:
-        request.reply_error(code if 0 < code < 512 else errno.EIO)
+        request.reply_error(code if 0 < code < _FIRST_INTERNAL_ERRNO else errno.EIO)
     except OSError as error:
         log.debug("cannot answer a request with %s: %s", errno.errorcode.get(code, code), error)
 

@@ -31,6 +31,8 @@ _Node: TypeAlias = "tuple[MutableSequence[int], MutableSequence[int], list[_Node
 #: measured alike at 10^6 keys. The wide gap between the limits (an (a, b)-tree with b >= 4a)
 #: makes splits and merges amortised O(1) per update.
 DEFAULT_LOAD = 64
+#: The smallest node size: a node split in two or merged with a sibling stays within limits.
+MIN_LOAD = 4
 
 #: Keys and weights live in signed 64-bit arrays.
 _INT64 = 1 << 63
@@ -61,10 +63,10 @@ class WeightedKeys:
                 ``2 * load`` entries. Small loads make deep trees out of few keys, for tests.
 
         Raises:
-            ValueError: ``load`` is below 4.
+            ValueError: ``load`` is below :data:`MIN_LOAD`.
         """
-        if load < 4:
-            raise ValueError(f"load {load} below 4")
+        if load < MIN_LOAD:
+            raise ValueError(f"load {load} below {MIN_LOAD}")
         self._max = 2 * load
         self._min = load // 2
         self._root = _leaf()
@@ -277,9 +279,9 @@ class WeightedKeys:
 
         Runtime complexity: O(n).
         """
-        assert self._min >= 2 and 2 * self._min <= self._max, "node size limits"
+        assert self._min >= MIN_LOAD // 2 and 2 * self._min <= self._max, "node size limits"
         root_children = self._root[2]
-        assert root_children is None or len(root_children) >= 2, "inner root with one child"
+        assert root_children is None or len(root_children) > 1, "inner root with one child"
         count, total, _ = self._check_node(self._root, None, None, is_root=True)
         assert count == self._len, "wrong length"
         assert total == self._total, "wrong total"
