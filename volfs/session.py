@@ -10,7 +10,6 @@ import errno
 import logging
 import os
 from collections.abc import Sequence
-from types import TracebackType
 
 from volfs import bridge  # binds ahead of pyfuse3: see volfs.bridge
 
@@ -60,12 +59,7 @@ class Session:
     def __enter__(self) -> Session:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         if self.mounted:
             self.mounted = False
             bridge.close()
