@@ -42,7 +42,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -55,6 +54,11 @@ from pathlib import Path
 from typing import Any
 
 import volfs_mounts
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from volfs.sizes import size_argument  # noqa: E402
 
 log = logging.getLogger("bench_io")
 
@@ -115,13 +119,9 @@ class Settings:
 # -- helpers -----------------------------------------------------------------------------------
 
 
-def parse_size(text: str) -> int:
+def positive_size(text: str) -> int:
     """Parse ``1G``, ``256M``, ``64k``, ``4096`` (binary multiples, as fio does) into bytes."""
-    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise argparse.ArgumentTypeError(f"invalid size: {text!r}")
-    number, suffix = match.groups()
-    size = int(number) << (10 * " kmgt".index(suffix.lower() or " "))
+    size = size_argument(text)
     if size <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
     return size
@@ -406,7 +406,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--size",
-        type=parse_size,
+        type=positive_size,
         help=f"file size for the fio jobs (default: {FULL.size}, --quick: {QUICK.size})",
     )
     parser.add_argument(
@@ -451,7 +451,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else FULL
     if args.size is None:
-        args.size = parse_size(defaults.size)
+        args.size = positive_size(defaults.size)
     if args.runtime is None:
         args.runtime = defaults.runtime
     if args.files is None:

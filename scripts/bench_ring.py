@@ -45,7 +45,6 @@ import json
 import multiprocessing
 import os
 import platform
-import re
 import shutil
 import struct
 import sys
@@ -63,9 +62,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from volfs.ring import Consumer, Producer, RingClosedError, create_ring  # noqa: E402
+from volfs.sizes import size_argument, sizes_argument  # noqa: E402
 
 MiB = 1 << 20
-UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 TARGET_VS_TMPFS = 0.5
 TARGET_SIZE = MiB
 #: The sender looks at the clock once per this many messages.
@@ -84,17 +83,6 @@ QUICK = {"seconds": 0.05, "repeat": 1, "capacity": 2 * MiB}
 
 class BenchError(RuntimeError):
     """Mounting or a measurement failed; the message says why."""
-
-
-def parse_size(text: str) -> int:
-    match = re.fullmatch(r"(\d+)([kmg]?)i?b?", text.strip().lower())
-    if not match:
-        raise argparse.ArgumentTypeError(f"expected a size such as 64, 4K or 16M, not {text!r}")
-    return int(match.group(1)) * UNITS[match.group(2)]
-
-
-def parse_sizes(text: str) -> list[int]:
-    return [parse_size(item) for item in text.split(",") if item.strip()]
 
 
 def human(size: int) -> str:
@@ -510,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--sizes",
-        type=parse_sizes,
+        type=sizes_argument,
         default=[64, 4096, MiB],
         help="message sizes (default: 64,4K,1M)",
     )
@@ -522,13 +510,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--capacity",
-        type=parse_size,
+        type=size_argument,
         default=None,
         help="ring data capacity (16M; --quick: 2M)",
     )
     parser.add_argument(
         "--segment",
-        type=parse_size,
+        type=size_argument,
         default=None,
         help="ring segment: bytes per NON_VOLATILE call (the ring's default, 1M)",
     )

@@ -63,6 +63,7 @@ from volfs.abi import (
     VRANGE_VOLATILE,
 )
 from volfs.client import fvrange, vrange_status
+from volfs.sizes import SizeError, parse_sizes
 
 log = logging.getLogger("bench_vrange")
 
@@ -514,16 +515,17 @@ def report_json(results: Sequence[SizeResult], settings: Settings) -> dict[str, 
 # -- main --------------------------------------------------------------------------------------
 
 
-def parse_sizes(text: str) -> list[int]:
+def range_counts(text: str) -> list[int]:
+    """Parse ``--sizes``: numbers of ranges such as ``100,10_000,64k`` (k = 1024), all above 0."""
     try:
-        sizes = [int(item.strip().replace("_", "")) for item in text.split(",") if item.strip()]
-    except ValueError:
-        sizes = []
-    if not sizes or any(size < 1 for size in sizes):
+        counts = parse_sizes(text)
+    except SizeError:
+        counts = []
+    if not counts or min(counts) < 1:
         raise argparse.ArgumentTypeError(
             f"expected a comma-separated list of positive range counts, got {text!r}"
         )
-    return sizes
+    return counts
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -535,7 +537,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--sizes",
-        type=parse_sizes,
+        type=range_counts,
         default=list(DEFAULT_SIZES),
         help="comma-separated numbers of volatile ranges in the file "
         f"(default: {','.join(map(str, DEFAULT_SIZES))})",

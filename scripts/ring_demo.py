@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import select
 import sys
 from collections.abc import Iterator, Sequence
@@ -33,17 +32,10 @@ from volfs.ring import (
     Producer,
     RingError,
 )
+from volfs.sizes import size_argument
 
-UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 #: While waiting for input the producer looks at the consumer this often (milliseconds).
 PEER_CHECK_MS = 200
-
-
-def parse_size(text: str) -> int:
-    match = re.fullmatch(r"(\d+)([kmg]?)", text.strip().lower())
-    if not match:
-        raise argparse.ArgumentTypeError(f"expected a size such as 64K or 16M, not {text!r}")
-    return int(match.group(1)) * UNITS[match.group(2)]
 
 
 def input_lines(ring: Producer) -> Iterator[bytes]:
@@ -113,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("path", type=Path, help="the ring file (created if missing)")
     parser.add_argument(
         "--size",
-        type=parse_size,
+        type=size_argument,
         default=1 << 20,
         help="capacity when creating the ring: bytes with a K, M or G suffix (default 1M)",
     )

@@ -99,6 +99,7 @@ from volfs.client import (
     statistics,
     vrange_status,
 )
+from volfs.sizes import size_argument
 
 log = logging.getLogger("soak")
 
@@ -146,19 +147,11 @@ class Settings:
     seed: int
 
 
-def parse_size(text: str) -> int:
-    """Bytes from ``N`` with an optional k, m or g suffix (powers of 1024)."""
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    text = text.strip().lower()
-    scale = units.get(text[-1:], 1)
-    number = text[:-1] if text[-1:] in units else text
-    try:
-        value = int(number) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected bytes, e.g. 8M") from None
-    if value <= 0:
+def positive_size(text: str) -> str:
+    """``text`` as given (it goes into the mount options), once known to be a size above 0."""
+    if size_argument(text) <= 0:
         raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0")
-    return value
+    return text
 
 
 # -- the model of a file -----------------------------------------------------------------------
@@ -1397,7 +1390,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of soak (60)")
     parser.add_argument("--workers", type=int, default=4, help="worker processes (4)")
-    parser.add_argument("--size", default="4M", help="the mount's size= cap (4M)")
+    parser.add_argument(
+        "--size", type=positive_size, default="4M", help="the mount's size= cap (4M)"
+    )
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: time)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--files", type=int, default=2, help="own files per worker (2)")
@@ -1408,7 +1403,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--slice-pages", type=int, default=64, help="pages of the shared file per worker (64)"
     )
     parser.add_argument(
-        "--pressure-batch", default="256k", help="bytes purged per pressure event (256k)"
+        "--pressure-batch",
+        type=positive_size,
+        default="256k",
+        help="bytes purged per pressure event (256k)",
     )
     parser.add_argument(
         "--pressure-interval",
@@ -1430,11 +1428,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the soak and the race on a volfs of its own; 0 if nothing was lost, 1 otherwise."""
     parser = build_parser()
     arguments = parser.parse_args(argv)
-    try:
-        parse_size(arguments.size)
-        parse_size(arguments.pressure_batch)
-    except argparse.ArgumentTypeError as error:
-        parser.error(str(error))
     if arguments.workers < 1 or arguments.files < 1 or arguments.file_pages < 4:
         parser.error("--workers and --files must be at least 1, --file-pages at least 4")
     if arguments.slice_pages < 1 or arguments.duration < 0 or arguments.pressure_interval <= 0:

@@ -12,7 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from volfs.abi import PAGE_SIZE
+from volfs import sizes
+from volfs.abi import PAGE_SIZE, pages_for
 from volfs.meminfo import meminfo
 
 #: The most a size cap may be: the arena is one mapping and must fit the address space.
@@ -25,16 +26,6 @@ MAX_FSNAME = 255
 #: daemon a few hundred bytes, so these keep a client's ranges within tens of MiB.
 DEFAULT_MAX_RANGES = 131072
 DEFAULT_MAX_FILE_RANGES = 65536
-
-_SUFFIXES = {
-    "": 1,
-    "k": 1 << 10,
-    "m": 1 << 20,
-    "g": 1 << 30,
-    "t": 1 << 40,
-    "p": 1 << 50,
-    "e": 1 << 60,
-}
 
 #: Options handed to libfuse unchanged: its own, and the generic mount flags.
 FUSE_FLAG_OPTIONS = frozenset(
@@ -138,34 +129,34 @@ class MountOptions:
     pressure: PressureSettings = field(default_factory=PressureSettings)
 
 
-def parse_size(text: str, *, memory: int) -> int:
-    """Parse ``size=``: bytes with an optional k/m/g/t/p/e suffix, or ``N%`` of ``memory``.
+def parse_size(text: str, *, memory: int, name: str = "size") -> int:
+    """Parse a byte size option (:mod:`volfs.sizes`' syntax), ``N%`` being of ``memory``.
 
     The result is rounded up to whole pages, as tmpfs does.
+
+    Args:
+        text: the value.
+        memory: RAM in bytes, the whole of a percentage.
+        name: the option, to name in a message.
 
     Raises:
         OptionError: malformed or out of range.
     """
-    match = re.fullmatch(r"([0-9]+)([kmgtpe%]?)", text.strip(), re.IGNORECASE)
-    if not match:
-        raise OptionError(
-            f"size={text}: expected a number of bytes with an optional "
-            "k, m, g, t suffix, or a percentage such as 50%"
-        )
-    number, suffix = int(match.group(1)), match.group(2).lower()
-    size = memory * number // 100 if suffix == "%" else number * _SUFFIXES[suffix]
-    size = (size + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
+    try:
+        size = pages_for(sizes.parse_size(text, percent_of=memory)) * PAGE_SIZE
+    except sizes.SizeError as error:
+        raise OptionError(f"{name}={text}: {error.reason}") from None
     if size > MAX_SIZE:
-        raise OptionError(f"size={text}: larger than volfs supports (64T)")
+        raise OptionError(f"{name}={text}: larger than volfs supports ({MAX_SIZE >> 40}T)")
     return size
 
 
 def parse_count(name: str, text: str) -> int:
-    """Parse a count with an optional k/m/g suffix (``nr_inodes=``)."""
-    match = re.fullmatch(r"([0-9]+)([kmg]?)", text.strip(), re.IGNORECASE)
-    if not match:
-        raise OptionError(f"{name}={text}: expected a number with an optional k, m or g suffix")
-    return int(match.group(1)) * _SUFFIXES[match.group(2).lower()]
+    """Parse a count (``nr_inodes=``) in :mod:`volfs.sizes`' syntax, without percentages."""
+    try:
+        return sizes.parse_size(text)
+    except sizes.SizeError as error:
+        raise OptionError(f"{name}={text}: {error.reason}") from None
 
 
 def _parse_id(name: str, text: str) -> int:
@@ -206,7 +197,7 @@ def parse_mount_options(
     for item in split_options(option_strings):
         name, has_value, value = item.partition("=")
         if name == "size" and has_value:
-            size = parse_size(value, memory=memory)
+            size = parse_size(value, memory=memory, name=name)
         elif name == "nr_inodes" and has_value:
             nr_inodes = parse_count(name, value)
         elif name == "mode" and has_value:
@@ -234,12 +225,12 @@ def parse_mount_options(
                 raise OptionError(f"pressure_stall={value}: expected milliseconds, 1 to 2000")
             pressure["stall_us"] = int(value) * 1000
         elif name == "pressure_watermark" and has_value:
-            pressure["watermark"] = parse_size(value, memory=memory)
+            pressure["watermark"] = parse_size(value, memory=memory, name=name)
             if pressure["watermark"] > memory:
                 # MemAvailable never gets that high: volatile data would be purged nonstop.
                 raise OptionError(f"pressure_watermark={value}: more than the machine's memory")
         elif name == "pressure_batch" and has_value:
-            pressure["batch"] = parse_size(value, memory=memory)
+            pressure["batch"] = parse_size(value, memory=memory, name=name)
             if not pressure["batch"]:
                 raise OptionError(f"pressure_batch={value}: must be more than 0")
         elif name == "fsname" and has_value:

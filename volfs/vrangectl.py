@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
 
-from volfs.abi import PAGE_SIZE, VOLFS_STATS_FIELDS
+from volfs.abi import PAGE_SIZE, VOLFS_STATS_FIELDS, pages_for
 from volfs.client import (
     VRANGE_FULL,
     VRANGE_NONVOLATILE,
@@ -43,12 +43,11 @@ from volfs.client import (
     vrange_ranges,
     vrange_status,
 )
+from volfs.sizes import size_argument
 
 EXIT_FAILURE = 1
 T = TypeVar("T")
 
-_SIZE = re.compile(r"(\d+)([kmg]?)", re.IGNORECASE)
-_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 #: Paths naming a descriptor the calling shell passed down.
 _DESCRIPTOR_PATH = re.compile(r"/(?:dev|proc/self)/fd/(\d+)")
 
@@ -70,8 +69,9 @@ examples:
 
 Volatility lasts while any descriptor of the file is open, in any process: vrangectl's own
 descriptor closes when it exits, so keep the file open in the shell (exec 3<>FILE) and pass
-/dev/fd/3. OFFSET, LENGTH and N are bytes with an optional K, M or G suffix (powers of 1024);
-OFFSET and LENGTH must be multiples of 4096, and LENGTH 0 means up to the end of the file.
+/dev/fd/3. OFFSET, LENGTH and N are bytes with an optional K, M, G or T suffix (powers of
+1024: 64K = 64KiB = 65536); OFFSET and LENGTH must be multiples of 4096, and LENGTH 0 means up
+to the end of the file.
 
 exit status: 0 done, 1 the operation failed (one line on stderr says why), 2 usage error.
 """
@@ -79,23 +79,6 @@ exit status: 0 done, 1 the operation failed (one line on stderr says why), 2 usa
 
 class CommandError(Exception):
     """An operation failed; the message is the line to print after ``vrangectl: ``."""
-
-
-def parse_size(text: str) -> int:
-    """Parse ``4096``, ``64K``, ``1m``, ``2G`` (powers of 1024) into bytes.
-
-    Raises:
-        argparse.ArgumentTypeError: not such a number, or too large for the ABI's 64 bits.
-    """
-    match = _SIZE.fullmatch(text)
-    if not match:
-        raise argparse.ArgumentTypeError(
-            f"invalid size {text!r} (expected bytes with an optional K, M or G suffix)"
-        )
-    value = int(match[1]) * _SUFFIXES[match[2].lower()]
-    if value >= 1 << 64:
-        raise argparse.ArgumentTypeError(f"size {text!r} is too large")
-    return value
 
 
 def explain(path: str, error: OSError, hint: str = "") -> CommandError:
@@ -179,7 +162,7 @@ def opened(path: str, *, writable: bool) -> Iterator[int]:
 
 def _page_rounded_size(fd: int) -> int:
     """The file's size rounded up to whole pages: where spans must end."""
-    return -(-os.fstat(fd).st_size // PAGE_SIZE) * PAGE_SIZE
+    return pages_for(os.fstat(fd).st_size) * PAGE_SIZE
 
 
 def _span_hint(fd: int, offset: int, length: int) -> str:
@@ -319,10 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     def span_arguments(command: argparse.ArgumentParser, *, optional: bool = False) -> None:
         nargs = "?" if optional else None
         command.add_argument(
-            "offset", type=parse_size, nargs=nargs, metavar="OFFSET", help="first byte"
+            "offset", type=size_argument, nargs=nargs, metavar="OFFSET", help="first byte"
         )
         command.add_argument(
-            "length", type=parse_size, nargs=nargs, metavar="LENGTH", help="0: to the end"
+            "length", type=size_argument, nargs=nargs, metavar="LENGTH", help="0: to the end"
         )
 
     volatile = commands.add_parser(
@@ -400,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     purge_command.add_argument("path", metavar="PATH", help="any file or directory of the mount")
     purge_command.add_argument(
         "--bytes",
-        type=parse_size,
+        type=size_argument,
         default=0,
         metavar="N",
         help="purge at least N bytes (default: all volatile data)",
