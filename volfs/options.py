@@ -1,16 +1,17 @@
 """Mount options: tmpfs-style sizes and ownership, plus the FUSE options passed through.
 
 ``parse_mount_options`` turns the ``-o`` strings into a validated :class:`MountOptions` or
-raises :class:`OptionError` with a message fit to show the user as is.
+raises :class:`OptionError` with a message fit to show the user as is. Each ``name=value``
+option is one row of ``_VALUE_OPTIONS``: the setting it fills and the parser of its value.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 from volfs import sizes
 from volfs.abi import PAGE_SIZE, pages_for
@@ -26,6 +27,16 @@ MAX_FSNAME = 255
 #: daemon a few hundred bytes, so these keep a client's ranges within tens of MiB.
 DEFAULT_MAX_RANGES = 131072
 DEFAULT_MAX_FILE_RANGES = 65536
+
+#: The PSI window (µs). Without CAP_SYS_RESOURCE the kernel only accepts multiples of 2 s, and
+#: a stall threshold must fit within the window.
+PSI_WINDOW_US = 2_000_000
+#: ``pressure_stall=`` bounds, in milliseconds.
+MIN_STALL_MS = 1
+MAX_STALL_MS = PSI_WINDOW_US // 1000
+
+#: ``(uid_t)-1`` tells the kernel "no id": ids stop below it.
+NO_ID = 0xFFFFFFFF
 
 #: Options handed to libfuse unchanged: its own, and the generic mount flags.
 FUSE_FLAG_OPTIONS = frozenset(
@@ -93,10 +104,9 @@ class PressureSettings:
     """The ``pressure=`` family of mount options."""
 
     enabled: bool = True
-    #: PSI trigger: purge when "some" tasks stall this long (µs) within a window. Without
-    #: CAP_SYS_RESOURCE the kernel only accepts windows in multiples of 2 s.
+    #: PSI trigger: purge when "some" tasks stall this long (µs) within a window.
     stall_us: int = 150_000
-    window_us: int = 2_000_000
+    window_us: int = PSI_WINDOW_US
     #: Purge while MemAvailable is below this many bytes (0: no watermark).
     watermark: int = 0
     #: Seconds between watermark samples.
@@ -159,15 +169,123 @@ def parse_count(name: str, text: str) -> int:
         raise OptionError(f"{name}={text}: {error.reason}") from None
 
 
-def _parse_id(name: str, text: str) -> int:
-    if not re.fullmatch(r"[0-9]+", text) or int(text) >= 0xFFFFFFFF:
-        raise OptionError(f"{name}={text}: expected a numeric id")
-    return int(text)
-
-
 def split_options(option_strings: Iterable[str]) -> list[str]:
     """Split ``-o`` arguments at commas, dropping empty items."""
     return [item for text in option_strings for item in text.split(",") if item]
+
+
+# -- the parsers of option values: (name, value, memory) -> the setting ----------------------
+
+
+def _size(name: str, value: str, memory: int) -> int:
+    return parse_size(value, memory=memory, name=name)
+
+
+def _count(name: str, value: str, _memory: int) -> int:
+    return parse_count(name, value)
+
+
+def _mode(name: str, value: str, _memory: int) -> int:
+    if not re.fullmatch(r"[0-7]{1,4}", value):
+        raise OptionError(f"{name}={value}: expected octal permission bits such as 1777")
+    return int(value, 8)
+
+
+def _id(name: str, value: str, _memory: int) -> int:
+    if not re.fullmatch(r"[0-9]+", value) or int(value) >= NO_ID:
+        raise OptionError(f"{name}={value}: expected a numeric id")
+    return int(value)
+
+
+def _purged_reads_zero(name: str, value: str, _memory: int) -> bool:
+    if value not in ("eio", "zero"):
+        raise OptionError(f"{name}={value}: expected eio or zero")
+    return value == "zero"
+
+
+def _on(name: str, value: str, _memory: int) -> bool:
+    if value not in ("on", "off"):
+        raise OptionError(f"{name}={value}: expected on or off")
+    return value == "on"
+
+
+def _stall_us(name: str, value: str, _memory: int) -> int:
+    if not re.fullmatch(r"[0-9]+", value) or not MIN_STALL_MS <= int(value) <= MAX_STALL_MS:
+        raise OptionError(
+            f"{name}={value}: expected milliseconds, {MIN_STALL_MS} to {MAX_STALL_MS}"
+        )
+    return int(value) * 1000
+
+
+def _watermark(name: str, value: str, memory: int) -> int:
+    watermark = parse_size(value, memory=memory, name=name)
+    if watermark > memory:
+        # MemAvailable never gets that high: volatile data would be purged nonstop.
+        raise OptionError(f"{name}={value}: more than the machine's memory")
+    return watermark
+
+
+def _batch(name: str, value: str, memory: int) -> int:
+    batch = parse_size(value, memory=memory, name=name)
+    if not batch:
+        raise OptionError(f"{name}={value}: must be more than 0")
+    return batch
+
+
+def _text(_name: str, value: str, _memory: int) -> str:
+    return value
+
+
+class _ValueOption(NamedTuple):
+    """What a ``name=value`` option sets, and how its value is read."""
+
+    #: Whose setting it is: a MountOptions field, a PressureSettings field, libfuse's
+    #: (``fsname``), or nobody's (ignored once parsed).
+    owner: Literal["mount", "pressure", "fuse", "ignored"]
+    #: The field (or libfuse option) it sets.
+    setting: str
+    #: Reads the value; raises OptionError naming the option.
+    parse: Callable[[str, str, int], Any]
+
+
+_VALUE_OPTIONS: dict[str, _ValueOption] = {
+    "size": _ValueOption("mount", "size", _size),
+    "nr_inodes": _ValueOption("mount", "nr_inodes", _count),
+    "mode": _ValueOption("mount", "mode", _mode),
+    "uid": _ValueOption("mount", "uid", _id),
+    "gid": _ValueOption("mount", "gid", _id),
+    "purged": _ValueOption("mount", "purged_reads_zero", _purged_reads_zero),
+    "max_ranges": _ValueOption("mount", "max_ranges", _count),
+    "max_file_ranges": _ValueOption("mount", "max_file_ranges", _count),
+    "pressure": _ValueOption("pressure", "enabled", _on),
+    "pressure_stall": _ValueOption("pressure", "stall_us", _stall_us),
+    "pressure_watermark": _ValueOption("pressure", "watermark", _watermark),
+    "pressure_batch": _ValueOption("pressure", "batch", _batch),
+    "fsname": _ValueOption("fuse", "fsname", _text),
+    # mount.fuse3 passes the type's subtype on; it is always volfs.
+    "subtype": _ValueOption("ignored", "subtype", _text),
+}
+
+
+def _is_ignored(name: str, has_value: bool) -> bool:
+    """Whether an option is one mount(8), fstab or systemd may add that means nothing here."""
+    return (not has_value and name in IGNORED_OPTIONS) or name.startswith(("x-", "comment"))
+
+
+def _defaults(memory: int, source: str) -> dict[str, dict[str, Any]]:
+    """The settings without options, by owner (see :class:`_ValueOption`), for ``memory``."""
+    return {
+        "mount": {
+            "size": memory // 2 // PAGE_SIZE * PAGE_SIZE,
+            "nr_inodes": memory // PAGE_SIZE // 2,
+            "mode": 0o1777,
+            "uid": os.getuid(),
+            "gid": os.getgid(),
+        },
+        "pressure": {"watermark": memory // 50},
+        "fuse": {"fsname": source},
+        "ignored": {},
+    }
 
 
 def parse_mount_options(
@@ -185,78 +303,25 @@ def parse_mount_options(
     """
     if memory is None:
         memory = meminfo("MemTotal")
-    size = memory // 2 // PAGE_SIZE * PAGE_SIZE
-    nr_inodes = memory // PAGE_SIZE // 2
-    mode = 0o1777
-    uid, gid = os.getuid(), os.getgid()
-    fuse_options = {"default_permissions", "subtype=volfs"}
-    fsname = source
-    purged_reads_zero = False
-    max_ranges, max_file_ranges = DEFAULT_MAX_RANGES, DEFAULT_MAX_FILE_RANGES
-    pressure: dict[str, Any] = {"watermark": memory // 50}
+    settings = _defaults(memory, source)
+    fuse_flags = {"default_permissions"}
     for item in split_options(option_strings):
-        name, has_value, value = item.partition("=")
-        if name == "size" and has_value:
-            size = parse_size(value, memory=memory, name=name)
-        elif name == "nr_inodes" and has_value:
-            nr_inodes = parse_count(name, value)
-        elif name == "mode" and has_value:
-            if not re.fullmatch(r"[0-7]{1,4}", value):
-                raise OptionError(f"mode={value}: expected octal permission bits such as 1777")
-            mode = int(value, 8)
-        elif name == "uid" and has_value:
-            uid = _parse_id(name, value)
-        elif name == "gid" and has_value:
-            gid = _parse_id(name, value)
-        elif name == "purged" and has_value:
-            if value not in ("eio", "zero"):
-                raise OptionError(f"purged={value}: expected eio or zero")
-            purged_reads_zero = value == "zero"
-        elif name == "max_ranges" and has_value:
-            max_ranges = parse_count(name, value)
-        elif name == "max_file_ranges" and has_value:
-            max_file_ranges = parse_count(name, value)
-        elif name == "pressure" and has_value:
-            if value not in ("on", "off"):
-                raise OptionError(f"pressure={value}: expected on or off")
-            pressure["enabled"] = value == "on"
-        elif name == "pressure_stall" and has_value:
-            if not re.fullmatch(r"[0-9]+", value) or not 1 <= int(value) <= 2000:
-                raise OptionError(f"pressure_stall={value}: expected milliseconds, 1 to 2000")
-            pressure["stall_us"] = int(value) * 1000
-        elif name == "pressure_watermark" and has_value:
-            pressure["watermark"] = parse_size(value, memory=memory, name=name)
-            if pressure["watermark"] > memory:
-                # MemAvailable never gets that high: volatile data would be purged nonstop.
-                raise OptionError(f"pressure_watermark={value}: more than the machine's memory")
-        elif name == "pressure_batch" and has_value:
-            pressure["batch"] = parse_size(value, memory=memory, name=name)
-            if not pressure["batch"]:
-                raise OptionError(f"pressure_batch={value}: must be more than 0")
-        elif name == "fsname" and has_value:
-            fsname = value
-        elif name == "subtype" and has_value:
-            continue  # mount.fuse3 passes the type's subtype on; it is always volfs
+        name, equals, value = item.partition("=")
+        has_value = bool(equals)
+        option = _VALUE_OPTIONS.get(name) if has_value else None
+        if option is not None:
+            settings[option.owner][option.setting] = option.parse(name, value, memory)
         elif not has_value and name in FUSE_FLAG_OPTIONS:
-            fuse_options.add(name)
-        elif (not has_value and name in IGNORED_OPTIONS) or name.startswith(("x-", "comment")):
-            continue
-        else:
+            fuse_flags.add(name)
+        elif not _is_ignored(name, has_value):
             raise OptionError(f"unknown mount option '{item}'")
+    fsname = settings["fuse"]["fsname"]
     if not fsname or "," in fsname or len(fsname.encode()) > MAX_FSNAME:
         raise OptionError(
             f"fsname={fsname[:40]}: must be a name of 1 to {MAX_FSNAME} bytes without commas"
         )
-    fuse_options.add(f"fsname={fsname}")
     return MountOptions(
-        size=size,
-        nr_inodes=nr_inodes,
-        mode=mode,
-        uid=uid,
-        gid=gid,
-        fuse_options=frozenset(fuse_options),
-        purged_reads_zero=purged_reads_zero,
-        max_ranges=max_ranges,
-        max_file_ranges=max_file_ranges,
-        pressure=PressureSettings(**pressure),
+        **settings["mount"],
+        fuse_options=frozenset({*fuse_flags, "subtype=volfs", f"fsname={fsname}"}),
+        pressure=PressureSettings(**settings["pressure"]),
     )
