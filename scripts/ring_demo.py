@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from volfs.ring import (
     Consumer,
-    PeerVanishedError,
     Producer,
+    RingClosedError,
     RingError,
 )
 from volfs.sizes import size_argument
@@ -83,15 +83,15 @@ def consume(ring: Consumer) -> int:
     if sys.stdout.isatty():
         print(f"ring_demo: printing messages from {ring.path}", file=sys.stderr)
     out = sys.stdout.buffer
-    try:
-        for message in ring:
-            out.write(message + b"\n")
-            out.flush()
-    except PeerVanishedError as error:
-        print(f"ring_demo: {error}", file=sys.stderr)
-        return 1
-    print(f"ring_demo: the producer (pid {ring.peer_pid()}) closed the ring", file=sys.stderr)
-    return 0
+    while True:
+        try:
+            message = ring.receive()
+        except RingClosedError as end:
+            # The end of the stream, not a failure: the error names the producer and its pid.
+            print(f"ring_demo: {end}", file=sys.stderr)
+            return 0
+        out.write(message + b"\n")
+        out.flush()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -125,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except (RingError, ValueError, OSError) as error:
-        # A consumer that closed, a line longer than the ring takes, a busy role, no volfs.
+        # A peer gone (a consumer closed, either end killed), a line longer than the ring
+        # takes, a busy role, no volfs.
         if isinstance(error, OSError) and not isinstance(error, RingError):
             error_text = f"{args.path}: {error.strerror or error}"
         else:

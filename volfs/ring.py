@@ -131,6 +131,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Literal, Self
 
+from volfs.abi import PAGE_SIZE
 from volfs.client import VRANGE_NONVOLATILE, VRANGE_VOLATILE, fvrange, vrange_status
 
 __all__ = [
@@ -148,7 +149,6 @@ __all__ = [
     "create_ring",
 ]
 
-PAGE_SIZE: Final = 4096
 #: Default bytes the producer makes non-volatile per fvrange call.
 DEFAULT_SEGMENT_SIZE: Final = 1 << 20
 #: A consumer that has found the ring empty this long marks what it consumed volatile.
@@ -398,10 +398,6 @@ class _Endpoint:
         return RingStatistics(
             self._messages, self._payload_bytes, self._waits, self._marks, self._purged
         )
-
-    def peer_pid(self) -> int:
-        """The pid the other side recorded when it last attached (0 if none ever did)."""
-        return int(self._words[_LINE[self._peer]])
 
     def _peer_end(self) -> tuple[type[RingError], int, int] | None:
         """How the other side's current session ended, if it did and is not ignored.
