@@ -78,7 +78,8 @@ MiB = 1 << 20
 NOBODY = 65534
 PROBE_UID = 65533
 MOUNT_OPTIONS = "size=256M,allow_other"
-#: The largest file size (the kernel's MAX_LFS_FILESIZE).
+#: The root directory's mode on such a mount: the attacker (nobody) must be able to write it.
+ROOT_MODE = 0o1777
 
 #: Target: RSS growth beyond what was charged to the cap stays below this.
 RSS_UNCHARGED = 64 * MiB
@@ -991,19 +992,40 @@ def attack_on_mount(
     rss_limit: int,
 ) -> Message:
     """The body of :func:`run_attack`, on the mounted volfs; ``children`` are killed after."""
-    record: Message = {}
+    record: Message = {"setup": set_up(attack, scale, mount, monitor)}
+    probe, attacker = start_children(attack, scale, mount, monitor, children)
+    window = run_window(attacker, daemon, monitor, scale, rss_limit)
+    record.update(measure_cost(attack, mount, daemon, monitor, window))
+    record.update(stop_probe(probe, monitor, window))
+    record["daemon_alive"] = daemon.process.poll() is None
+    attacker.finish()
+    if not monitor.wait(attacker.exited, time.monotonic() + FINISH_TIMEOUT):
+        record["attacker"]["finish"] = f"still closing after {FINISH_TIMEOUT:g} s, killed"
+    attacker.kill()
+    monitor.unwatch(attacker.messages)
+    return record
+
+
+def set_up(attack: Attack, scale: Scale, mount: Path, monitor: Monitor) -> Message:
+    """Check the mount's root, make the probe's file and run the attack's own setup."""
     mode = stat.S_IMODE(os.stat(mount).st_mode)
-    if mode != 0o1777:
-        raise RuntimeError(f"{mount}: root directory mode {mode:o}, expected 1777")
+    if mode != ROOT_MODE:
+        raise RuntimeError(f"{mount}: root directory mode {mode:o}, expected {ROOT_MODE:o}")
 
     def setup() -> Message:
         make_probe_file(mount)
         return attack.setup(mount, scale) if attack.setup else {}
 
-    record["setup"] = call(monitor, "setup", setup, SETUP_TIMEOUT)
-    if record["setup"].get("error"):
-        raise RuntimeError(f"setup of {attack.name} failed: {record['setup']['error']}")
+    result = call(monitor, "setup", setup, SETUP_TIMEOUT)
+    if result.get("error"):
+        raise RuntimeError(f"setup of {attack.name} failed: {result['error']}")
+    return result
 
+
+def start_children(
+    attack: Attack, scale: Scale, mount: Path, monitor: Monitor, children: list[Child]
+) -> tuple[Child, Child]:
+    """Start the probe and the attacker (which waits for its go); let the probe warm up."""
     probe = spawn("probe", PROBE_UID, PROBE_UID, probe_body(mount / "probe"))
     children.append(probe)
     with contextlib.suppress(OSError):  # a bigger pipe: the parent may be busy for a while
@@ -1013,7 +1035,30 @@ def attack_on_mount(
     children.append(attacker)
     monitor.watch(attacker.messages, attacker.feed)
     monitor.pause(WARMUP)
+    return probe, attacker
 
+
+@dataclass
+class AttackWindow:
+    """The timed part of an attack, as the parent saw it."""
+
+    run: Run
+    #: When the attacker was let go, and when it stopped or was stopped (monotonic seconds).
+    started: float
+    ended: float
+    #: The daemon's RSS, and its run-queue wait in ns, when the attacker was let go.
+    rss_before: int
+    runqueue_before: int
+
+
+def run_window(
+    attacker: Child,
+    daemon: volfs_mounts.Daemon,
+    monitor: Monitor,
+    scale: Scale,
+    rss_limit: int,
+) -> AttackWindow:
+    """Let the attacker go and follow it until it is done, dies or has to be killed."""
     run = Run()
     monitor.sample()
     before = monitor.rss or 0
@@ -1022,28 +1067,8 @@ def attack_on_mount(
     monitor.tracking = True
     started = time.monotonic()
     attacker.go()
-    hard_deadline = started + scale.seconds + KILL_GRACE
-    stop: str | None = None
-    while True:
-        run.take(attacker.received)
-        if run.finished:
-            break
-        if attacker.exited():
-            monitor.unwatch(attacker.messages)
-            run.take(attacker.received)
-            if not run.finished:
-                stop = "its exit without a result"
-            break
-        if daemon.process.poll() is not None:
-            stop = "the daemon's death"
-            break
-        if monitor.rss is not None and monitor.rss - before > rss_limit:
-            stop = f"a kill at the RSS limit (the daemon grew {rss_limit // MiB} MiB)"
-            break
-        if time.monotonic() >= hard_deadline:
-            stop = "a kill at the time bound"
-            break
-        monitor.step(hard_deadline)
+    deadline = started + scale.seconds + KILL_GRACE
+    stop = follow_attack(run, attacker, daemon, monitor, before, rss_limit, deadline)
     if stop is not None and stop.startswith("a kill"):
         attacker.kill()
     ended = time.monotonic()
@@ -1056,14 +1081,57 @@ def attack_on_mount(
         ended = time.monotonic()
     monitor.sample()
     monitor.tracking = False
-    whole = [(started, ended)]
+    return AttackWindow(run, started, ended, before, waited)
 
-    record["attacker"] = run.attacker
-    record["duration"] = round(ended - started, 3)
-    record["rss_before_mib"] = round(before / MiB, 1)
-    record["rss_peak_mib"] = round(monitor.peak / MiB, 1)
-    record["rss_growth_mib"] = round((monitor.peak - before) / MiB, 1)
-    record["daemon_cpu_wait_ms"] = round((runqueue_wait(daemon.process.pid) - waited) / 1e6, 1)
+
+def follow_attack(
+    run: Run,
+    attacker: Child,
+    daemon: volfs_mounts.Daemon,
+    monitor: Monitor,
+    rss_before: int,
+    rss_limit: int,
+    deadline: float,
+) -> str | None:
+    """Watch until the attacker reports its result (None), or say what stopped it.
+
+    The attacker is stopped once the daemon's RSS grew ``rss_limit`` past ``rss_before``.
+    """
+    while True:
+        run.take(attacker.received)
+        if run.finished:
+            return None
+        if attacker.exited():
+            monitor.unwatch(attacker.messages)
+            run.take(attacker.received)
+            return None if run.finished else "its exit without a result"
+        if daemon.process.poll() is not None:
+            return "the daemon's death"
+        if monitor.rss is not None and monitor.rss - rss_before > rss_limit:
+            return f"a kill at the RSS limit (the daemon grew {rss_limit // MiB} MiB)"
+        if time.monotonic() >= deadline:
+            return "a kill at the time bound"
+        monitor.step(deadline)
+
+
+def measure_cost(
+    attack: Attack,
+    mount: Path,
+    daemon: volfs_mounts.Daemon,
+    monitor: Monitor,
+    window: AttackWindow,
+) -> Message:
+    """What the attack cost the daemon: RSS, CPU wait, bytes charged; the attack's checks."""
+    before = window.rss_before
+    waited = runqueue_wait(daemon.process.pid) - window.runqueue_before
+    record: Message = {
+        "attacker": window.run.attacker,
+        "duration": round(window.ended - window.started, 3),
+        "rss_before_mib": round(before / MiB, 1),
+        "rss_peak_mib": round(monitor.peak / MiB, 1),
+        "rss_growth_mib": round((monitor.peak - before) / MiB, 1),
+        "daemon_cpu_wait_ms": round(waited / 1e6, 1),
+    }
     used = call(monitor, "statvfs", lambda: statvfs_used(mount), CALL_TIMEOUT)
     record["charged_mib"] = round(used["used"] / MiB, 1) if "used" in used else None
     if "used" not in used:
@@ -1071,29 +1139,27 @@ def attack_on_mount(
     hook = attack.after
     if hook is not None:
         record["after"] = call(monitor, "after", lambda: hook(mount), CALL_TIMEOUT)
+    return record
 
+
+def stop_probe(probe: Child, monitor: Monitor, window: AttackWindow) -> Message:
+    """Stop the probe; its latencies within the attack's windows and over the whole attack."""
     probe.finish()
     if not monitor.wait(probe.exited, time.monotonic() + PROBE_STOP_TIMEOUT):
-        last = monitor.probe.last_end or started
+        last = monitor.probe.last_end or window.started
         monitor.probe.add(last, time.monotonic(), errno.ETIMEDOUT)  # stuck in one round
     probe.kill()
     monitor.unwatch(probe.messages)
-
-    windows = run.windows or whole
-    record["probe"] = {
-        **monitor.probe.summary(windows),
-        "errors": dict(monitor.probe.errors),
-        "windows": len(windows),
+    whole = [(window.started, window.ended)]
+    windows = window.run.windows or whole
+    return {
+        "probe": {
+            **monitor.probe.summary(windows),
+            "errors": dict(monitor.probe.errors),
+            "windows": len(windows),
+        },
+        "probe_whole_attack": monitor.probe.summary(whole),
     }
-    record["probe_whole_attack"] = monitor.probe.summary(whole)
-    record["daemon_alive"] = daemon.process.poll() is None
-
-    attacker.finish()
-    if not monitor.wait(attacker.exited, time.monotonic() + FINISH_TIMEOUT):
-        record["attacker"]["finish"] = f"still closing after {FINISH_TIMEOUT:g} s, killed"
-    attacker.kill()
-    monitor.unwatch(attacker.messages)
-    return record
 
 
 def targets(record: Message, attack: Attack) -> dict[str, bool]:

@@ -68,6 +68,8 @@ TARGETS = ("volfs", "ceiling", "tmpfs", "ceiling-noxattr")
 DEFAULT_TARGETS = ("volfs", "ceiling", "tmpfs")
 FUSE_TARGETS = ("volfs", "ceiling", "ceiling-noxattr")
 MIB = 1 << 20
+#: Figures this large are shown without decimals, which would only be noise.
+WHOLE_FIGURES_FROM = 100
 
 
 @dataclass(frozen=True)
@@ -346,7 +348,7 @@ def ratio_columns(targets: Sequence[str]) -> list[tuple[str, str]]:
 def format_value(value: float | None) -> str:
     if value is None:
         return "-"
-    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+    return f"{value:,.0f}" if value >= WHOLE_FIGURES_FROM else f"{value:.1f}"
 
 
 def format_ratio(value: float | None) -> str:

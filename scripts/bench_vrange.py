@@ -72,6 +72,8 @@ DEFAULT_SIZES = (100, 10_000, 1_000_000)
 TARGET_FACTOR = 2.0
 #: Ranges marked between two looks at the clock while populating.
 POPULATE_CHUNK = 4096
+#: The fewest timed pairs: the p90 (statistics.quantiles) needs two samples.
+MIN_PAIRS = 2
 #: Seconds between two progress lines while populating.
 PROGRESS_INTERVAL = 5.0
 
@@ -393,7 +395,7 @@ class Scaling:
 
 
 def scaling(results: Sequence[SizeResult]) -> Scaling | None:
-    if len(results) < 2:
+    if not results:
         return None
     small = min(results, key=lambda r: r.ranges)
     large = max(results, key=lambda r: r.ranges)
@@ -568,8 +570,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
-    if args.pairs < 2 or args.warmup < 0:
-        parser.error("--pairs must be at least 2 and --warmup not negative")
+    if args.pairs < MIN_PAIRS or args.warmup < 0:
+        parser.error(f"--pairs must be at least {MIN_PAIRS} and --warmup not negative")
     return args
 
 

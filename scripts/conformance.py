@@ -533,6 +533,80 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     return arguments
 
 
+def wanted_cases(spec: str | None) -> list[Case]:
+    """The cases ``--cases`` names: all without it, the CI set for ``ci``.
+
+    Raises:
+        KeyError: unknown names (see :func:`select`).
+    """
+    if not spec:
+        return select(None)
+    return select(list(CI_CASES) if spec == "ci" else spec.split(","))
+
+
+def run_on_mounts(
+    arguments: argparse.Namespace, cases: Sequence[Case]
+) -> tuple[list[Row], dict[str, object]]:
+    """Run the cases on the mounts given, or on a tmpfs and a volfs of our own.
+
+    Returns:
+        The rows, and how our own volfs daemon ended (empty for mounts given).
+    """
+    daemon: dict[str, object] = {}
+    with contextlib.ExitStack() as stack:
+        if arguments.volfs is not None:
+            roots = {"tmpfs": arguments.tmpfs, "volfs": arguments.volfs}
+        else:
+            roots, daemon = stack.enter_context(own_mounts(arguments.size, arguments.volfs_options))
+        rows = run_suite(
+            cases,
+            roots,
+            timeout=arguments.timeout,
+            instances=arguments.instances,
+            progress=not arguments.json,
+        )
+    return rows, daemon
+
+
+def daemon_problems(daemon: dict[str, object]) -> list[str]:
+    """What went wrong with our own volfs daemon, if it failed."""
+    if daemon and (daemon["exit_status"] != 0 or daemon["logged_exception"]):
+        return [f"the volfs daemon failed: {daemon}"]
+    return []
+
+
+def print_json(rows: Sequence[Row], problems: Sequence[str], daemon: dict[str, object]) -> None:
+    """The rows, the violations and the daemon's end as one JSON object."""
+    report = {
+        "rows": [
+            {
+                "case": asdict(row.case),
+                "note": row.note(),
+                "outcomes": {name: asdict(outcome) for name, outcome in row.outcomes.items()},
+            }
+            for row in rows
+        ],
+        "violations": problems,
+        "daemon": daemon,
+    }
+    print(json.dumps(report, indent=2))
+
+
+def print_verdict(rows: Sequence[Row], problems: Sequence[str]) -> None:
+    """The table, then OK or FAILED with every violation."""
+    print(format_table(rows))
+    passed = sum(1 for row in rows if row.outcomes["tmpfs"].status == PASS)
+    print()
+    if problems:
+        print("conformance: FAILED")
+        for problem in problems:
+            print(f"  {problem}")
+    else:
+        print(
+            f"conformance: OK: volfs passes every case tmpfs passes ({passed} of {len(rows)} cases)"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the suite; see the module docstring."""
     arguments = parse_arguments(argv)
@@ -544,60 +618,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         print(f"conformance: {' and '.join(missing)} not installed", file=sys.stderr)
         return 2
-    names = None
-    if arguments.cases:
-        names = list(CI_CASES) if arguments.cases == "ci" else arguments.cases.split(",")
     try:
-        cases = select(names)
+        cases = wanted_cases(arguments.cases)
     except KeyError as error:
         print(f"conformance: unknown cases: {error.args[0]}", file=sys.stderr)
         return 2
-    daemon: dict[str, object] = {}
-    with contextlib.ExitStack() as stack:
-        if arguments.volfs is not None:
-            roots = {"tmpfs": arguments.tmpfs, "volfs": arguments.volfs}
-        else:
-            if os.geteuid() != 0:
-                print("conformance: mounting tmpfs needs root", file=sys.stderr)
-                return 2
-            roots, daemon = stack.enter_context(own_mounts(arguments.size, arguments.volfs_options))
-        rows = run_suite(
-            cases,
-            roots,
-            timeout=arguments.timeout,
-            instances=arguments.instances,
-            progress=not arguments.json,
-        )
-    problems = violations(rows)
-    if daemon and (daemon["exit_status"] != 0 or daemon["logged_exception"]):
-        problems.append(f"the volfs daemon failed: {daemon}")
+    if arguments.volfs is None and os.geteuid() != 0:
+        print("conformance: mounting tmpfs needs root", file=sys.stderr)
+        return 2
+    rows, daemon = run_on_mounts(arguments, cases)
+    problems = violations(rows) + daemon_problems(daemon)
     if arguments.json:
-        report = {
-            "rows": [
-                {
-                    "case": asdict(row.case),
-                    "note": row.note(),
-                    "outcomes": {name: asdict(outcome) for name, outcome in row.outcomes.items()},
-                }
-                for row in rows
-            ],
-            "violations": problems,
-            "daemon": daemon,
-        }
-        print(json.dumps(report, indent=2))
+        print_json(rows, problems, daemon)
     else:
-        print(format_table(rows))
-        passed = sum(1 for row in rows if row.outcomes["tmpfs"].status == PASS)
-        print()
-        if problems:
-            print("conformance: FAILED")
-            for problem in problems:
-                print(f"  {problem}")
-        else:
-            print(
-                f"conformance: OK: volfs passes every case tmpfs passes "
-                f"({passed} of {len(rows)} cases)"
-            )
+        print_verdict(rows, problems)
     return 1 if problems else 0
 
 

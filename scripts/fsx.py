@@ -127,6 +127,31 @@ WEIGHTS: dict[str, int] = {
 #: Operations that need volfs (dropped by --plain).
 VOLFS_ONLY = frozenset({"zero", "volatile", "nonvolatile", "status", "badspan", "purge", "probe"})
 
+# The odds of the random choices within operations, each the chance of the case it names.
+#: A write goes through the first of the two read-write descriptors (else the second).
+FIRST_WRITER_CHANCE = 0.5
+#: Where an offset falls: within the file, at or next to a page boundary, or anywhere below
+#: --max-size; cumulative chances, as random.choices takes them.
+OFFSET_ODDS = {"within": 0.6, "page boundary": 0.85, "anywhere": 1.0}
+#: How long a span is: up to 512 bytes, up to 4 pages, or up to 16 pages (cumulative).
+LENGTH_ODDS = {"bytes": 0.5, "pages": 0.8, "many pages": 1.0}
+#: A page span asks for everything up to EOF (length 0).
+SPAN_TO_EOF_CHANCE = 0.15
+#: Otherwise it is at most 4 pages long (else it ends anywhere up to EOF).
+SHORT_SPAN_CHANCE = 0.6
+#: A truncation stays within the current size (else anywhere below --max-size).
+TRUNCATE_WITHIN_CHANCE = 0.5
+#: fallocate keeps the size (FALLOC_FL_KEEP_SIZE).
+KEEP_SIZE_CHANCE = 0.5
+#: A range is marked PARTIAL (else FULL).
+PARTIAL_CHANCE = 0.4
+#: NON_VOLATILE unmarks (part of) a marked range (else a random span).
+UNMARK_A_RANGE_CHANCE = 0.5
+#: VRANGE goes through our own descriptor (else another process opens the file for it).
+VRANGE_HERE_CHANCE = 0.85
+#: A purge asks for everything (else for 1 to 16 pages).
+PURGE_ALL_CHANCE = 0.4
+
 
 class MismatchError(Exception):
     """The file did something the model says it must not."""
@@ -145,6 +170,11 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _libc.fallocate(fd, mode, offset, length) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
+
+
+def pick(rng: random.Random, odds: dict[str, float]) -> str:
+    """One case of ``odds`` (cumulative chances), drawn with one ``rng.random()``."""
+    return rng.choices(tuple(odds), cum_weights=tuple(odds.values()))[0]
 
 
 def errno_name(error: OSError) -> str:
@@ -185,6 +215,20 @@ class ModelRange:
     def pages(self) -> range:
         """Its page numbers."""
         return range(self.start, self.end)
+
+
+@dataclass
+class PurgeFindings:
+    """What one purge did to the model's ranges, as VRANGE_STATUS shows it."""
+
+    #: Each range the purge took from, and the first page it took.
+    taken: list[tuple[ModelRange, int]] = field(default_factory=list)
+    #: Pages this purge purged.
+    newly: set[int] = field(default_factory=set)
+    #: Dirty pages of ranges taken whole that the purge wrote back, repopulating them.
+    survivors: set[int] = field(default_factory=set)
+    #: Pages purged before that their dirty mmap contents, written back at last, rewrote.
+    written_back: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -393,15 +437,15 @@ class Exerciser:
 
     def writer(self) -> int:
         """One of the two read-write descriptors (both see and change the same ranges)."""
-        return self.fd if self.random.random() < 0.5 else self.fd2
+        return self.fd if self.random.random() < FIRST_WRITER_CHANCE else self.fd2
 
     def offset(self) -> int:
         """A byte offset, mostly inside the file, often at or near a page boundary."""
         limit = max(self.model.size, 1)
-        choice = self.random.random()
-        if choice < 0.6:
+        where = pick(self.random, OFFSET_ODDS)
+        if where == "within":
             offset = self.random.randrange(limit)
-        elif choice < 0.85:
+        elif where == "page boundary":
             offset = self.random.randrange(limit // PAGE + 2) * PAGE + self.random.choice(
                 (0, 0, -1, 1)
             )
@@ -412,10 +456,10 @@ class Exerciser:
     def length(self, offset: int) -> int:
         """A length fitting under --max-size from ``offset``: mostly small, sometimes pages."""
         room = self.settings.max_size - offset
-        choice = self.random.random()
-        if choice < 0.5:
+        size = pick(self.random, LENGTH_ODDS)
+        if size == "bytes":
             length = self.random.randint(1, 512)
-        elif choice < 0.8:
+        elif size == "pages":
             length = self.random.randint(1, 4 * PAGE)
         else:
             length = self.random.randint(1, 16 * PAGE)
@@ -428,9 +472,9 @@ class Exerciser:
         """
         eof = self.model.eof_pages
         first = self.random.randrange(eof + 1)
-        if self.random.random() < 0.15:
+        if self.random.random() < SPAN_TO_EOF_CHANCE:
             return first, eof, 0
-        if self.random.random() < 0.6:
+        if self.random.random() < SHORT_SPAN_CHANCE:
             end = min(eof, first + self.random.randint(1, 4))
         else:
             end = self.random.randint(first, eof)
@@ -650,7 +694,7 @@ class Exerciser:
         self.model.dirty -= pages
 
     def op_truncate(self) -> None:
-        if self.random.random() < 0.5:
+        if self.random.random() < TRUNCATE_WITHIN_CHANCE:
             size = self.random.randrange(self.model.size + 1)
         else:
             size = self.random.randrange(self.settings.max_size + 1)
@@ -668,7 +712,7 @@ class Exerciser:
     def op_fallocate(self) -> None:
         offset = self.offset()
         length = self.length(offset)
-        keep = self.random.random() < 0.5
+        keep = self.random.random() < KEEP_SIZE_CHANCE
         fallocate(self.writer(), FALLOC_FL_KEEP_SIZE if keep else 0, offset, length)
         self.note(f"fallocate {offset}+{length}{' keep-size' if keep else ''}")
         self.model.allocate(offset, length, keep_size=keep)
@@ -687,7 +731,7 @@ class Exerciser:
 
     def op_volatile(self) -> None:
         first, end, length = self.page_span()
-        partial = self.random.random() < 0.4
+        partial = self.random.random() < PARTIAL_CHANCE
         flags = VRANGE_PARTIAL if partial else VRANGE_FULL
         result, who = self.fvrange(first, length, VRANGE_VOLATILE, flags)
         self.note(
@@ -702,7 +746,7 @@ class Exerciser:
 
     def op_nonvolatile(self) -> None:
         first, end, length = self.page_span()
-        if self.model.ranges and self.random.random() < 0.5:
+        if self.model.ranges and self.random.random() < UNMARK_A_RANGE_CHANCE:
             chosen = self.random.choice(self.model.ranges)  # unmark a range, whole or in part
             first = self.random.randint(chosen.start, chosen.end - 1)
             end = self.random.randint(first + 1, chosen.end)
@@ -725,7 +769,7 @@ class Exerciser:
         The other process opens the file itself and closes it again: volatility belongs to
         the file, so its change stays, and its close is not the last one.
         """
-        if self.random.random() < 0.85:
+        if self.random.random() < VRANGE_HERE_CHANCE:
             return fvrange(self.writer(), first * PAGE, length * PAGE, mode, flags), ""
         path = self.settings.path
 
@@ -791,7 +835,7 @@ class Exerciser:
             )
 
     def op_purge(self) -> None:
-        everything = self.random.random() < 0.4
+        everything = self.random.random() < PURGE_ALL_CHANCE
         wanted = 0 if everything else self.random.randint(1, 16) * PAGE
         volatile = {page for r in self.model.ranges for page in r.pages()}
         if wanted and self.model.dirty & volatile:
@@ -814,36 +858,39 @@ class Exerciser:
         written back as the purge drops the range from the kernel's cache, which repopulates
         them: each either survives with the bytes written, or (written back earlier) is lost.
         """
+        found = PurgeFindings()
+        for volatile_range in list(self.model.ranges):
+            self.learn_range(volatile_range, wanted, found)
+        if wanted:
+            self.check_partial_purge(wanted, freed, found)
+        self.apply_purge(found)
+        self.counts["purged pages"] += len(found.newly)
+        self.counts["dirty pages repopulated by a purge"] += len(found.survivors)
+        self.check_status_total()
+
+    def learn_range(self, volatile_range: ModelRange, wanted: int, found: PurgeFindings) -> None:
+        """What the purge of ``wanted`` bytes (0: all) did to one range, into ``found``."""
         model = self.model
-        taken: list[tuple[ModelRange, int]] = []  # a range and the first page taken
-        newly: set[int] = set()
-        survivors: set[int] = set()
-        written_back: set[int] = set()
-        for volatile_range in list(model.ranges):
-            pages = set(volatile_range.pages())
-            lost_now = {page for page in pages if vrange_status(self.reader, page * PAGE, PAGE)[1]}
-            before = model.lost & pages
-            # Only a dirty page, written back at last, leaves the purged pages without a write.
-            if (before - lost_now) - model.dirty:
-                raise MismatchError(f"purge un-purged pages {sorted(before - lost_now)}")
-            written_back |= before - lost_now
-            new = lost_now - before
-            where = f"range [{volatile_range.start},{volatile_range.end})"
-            if new and not volatile_range.tracked:
-                raise MismatchError(f"purge took pages {sorted(new)} of {where}, already purged")
-            if wanted == 0:
-                if volatile_range.tracked:
-                    kept = pages - lost_now - model.dirty
-                    if kept:
-                        raise MismatchError(
-                            f"purge of everything left pages {sorted(kept)} of {where}"
-                        )
-                    taken.append((volatile_range, volatile_range.start))
-                    survivors |= pages - lost_now
-                    newly |= new
-                continue
-            if not new:
-                continue
+        pages = set(volatile_range.pages())
+        lost_now = {page for page in pages if vrange_status(self.reader, page * PAGE, PAGE)[1]}
+        before = model.lost & pages
+        # Only a dirty page, written back at last, leaves the purged pages without a write.
+        if (before - lost_now) - model.dirty:
+            raise MismatchError(f"purge un-purged pages {sorted(before - lost_now)}")
+        found.written_back |= before - lost_now
+        new = lost_now - before
+        where = f"range [{volatile_range.start},{volatile_range.end})"
+        if new and not volatile_range.tracked:
+            raise MismatchError(f"purge took pages {sorted(new)} of {where}, already purged")
+        if wanted == 0:
+            if volatile_range.tracked:
+                kept = pages - lost_now - model.dirty
+                if kept:
+                    raise MismatchError(f"purge of everything left pages {sorted(kept)} of {where}")
+                found.taken.append((volatile_range, volatile_range.start))
+                found.survivors |= pages - lost_now
+                found.newly |= new
+        elif new:
             first = min(new)
             if any(page not in lost_now for page in range(first, volatile_range.end)):
                 raise MismatchError(f"purge took pages {sorted(new)} of {where}: not its tail")
@@ -851,29 +898,31 @@ class Exerciser:
                 raise MismatchError(
                     f"purge took pages {sorted(new)} of FULL {where}: not all of it"
                 )
-            taken.append((volatile_range, first))
-            newly |= new
+            found.taken.append((volatile_range, first))
+            found.newly |= new
 
-        def wholly_lost(volatile_range: ModelRange) -> bool:
-            return set(volatile_range.pages()) <= model.lost | newly
+    def check_partial_purge(self, wanted: int, freed: int, found: PurgeFindings) -> None:
+        """A purge of ``wanted`` bytes freed enough, least recently marked ranges first."""
+        lost = self.model.lost | found.newly
+        left = [r for r in self.model.ranges if r.tracked and not set(r.pages()) <= lost]
+        if freed < wanted and left:
+            raise MismatchError(f"purge freed {freed} < {wanted} bytes with purgeable ranges left")
+        if not found.taken:
+            return
+        # Least recently marked first: whatever is older than the newest range taken must be
+        # gone whole (pieces of one range share its stamp; their order is free).
+        newest = max(r.stamp for r, _first in found.taken)
+        skipped = [r for r in left if r.stamp < newest]
+        if skipped:
+            raise MismatchError(
+                f"purge took a range marked at #{newest} but left older ones: "
+                + ", ".join(f"[{r.start},{r.end}) #{r.stamp}" for r in skipped)
+            )
 
-        if wanted:
-            left = [r for r in model.ranges if r.tracked and not wholly_lost(r)]
-            if freed < wanted and left:
-                raise MismatchError(
-                    f"purge freed {freed} < {wanted} bytes with purgeable ranges left"
-                )
-            if taken:
-                # Least recently marked first: whatever is older than the newest range taken
-                # must be gone whole (pieces of one range share its stamp; their order is free).
-                newest = max(r.stamp for r, _first in taken)
-                skipped = [r for r in left if r.stamp < newest]
-                if skipped:
-                    raise MismatchError(
-                        f"purge took a range marked at #{newest} but left older ones: "
-                        + ", ".join(f"[{r.start},{r.end}) #{r.stamp}" for r in skipped)
-                    )
-        for volatile_range, first in taken:
+    def apply_purge(self, found: PurgeFindings) -> None:
+        """Bring the model up to what the purge did."""
+        model = self.model
+        for volatile_range, first in found.taken:
             if first > volatile_range.start and volatile_range.partial:
                 head = ModelRange(
                     volatile_range.start,
@@ -887,15 +936,12 @@ class Exerciser:
                 volatile_range.start = first
             volatile_range.purged = True
             # Repopulated pages make the range purgeable again.
-            volatile_range.tracked = bool(survivors & set(volatile_range.pages()))
+            volatile_range.tracked = bool(found.survivors & set(volatile_range.pages()))
             model.dirty -= set(volatile_range.pages())
         model.ranges.sort(key=lambda r: r.start)
-        for page in written_back:
+        for page in found.written_back:
             model.rewritten(page, page + 1)
-        model.lose(newly)
-        self.counts["purged pages"] += len(newly)
-        self.counts["dirty pages repopulated by a purge"] += len(survivors)
-        self.check_status_total()
+        model.lose(found.newly)
 
     def op_probe(self) -> None:
         if not self.model.lost:

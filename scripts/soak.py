@@ -126,6 +126,48 @@ MAX_REPORTED = 25
 HISTORY = 24
 #: Seconds to wait for the daemon to open its end of the pressure FIFO.
 MOUNT_TIMEOUT = 30.0
+#: The smallest --file-pages: a fill writes a quarter of a file, at least one page.
+MIN_FILE_PAGES = 4
+#: The pressure thread gives up after this many failed purges.
+MAX_PRESSURE_ERRORS = 20
+#: How a probe's child reports bytes that are neither the data nor zeros, and its own failure.
+PROBE_WRONG_BYTES = 3
+PROBE_FAILED = 4
+
+# The odds of the random choices within operations, each the chance of the case it names.
+#: A write is of up to 3 pages anywhere, of 1 to 16 whole pages, or of 16 to 64 whole pages
+#: (cumulative chances, as random.choices takes them).
+WRITE_ODDS = {"bytes": 0.55, "pages": 0.9, "many pages": 1.0}
+#: A range is marked PARTIAL (else FULL).
+PARTIAL_CHANCE = 0.4
+#: NON_VOLATILE takes a run of volatile pages (else any span).
+UNMARK_VOLATILE_RUN_CHANCE = 0.8
+#: Data reported purged is written anew (else read, to see the zeros).
+REWRITE_CHANCE = 0.7
+#: A write through a mapping is msync'ed (else left for munmap or a later fsync).
+MSYNC_CHANCE = 0.6
+#: The mapped span is read back with pread afterwards.
+PREAD_AFTER_MMAP_CHANCE = 0.5
+#: A truncation cuts at a page boundary.
+TRUNCATE_TO_PAGE_CHANCE = 0.5
+#: A close-and-reopen cycle unlinks the file and keeps it open instead.
+ORPHAN_CHANCE = 0.2
+#: A cycle reopens the file, reopens it with O_TRUNC, or replaces it (cumulative).
+REOPEN_ODDS = {"reopen": 0.5, "truncate": 0.75, "replace": 1.0}
+#: A pressure phase is a calm (no purges) rather than a storm.
+CALM_CHANCE = 0.4
+#: In a storm, an event is a byte to the pressure FIFO (else a VOLFS_IOC_PURGE).
+FIFO_EVENT_CHANCE = 0.3
+#: A VOLFS_IOC_PURGE asks for everything (else for 1 to 64 pages).
+PURGE_ALL_CHANCE = 0.15
+#: A race marks its range FULL (else PARTIAL).
+RACE_FULL_CHANCE = 0.6
+#: A race has an older volatile decoy file that a small purge takes first.
+RACE_DECOY_CHANCE = 0.3
+#: The racing purge asks for everything (else for a few pages).
+RACE_PURGE_ALL_CHANCE = 0.6
+#: The racing NON_VOLATILE takes the whole range at once (else its head first).
+RACE_WHOLE_UNMARK_CHANCE = 0.6
 
 
 # -- settings ----------------------------------------------------------------------------------
@@ -155,6 +197,11 @@ def positive_size(text: str) -> str:
 
 
 # -- the model of a file -----------------------------------------------------------------------
+
+
+def pick(rng: random.Random, odds: dict[str, float]) -> str:
+    """One case of ``odds`` (cumulative chances), drawn with one ``rng.random()``."""
+    return rng.choices(tuple(odds), cum_weights=tuple(odds.values()))[0]
 
 
 def unique(items: Iterable[bytes]) -> list[bytes]:
@@ -709,11 +756,11 @@ class Worker:
         lo, hi = tracked.first_page * PAGE, tracked.end_page * PAGE
         if tracked.shared:
             hi = min(hi, tracked.model.size)
-        choice = rng.random()
-        if choice < 0.55:
+        size = pick(rng, WRITE_ODDS)
+        if size == "bytes":
             offset = rng.randrange(lo, hi)
             length = rng.randint(1, 3 * PAGE)
-        elif choice < 0.9:
+        elif size == "pages":
             offset = rng.randrange(lo, hi, PAGE)
             length = rng.randint(1, 16) * PAGE
         else:
@@ -733,14 +780,16 @@ class Worker:
         span = self.span(tracked)
         if span is None:
             return
-        partial = self.rng.random() < 0.4
+        partial = self.rng.random() < PARTIAL_CHANCE
         self.mark(tracked, *span, VRANGE_VOLATILE, VRANGE_PARTIAL if partial else VRANGE_FULL)
         self.counters["marks_volatile_partial" if partial else "marks_volatile_full"] += 1
 
     def op_nonvolatile(self) -> None:
         tracked = self.rng.choice(self.files)
         span = (
-            self.run_of(tracked, volatile=True) if self.rng.random() < 0.8 else self.span(tracked)
+            self.run_of(tracked, volatile=True)
+            if self.rng.random() < UNMARK_VOLATILE_RUN_CHANCE
+            else self.span(tracked)
         )
         if span is None:
             return
@@ -753,7 +802,7 @@ class Worker:
             self.read(tracked, first * PAGE, (end - first) * PAGE, "nonvolatile(purged=0)")
             return
         self.counters["purged_1_reports"] += 1
-        if self.rng.random() < 0.7:
+        if self.rng.random() < REWRITE_CHANCE:
             self.counters["rewrites"] += 1
             offset = first * PAGE
             length = (end - first) * PAGE
@@ -825,7 +874,7 @@ class Worker:
                 model.write(first * PAGE + start, data)
             self.verify(tracked, first * PAGE, view[:], "mmap-reread")
             self.note(f"mmap {tracked.name} [{first}, {end}) written")
-            if self.rng.random() < 0.6:
+            if self.rng.random() < MSYNC_CHANCE:
                 try:
                     view.flush()
                     self.counters["msyncs"] += 1
@@ -833,7 +882,7 @@ class Worker:
                     self.violation("errno", tracked, first * PAGE, op="msync", error=str(error))
             else:
                 tracked.unsynced = True
-        if self.rng.random() < 0.5:
+        if self.rng.random() < PREAD_AFTER_MMAP_CHANCE:
             self.read(tracked, first * PAGE, length, "mmap-pread")
 
     def op_probe(self) -> None:
@@ -858,13 +907,13 @@ class Worker:
         self.counters["probes"] += 1
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
-            code = 4
+            code = PROBE_FAILED
             try:
                 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
                 view = mmap.mmap(
                     tracked.fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ, offset=page_index * PAGE
                 )
-                code = 0 if view[:] in candidates else 3
+                code = 0 if view[:] in candidates else PROBE_WRONG_BYTES
             finally:
                 os._exit(code)
         _pid, status = os.waitpid(pid, 0)
@@ -878,7 +927,7 @@ class Worker:
         else:
             self.violation(
                 "volatile-wrong-bytes"
-                if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3
+                if os.WIFEXITED(status) and os.WEXITSTATUS(status) == PROBE_WRONG_BYTES
                 else "probe",
                 tracked,
                 page_index * PAGE,
@@ -889,7 +938,7 @@ class Worker:
     def op_truncate(self) -> None:
         tracked = self.rng.choice(self.own_files)
         size = self.rng.randrange(0, self.settings.file_pages * PAGE + 1)
-        if self.rng.random() < 0.5:
+        if self.rng.random() < TRUNCATE_TO_PAGE_CHANCE:
             size -= size % PAGE
         try:
             os.ftruncate(tracked.fd, size)
@@ -906,7 +955,7 @@ class Worker:
         tracked = self.rng.choice(self.own_files)
         self.finish_file(tracked, "cycle")
         self.counters["cycles"] += 1
-        if not tracked.orphaned and self.rng.random() < 0.2:
+        if not tracked.orphaned and self.rng.random() < ORPHAN_CHANCE:
             # Unlinked files live, volatile ranges and all, until their last close.
             os.unlink(tracked.path)
             tracked.orphaned = True
@@ -914,16 +963,16 @@ class Worker:
             self.note(f"unlink {tracked.name}, kept open")
             return
         os.close(tracked.fd)
-        choice = self.rng.random()
+        how = pick(self.rng, REOPEN_ODDS)
         if tracked.orphaned:
             tracked.fd = os.open(tracked.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             tracked.model = FileModel()
             tracked.orphaned = False
             self.note(f"closed the unlinked {tracked.name}, created it anew")
-        elif choice < 0.5:
+        elif how == "reopen":
             tracked.fd = os.open(tracked.path, os.O_RDWR)
             self.note(f"reopen {tracked.name}")
-        elif choice < 0.75:
+        elif how == "truncate":
             tracked.fd = os.open(tracked.path, os.O_RDWR | os.O_TRUNC)
             tracked.model = FileModel()
             self.note(f"reopen {tracked.name} O_TRUNC")
@@ -1029,25 +1078,27 @@ class Pressure(threading.Thread):
                     # Storms of purges, and calms in which volatile data piles up until the
                     # size cap has to purge it.
                     phase_end = now + self.rng.uniform(0.2, 2.0)
-                    if self.rng.random() < 0.4:
+                    if self.rng.random() < CALM_CHANCE:
                         self.counters["calms"] += 1
                         if self.stopping.wait(phase_end - now):
                             return
                         continue
                     self.counters["storms"] += 1
-                if fifo is not None and self.rng.random() < 0.3:
+                if fifo is not None and self.rng.random() < FIFO_EVENT_CHANCE:
                     try:
                         os.write(fifo, b"!")
                         self.counters["fifo_events"] += 1
                     except BlockingIOError:
                         self.counters["fifo_full"] += 1
                     continue
-                nbytes = 0 if self.rng.random() < 0.15 else self.rng.randint(1, 64) * PAGE
+                nbytes = (
+                    0 if self.rng.random() < PURGE_ALL_CHANCE else self.rng.randint(1, 64) * PAGE
+                )
                 try:
                     freed = purge(directory, nbytes)
                 except OSError as error:
                     self.errors.append(f"VOLFS_IOC_PURGE({nbytes}): {error}")
-                    if len(self.errors) > 20:
+                    if len(self.errors) > MAX_PRESSURE_ERRORS:
                         return
                     continue
                 self.counters["purge_calls"] += 1
@@ -1225,111 +1276,184 @@ def run_race(
         purged), ``stale`` (purged=1, yet the old data read back), ``unstable`` (the range read
         differently once the purge had returned), ``corrupt`` and ``status``.
     """
-    rng = random.Random(f"{seed}/race")
-    path = mountpoint / "race.bin"
-    decoy_path = mountpoint / "race-decoy.bin"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    decoy = os.open(decoy_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    directory = os.open(mountpoint, os.O_RDONLY)
-    span = pages * PAGE
-    outcomes: collections.Counter[str] = collections.Counter()
-    kinds: collections.Counter[str] = collections.Counter()
-    violations: list[dict[str, Any]] = []
-    errors: list[str] = []
-
-    def fail(kind: str, iteration: int, **details: Any) -> None:
-        outcomes["violations"] += 1
-        kinds[kind] += 1
-        if kinds[kind] <= MAX_REPORTED:
-            violations.append({"kind": kind, "iteration": iteration, "file": str(path), **details})
-        log.error("race %d: %s: %s", iteration, kind, details)
-
+    race = _Race(mountpoint, seed, pages, decoy_pages)
     try:
         for iteration in range(iterations):
-            outcomes["iterations"] += 1
-            full = rng.random() < 0.6
-            flags = VRANGE_FULL if full else VRANGE_PARTIAL
-            pattern = rng.randbytes(span)
-            if os.pwrite(fd, pattern, 0) != span or os.pread(fd, span, 0) != pattern:
-                fail("corrupt", iteration, error="the pattern did not read back before the race")
-                continue
-            with_decoy = rng.random() < 0.3
-            if with_decoy:
-                os.pwrite(decoy, rng.randbytes(decoy_pages * PAGE), 0)
-                fvrange(decoy, 0, decoy_pages * PAGE, VRANGE_VOLATILE)
-            fvrange(fd, 0, span, VRANGE_VOLATILE, flags)
-            nbytes = 0 if rng.random() < 0.6 else rng.randint(1, decoy_pages + pages) * PAGE
-            head = pages if rng.random() < 0.6 else rng.randint(1, pages - 1)
-            barrier = threading.Barrier(2)
-            shot = _PurgeShot(directory, nbytes, rng.choice([0, 0, rng.randrange(300)]), barrier)
-            thread = threading.Thread(target=shot, name="race-purge")
-            thread.start()
-            own_delay = rng.choice([0, 0, rng.randrange(300)])
-            barrier.wait()
-            _delay(own_delay)
-            _marked, purged_head = fvrange(fd, 0, head * PAGE, VRANGE_NONVOLATILE)
-            first_read = os.pread(fd, head * PAGE, 0)
-            thread.join()
-            if shot.error:
-                errors.append(f"race {iteration}: purge failed: {shot.error}")
+            if not race.run_once(iteration):
                 break
-            purged_tail = False
-            if head < pages:
-                _marked, purged_tail = fvrange(
-                    fd, head * PAGE, span - head * PAGE, VRANGE_NONVOLATILE
-                )
-                first_read += os.pread(fd, span - head * PAGE, head * PAGE)
-            second_read = os.pread(fd, span, 0)
-            if with_decoy:
-                fvrange(decoy, 0, decoy_pages * PAGE, VRANGE_NONVOLATILE)
-            leftover = vrange_status(fd)
-            details = {
-                "flags": "FULL" if full else "PARTIAL",
-                "head_pages": head,
-                "pages": pages,
-                "purge_bytes": nbytes,
-                "purge_freed": shot.freed,
-                "purged_head": int(purged_head),
-                "purged_tail": int(purged_tail),
-            }
-            states = _page_states(pattern, first_read)
-            details["pages_read"] = "".join(state[0] for state in states)
-            if second_read != first_read:
-                later = _page_states(pattern, second_read)
-                details["pages_read_after_purge"] = "".join(state[0] for state in later)
-            if leftover != (0, 0):
-                fail("status", iteration, error=f"status after unmarking: {leftover}", **details)
-            problem = _race_problem(states, full, head, purged_head, purged_tail)
-            if problem is None and second_read != first_read:
-                problem = "unstable", "the range changed once the purge had returned"
-            if problem is not None:
-                fail(problem[0], iteration, error=problem[1], **details)
-                continue
-            cut = states.index("zero") if "zero" in states else pages
-            if cut == pages:
-                # With nothing else volatile, a purge of everything came second.
-                outcomes["intact_purge_all" if nbytes == 0 and not with_decoy else "intact"] += 1
-            elif cut < head:
-                outcomes["purged"] += 1
-            else:
-                outcomes["split"] += 1  # the head was unmarked, then the tail purged
     finally:
-        os.close(directory)
-        os.close(decoy)
-        os.close(fd)
-        for name in (path, decoy_path):
+        race.close()
+    return race.report()
+
+
+@dataclass
+class _Round:
+    """One race iteration: what was chosen, and what came back."""
+
+    pattern: bytes
+    full: bool
+    with_decoy: bool
+    #: What the purge asked for (0: everything) and how many pages were unmarked first.
+    nbytes: int = 0
+    head: int = 0
+    freed: int = -1
+    purged_head: bool = False
+    purged_tail: bool = False
+    #: The range read right after unmarking, and again once the purge had returned.
+    first_read: bytes = b""
+    second_read: bytes = b""
+    #: VRANGE_STATUS of the race file once all of it was unmarked.
+    leftover: tuple[int, int] = (0, 0)
+
+
+class _Race:
+    """The race file, its decoy and the tallies of :func:`run_race`."""
+
+    def __init__(self, mountpoint: Path, seed: int, pages: int, decoy_pages: int) -> None:
+        self.rng = random.Random(f"{seed}/race")
+        self.pages, self.decoy_pages = pages, decoy_pages
+        self.span = pages * PAGE
+        self.path = mountpoint / "race.bin"
+        self.decoy_path = mountpoint / "race-decoy.bin"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.decoy = os.open(self.decoy_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.directory = os.open(mountpoint, os.O_RDONLY)
+        self.outcomes: collections.Counter[str] = collections.Counter()
+        self.kinds: collections.Counter[str] = collections.Counter()
+        self.violations: list[dict[str, Any]] = []
+        self.errors: list[str] = []
+
+    def fail(self, kind: str, iteration: int, **details: Any) -> None:
+        """Count a violation; keep the first few of each kind in full."""
+        self.outcomes["violations"] += 1
+        self.kinds[kind] += 1
+        if self.kinds[kind] <= MAX_REPORTED:
+            self.violations.append(
+                {"kind": kind, "iteration": iteration, "file": str(self.path), **details}
+            )
+        log.error("race %d: %s: %s", iteration, kind, details)
+
+    def run_once(self, iteration: int) -> bool:
+        """One iteration; False if the purge itself failed, which ends the race."""
+        self.outcomes["iterations"] += 1
+        rng = self.rng
+        full = rng.random() < RACE_FULL_CHANCE
+        pattern = rng.randbytes(self.span)
+        if (
+            os.pwrite(self.fd, pattern, 0) != self.span
+            or os.pread(self.fd, self.span, 0) != pattern
+        ):
+            self.fail("corrupt", iteration, error="the pattern did not read back before the race")
+            return True
+        one = _Round(pattern, full, with_decoy=rng.random() < RACE_DECOY_CHANCE)
+        if one.with_decoy:
+            os.pwrite(self.decoy, rng.randbytes(self.decoy_pages * PAGE), 0)
+            fvrange(self.decoy, 0, self.decoy_pages * PAGE, VRANGE_VOLATILE)
+        fvrange(self.fd, 0, self.span, VRANGE_VOLATILE, VRANGE_FULL if full else VRANGE_PARTIAL)
+        error = self.race(one)
+        if error:
+            self.errors.append(f"race {iteration}: purge failed: {error}")
+            return False
+        self.unmark_the_rest(one)
+        self.judge(iteration, one)
+        return True
+
+    def race(self, one: _Round) -> str:
+        """Release a purge and a NON_VOLATILE of the head at once; the purge's error, if any."""
+        rng = self.rng
+        pages = self.pages
+        if rng.random() < RACE_PURGE_ALL_CHANCE:
+            one.nbytes = 0
+        else:
+            one.nbytes = rng.randint(1, self.decoy_pages + pages) * PAGE
+        one.head = pages if rng.random() < RACE_WHOLE_UNMARK_CHANCE else rng.randint(1, pages - 1)
+        barrier = threading.Barrier(2)
+        purge_delay = rng.choice([0, 0, rng.randrange(300)])
+        shot = _PurgeShot(self.directory, one.nbytes, purge_delay, barrier)
+        thread = threading.Thread(target=shot, name="race-purge")
+        thread.start()
+        own_delay = rng.choice([0, 0, rng.randrange(300)])
+        barrier.wait()
+        _delay(own_delay)
+        _marked, one.purged_head = fvrange(self.fd, 0, one.head * PAGE, VRANGE_NONVOLATILE)
+        one.first_read = os.pread(self.fd, one.head * PAGE, 0)
+        thread.join()
+        one.freed = shot.freed
+        return shot.error
+
+    def unmark_the_rest(self, one: _Round) -> None:
+        """Unmark the tail (and the decoy) once the purge has returned; read the range again."""
+        start = one.head * PAGE
+        if one.head < self.pages:
+            _marked, one.purged_tail = fvrange(
+                self.fd, start, self.span - start, VRANGE_NONVOLATILE
+            )
+            one.first_read += os.pread(self.fd, self.span - start, start)
+        one.second_read = os.pread(self.fd, self.span, 0)
+        if one.with_decoy:
+            fvrange(self.decoy, 0, self.decoy_pages * PAGE, VRANGE_NONVOLATILE)
+        one.leftover = vrange_status(self.fd)
+
+    def judge(self, iteration: int, one: _Round) -> None:
+        """Count the outcome of one iteration, or the violation it shows."""
+        details: dict[str, Any] = {
+            "flags": "FULL" if one.full else "PARTIAL",
+            "head_pages": one.head,
+            "pages": self.pages,
+            "purge_bytes": one.nbytes,
+            "purge_freed": one.freed,
+            "purged_head": int(one.purged_head),
+            "purged_tail": int(one.purged_tail),
+        }
+        states = _page_states(one.pattern, one.first_read)
+        details["pages_read"] = "".join(state[0] for state in states)
+        stable = one.second_read == one.first_read
+        if not stable:
+            later = _page_states(one.pattern, one.second_read)
+            details["pages_read_after_purge"] = "".join(state[0] for state in later)
+        if one.leftover != (0, 0):
+            self.fail(
+                "status", iteration, error=f"status after unmarking: {one.leftover}", **details
+            )
+        problem = _race_problem(states, one.full, one.head, one.purged_head, one.purged_tail)
+        if problem is None and not stable:
+            problem = "unstable", "the range changed once the purge had returned"
+        if problem is not None:
+            self.fail(problem[0], iteration, error=problem[1], **details)
+            return
+        self.outcomes[self.outcome(one, states)] += 1
+
+    def outcome(self, one: _Round, states: list[str]) -> str:
+        """Which of the allowed outcomes one iteration had."""
+        cut = states.index("zero") if "zero" in states else self.pages
+        if cut == self.pages:
+            # With nothing else volatile, a purge of everything came second.
+            return "intact_purge_all" if one.nbytes == 0 and not one.with_decoy else "intact"
+        if cut < one.head:
+            return "purged"
+        return "split"  # the head was unmarked, then the tail purged
+
+    def close(self) -> None:
+        """Close and remove the race files."""
+        os.close(self.directory)
+        os.close(self.decoy)
+        os.close(self.fd)
+        for name in (self.path, self.decoy_path):
             with contextlib.suppress(OSError):
                 name.unlink()
-    return {
-        "iterations": outcomes["iterations"],
-        "outcomes": {
-            key: outcomes[key] for key in ("purged", "intact_purge_all", "intact", "split")
-        },
-        "violation_count": outcomes["violations"],
-        "violation_kinds": dict(kinds),
-        "violations": violations,
-        "errors": errors,
-    }
+
+    def report(self) -> dict[str, Any]:
+        """The result :func:`run_race` returns."""
+        return {
+            "iterations": self.outcomes["iterations"],
+            "outcomes": {
+                key: self.outcomes[key] for key in ("purged", "intact_purge_all", "intact", "split")
+            },
+            "violation_count": self.outcomes["violations"],
+            "violation_kinds": dict(self.kinds),
+            "violations": self.violations,
+            "errors": self.errors,
+        }
 
 
 # -- reporting ---------------------------------------------------------------------------------
@@ -1424,21 +1548,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the soak and the race on a volfs of its own; 0 if nothing was lost, 1 otherwise."""
-    parser = build_parser()
-    arguments = parser.parse_args(argv)
-    if arguments.workers < 1 or arguments.files < 1 or arguments.file_pages < 4:
-        parser.error("--workers and --files must be at least 1, --file-pages at least 4")
+def settings_from(arguments: argparse.Namespace, parser: argparse.ArgumentParser) -> Settings:
+    """The settings the command line gives; a usage error (exit 2) if they make no sense."""
+    if arguments.workers < 1 or arguments.files < 1 or arguments.file_pages < MIN_FILE_PAGES:
+        parser.error(
+            f"--workers and --files must be at least 1, --file-pages at least {MIN_FILE_PAGES}"
+        )
     if arguments.slice_pages < 1 or arguments.duration < 0 or arguments.pressure_interval <= 0:
         parser.error("--slice-pages must be at least 1, the duration and interval positive")
     if shutil.which("fusermount3") is None:
         parser.error("fusermount3 is not installed")
-    logging.basicConfig(
-        level=logging.INFO if arguments.verbose else logging.WARNING,
-        format="%(asctime)s soak: %(message)s",
-    )
-    settings = Settings(
+    return Settings(
         duration=arguments.duration,
         workers=arguments.workers,
         size=arguments.size,
@@ -1450,18 +1570,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         race_iterations=arguments.race_iterations,
         seed=arguments.seed if arguments.seed is not None else time.time_ns() % 1_000_000_007,
     )
-    report: dict[str, Any] = {
-        "ok": False,
-        "settings": asdict(settings),
-        "soak": None,
-        "race": None,
-        "statistics": None,
-        "daemon": {"exit_status": None, "logged_exception": False},
-        "errors": [],
-    }
+
+
+def run_on_own_mount(settings: Settings, report: dict[str, Any], workdir: Path | None) -> None:
+    """Mount a volfs in a temporary directory, soak and race it, and record how it went."""
     options = f"size={settings.size},pressure_batch={settings.pressure_batch},pressure_watermark=0"
-    with tempfile.TemporaryDirectory(prefix="volfs-soak-", dir=arguments.workdir) as workdir:
-        fifo, mountpoint = Path(workdir) / "pressure", Path(workdir) / "mnt"
+    with tempfile.TemporaryDirectory(prefix="volfs-soak-", dir=workdir) as temporary:
+        fifo, mountpoint = Path(temporary) / "pressure", Path(temporary) / "mnt"
         os.mkfifo(fifo)
         mountpoint.mkdir()
         daemon_outcome: dict[str, object] = {}
@@ -1469,7 +1584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             with volfs_mounts.mounted(
                 volfs_mounts.volfs_command(mountpoint, options),
                 mountpoint,
-                Path(workdir) / "volfs.log",
+                Path(temporary) / "volfs.log",
                 env={"MEMORY_PRESSURE_WATCH": str(fifo)},
                 outcome=daemon_outcome,
             ):
@@ -1490,6 +1605,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
             if "log" in daemon_outcome:
                 report["errors"].append(f"daemon log:\n{str(daemon_outcome['log'])[-20_000:]}")
+
+
+def judge_report(report: dict[str, Any]) -> None:
+    """Gather the phases' errors and set ``ok``: no error, no violation, a clean daemon exit."""
     for phase in ("soak", "race"):
         if report[phase]:
             report["errors"].extend(report[phase]["errors"])
@@ -1501,6 +1620,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             not report[phase] or not report[phase]["violation_count"] for phase in ("soak", "race")
         )
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the soak and the race on a volfs of its own; 0 if nothing was lost, 1 otherwise."""
+    parser = build_parser()
+    arguments = parser.parse_args(argv)
+    settings = settings_from(arguments, parser)
+    logging.basicConfig(
+        level=logging.INFO if arguments.verbose else logging.WARNING,
+        format="%(asctime)s soak: %(message)s",
+    )
+    report: dict[str, Any] = {
+        "ok": False,
+        "settings": asdict(settings),
+        "soak": None,
+        "race": None,
+        "statistics": None,
+        "daemon": {"exit_status": None, "logged_exception": False},
+        "errors": [],
+    }
+    run_on_own_mount(settings, report, arguments.workdir)
+    judge_report(report)
     if arguments.json:
         print(json.dumps(report, indent=1))
     else:
