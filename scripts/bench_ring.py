@@ -61,6 +61,7 @@ import volfs_mounts
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from volfs.abi import PAGE_SIZE  # noqa: E402
 from volfs.ring import Consumer, Producer, RingClosedError, create_ring  # noqa: E402
 from volfs.sizes import size_argument, sizes_argument  # noqa: E402
 
@@ -533,8 +534,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if max(args.sizes) > args.capacity - 4096:
-        parser.error("every message size must fit the ring: at most the capacity minus 4K")
+    if max(args.sizes) > args.capacity - PAGE_SIZE:
+        parser.error("every message size must fit the ring: at most the capacity minus a page")
     settings = Settings(
         args.sizes,
         args.seconds,

@@ -83,7 +83,13 @@ from pathlib import Path
 
 import volfs_mounts
 
-from volfs.abi import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
+from volfs.abi import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    PAGE_SIZE,
+    pages_spanned,
+)
 from volfs.client import (
     VRANGE_FULL,
     VRANGE_NONVOLATILE,
@@ -95,7 +101,7 @@ from volfs.client import (
     vrange_status,
 )
 
-PAGE = 4096
+PAGE = PAGE_SIZE
 #: Operation log lines kept for a failure report.
 LOG_TAIL = 40
 
@@ -188,11 +194,6 @@ def first_difference(expected: bytes, got: bytes) -> int:
         if want != have:
             return index
     return min(len(expected), len(got))
-
-
-def page_span(offset: int, length: int) -> tuple[int, int]:
-    """Pages ``[first, end)`` touched by a byte span."""
-    return offset // PAGE, (offset + length + PAGE - 1) // PAGE
 
 
 # -- the model --------------------------------------------------------------------------------
@@ -321,7 +322,7 @@ class Model:
             self.data.extend(bytes(offset - self.size))
         self.data[offset : offset + len(data)] = data
         if reaches_daemon:
-            self.rewritten(*page_span(offset, len(data)))
+            self.rewritten(*pages_spanned(offset, len(data)))
 
     def truncate(self, size: int) -> None:
         """ftruncate(2): the ranges past the new end go."""
@@ -503,7 +504,7 @@ class Exerciser:
 
     def first_lost(self, offset: int, end: int) -> int | None:
         """The first page touching bytes [offset, end) whose reads fail, if any."""
-        first, last = page_span(offset, end - offset)
+        first, last = pages_spanned(offset, end - offset)
         lost = [page for page in self.failing() if first <= page < last]
         return min(lost) if lost else None
 
@@ -678,7 +679,7 @@ class Exerciser:
             self.note(f"mapwrite {offset}+{len(data)} (held) -> {'ok' if ready else 'died'}")
             if ready:
                 self.model.write(offset, data, reaches_daemon=False)
-                pages = set(range(*page_span(offset, len(data))))
+                pages = set(range(*pages_spanned(offset, len(data))))
                 self.model.dirty |= pages
                 self.counts["mapwrite held across a purge"] += 1
                 self.purge_now(0)
@@ -1170,7 +1171,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     if arguments.ops is None and arguments.duration is None:
         arguments.ops = 10000
     if arguments.max_size < PAGE:
-        parser.error("--max-size must be at least 4096")
+        parser.error(f"--max-size must be at least {PAGE}")
     if arguments.plain and arguments.file is None:
         parser.error("--plain needs --file")
     if arguments.purged_zero and arguments.file is None:
