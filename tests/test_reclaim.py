@@ -161,9 +161,6 @@ def test_a_partial_range_gives_up_only_the_pages_wanted_from_its_end() -> None:
     run(test)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the room still missing counts pages being punched as missing"
-)
 def test_memory_on_its_way_back_is_neither_purged_for_again_nor_reported_as_full() -> None:
     """A purge long enough for the reclaimer to start punching its first pages in the worker
     thread is followed neither by a second purge for those pages nor by ENOSPC.
@@ -322,7 +319,6 @@ def test_purged_ranges_leave_the_cache_in_batches_before_a_waiting_purge_returns
     run(test, capacity_pages=ranges + 8)
 
 
-@pytest.mark.xfail(strict=True, reason="a batch may grow past DROP_BATCH by up to a budget")
 def test_batches_stay_within_the_bound_when_the_order_holds_ended_ranges() -> None:
     async def test(core: Core) -> None:
         ns = core.namespace

@@ -142,8 +142,11 @@ class Ioctls:
         range was purged cannot then read the old bytes from the cache.
         """
         with answering(request, "ioctl(ino=%d, cmd=%#x)", ino, cmd):
-            await self._truncations.wait(ino)
-            await self._reclaimer.dropped(ino)
+            # A truncation may start while a drop is awaited, and a purge while a truncation
+            # is: answered only once neither is under way.
+            while ino in self._truncations or self._reclaimer.is_dropping(ino):
+                await self._truncations.wait(ino)
+                await self._reclaimer.dropped(ino)
             if cmd == VOLFS_IOC_VRANGE:
                 await self._vrange_in_steps(request, ino, self._vrange_steps(ino, fh, False, data))
             elif cmd == VOLFS_IOC_VRANGE_NEXT:

@@ -108,9 +108,9 @@ class Reclaimer:
                     self._note_dropping(inodes, done)
                     noted |= inodes
                     pending += invalidations
-                    if len(pending) >= DROP_BATCH:
-                        batches.append(self._start_drop(pending))
-                        pending = []
+                    while len(pending) >= DROP_BATCH:
+                        batches.append(self._start_drop(pending[:DROP_BATCH]))
+                        del pending[:DROP_BATCH]
                 freed += result.freed_bytes
                 ranges += result.ranges
                 if result.complete:
@@ -144,14 +144,15 @@ class Reclaimer:
                 whole store); what ``attempt`` raises otherwise.
         """
         store = self._store
-        if store.reclaim_pending:
-            await store.wait_reclaimed()
-            try:
-                return attempt()
-            except OSError as error:
-                if error.errno != errno.ENOSPC:
-                    raise
         while True:
+            if store.reclaim_pending:
+                # Memory on its way back may be all that is missing: no purge for it.
+                await store.wait_reclaimed()
+                try:
+                    return attempt()
+                except OSError as error:
+                    if error.errno != errno.ENOSPC:
+                        raise
             missing = store.shortfall(contents, first, end)
             purged = await self.purge(max(missing, 1) << PAGE_SHIFT, PurgeSource.SIZE)
             try:

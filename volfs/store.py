@@ -673,7 +673,7 @@ class Store:
 
     def shortfall(self, contents: FileContents, first: int, end: int) -> int:
         """Pages that filling the holes of [first, end) in ``contents`` lacks: those not free
-        now and not on their way back either.
+        now and not on their way back either (released, or being punched by the reclaimer).
 
         Raises:
             OSError: ENOSPC if the span is larger than the whole store (nothing can make room).
@@ -684,7 +684,7 @@ class Store:
         if end - first > arena.capacity_pages:
             raise OSError(errno.ENOSPC, "more than the whole filesystem")
         holes = sum(count for _page, count in contents.holes(first, end))
-        return holes - arena.available_pages - arena.dirty_pages
+        return holes - arena.available_pages - arena.dirty_pages - arena.punching_pages
 
     @property
     def reclaim_pending(self) -> bool:
