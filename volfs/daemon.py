@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="volfs",
         description="Mount a volfs: a tmpfs-like filesystem in memory with volatile ranges.",
-        epilog="Options (-o): size=BYTES[k|m|g|t]|N%%, nr_inodes=N, mode=OCTAL, uid=N, gid=N, "
-        "max_ranges=N, max_file_ranges=N, "
+        epilog="Options (-o): size=BYTES[K|M|G|T]|N%, nr_inodes=N[K|M|G], mode=OCTAL, uid=N, "
+        "gid=N, max_ranges=N, max_file_ranges=N, "
         "and FUSE options such as allow_other. Unmount with umount or fusermount3 -u.",
     )
     parser.add_argument(
