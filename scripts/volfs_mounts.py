@@ -1,14 +1,18 @@
-"""Mounts for the scripts: a FUSE daemon (volfs or another) or a kernel tmpfs, always undone.
+"""Mounts for the scripts and the tests: a FUSE daemon (volfs or another) or a kernel tmpfs.
+
+This is the one place that knows how to start a daemon, tell that it mounted, take it down
+and judge how it ended; tests/conftest.py builds its fixtures on it. It lives beside the
+scripts and needs nothing but the standard library because the scripts run as plain programs:
+run as ``python scripts/NAME.py``, a script has this directory first on ``sys.path`` and
+imports the module as ``volfs_mounts``; conftest.py puts the directory there too, so the
+tests, and the scripts they load, share one copy of it.
 
 A daemon runs in the foreground (``<python> -m volfs -f -o OPTIONS MOUNTPOINT`` for volfs) in a
-session of its own, so Ctrl-C reaches only the script, which unmounts; its output goes to a
+session of its own, so Ctrl-C reaches only the caller, which unmounts; its output goes to a
 log file whose end is shown when it fails. It counts as mounted once /proc/self/mounts lists
 the mountpoint with the expected type and the mountpoint answers a stat. Unmounting retries
-``fusermount3 -u`` (``umount`` for a tmpfs) for a while if busy, then detaches lazily.
-
-The scripts import this module as ``volfs_mounts``: run as ``python scripts/NAME.py``, their
-directory is the first entry of ``sys.path`` (tests that load a script by its path put it
-there first).
+``fusermount3 -u`` (``umount`` for a kernel filesystem) for a while if busy, then detaches
+lazily. Whatever these helpers mount, they undo, also when the caller fails.
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
@@ -35,17 +40,51 @@ VOLFS_TYPE = "fuse.volfs"
 MOUNT_TIMEOUT = 30.0
 #: Seconds to wait for a daemon to exit after the unmount, before terminating it.
 EXIT_TIMEOUT = 60.0
-#: Attempts at a plain unmount, 0.1 s apart, before a lazy one.
+#: Seconds to wait for a terminated daemon to exit, before killing it.
+TERMINATE_TIMEOUT = 10.0
+#: Attempts at a plain unmount before a lazy one, UNMOUNT_RETRY_INTERVAL s apart.
 UNMOUNT_ATTEMPTS = 20
-#: Seconds between two looks at a mount that is not there yet.
-POLL_INTERVAL = 0.02
+UNMOUNT_RETRY_INTERVAL = 0.1
+#: Seconds between two looks at a condition that does not hold yet.
+POLL_INTERVAL = 0.01
+#: Lines of a daemon's log shown when it fails.
+LOG_TAIL_LINES = 20
+#: What a Python daemon writes when an exception escaped somewhere: a bug, even if it went on.
+EXCEPTION_MARK = "Traceback"
 
 
 class MountError(RuntimeError):
     """A mount failed or its daemon died; the message says why, with the end of its log."""
 
 
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``condition`` until it holds.
+
+    Raises:
+        TimeoutError: it did not hold within ``timeout`` seconds; the message names ``what``.
+    """
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(POLL_INTERVAL)
+
+
+def rss_bytes(pid: int) -> int:
+    """The resident memory of process ``pid`` (anonymous, file and shared), from /proc."""
+    with open(f"/proc/{pid}/status", encoding="utf-8") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise ValueError(f"process {pid} has no VmRSS (a kernel thread?)")
+
+
 # -- looking -----------------------------------------------------------------------------------
+
+
+def _unescape(text: str) -> str:
+    r"""A path as /proc/self/mounts writes it (``\040`` for a space, and so on), decoded."""
+    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match[1], 8)), text)
 
 
 def mount_type(path: Path) -> str | None:
@@ -55,11 +94,11 @@ def mount_type(path: Path) -> str | None:
     """
     target = os.path.realpath(path)
     kind = None
-    with open("/proc/self/mounts", encoding="utf-8") as mounts:
+    with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as mounts:
         for line in mounts:
-            fields = line.split()
-            if len(fields) > 2 and fields[1].replace("\\040", " ") == target:
-                kind = fields[2]
+            _source, where, fstype, *_options = line.split()
+            if _unescape(where) == target:
+                kind = fstype
     return kind
 
 
@@ -71,18 +110,31 @@ def is_mounted(path: Path) -> bool:
 # -- unmounting --------------------------------------------------------------------------------
 
 
-def unmount(path: Path, *, fuse: bool = True) -> None:
-    """Unmount ``path`` if mounted: retried while busy, then lazily.
-
-    ``fusermount3 -u`` for a FUSE mount, ``umount`` for a kernel filesystem (``fuse=False``).
-    """
-    command = ["fusermount3", "-u"] if fuse else ["umount"]
-    error = ""
-    for attempt in range(UNMOUNT_ATTEMPTS):
+def force_unmount(path: Path) -> None:
+    """Detach what is mounted on ``path`` now (lazily), whatever state its daemon is in."""
+    # fusermount3 for a user's FUSE mount; it refuses anything else, which umount detaches.
+    for command in (["fusermount3", "-u", "-z"], ["umount", "-l"]):
         if not is_mounted(path):
             return
+        subprocess.run(
+            [*command, str(path)], check=False, stdin=subprocess.DEVNULL, capture_output=True
+        )
+
+
+def unmount(path: Path) -> None:
+    """Unmount ``path`` if mounted: retried while busy, then lazily.
+
+    ``fusermount3 -u`` for a FUSE mount (so an ordinary user can undo a mount of theirs),
+    ``umount`` for a kernel filesystem.
+    """
+    error = ""
+    for attempt in range(UNMOUNT_ATTEMPTS):
+        kind = mount_type(path)
+        if kind is None:
+            return
         if attempt:
-            time.sleep(0.1)
+            time.sleep(UNMOUNT_RETRY_INTERVAL)  # busy: give the files open there time to close
+        command = ["fusermount3", "-u"] if kind.startswith("fuse") else ["umount"]
         result = subprocess.run(
             [*command, str(path)],
             check=False,
@@ -93,10 +145,8 @@ def unmount(path: Path, *, fuse: bool = True) -> None:
         if result.returncode == 0:
             return
         error = result.stderr.strip()
-    log.warning("%s %s failed (%s), unmounting lazily", " ".join(command), path, error)
-    subprocess.run(
-        [*command, "-z" if fuse else "-l", str(path)], check=False, stdin=subprocess.DEVNULL
-    )
+    log.warning("unmounting %s failed (%s), detaching it lazily", path, error)
+    force_unmount(path)
 
 
 def remove_mountpoint(path: Path, name: str) -> None:
@@ -121,22 +171,32 @@ def remove_workdir(workdir: Path) -> None:
 
 def volfs_command(mountpoint: Path, options: str, python: str = sys.executable) -> list[str]:
     """The command line of a volfs daemon serving ``mountpoint`` in the foreground."""
-    return [python, "-m", "volfs", "-f", "-o", options, str(mountpoint)]
+    return [python, "-m", "volfs", "-f", *(["-o", options] if options else []), str(mountpoint)]
 
 
 @dataclass
-class Daemon:
-    """A FUSE daemon serving ``mountpoint`` in the foreground, its output in ``log_path``."""
+class Mount:
+    """A FUSE daemon serving ``path`` in the foreground, its output in ``log_path``."""
 
-    #: What to call it in messages: ``volfs``, or a benchmark's name for the target.
-    name: str
-    mountpoint: Path
+    path: Path
     process: subprocess.Popen[bytes]
     log_path: Path
+    #: What to call it in messages: ``volfs``, or a benchmark's name for the target.
+    name: str = "volfs"
     #: The type /proc/self/mounts shows once it is mounted; None: any.
     fstype: str | None = VOLFS_TYPE
     #: Its death was already raised as a MountError (with its log), so not to be logged again.
-    reported: bool = False
+    reported: bool = field(default=False, init=False)
+
+    @property
+    def mountpoint(self) -> Path:
+        """Another name for :attr:`path`."""
+        return self.path
+
+    @property
+    def pid(self) -> int:
+        """The daemon's process id."""
+        return self.process.pid
 
     @property
     def command(self) -> str:
@@ -144,16 +204,24 @@ class Daemon:
         args = self.process.args
         return " ".join(map(str, args)) if isinstance(args, list) else str(args)
 
-    def log_text(self) -> str:
+    def log(self) -> str:
         """What the daemon wrote so far."""
         try:
             return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
 
-    def tail(self, lines: int = 20) -> str:
+    def tail(self, lines: int = LOG_TAIL_LINES) -> str:
         """The last ``lines`` lines of the daemon's output."""
-        return "\n".join(self.log_text().splitlines()[-lines:])
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def logged_exception(self) -> bool:
+        """True if an exception escaped somewhere in the daemon, per its log."""
+        return EXCEPTION_MARK in self.log()
+
+    def rss_bytes(self) -> int:
+        """The daemon's resident memory."""
+        return rss_bytes(self.pid)
 
     def check_alive(self) -> None:
         """Raise MountError, with the end of the daemon's log, if the daemon has exited."""
@@ -167,32 +235,33 @@ class Daemon:
 
     def wait_mounted(self, timeout: float = MOUNT_TIMEOUT) -> None:
         """Wait until the mount is there and answers; raise MountError if it does not come."""
-        deadline = time.monotonic() + timeout
-        while not (
-            (self.fstype is None or mount_type(self.mountpoint) == self.fstype)
-            and os.path.ismount(self.mountpoint)
-        ):
-            self.check_alive()
-            if time.monotonic() > deadline:
-                self.reported = True
-                raise MountError(
-                    f"{self.name} not mounted after {timeout:g} s ({self.command}):\n{self.tail()}"
-                )
-            time.sleep(POLL_INTERVAL)
 
-    def stop(self, *, report_exit: bool = True) -> int:
+        def ready() -> bool:
+            self.check_alive()
+            return (
+                self.fstype is None or mount_type(self.path) == self.fstype
+            ) and os.path.ismount(self.path)
+
+        try:
+            wait_for(ready, timeout, f"{self.name} to mount {self.path}")
+        except TimeoutError as error:
+            self.reported = True
+            raise MountError(f"{error} ({self.command}):\n{self.tail()}") from None
+        log.info("%s mounted on %s (pid %d)", self.name, self.path, self.pid)
+
+    def unmount(self, *, report_exit: bool = True) -> int:
         """Unmount and wait for the daemon (terminate it if it lingers); return its status.
 
         With ``report_exit`` a failure status not yet raised is logged with the end of the log.
         """
-        unmount(self.mountpoint)
+        unmount(self.path)
         try:
             status = self.process.wait(timeout=EXIT_TIMEOUT)
         except subprocess.TimeoutExpired:
             log.warning("the %s daemon still runs after the unmount, terminating it", self.name)
             self.process.terminate()
             try:
-                status = self.process.wait(timeout=10)
+                status = self.process.wait(timeout=TERMINATE_TIMEOUT)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 status = self.process.wait()
@@ -200,16 +269,92 @@ class Daemon:
             log.warning("the %s daemon exited with status %s:\n%s", self.name, status, self.tail())
         return status
 
+    def unmount_and_judge(self) -> str | None:
+        """Unmount; say what was wrong with how the daemon ended, or None if nothing was.
+
+        A daemon still running must exit 0 on the unmount; one that had exited already (a
+        test may kill it on purpose) must only not have logged an exception.
+        """
+        was_running = self.process.poll() is None
+        status = self.unmount(report_exit=False)
+        if was_running and status != 0:
+            return f"{self.path}: the {self.name} daemon exited with status {status}\n{self.log()}"
+        if self.logged_exception():
+            return f"{self.path}: the {self.name} daemon logged an exception\n{self.log()}"
+        return None
+
     def outcome(self) -> dict[str, object]:
         """How the exited daemon ended: status, logged exception, and the log if either is bad."""
-        text = self.log_text()
         outcome: dict[str, object] = {
             "exit_status": self.process.returncode,
-            "logged_exception": "Traceback" in text,
+            "logged_exception": self.logged_exception(),
         }
         if outcome["exit_status"] != 0 or outcome["logged_exception"]:
-            outcome["log"] = text
+            outcome["log"] = self.log()
         return outcome
+
+
+#: The name some scripts give a Mount.
+Daemon = Mount
+
+
+def spawn(
+    command: Sequence[str],
+    path: Path,
+    log_path: Path,
+    *,
+    name: str = "volfs",
+    fstype: str | None = VOLFS_TYPE,
+    env: Mapping[str, str] | None = None,
+) -> Mount:
+    """Start a daemon that is to serve ``path``; :meth:`Mount.wait_mounted` waits for it.
+
+    The daemon runs in the repository (with it first on PYTHONPATH, so ``-m volfs`` is this
+    volfs), with ``env`` added to the environment, in a session of its own (Ctrl-C reaches
+    the caller, which unmounts), its output in ``log_path``.
+
+    Raises:
+        MountError: the command could not be started.
+    """
+    environment = dict(os.environ, **(env or {}))
+    environment["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(REPO_ROOT), environment.get("PYTHONPATH")])
+    )
+    log.debug("starting %s", " ".join(command))
+    with open(log_path, "wb") as log_file:
+        try:
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                cwd=REPO_ROOT,
+                env=environment,
+                start_new_session=True,
+            )
+        except OSError as error:
+            raise MountError(f"cannot start {name} ({' '.join(command)}): {error}") from None
+    return Mount(path, process, log_path, name, fstype)
+
+
+def start_volfs(
+    path: Path, options: str, log_path: Path, env: Mapping[str, str] | None = None
+) -> Mount:
+    """Mount this repository's volfs with ``options`` on ``path`` (created if missing).
+
+    Returns once it is mounted; the caller unmounts it (:meth:`Mount.unmount`).
+
+    Raises:
+        MountError: it did not start or mount (it is stopped again then).
+    """
+    path.mkdir(exist_ok=True)
+    mount = spawn(volfs_command(path, options), path, log_path, env=env)
+    try:
+        mount.wait_mounted()
+    except BaseException:
+        mount.unmount()
+        raise
+    return mount
 
 
 @contextlib.contextmanager
@@ -223,56 +368,58 @@ def mounted(
     env: Mapping[str, str] | None = None,
     timeout: float = MOUNT_TIMEOUT,
     outcome: dict[str, object] | None = None,
-) -> Iterator[Daemon]:
+) -> Iterator[Mount]:
     """Run a daemon serving the existing directory ``mountpoint`` until the block ends.
 
-    The daemon runs in the repository (with it first on PYTHONPATH, so ``-m volfs`` is this
-    volfs), with ``env`` added to the environment, in a session of its own. The block starts
-    once it is mounted (MountError if it is not within ``timeout``); afterwards the daemon is
-    always unmounted and waited for, and ``mountpoint`` removed. Given ``outcome``, how the
-    daemon ended goes there (see :meth:`Daemon.outcome`) instead of being logged.
+    It is started as :func:`spawn` says. The block starts once it is mounted (MountError if it
+    is not within ``timeout``); afterwards the daemon is always unmounted and waited for, and
+    ``mountpoint`` removed. Given ``outcome``, how the daemon ended goes there (see
+    :meth:`Mount.outcome`) instead of being logged.
     """
-    environment = dict(os.environ, **(env or {}))
-    environment["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(REPO_ROOT), environment.get("PYTHONPATH")])
-    )
-    log.debug("starting %s", " ".join(command))
     try:
-        with open(log_path, "wb") as log_file:
-            try:
-                process = subprocess.Popen(
-                    command,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    cwd=REPO_ROOT,
-                    env=environment,
-                    start_new_session=True,  # Ctrl-C reaches the script, which unmounts
-                )
-            except OSError as error:
-                raise MountError(f"cannot start {name} ({' '.join(command)}): {error}") from None
-        daemon = Daemon(name, mountpoint, process, log_path, fstype)
+        mount = spawn(command, mountpoint, log_path, name=name, fstype=fstype, env=env)
         try:
-            daemon.wait_mounted(timeout)
-            log.info("%s mounted on %s (pid %d)", name, mountpoint, daemon.process.pid)
-            yield daemon
+            mount.wait_mounted(timeout)
+            yield mount
         finally:
-            daemon.stop(report_exit=outcome is None)
+            mount.unmount(report_exit=outcome is None)
             if outcome is not None:
-                outcome.update(daemon.outcome())
+                outcome.update(mount.outcome())
     finally:
         remove_mountpoint(mountpoint, name)
 
 
 @contextlib.contextmanager
-def tmpfs(mountpoint: Path, size: str) -> Iterator[Path]:
-    """Mount a kernel tmpfs of ``size`` on ``mountpoint`` (needs root) until the block ends.
+def tmpfs(
+    mountpoint: Path,
+    size: str | None = None,
+    *,
+    nr_inodes: int | None = None,
+    options: str = "",
+) -> Iterator[Path]:
+    """Mount a kernel tmpfs on ``mountpoint`` (needs root) until the block ends.
 
-    Afterwards it is always unmounted and ``mountpoint`` removed.
+    Args:
+        mountpoint: where; created if missing, and removed afterwards.
+        size: its size cap (``size=``: ``64M``, ``1T``); None: the kernel's default.
+        nr_inodes: its inode cap (``nr_inodes=``); None: the kernel's default.
+        options: more of mount(8)'s ``-o`` options, comma-separated (``mode=1777,uid=1000``).
+
+    Raises:
+        MountError: mount(8) failed.
     """
+    settings = [
+        f"{key}={value}"
+        for key, value in (("size", size), ("nr_inodes", nr_inodes))
+        if value is not None
+    ]
+    if options:
+        settings.append(options)
+    command = ["mount", "-t", "tmpfs", *(["-o", ",".join(settings)] if settings else [])]
+    mountpoint.mkdir(exist_ok=True)
     try:
         result = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint)],
+            [*command, "tmpfs", str(mountpoint)],
             check=False,
             stdin=subprocess.DEVNULL,
             capture_output=True,
@@ -283,7 +430,7 @@ def tmpfs(mountpoint: Path, size: str) -> Iterator[Path]:
         log.info("tmpfs mounted on %s", mountpoint)
         yield mountpoint
     finally:
-        unmount(mountpoint, fuse=False)
+        unmount(mountpoint)
         remove_mountpoint(mountpoint, "tmpfs")
 
 
