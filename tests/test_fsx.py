@@ -83,15 +83,10 @@ def test_a_larger_file_with_few_collisions(mount_volfs: Callable[..., Mount]) ->
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting tmpfs needs root")
-def test_the_model_holds_on_tmpfs(tmp_path: Path) -> None:
+def test_the_model_holds_on_tmpfs(mount_tmpfs: Callable[..., Path]) -> None:
     """Without the volfs operations, the model must describe a kernel tmpfs exactly."""
-    tmpfs = tmp_path / "tmpfs"
-    tmpfs.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64M", "tmpfs", str(tmpfs)], check=True)
-    try:
-        status, summary, stderr = fsx("--plain", "--file", tmpfs / "f", "--seed", 3, "--ops", OPS)
-    finally:
-        subprocess.run(["umount", str(tmpfs)], check=True)
+    tmpfs = mount_tmpfs("64M")
+    status, summary, stderr = fsx("--plain", "--file", tmpfs / "f", "--seed", 3, "--ops", OPS)
     assert status == 0, summary["failure"] or stderr
     assert "volatile" not in summary["counts"]
 

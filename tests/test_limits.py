@@ -94,19 +94,12 @@ def assert_answers(root: Path) -> None:
 
 
 @pytest.fixture
-def both(mount_volfs: Callable[..., Mount], tmp_path: Path) -> Iterator[dict[str, Path]]:
+def both(
+    mount_volfs: Callable[..., Mount], mount_tmpfs: Callable[..., Path]
+) -> Iterator[dict[str, Path]]:
     """A volfs and a tmpfs, both with a 64 MiB cap and at most 100000 inodes."""
     volfs = mount_volfs("size=64M,nr_inodes=100000").path
-    tmpfs = tmp_path / "tmpfs"
-    tmpfs.mkdir()
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64M,nr_inodes=100000", "tmpfs", str(tmpfs)],
-        check=True,
-    )
-    try:
-        yield {"volfs": volfs, "tmpfs": tmpfs}
-    finally:
-        subprocess.run(["umount", str(tmpfs)], check=True)
+    yield {"volfs": volfs, "tmpfs": mount_tmpfs("64M", nr_inodes=100000)}
     assert_answers(volfs)
 
 
@@ -359,27 +352,21 @@ def test_fvrange_spans_that_overflow_are_einval(mnt: Path) -> None:
 
 @needs_root
 def test_size_larger_than_ram_mounts_and_df_shows_it(
-    mount_volfs: Callable[..., Mount], tmp_path: Path
+    mount_volfs: Callable[..., Mount], mount_tmpfs: Callable[..., Path]
 ) -> None:
     volfs = mount_volfs("size=1T").path
-    tmpfs = tmp_path / "tmpfs"
-    tmpfs.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1T", "tmpfs", str(tmpfs)], check=True)
-    try:
-        sizes = {}
-        for name, root in (("volfs", volfs), ("tmpfs", tmpfs)):
-            (root / "f").write_bytes(b"d" * MiB)
-            df = subprocess.run(
-                ["df", "-B1", "--output=size,used", str(root)],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            sizes[name] = tuple(int(field) for field in df.stdout.split()[-2:])
-        assert sizes["volfs"] == sizes["tmpfs"] == (TiB, MiB), sizes
-        assert os.statvfs(volfs).f_bavail * PAGE == TiB - MiB
-    finally:
-        subprocess.run(["umount", str(tmpfs)], check=True)
+    sizes = {}
+    for name, root in (("volfs", volfs), ("tmpfs", mount_tmpfs("1T"))):
+        (root / "f").write_bytes(b"d" * MiB)
+        df = subprocess.run(
+            ["df", "-B1", "--output=size,used", str(root)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        sizes[name] = tuple(int(field) for field in df.stdout.split()[-2:])
+    assert sizes["volfs"] == sizes["tmpfs"] == (TiB, MiB), sizes
+    assert os.statvfs(volfs).f_bavail * PAGE == TiB - MiB
     assert_answers(volfs)
 
 
@@ -436,13 +423,11 @@ def test_absurd_options_are_refused_with_status_2(tmp_path: Path, options: str) 
 
 
 @needs_root
-def test_inode_limit_matches_tmpfs(mount_volfs: Callable[..., Mount], tmp_path: Path) -> None:
+def test_inode_limit_matches_tmpfs(
+    mount_volfs: Callable[..., Mount], mount_tmpfs: Callable[..., Path]
+) -> None:
     volfs = mount_volfs("size=16M,nr_inodes=64").path
-    tmpfs = tmp_path / "tmpfs"
-    tmpfs.mkdir()
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16M,nr_inodes=64", "tmpfs", str(tmpfs)], check=True
-    )
+    tmpfs = mount_tmpfs("16M", nr_inodes=64)
 
     def scenario(root: Path) -> object:
         created = 0
@@ -463,24 +448,17 @@ def test_inode_limit_matches_tmpfs(mount_volfs: Callable[..., Mount], tmp_path: 
         (root / "again").unlink()
         return created, failure, full
 
-    try:
-        results = assert_same(on_both({"volfs": volfs, "tmpfs": tmpfs}, scenario))
-    finally:
-        subprocess.run(["umount", str(tmpfs)], check=True)
+    results = assert_same(on_both({"volfs": volfs, "tmpfs": tmpfs}, scenario))
     assert results == (63, "ENOSPC", (64, 0))
     assert_answers(volfs)
 
 
 @needs_root
 def test_hard_links_count_against_nr_inodes_as_on_tmpfs(
-    mount_volfs: Callable[..., Mount], tmp_path: Path
+    mount_volfs: Callable[..., Mount], mount_tmpfs: Callable[..., Path]
 ) -> None:
     volfs = mount_volfs("size=16M,nr_inodes=64").path
-    tmpfs = tmp_path / "tmpfs"
-    tmpfs.mkdir()
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16M,nr_inodes=64", "tmpfs", str(tmpfs)], check=True
-    )
+    tmpfs = mount_tmpfs("16M", nr_inodes=64)
 
     def scenario(root: Path) -> object:
         (root / "file").touch()
@@ -493,23 +471,16 @@ def test_hard_links_count_against_nr_inodes_as_on_tmpfs(
                 failure = errno.errorcode[error.errno or 0]
         return links, failure, os.stat(root / "file").st_nlink
 
-    try:
-        results = assert_same(on_both({"volfs": volfs, "tmpfs": tmpfs}, scenario))
-    finally:
-        subprocess.run(["umount", str(tmpfs)], check=True)
+    results = assert_same(on_both({"volfs": volfs, "tmpfs": tmpfs}, scenario))
     assert results == (62, "ENOSPC", 63)
 
 
 @needs_root
 def test_extended_attribute_space_is_bounded_as_on_tmpfs(
-    mount_volfs: Callable[..., Mount], tmp_path: Path
+    mount_volfs: Callable[..., Mount], mount_tmpfs: Callable[..., Path]
 ) -> None:
     volfs = mount_volfs("size=16M,nr_inodes=1000").path
-    tmpfs = tmp_path / "tmpfs"
-    tmpfs.mkdir()
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16M,nr_inodes=1000", "tmpfs", str(tmpfs)], check=True
-    )
+    tmpfs = mount_tmpfs("16M", nr_inodes=1000)
     budget = 64 * MiB  # four times the size cap: far more than any bound would allow
 
     def scenario(root: Path) -> object:
@@ -524,10 +495,7 @@ def test_extended_attribute_space_is_bounded_as_on_tmpfs(
         os.unlink(root / "file")
         return stored, failure
 
-    try:
-        results = on_both({"volfs": volfs, "tmpfs": tmpfs}, scenario)
-    finally:
-        subprocess.run(["umount", str(tmpfs)], check=True)
+    results = on_both({"volfs": volfs, "tmpfs": tmpfs}, scenario)
     assert results["tmpfs"][1] == "ENOSPC"  # type: ignore[index]
     assert results["volfs"][1] == "ENOSPC", results  # type: ignore[index]
     assert_answers(volfs)

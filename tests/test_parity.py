@@ -12,7 +12,7 @@ import ctypes
 import errno
 import os
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -132,15 +132,9 @@ def file_state(fd: int) -> tuple[int, int, bytes]:
 
 
 @pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Path]:
+def tmpfs(mount_tmpfs: Callable[..., Path]) -> Path:
     """A kernel tmpfs with a 16 MiB cap; only tests marked ``mounts_tmpfs`` may use it."""
-    root = tmp_path / "tmpfs"
-    root.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16M", "tmpfs", str(root)], check=True)
-    try:
-        yield root
-    finally:
-        subprocess.run(["umount", str(root)], check=True)
+    return mount_tmpfs("16M")
 
 
 @pytest.fixture

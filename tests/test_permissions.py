@@ -12,6 +12,7 @@ mount itself and not from a directory on the way to it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pickle
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+import volfs_mounts
 
 from tests.conftest import MOUNT_TIMEOUT, Mount, is_mounted, start_volfs, stop_volfs, wait_for
 from volfs.client import VRANGE_NONVOLATILE, VRANGE_VOLATILE, fvrange, purge, vrange_status
@@ -156,7 +158,7 @@ class Mounts:
     base: Path
     logs: Path
     volfs_mounts: list[Mount] = field(default_factory=list)
-    tmpfs_mounts: list[Path] = field(default_factory=list)
+    tmpfs_mounts: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
     def volfs(
         self, name: str = "volfs", options: str = "size=64M,allow_other", owner: User = ROOT
@@ -172,11 +174,9 @@ class Mounts:
 
     def tmpfs(self, name: str = "tmpfs", options: str = "size=64M") -> Path:
         """Mount a kernel tmpfs."""
-        path = self.base / name
-        path.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
-        self.tmpfs_mounts.append(path)
-        return path
+        return self.tmpfs_mounts.enter_context(
+            volfs_mounts.tmpfs(self.base / name, options=options)
+        )
 
     def both(self, volfs_options: str = "size=64M,allow_other") -> dict[str, Path]:
         """A volfs and a tmpfs with the same tmpfs-style options."""
@@ -232,8 +232,7 @@ def mounts(tmp_path: Path) -> Iterator[Mounts]:
     try:
         yield created
     finally:
-        for path in created.tmpfs_mounts:
-            subprocess.run(["umount", str(path)], check=False)
+        created.tmpfs_mounts.close()
         for mount in created.volfs_mounts:
             was_running = mount.process.poll() is None
             status = stop_volfs(mount)
