@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -11,20 +12,22 @@ import select
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests import ring_programs
 from tests.conftest import Mount, wait_for
 from volfs.client import purge, statistics, vrange_status
 from volfs.ring import (
     _HEAD,  # the header's index words (byte offset / 8), to watch the ring from outside
     _TAIL,
+    IDLE_SECONDS,
     Consumer,
     PeerVanishedError,
     Producer,
@@ -38,45 +41,14 @@ from volfs.ring import (
 PAGE = 4096
 KiB = 1 << 10
 MiB = 1 << 20
-DEMO = Path(__file__).resolve().parent.parent / "scripts" / "ring_demo.py"
-BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench_ring.py"
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "scripts" / "ring_demo.py"
+BENCH = ROOT / "scripts" / "bench_ring.py"
+#: Seconds a whole stream of messages may take, start to end.
+TRAFFIC_TIMEOUT = 60.0
 
-#: Both ends of the traffic test compute message i with this, so the consumer can check it.
-MESSAGES = """
-import random
-
-def message(i, largest):
-    rng = random.Random(i)
-    kind = rng.random()
-    if kind < 0.4:
-        size = rng.randrange(0, 100)
-    elif kind < 0.8:
-        size = rng.randrange(100, 3 * 4096 + 100)  # across pages
-    elif kind < 0.97:
-        size = rng.randrange(0, 64 * 1024)
-    else:
-        size = largest - rng.randrange(0, 64)  # about the whole ring
-    return rng.randbytes(size)
-"""
-
-
-def python(program: str, *args: str, stdin: int | None = None) -> subprocess.Popen[str]:
-    """Start ``program`` in a Python process of its own (not a fork of this one)."""
-    return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(program), *args],
-        stdin=stdin,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def finish(process: subprocess.Popen[str], timeout: float = 30) -> dict[str, Any]:
-    """Wait for a helper; fail with its stderr unless it exited 0; return its JSON report."""
-    out, err = process.communicate(timeout=timeout)
-    assert process.returncode == 0, f"exit status {process.returncode}:\n{err}"
-    report: dict[str, Any] = json.loads(out)
-    return report
+#: Starts a program of tests.ring_programs with keyword arguments; see the ``spawn`` fixture.
+Spawn = Callable[..., subprocess.Popen[str]]
 
 
 @pytest.fixture
@@ -93,59 +65,97 @@ def reaper() -> Iterator[list[subprocess.Popen[str]]]:
                 stream.close()
 
 
-def test_every_message_arrives_once_in_order_while_purges_run(
-    mnt: Path, reaper: list[subprocess.Popen[str]]
-) -> None:
-    ring, count, capacity = mnt / "ring", 3000, 512 * KiB
-    geometry = f"capacity={capacity}, segment_size={32 * KiB}"
-    producer_program = (
-        MESSAGES
-        + f"""
-import dataclasses, json, sys, time
-from volfs.ring import Producer
-with Producer(sys.argv[1], {geometry}) as ring:
-    for i in range({count}):
-        if i % 100 == 99:
-            time.sleep(0.02)  # the consumer goes idle and marks what it consumed volatile
-        ring.send(message(i, ring.max_message), timeout=30)
-    print(json.dumps(dataclasses.asdict(ring.statistics())))
-"""
-    )
-    consumer_program = (
-        MESSAGES
-        + f"""
-import dataclasses, json, sys
-from volfs.ring import Consumer
-with Consumer(sys.argv[1], {geometry}) as ring:
-    received = 0
-    for data in ring:  # until the producer closes
-        expected = message(received, ring.max_message)
-        if data != expected:
-            sys.exit(f"message {{received}}: {{len(data)}} bytes, not the {{len(expected)}} sent")
-        received += 1
-    print(json.dumps({{"received": received, **dataclasses.asdict(ring.statistics())}}))
-"""
-    )
+@pytest.fixture
+def spawn(reaper: list[subprocess.Popen[str]]) -> Spawn:
+    """``spawn(ring_programs.send, ring=path, ...)`` runs that program in a process of its own.
+
+    Not a fork of this process: a fresh interpreter, as another program using the ring would
+    be. Its stdin, stdout and stderr are pipes; it is killed afterwards if still running.
+    """
+
+    def start(program: Callable[..., None], **arguments: object) -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                ring_programs.__name__,
+                program.__name__,
+                json.dumps(arguments, default=str),
+            ],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        reaper.append(process)
+        return process
+
+    return start
+
+
+def read_line(stream: Any, timeout: float) -> str:
+    """The next line of a helper's output, failing the test if none comes within ``timeout``."""
+    ready, _, _ = select.select([stream], [], [], timeout)
+    assert ready, f"no output within {timeout} s"
+    line: str = stream.readline()
+    return line
+
+
+def next_report(process: subprocess.Popen[str], timeout: float = 30) -> dict[str, Any]:
+    """The next report of a ring program; fails the test with its stderr if none comes."""
+    assert process.stdout is not None and process.stderr is not None
+    line = read_line(process.stdout, timeout)
+    if not line:
+        process.wait(timeout=10)
+        pytest.fail(f"exit status {process.returncode} before a report:\n{process.stderr.read()}")
+    report: dict[str, Any] = json.loads(line)
+    return report
+
+
+def finish(process: subprocess.Popen[str], timeout: float = 30) -> None:
+    """Let a ring program go on from its hold (close its stdin) and check that it exits 0."""
+    _out, err = process.communicate(timeout=timeout)
+    assert process.returncode == 0, f"exit status {process.returncode}:\n{err}"
+
+
+@contextlib.contextmanager
+def purging(mnt: Path) -> Iterator[list[int]]:
+    """Purge ``mnt`` over and over in a thread, as memory pressure would, until the block ends.
+
+    Yields the list of what each purge freed, filled as they happen.
+    """
     stop = threading.Event()
     freed: list[int] = []
 
-    def purge_all_the_time() -> None:  # the third party: what memory pressure would do
+    def purge_all_the_time() -> None:
         while not stop.is_set():
             freed.append(purge(mnt))
-            time.sleep(0.001)
+            time.sleep(0.001)  # not back to back: let the ring's own calls to volfs in
 
     purger = threading.Thread(target=purge_all_the_time)
     purger.start()
     try:
-        consumer = python(consumer_program, str(ring))
-        reaper.append(consumer)
-        producer = python(producer_program, str(ring))
-        reaper.append(producer)
-        sent = finish(producer)
-        received = finish(consumer)
+        yield freed
     finally:
         stop.set()
         purger.join()
+
+
+def test_every_message_arrives_once_in_order_while_purges_run(mnt: Path, spawn: Spawn) -> None:
+    ring, count = mnt / "ring", 3000
+    stream = {"ring": ring, "messages": "mixed", "capacity": 512 * KiB, "segment_size": 32 * KiB}
+    with purging(mnt) as freed:
+        consumer = spawn(ring_programs.receive, **stream)
+        # Pauses longer than IDLE_SECONDS: the consumer goes idle and marks what it consumed
+        # volatile, for the purges to take.
+        producer = spawn(
+            ring_programs.send, **stream, count=count, pause_every=100, pause=2 * IDLE_SECONDS
+        )
+        sent = next_report(producer, TRAFFIC_TIMEOUT)
+        finish(producer)
+        received = next_report(consumer)
+        finish(consumer)
 
     assert received["received"] == sent["messages"] == count
     assert received["payload_bytes"] == sent["payload_bytes"]
@@ -221,10 +231,11 @@ def test_producers_one_after_another_rewrite_what_idle_time_let_volfs_purge(mnt:
                 if session:
                     # It found the pages the idle consumer had marked purged, and rewrote them.
                     assert producer.statistics().purged > 0
-            # Idle: an empty ring for IDLE_SECONDS makes everything consumed volatile.
+            # Idle: an empty ring for IDLE_SECONDS makes everything consumed volatile. The
+            # sleep is the idleness under test, not a wait for something else to happen.
             with pytest.raises(RingClosedError):
                 consumer.try_receive()
-            time.sleep(0.02)
+            time.sleep(2 * IDLE_SECONDS)
             assert consumer.try_receive() is None
             assert purge(mnt) > 0
         assert consumer.statistics().messages == 120
@@ -262,25 +273,12 @@ def test_clean_close_ends_the_stream_once_and_roles_are_exclusive(mnt: Path) -> 
         assert list(consumer) == [b"for the next consumer"]
 
 
-def test_a_killed_producer_is_reported_after_its_last_message(
-    mnt: Path, reaper: list[subprocess.Popen[str]]
-) -> None:
+def test_a_killed_producer_is_reported_after_its_last_message(mnt: Path, spawn: Spawn) -> None:
     ring = mnt / "ring"
-    producer = python(
-        """
-        import sys, time
-        from volfs.ring import Producer
-        ring = Producer(sys.argv[1], capacity=65536)
-        for i in range(3):
-            ring.send(b"message %d" % i)
-        print("sent", flush=True)
-        time.sleep(60)
-        """,
-        str(ring),
+    producer = spawn(
+        ring_programs.send, ring=ring, messages="numbered", count=3, capacity=64 * KiB, stay=True
     )
-    reaper.append(producer)
-    assert producer.stdout is not None
-    assert producer.stdout.readline() == "sent\n"
+    assert next_report(producer)["messages"] == 3
     with Consumer(ring) as consumer:
         assert consumer.receive(timeout=5) == b"message 0"
         producer.send_signal(signal.SIGKILL)
@@ -298,26 +296,13 @@ def test_a_killed_producer_is_reported_after_its_last_message(
             consumer.receive(timeout=0.1)
 
 
-def test_a_killed_consumer_is_reported_to_the_producer(
-    mnt: Path, reaper: list[subprocess.Popen[str]]
-) -> None:
+def test_a_killed_consumer_is_reported_to_the_producer(mnt: Path, spawn: Spawn) -> None:
     ring = mnt / "ring"
-    consumer = python(
-        """
-        import sys, time
-        from volfs.ring import Consumer
-        ring = Consumer(sys.argv[1], capacity=16384)
-        print(ring.receive(timeout=30).decode(), flush=True)
-        time.sleep(60)
-        """,
-        str(ring),
-    )
-    reaper.append(consumer)
+    consumer = spawn(ring_programs.receive_one, ring=ring, capacity=16 * KiB)
     wait_for(ring.exists, 10, "the consumer to create the ring")
     with Producer(ring) as producer:
         producer.send(b"hello")
-        assert consumer.stdout is not None
-        assert consumer.stdout.readline() == "hello\n"
+        assert next_report(consumer) == {"message": "hello"}
         consumer.send_signal(signal.SIGKILL)
         assert consumer.wait(timeout=10) == -signal.SIGKILL
         with pytest.raises(PeerVanishedError):
@@ -333,47 +318,17 @@ def test_a_killed_consumer_is_reported_to_the_producer(
 
 
 def test_an_idle_caught_up_ring_gives_its_memory_back_on_purge(
-    mount_volfs: Any, reaper: list[subprocess.Popen[str]]
+    mount_volfs: Callable[..., Mount], spawn: Spawn
 ) -> None:
-    volfs: Mount = mount_volfs("size=256M")
+    volfs = mount_volfs("size=256M")
     ring, capacity, message_size = volfs.path / "ring", 64 * MiB, 256 * KiB - 8
     count = 248  # 62 MiB of records: the ring filled once
     baseline = volfs.rss_bytes()
-    producer = python(
-        f"""
-        import sys
-        from volfs.ring import Producer
-        with Producer(sys.argv[1], capacity={capacity}) as ring:
-            message = bytes(range(256)) * ({message_size} // 256) + bytes({message_size} % 256)
-            for _ in range({count}):
-                ring.send(message, timeout=30)
-            print("sent", flush=True)
-            sys.stdin.readline()
-        """,
-        str(ring),
-        stdin=subprocess.PIPE,
-    )
-    reaper.append(producer)
-    consumer = python(
-        f"""
-        import sys
-        from volfs.ring import Consumer, RingTimeoutError
-        with Consumer(sys.argv[1], capacity={capacity}) as ring:
-            for _ in range({count}):
-                assert len(ring.receive(timeout=30)) == {message_size}
-            try:
-                ring.receive(timeout=0.2)  # caught up and idle
-            except RingTimeoutError:
-                print("idle", flush=True)
-            sys.stdin.readline()
-        """,
-        str(ring),
-        stdin=subprocess.PIPE,
-    )
-    reaper.append(consumer)
-    assert producer.stdout is not None and consumer.stdout is not None
-    assert producer.stdout.readline() == "sent\n"
-    assert consumer.stdout.readline() == "idle\n"
+    blocks = {"ring": ring, "count": count, "size": message_size, "capacity": capacity}
+    producer = spawn(ring_programs.send_blocks, **blocks)
+    consumer = spawn(ring_programs.receive_until_idle, **blocks, idle=20 * IDLE_SECONDS)
+    assert next_report(producer, TRAFFIC_TIMEOUT)["messages"] == count
+    assert next_report(consumer, TRAFFIC_TIMEOUT)["idle"]
 
     data = count * (message_size + 8)
     fd = os.open(ring, os.O_RDWR)
@@ -395,11 +350,8 @@ def test_an_idle_caught_up_ring_gives_its_memory_back_on_purge(
         assert statistics(volfs.path)["used_bytes"] <= 4 * PAGE
     finally:
         os.close(fd)
-    for process in (producer, consumer):
-        assert process.stdin is not None
-        process.stdin.write("done\n")
-        process.stdin.flush()
-        assert process.wait(timeout=10) == 0
+    finish(producer)
+    finish(consumer)
 
 
 def test_rings_need_a_ring_file_and_volfs_unless_volatile_is_off(mnt: Path, tmp_path: Path) -> None:
@@ -464,125 +416,103 @@ def data_spans(start: int, end: int, capacity: int) -> list[tuple[int, int]]:
     return spans
 
 
+@dataclass
+class PageWatch:
+    """What an observer saw of a ring's pages while messages went through it."""
+
+    samples: int = 0
+    #: Samples in which the tail stayed in its page, so the unconsumed pages could be judged.
+    unconsumed_samples: int = 0
+    #: Of those, samples in which consumed pages were volatile beside the unconsumed ones.
+    both_at_once: int = 0
+    #: The most volatile bytes seen in the data pages at once.
+    most_volatile: int = 0
+
+
+def check_running(processes: Sequence[subprocess.Popen[str]]) -> None:
+    """Fail the test, with its stderr, if one of the ring programs has exited."""
+    for process in processes:
+        if process.poll() is not None:
+            err = process.communicate()[1]
+            pytest.fail(f"a ring program exited early, status {process.returncode}:\n{err}")
+
+
+def sample_pages(fd: int, words: memoryview, capacity: int, watch: PageWatch) -> None:
+    """Look at the ring's pages once; assert the header and unconsumed pages are kept."""
+    tail = words[_TAIL]
+    head = words[_HEAD]  # after tail: [tail, head) is published and not consumed
+    start, end = tail // PAGE * PAGE, -(-head // PAGE) * PAGE
+    assert vrange_status(fd, 0, PAGE) == (0, 0), "the header page became volatile"
+    unconsumed = [vrange_status(fd, *span) for span in data_spans(start, end, capacity)]
+    volatile, _purged = vrange_status(fd, PAGE, capacity)
+    watch.samples += 1
+    watch.most_volatile = max(watch.most_volatile, volatile)
+    # The consumer marks only whole pages before its tail: if the tail stayed in its page,
+    # those pages were unconsumed all along.
+    if words[_TAIL] // PAGE * PAGE == start and unconsumed:
+        assert all(status == (0, 0) for status in unconsumed), (
+            f"unconsumed pages [{start}, {end}) volatile or purged: {unconsumed}"
+        )
+        watch.unconsumed_samples += 1
+        watch.both_at_once += volatile > 0
+
+
+def watch_pages(
+    ring: Path, capacity: int, total: int, processes: Sequence[subprocess.Popen[str]]
+) -> PageWatch:
+    """Sample the ring's pages until the consumer's tail reaches ``total``."""
+    watch = PageWatch()
+    with contextlib.ExitStack() as cleanup:
+        fd = os.open(ring, os.O_RDONLY)
+        cleanup.callback(os.close, fd)
+        page_0 = mmap.mmap(fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ)
+        header = cleanup.enter_context(page_0)
+        words = memoryview(header).cast("Q")
+        cleanup.callback(words.release)
+        deadline = time.monotonic() + TRAFFIC_TIMEOUT
+        while words[_TAIL] < total:
+            check_running(processes)
+            assert time.monotonic() < deadline, f"no end of traffic in {TRAFFIC_TIMEOUT} s"
+            sample_pages(fd, words, capacity, watch)
+    return watch
+
+
 def test_header_and_unconsumed_pages_are_never_volatile_while_purges_run(
-    mnt: Path, reaper: list[subprocess.Popen[str]]
+    mnt: Path, spawn: Spawn
 ) -> None:
     ring, count, capacity = mnt / "ring", 1500, 256 * KiB
-    geometry = f"capacity={capacity}, segment_size={16 * KiB}"
-    messages = """
-import random
-def message(i):
-    rng = random.Random(i)
-    return rng.randbytes(rng.randrange(0, 3 * 4096 + 100))  # many records span pages
-"""
-    producer = python(
-        messages
-        + f"""
-import dataclasses, json, sys, time
-from volfs.ring import Producer
-with Producer(sys.argv[1], {geometry}) as ring:
-    for i in range({count}):
-        if i % 150 == 149:
-            time.sleep(0.03)  # the consumer goes idle and marks what it consumed volatile
-        ring.send(message(i), timeout=30)
-    print(json.dumps(dataclasses.asdict(ring.statistics())), flush=True)
-    sys.stdin.readline()  # stay attached until the observer is done
-""",
-        str(ring),
-        stdin=subprocess.PIPE,
+    stream = {"ring": ring, "messages": "spanning", "capacity": capacity, "segment_size": 16 * KiB}
+    # The producer pauses longer than IDLE_SECONDS: the consumer goes idle and marks what it
+    # consumed volatile. It stays attached until the observer is done.
+    producer = spawn(
+        ring_programs.send,
+        **stream,
+        count=count,
+        pause_every=150,
+        pause=3 * IDLE_SECONDS,
+        stay=True,
     )
-    reaper.append(producer)
-    consumer = python(
-        messages
-        + f"""
-import dataclasses, json, sys, time
-from volfs.ring import Consumer
-with Consumer(sys.argv[1], {geometry}) as ring:
-    for i in range({count}):
-        if i % 40 == 39:
-            time.sleep(0.005)  # unconsumed messages pile up, some of them across the wrap
-        data = ring.receive(timeout=30)
-        if data != message(i):
-            sys.exit(f"message {{i}}: {{len(data)}} bytes, not the {{len(message(i))}} sent")
-    extra = len(list(ring))  # nothing more until the producer closes
-    print(json.dumps({{"extra": extra, **dataclasses.asdict(ring.statistics())}}))
-""",
-        str(ring),
-    )
-    reaper.append(consumer)
+    # The consumer's pauses let unconsumed messages pile up, some of them across the wrap.
+    consumer = spawn(ring_programs.receive, **stream, pause_every=40, pause=0.005)
     # Where the consumer's tail ends: every record is an 8-byte length and a padded payload.
-    same: dict[str, Any] = {}
-    exec(messages, same)
-    total = sum(8 + (len(same["message"](i)) + 7) // 8 * 8 for i in range(count))
-
-    stop = threading.Event()
-    freed: list[int] = []
-
-    def purge_all_the_time() -> None:  # the third party: what memory pressure would do
-        while not stop.is_set():
-            freed.append(purge(mnt))
-            time.sleep(0.001)
-
+    total = sum(
+        8 + (len(ring_programs.spanning_message(i, capacity)) + 7) // 8 * 8 for i in range(count)
+    )
     wait_for(ring.exists, 10, "the ring file")
-    fd = os.open(ring, os.O_RDONLY)
-    header = mmap.mmap(fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ)  # page 0 only
-    words = memoryview(header).cast("Q")
-    purger = threading.Thread(target=purge_all_the_time)
-    purger.start()
-    samples = unconsumed_samples = both_at_once = 0
-    most_volatile = 0
-    try:
-        deadline = time.monotonic() + 30
-        while words[_TAIL] < total:
-            for process in (producer, consumer):
-                if process.poll() is not None:
-                    err = process.communicate()[1]
-                    pytest.fail(f"a ring process exited early, status {process.returncode}:\n{err}")
-            assert time.monotonic() < deadline, "the traffic did not finish within 30 s"
-            tail = words[_TAIL]
-            head = words[_HEAD]  # after tail: [tail, head) is published and not consumed
-            start, end = tail // PAGE * PAGE, -(-head // PAGE) * PAGE
-            assert vrange_status(fd, 0, PAGE) == (0, 0), "the header page became volatile"
-            unconsumed = [vrange_status(fd, *span) for span in data_spans(start, end, capacity)]
-            volatile, _purged = vrange_status(fd, PAGE, capacity)
-            samples += 1
-            most_volatile = max(most_volatile, volatile)
-            # The consumer marks only whole pages before its tail: if the tail stayed in its
-            # page, those pages were unconsumed all along.
-            if words[_TAIL] // PAGE * PAGE == start and unconsumed:
-                assert all(status == (0, 0) for status in unconsumed), (
-                    f"unconsumed pages [{start}, {end}) volatile or purged: {unconsumed}"
-                )
-                unconsumed_samples += 1
-                both_at_once += volatile > 0
-    finally:
-        stop.set()
-        purger.join()
-        words.release()
-        header.close()
-        os.close(fd)
-    assert producer.stdin is not None
-    producer.stdin.write("close\n")
-    producer.stdin.flush()
-    sent = finish(producer)
-    received = finish(consumer)
+    with purging(mnt) as freed:
+        watch = watch_pages(ring, capacity, total, (producer, consumer))
+    sent = next_report(producer)
+    finish(producer)
+    received = next_report(consumer)
+    finish(consumer)
 
-    assert sent["messages"] == received["messages"] == count
-    assert received["extra"] == 0
-    assert samples > 10 and unconsumed_samples > 0, (samples, unconsumed_samples)
+    assert sent["messages"] == received["received"] == count
+    assert watch.samples > 10 and watch.unconsumed_samples > 0, watch
     # Idle periods made consumed pages volatile while unconsumed ones sat next to them, and
     # purges took them.
-    assert received["marks"] > 0 and most_volatile > 0 and both_at_once > 0
+    assert received["marks"] > 0 and watch.most_volatile > 0 and watch.both_at_once > 0
     assert sum(freed) > 0
     assert sent["purged"] > 0
-
-
-def read_line(stream: Any, timeout: float) -> str:
-    """The next line of a helper's output, failing the test if none comes within ``timeout``."""
-    ready, _, _ = select.select([stream], [], [], timeout)
-    assert ready, f"no output within {timeout} s"
-    line: str = stream.readline()
-    return line
 
 
 @pytest.mark.parametrize(
