@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from volfs.client import VRANGE_VOLATILE, fvrange, purge  # noqa: E402
-from volfs.options import parse_size  # noqa: E402
+from volfs.daemon.options import parse_size  # noqa: E402
 
 MiB = 1 << 20
 

@@ -17,9 +17,13 @@ import pytest
 # The scripts import the harness as a top-level module; so do the tests, to share one copy.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
+# isort: split
+
+
 import volfs_mounts
 from volfs_mounts import (
     MOUNT_TIMEOUT,
+    REPO_ROOT,
     Mount,
     force_unmount,
     is_mounted,
@@ -29,6 +33,7 @@ from volfs_mounts import (
 
 __all__ = [
     "MOUNT_TIMEOUT",
+    "REPO_ROOT",
     "Mount",
     "force_unmount",
     "is_mounted",

@@ -2,6 +2,6 @@
 
 import sys
 
-from volfs.daemon import main
+from volfs.daemon.main import main
 
 sys.exit(main())

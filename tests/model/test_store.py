@@ -1,0 +1,152 @@
+"""The page store without FUSE: random operations against a bytearray model."""
+
+from __future__ import annotations
+
+import errno
+import random
+
+import pytest
+import trio
+
+from volfs.core.store import PAGE_SIZE, Arena, FileContents, Store
+
+
+def check_all(store: Store, files: list[FileContents]) -> None:
+    store.arena._check()
+    for contents in files:
+        contents._check()
+    assert store.arena.used_pages == sum(contents.pages for contents in files)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_operations_match_a_bytearray_model(seed: int) -> None:
+    rng = random.Random(seed)
+    store = Store(96 * PAGE_SIZE)
+    files = [store.new_file() for _ in range(3)]
+    models = [bytearray() for _ in files]
+    for _step in range(1500):
+        which = rng.randrange(len(files))
+        contents, model = files[which], models[which]
+        operation = rng.random()
+        if operation < 0.45:
+            offset = rng.randrange(0, 40 * PAGE_SIZE)
+            data = rng.randbytes(rng.choice([1, 100, PAGE_SIZE, 3 * PAGE_SIZE + 7, 9000]))
+            before = bytes(model)
+            try:
+                assert contents.write(offset, data) == len(data)
+            except OSError as error:
+                assert error.errno == errno.ENOSPC
+                assert bytes(contents.read(0, len(model) + 1)) == before
+            else:
+                if len(model) < offset:
+                    model.extend(bytes(offset - len(model)))
+                model[offset : offset + len(data)] = data
+        elif operation < 0.6:
+            size = rng.randrange(0, 45 * PAGE_SIZE)
+            contents.truncate(size)
+            if size < len(model):
+                del model[size:]
+            else:
+                model.extend(bytes(size - len(model)))
+        elif operation < 0.62:
+            offset = rng.randrange(0, 40 * PAGE_SIZE)
+            length = rng.randrange(1, 6 * PAGE_SIZE)
+            if rng.random() < 0.5:
+                contents.punch(offset, length)
+                lo, hi = offset, min(len(model), offset + length)
+                if lo < hi:
+                    model[lo:hi] = bytes(hi - lo)
+            else:
+                try:
+                    contents.allocate(offset, length)
+                except OSError as error:
+                    assert error.errno == errno.ENOSPC
+        elif operation < 0.65:
+            first = rng.randrange(0, 45)
+            count = rng.randrange(1, 8)
+            contents.release_pages(first, first + count)
+            lo, hi = first * PAGE_SIZE, min(len(model), (first + count) * PAGE_SIZE)
+            if lo < hi:
+                model[lo:hi] = bytes(hi - lo)
+        else:
+            offset = rng.randrange(0, 45 * PAGE_SIZE)
+            length = rng.randrange(0, 10 * PAGE_SIZE)
+            assert bytes(contents.read(offset, length)) == bytes(model[offset : offset + length])
+            data_at = contents.seek_data(offset)
+            hole_at = contents.seek_hole(offset)
+            if offset >= len(model):
+                assert data_at is None and hole_at is None
+            else:
+                assert hole_at is not None and offset <= hole_at <= len(model)
+                assert data_at is None or offset <= data_at < len(model)
+                if data_at is not None and data_at > offset:
+                    # Everything skipped reads as zeros.
+                    assert not any(model[offset:data_at])
+        assert contents.size == len(model)
+        check_all(store, files)
+    for contents, model in zip(files, models, strict=True):
+        assert bytes(contents.read(0, len(model))) == bytes(model)
+        contents.clear()
+    check_all(store, files)
+    assert store.used_bytes == 0
+    store.close()
+
+
+def test_sequential_writes_stay_one_run_and_read_without_copy() -> None:
+    store = Store(1024 * PAGE_SIZE)
+    contents = store.new_file()
+    for block in range(64):
+        contents.write(block * 8192, bytes([block]) * 8192)
+    assert len(contents._extents) == 1
+    assert isinstance(contents.read(8192 * 3, 8192 * 5), memoryview)
+    assert store.used_bytes == 64 * 8192
+
+
+def test_write_that_does_not_fit_changes_nothing() -> None:
+    store = Store(4 * PAGE_SIZE)
+    contents = store.new_file()
+    contents.write(0, b"a" * PAGE_SIZE)
+    with pytest.raises(OSError) as caught:
+        contents.write(PAGE_SIZE - 10, b"b" * (4 * PAGE_SIZE))
+    assert caught.value.errno == errno.ENOSPC
+    assert bytes(contents.read(0, 2 * PAGE_SIZE)) == b"a" * PAGE_SIZE
+    assert store.used_bytes == PAGE_SIZE
+
+
+def test_freed_pages_come_back_zeroed() -> None:
+    arena = Arena(8)
+    contents = FileContents(arena)
+    contents.write(0, b"\xff" * 8 * PAGE_SIZE)
+    contents.truncate(10)
+    contents.truncate(8 * PAGE_SIZE)
+    other = FileContents(arena)
+    other.write(0, b"x")
+    other.truncate(7 * PAGE_SIZE)
+    other.write(7 * PAGE_SIZE - 1, b"y")
+    assert bytes(contents.read(0, 8 * PAGE_SIZE)) == b"\xff" * 10 + bytes(8 * PAGE_SIZE - 10)
+    assert bytes(other.read(1, 7 * PAGE_SIZE - 2)) == bytes(7 * PAGE_SIZE - 2)
+
+
+def test_background_reclaim_returns_pages_and_write_waits_for_them() -> None:
+    store = Store(2048 * PAGE_SIZE)
+    big, other = store.new_file(), store.new_file()
+
+    async def scenario() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run_reclaimer)
+            big.write(0, b"z" * (2000 * PAGE_SIZE))
+            big.truncate(0)
+            assert store.used_bytes == 0 and store.reclaim_pending
+            await store.wait_reclaimed()
+            assert not store.reclaim_pending
+            assert store.arena.free_pages == 2048
+            other.write(0, b"y" * (2048 * PAGE_SIZE))
+            other.truncate(PAGE_SIZE)
+            # Dirty pages are punched on demand when an allocation needs them.
+            big.write(0, b"x" * (2047 * PAGE_SIZE))
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario)
+    store.arena._check()
+    assert bytes(big.read(0, 3)) == b"xxx" and bytes(other.read(0, 2)) == b"yy"
+    assert store.arena.dirty_pages == store.arena.punching_pages == 0

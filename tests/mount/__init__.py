@@ -1,0 +1,1 @@
+"""The mount tier: real volfs mounts reached through the kernel, other processes and users."""

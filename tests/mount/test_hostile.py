@@ -1,0 +1,410 @@
+"""A mount shared with users who do not trust each other: what one of them can make the daemon
+hold, and what another then reads.
+
+Each test mounts a volfs with ``allow_other`` under a directory every user may traverse and
+acts as the unprivileged user ``nobody`` through forked children (see
+:mod:`tests.mount.test_permissions`), measuring what a user notices: errnos, bytes read, the space
+``df`` shows, the daemon's resident memory.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Mount, wait_for
+from tests.mount.test_permissions import Mounts, User, attempt, mounts, run_as
+from volfs.client import (
+    VRANGE_NONVOLATILE,
+    VRANGE_VOLATILE,
+    fvrange,
+    purge,
+    statistics,
+    vrange_status,
+)
+
+__all__ = ["mounts"]  # the fixture, shared with test_permissions
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: other uids, allow_other"),
+]
+
+PAGE = 4096
+MIB = 1 << 20
+NOBODY = User("nobody", 65534, 65534)
+
+
+def mount(mounts: Mounts, options: str) -> tuple[Path, Mount]:
+    """Mount a volfs with ``allow_other``; return its path and daemon."""
+    path = mounts.volfs(options=f"{options},allow_other")
+    return path, mounts.volfs_mounts[-1]
+
+
+def used_bytes(path: Path) -> int:
+    """What ``df`` shows as used."""
+    info = os.statvfs(path)
+    return (info.f_blocks - info.f_bfree) * info.f_frsize
+
+
+def daemon_rss(pid: int) -> int:
+    """A daemon's resident memory in bytes, as any user may read it from /proc."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+class TwoPhaseChild:
+    """A child process, running as ``user``, that does ``first``, reports its result, waits
+    for the parent's word and then does ``then`` (holding whatever ``first`` opened).
+
+    The results travel as text; the child's exit status is 0 only if both phases returned.
+    """
+
+    def __init__(
+        self, user: User, first: Callable[[], object], then: Callable[[], object] = lambda: None
+    ) -> None:
+        report_read, report_write = os.pipe()
+        go_read, self._go = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # pragma: no cover - the child
+            os.close(report_read)
+            os.close(self._go)
+            status = 1
+            try:
+                os.setgroups([])
+                os.setgid(user.gid)
+                os.setuid(user.uid)
+                os.write(report_write, str(first()).encode())
+                os.close(report_write)
+                os.read(go_read, 1)
+                then()
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(report_write)
+        os.close(go_read)
+        with os.fdopen(report_read, "rb") as report:
+            self.first_result = report.read().decode()
+
+    def finish(self) -> int:
+        """Let ``then`` run; return the child's exit status."""
+        os.close(self._go)
+        _pid, wait_status = os.waitpid(self.pid, 0)
+        return os.waitstatus_to_exitcode(wait_status)
+
+
+# -- directory handles ---------------------------------------------------------------------
+
+
+def test_open_directory_handles_hold_no_copy_of_the_listing(mounts: Mounts) -> None:
+    mnt, daemon = mount(mounts, "size=64M")
+    directory = mnt / "big"
+    directory.mkdir(mode=0o755)
+    for index in range(10_000):
+        os.mknod(directory / f"entry-{index:05d}")
+
+    def hold_handles() -> tuple[int, int]:
+        before = daemon_rss(daemon.pid)
+        held = []
+        for _ in range(200):
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            listing = os.scandir(fd)
+            next(listing)  # a listing begun and left open, as a slow reader would
+            held.append((fd, listing))
+        grown = daemon_rss(daemon.pid) - before
+        complete = sum(1 for _ in held[0][1]) + 1
+        for fd, listing in held:
+            listing.close()
+            os.close(fd)
+        return grown, complete
+
+    grown, complete = run_as(NOBODY, hold_handles)
+    # A copy of the listing per handle would be 200 x 10,000 entries: about 130 MB.
+    assert grown < 16 * MIB, f"200 open listings grew the daemon by {grown / MIB:.0f} MiB"
+    assert complete == 10_000, "a listing resumed after its first entry missed entries"
+
+
+def test_a_listing_follows_the_live_directory(mounts: Mounts) -> None:
+    mnt, _daemon = mount(mounts, "size=64M")
+    directory = mnt / "changing"
+    directory.mkdir()
+    steady = {f"steady-{index:04d}" for index in range(3000)}
+    doomed = [f"doomed-{index:04d}" for index in range(3000)]
+    for name in sorted(steady | set(doomed)):
+        os.mknod(directory / name)
+    seen: list[str] = []
+    removed_ahead: set[str] = set()
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with os.scandir(fd) as listing:
+            for count, entry in enumerate(listing):
+                seen.append(entry.name)
+                if count % 200 == 0 and count < 1400:
+                    # Names come and go while the listing goes on, across several getdents.
+                    # Those removed lie far beyond what one getdents buffer can have fetched.
+                    for name in doomed[count + 1500 : count + 1600]:
+                        (directory / name).unlink()
+                        removed_ahead.add(name)
+                    os.mknod(directory / f"new-{count:05d}")
+                    (directory / f"new-{count:05d}").rename(directory / f"renamed-{count:05d}")
+    finally:
+        os.close(fd)
+    assert len(seen) == len(set(seen)), "an entry was listed twice"
+    assert steady <= set(seen), "an entry present all along was not listed"
+    assert not removed_ahead & set(seen), "entries removed before the listing got there"
+    assert set(seen) <= steady | set(doomed) | {n for n in os.listdir(directory)}
+
+
+# -- symlinks ------------------------------------------------------------------------------
+
+
+def test_long_symlink_targets_are_charged_to_the_size_cap(mounts: Mounts) -> None:
+    mnt, _daemon = mount(mounts, "size=16M")
+    target = "t" * 4000
+
+    def make_links() -> tuple[int, str, int]:
+        links = mnt / "links"
+        links.mkdir()
+        count = 0
+        while count < 10_000:
+            outcome = attempt(lambda n=count: os.symlink(target, links / f"l{n}"))
+            if outcome != "ok":
+                return count, outcome, used_bytes(mnt)
+            count += 1
+        return count, "ok", used_bytes(mnt)
+
+    count, outcome, used = run_as(NOBODY, make_links)
+    # As on a size=16M tmpfs: a page a long target, ENOSPC once the 4,096 pages are taken.
+    assert outcome == "ENOSPC" and 4000 <= count <= 4096, (count, outcome)
+    assert used >= count * PAGE, "df does not show the targets"
+    assert os.readlink(mnt / "links" / "l0") == target
+    for index in range(count):
+        (mnt / "links" / f"l{index}").unlink()
+    assert used_bytes(mnt) < 16 * PAGE, "removed symlinks still hold their charge"
+    for index in range(5000):
+        os.symlink("short", mnt / f"s{index}")  # short targets live in the inode, as on tmpfs
+    assert used_bytes(mnt) < 16 * PAGE
+
+
+# -- volatile ranges -----------------------------------------------------------------------
+
+
+def test_range_records_are_bounded_per_file_and_per_mount(mounts: Mounts) -> None:
+    mnt, _daemon = mount(mounts, "size=64M,max_file_ranges=100,max_ranges=150")
+
+    def exhaust() -> dict[str, object]:
+        results: dict[str, object] = {}
+        first = os.open(mnt / "first", os.O_RDWR | os.O_CREAT, 0o600)
+        second = os.open(mnt / "second", os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(first, 1 << 30)
+        os.ftruncate(second, 1 << 30)
+        for index in range(100):
+            fvrange(first, 2 * index * PAGE, PAGE, VRANGE_VOLATILE)
+        status = vrange_status(first)
+        results["101st"] = attempt(lambda: fvrange(first, 400 * PAGE, PAGE, VRANGE_VOLATILE))
+        results["unchanged"] = vrange_status(first) == status
+        # Merging two ranges needs no record; a split of one at the bound needs one.
+        results["merge"] = attempt(lambda: fvrange(first, 0, 3 * PAGE, VRANGE_VOLATILE))
+        fvrange(first, 1000 * PAGE, 8 * PAGE, VRANGE_VOLATILE)
+        results["split"] = attempt(lambda: fvrange(first, 1002 * PAGE, PAGE, VRANGE_NONVOLATILE))
+        results["trim"] = attempt(lambda: fvrange(first, 1000 * PAGE, PAGE, VRANGE_NONVOLATILE))
+        results["after"] = vrange_status(first)
+        for index in range(50):
+            fvrange(second, 2 * index * PAGE, PAGE, VRANGE_VOLATILE)
+        results["mount"] = attempt(lambda: fvrange(second, 200 * PAGE, PAGE, VRANGE_VOLATILE))
+        os.close(first)  # the last close gives the file's records back
+        results["freed"] = attempt(lambda: fvrange(second, 200 * PAGE, PAGE, VRANGE_VOLATILE))
+        os.close(second)
+        return results
+
+    results = run_as(NOBODY, exhaust)
+    assert results["101st"] == "ENOSPC"
+    assert results["unchanged"] is True
+    assert results["merge"] == "ok"
+    assert results["split"] == "ENOSPC"
+    assert results["trim"] == "ok"
+    assert results["after"] == ((99 - 1 + 3 + 7) * PAGE, 0)
+    assert results["mount"] == "ENOSPC"
+    assert results["freed"] == "ok"
+
+
+def test_last_close_of_a_file_with_many_ranges_ends_their_volatility_at_once(
+    mounts: Mounts,
+) -> None:
+    mnt, _daemon = mount(mounts, "size=64M")
+    data = os.urandom(64 * PAGE)
+    path = mnt / "many"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    os.write(fd, data)
+    os.ftruncate(fd, 40_000 * PAGE)
+    for index in range(20_000):
+        fvrange(fd, 2 * index * PAGE, PAGE, VRANGE_VOLATILE)
+    assert statistics(mnt)["ranges"] == 20_000
+    os.close(fd)
+    # The ranges are dropped in the background; none of them may be purged meanwhile.
+    assert statistics(mnt)["ranges"] == 0
+    assert statistics(mnt)["volatile_bytes"] == 0
+    assert purge(mnt) == 0
+    with open(path, "rb") as again:
+        assert again.read(len(data)) == data
+
+
+# -- counters ------------------------------------------------------------------------------
+
+
+def test_counters_saturate_and_purges_still_drop_the_cache(mounts: Mounts) -> None:
+    mnt, _daemon = mount(mounts, "size=64M")
+    cached = os.urandom(MIB)
+    fd = os.open(mnt / "cached", os.O_RDWR | os.O_CREAT, 0o666)
+    os.write(fd, cached)
+    assert os.pread(fd, MIB, 0) == cached  # now in the kernel's page cache
+
+    def mark_huge_files() -> dict[str, int]:
+        for name in ("h1", "h2", "h3"):
+            huge = os.open(mnt / name, os.O_RDWR | os.O_CREAT, 0o600)
+            os.ftruncate(huge, (1 << 63) - 1)
+            fvrange(huge, 0, 0, VRANGE_VOLATILE)  # held open: volatility lasts
+        return statistics(mnt)
+
+    # nobody keeps the huge files open while root goes on.
+    child = TwoPhaseChild(NOBODY, lambda: mark_huge_files()["volatile_bytes"])
+    try:
+        assert child.first_result == str((1 << 64) - 1), (
+            "VOLFS_IOC_STATS failed or wrapped for every user"
+        )
+        fvrange(fd, 0, MIB, VRANGE_VOLATILE)
+        # A write that needs the size cap to purge.
+        filler = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            for _ in range(64):
+                os.write(filler, bytes(MIB))
+        finally:
+            os.close(filler)
+        assert statistics(mnt)["purges_size"] >= 1
+        # The purged range must fail, never read stale bytes from the kernel's cache.
+        with pytest.raises(OSError) as caught:
+            os.pread(fd, MIB, 0)
+        assert caught.value.errno == errno.EIO
+        os.unlink(mnt / "filler")
+        os.pwrite(fd, cached, 0)
+        fvrange(fd, 0, MIB, VRANGE_VOLATILE)
+        assert os.pread(fd, MIB, 0) == cached
+        assert purge(mnt) == MIB
+        with pytest.raises(OSError) as caught:
+            os.pread(fd, MIB, 0)
+        assert caught.value.errno == errno.EIO
+    finally:
+        assert child.finish() == 0
+        os.close(fd)
+
+
+# -- purged data across the last close -----------------------------------------------------
+
+
+def test_data_purged_before_the_last_close_stays_lost_until_reported(mounts: Mounts) -> None:
+    mnt, _daemon = mount(mounts, "size=64M")
+    path = mnt / "cache.bin"
+    data = os.urandom(16 * MIB)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    os.write(fd, data)
+    fvrange(fd, 0, 16 * MIB, VRANGE_VOLATILE)
+
+    # nobody holds the file open across root's close, then fills the cap and closes.
+    held: list[int] = []
+
+    def fill_then_close() -> None:
+        filler = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while True:
+                os.write(filler, bytes(MIB))
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+        os.close(filler)
+        os.unlink(mnt / "filler")
+        os.close(held[0])
+
+    child = TwoPhaseChild(NOBODY, lambda: held.append(os.open(path, os.O_RDONLY)), fill_then_close)
+    os.close(fd)  # root expects volatility to be over; nobody still has the file open
+    assert child.finish() == 0
+
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as caught:
+            os.pread(fd, MIB, 0)
+        assert caught.value.errno == errno.EIO, "purged data read back as data"
+        assert vrange_status(fd) == (0, 16 * MIB)
+        # A write repopulates its pages; the rest stays lost until an unmark reports it.
+        os.pwrite(fd, data[:PAGE], 0)
+        assert os.pread(fd, PAGE, 0) == data[:PAGE]
+        assert fvrange(fd, 0, 16 * MIB, VRANGE_NONVOLATILE) == (16 * MIB, True)
+        assert os.pread(fd, MIB, MIB) == bytes(MIB)
+        assert fvrange(fd, 0, 16 * MIB, VRANGE_NONVOLATILE) == (16 * MIB, False)
+    finally:
+        os.close(fd)
+
+
+# -- extended attributes -------------------------------------------------------------------
+
+
+def test_extended_attributes_are_charged_and_bounded_per_inode(mounts: Mounts) -> None:
+    mnt, _daemon = mount(mounts, "size=64M")
+
+    def set_many() -> tuple[int, str, int, int, int]:
+        path = mnt / "tagged"
+        path.touch()
+        before = used_bytes(mnt)
+        count = 0
+        while count < 100_000:
+            outcome = attempt(lambda n=count: os.setxattr(path, f"user.{n:06d}", b""))
+            if outcome != "ok":
+                break
+            count += 1
+        charged = used_bytes(mnt) - before
+        listed = len(os.listxattr(path))
+        path.unlink()
+        return count, outcome, charged, listed, used_bytes(mnt) - before
+
+    count, outcome, charged, listed, left = run_as(NOBODY, set_many)
+    # Names of 11 bytes and a NUL: the kernel's 64 KiB listxattr limit holds 5,461 of them.
+    assert outcome == "ENOSPC" and count == 65536 // 12, (count, outcome)
+    assert listed == count, "attributes were set that listxattr cannot return"
+    assert charged >= count * 128, f"{count} attributes charged only {charged} bytes"
+    assert left <= 0, "a removed file's attributes kept their charge"
+
+
+def test_what_a_released_inode_gains_is_given_back(mounts: Mounts) -> None:
+    mnt, _daemon = mount(mounts, "size=64M")
+    free = used_bytes(mnt)
+    # Attributes set through a removed directory that is still held open.
+    fd = os.open(mnt, os.O_RDONLY)
+    os.mkdir(mnt / "gone")
+    held = os.open(mnt / "gone", os.O_RDONLY)
+    os.rmdir(mnt / "gone")
+    for index in range(100):
+        os.setxattr(f"/proc/self/fd/{held}", f"user.a{index}", b"v" * 65536)
+    os.close(held)
+    # An unlinked file reopened through /proc/self/fd and written.
+    os.close(os.open(mnt / "file", os.O_CREAT | os.O_RDWR, 0o600))
+    path_only = os.open(mnt / "file", os.O_PATH)
+    os.unlink(mnt / "file")
+    writer = os.open(f"/proc/self/fd/{path_only}", os.O_RDWR)
+    os.write(writer, bytes(16 * MIB))
+    os.close(writer)
+    os.close(path_only)
+    os.close(fd)
+
+    def given_back() -> bool:
+        # The kernel forgets the inodes (and volfs frees what they held) once it drops them.
+        with open("/proc/sys/vm/drop_caches", "w") as drop:
+            drop.write("2")
+        return used_bytes(mnt) <= free
+
+    wait_for(given_back, 10, "the released inodes' charges to come back")

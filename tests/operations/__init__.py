@@ -1,0 +1,1 @@
+"""The operations tier: the FUSE handlers and reclaim driven directly, without a kernel."""

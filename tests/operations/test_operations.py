@@ -1,0 +1,574 @@
+"""The FUSE adapter without a kernel: VolfsOperations' handlers called directly, over the core
+wired as ``run_mount`` wires it, with a recorder for the page cache.
+
+pyfuse3's handlers are awaited with a stand-in request context; the handlers the C bridge calls
+(ioctl, fallocate, lseek) get a stand-in :class:`volfs.daemon.bridge.Request` that records its one
+reply. Each test checks what the kernel would pass on to a program: bytes, errnos, replies.
+"""
+
+from __future__ import annotations
+
+from volfs.daemon import fs  # ahead of anything importing pyfuse3: see volfs.daemon.bridge
+
+# isort: split
+import errno
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pyfuse3
+import pytest
+import trio
+import trio.testing
+
+from tests.operations.fakes import Core, PageCache, page, serving, wait_until
+from volfs.abi import (
+    PAGE_SIZE,
+    VOLFS_IOC_PURGE,
+    VOLFS_IOC_VRANGE,
+    VOLFS_IOC_VRANGE_NEXT,
+    VOLFS_IOC_VRANGE_STATUS,
+    VOLFS_PURGE,
+    VRANGE_ARGS,
+    VRANGE_NEXT,
+    VRANGE_NONVOLATILE,
+    VRANGE_STATUS,
+    VRANGE_VOLATILE,
+)
+from volfs.core.namespace import ROOT_INODE, VRANGE_STEP
+from volfs.core.ranges import RecordLimits
+from volfs.daemon import bridge
+
+P = PAGE_SIZE
+CTX = cast(pyfuse3.RequestContext, SimpleNamespace(uid=0, gid=0, pid=1, umask=0o022))
+Reply = tuple[Any, ...]
+
+
+class FakeRequest:
+    """A bridge request: records its one reply (a second one raises, as the real one does)."""
+
+    def __init__(self, uid: int = 0, events: list[tuple[str, int]] | None = None) -> None:
+        self.uid = uid
+        self.gid = 0
+        self.pid = 1
+        self.replies: list[Reply] = []
+        self._events = events
+
+    @property
+    def answered(self) -> bool:
+        return bool(self.replies)
+
+    def reply_ioctl(self, result: int, data: bytes) -> None:
+        self._reply(("ioctl", result, bytes(data)))
+
+    def reply_error(self, code: int) -> None:
+        self._reply(("error", code))
+
+    def reply_ok(self) -> None:
+        self._reply(("ok",))
+
+    def reply_lseek(self, offset: int) -> None:
+        self._reply(("lseek", offset))
+
+    def _reply(self, reply: Reply) -> None:
+        if self.replies:
+            raise RuntimeError("a request answered twice")
+        self.replies.append(reply)
+        if self._events is not None:
+            self._events.append(("answered", id(self)))
+
+    @property
+    def request(self) -> bridge.Request:
+        return cast(bridge.Request, self)
+
+    async def reply(self) -> Reply:
+        """The reply, once there is one."""
+        await wait_until(lambda: self.answered)
+        return self.replies[0]
+
+
+def error(code: int) -> Reply:
+    return ("error", code)
+
+
+@dataclass
+class Mount:
+    """The adapter over a core, with the calls a kernel makes."""
+
+    core: Core
+    ops: fs.VolfsOperations
+    events: list[tuple[str, int]] = field(default_factory=list)
+
+    @property
+    def cache(self) -> PageCache:
+        return self.core.cache
+
+    async def create(self, name: bytes, data: bytes = b"", flags: int = os.O_RDWR) -> int:
+        """Create and open ``name``, write ``data``; return the handle (its inode: ino_of)."""
+        info, _attributes = await self.ops.create(ROOT_INODE, name, 0o644, flags, CTX)
+        if data:
+            assert await self.ops.write(info.fh, 0, data) == len(data)
+        return info.fh
+
+    async def open(self, name: bytes, flags: int) -> int:
+        info = await self.ops.open(self.ino(name), flags, CTX)
+        return info.fh
+
+    def ino(self, name: bytes) -> int:
+        return self.core.namespace.root.entries[name].ino  # type: ignore[index]
+
+    def ioctl(self, ino: int, cmd: int, fh: int, data: bytes, *, uid: int = 0) -> FakeRequest:
+        request = FakeRequest(uid, self.events)
+        self.ops.ioctls.answer(request.request, ino, cmd, fh, False, data)
+        return request
+
+    def vrange(
+        self, name: bytes, fh: int, start: int, length: int, mode: int, flags: int = 0
+    ) -> FakeRequest:
+        data = VRANGE_ARGS.pack(start, length, mode, flags, 0, 0, 0)
+        return self.ioctl(self.ino(name), VOLFS_IOC_VRANGE, fh, data)
+
+    async def marked(self, request: FakeRequest) -> tuple[int, int]:
+        """``(marked, purged)`` of a VRANGE request's answer."""
+        kind, result, data = await request.reply()
+        assert (kind, result) == ("ioctl", 0)
+        _start, _length, _mode, _flags, marked, purged, _reserved = VRANGE_ARGS.unpack(data)
+        return marked, purged
+
+    async def status(
+        self, name: bytes, fh: int, start: int = 0, length: int = 0
+    ) -> tuple[int, int]:
+        """``(volatile bytes, purged bytes)`` through VOLFS_IOC_VRANGE_STATUS."""
+        data = VRANGE_STATUS.pack(start, length, 0, 0)
+        request = self.ioctl(self.ino(name), VOLFS_IOC_VRANGE_STATUS, fh, data)
+        kind, result, answer = await request.reply()
+        assert (kind, result) == ("ioctl", 0)
+        _start, _length, volatile, purged = VRANGE_STATUS.unpack(answer)
+        return volatile, purged
+
+    def purge(self, wanted: int = 0, *, uid: int = 0) -> FakeRequest:
+        return self.ioctl(ROOT_INODE, VOLFS_IOC_PURGE, 0, VOLFS_PURGE.pack(wanted, 0), uid=uid)
+
+    async def purged(self, request: FakeRequest) -> int:
+        kind, result, data = await request.reply()
+        assert (kind, result) == ("ioctl", 0)
+        return int(VOLFS_PURGE.unpack(data)[1])
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes | int:
+        """The bytes a read returns, or its errno."""
+        try:
+            return bytes(await self.ops.read(fh, offset, size))
+        except pyfuse3.FUSEError as failure:
+            return failure.errno
+
+    async def write(self, fh: int, offset: int, data: bytes) -> int:
+        """The bytes a write wrote, or minus its errno."""
+        try:
+            return await self.ops.write(fh, offset, data)
+        except pyfuse3.FUSEError as failure:
+            return -failure.errno
+
+    async def truncate(self, name: bytes, size: int) -> pyfuse3.EntryAttributes:
+        attributes = pyfuse3.EntryAttributes()
+        attributes.st_size = size
+        return await self.ops.setattr(self.ino(name), attributes, SIZE_ONLY, None, CTX)
+
+    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> FakeRequest:
+        request = FakeRequest()
+        self.ops.fallocate(request.request, 0, fh, mode, offset, length)
+        return request
+
+    def lseek(self, name: bytes, fh: int, offset: int, whence: int) -> Reply:
+        request = FakeRequest()
+        self.ops.lseek(request.request, self.ino(name), fh, offset, whence)
+        assert request.answered, "lseek is answered at once"
+        return request.replies[0]
+
+
+SIZE_ONLY = cast(
+    pyfuse3.SetattrFields,
+    SimpleNamespace(
+        update_size=True,
+        update_mode=False,
+        update_uid=False,
+        update_gid=False,
+        update_atime=False,
+        update_mtime=False,
+    ),
+)
+
+
+def run(
+    test: Callable[[Mount], Awaitable[None]],
+    capacity_pages: int = 64,
+    *,
+    purged_reads_zero: bool = False,
+    limits: RecordLimits | None = None,
+) -> None:
+    """Run ``test`` against fresh operations over ``capacity_pages`` in its own event loop."""
+
+    async def main() -> None:
+        async with serving(
+            capacity_pages, purged_reads_zero=purged_reads_zero, limits=limits
+        ) as core:
+            ops = fs.VolfsOperations(
+                core.namespace, core.reclaimer, nursery=core.nursery, discards=core.discards
+            )
+            await test(Mount(core, ops))
+
+    trio.run(main)
+
+
+def pages(*tags: int) -> bytes:
+    return b"".join(page(tag) for tag in tags)
+
+
+# -- files ----------------------------------------------------------------------------------
+
+
+def test_a_file_is_created_listed_written_read_truncated_and_freed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    listed: list[tuple[bytes, int, int]] = []
+
+    def readdir_reply(
+        token: pyfuse3.ReaddirToken, name: bytes, attributes: pyfuse3.EntryAttributes, next_id: int
+    ) -> bool:
+        listed.append((name, attributes.st_ino, next_id))
+        return True
+
+    monkeypatch.setattr(pyfuse3, "readdir_reply", readdir_reply)
+
+    async def test(mount: Mount) -> None:
+        ops = mount.ops
+        data = pages(1, 2, 3) + b"tail"
+        fh = await mount.create(b"file", data)
+        assert await mount.read(fh, 0, len(data) + 100) == data
+        assert await mount.read(fh, P + 10, 5) == page(2)[:5]
+        attributes = await ops.lookup(ROOT_INODE, b"file", CTX)
+        assert (attributes.st_size, attributes.st_blocks) == (len(data), 4 * P // 512)
+        with pytest.raises(pyfuse3.FUSEError) as missing:
+            await ops.lookup(ROOT_INODE, b"nothing", CTX)
+        assert missing.value.errno == errno.ENOENT
+
+        directory = await ops.opendir(ROOT_INODE, CTX)
+        await ops.readdir(directory, 0, cast(pyfuse3.ReaddirToken, None))
+        await ops.releasedir(directory)
+        assert [(name, ino) for name, ino, _next in listed] == [
+            (b".", ROOT_INODE),
+            (b"..", ROOT_INODE),
+            (b"file", attributes.st_ino),
+        ]
+
+        truncated = await mount.truncate(b"file", P)
+        assert truncated.st_size == P
+        assert await mount.read(fh, 0, 3 * P) == page(1)
+        assert (await ops.statfs(CTX)).f_bfree == 63
+        await ops.unlink(ROOT_INODE, b"file", CTX)
+        assert await mount.read(fh, 0, P) == page(1)  # open, though unlinked
+        await ops.release(fh)
+        assert (await ops.statfs(CTX)).f_bfree == 64
+
+    run(test)
+
+
+# -- volatility ioctls ----------------------------------------------------------------------
+
+
+def test_a_range_marked_through_the_ioctl_is_purged_then_reported_and_reads_zeros() -> None:
+    async def test(mount: Mount) -> None:
+        fh = await mount.create(b"f", pages(*range(8)))
+        assert await mount.marked(mount.vrange(b"f", fh, 0, 4 * P, VRANGE_VOLATILE)) == (4 * P, 0)
+        assert await mount.status(b"f", fh) == (4 * P, 0)
+
+        assert await mount.purged(mount.purge()) == 4 * P
+        assert await mount.status(b"f", fh) == (4 * P, 4 * P)
+        assert await mount.read(fh, 0, P) == errno.EIO
+        assert await mount.read(fh, 3 * P, 2 * P) == errno.EIO  # the whole read fails
+        assert await mount.read(fh, 4 * P, 4 * P) == pages(4, 5, 6, 7)
+        assert mount.cache.ranges == [(mount.ino(b"f"), 0, 4 * P)]
+
+        # Told once, through the unmark: the purged pages read as zeros from then on.
+        assert await mount.marked(mount.vrange(b"f", fh, 0, 8 * P, VRANGE_NONVOLATILE)) == (
+            8 * P,
+            1,
+        )
+        assert await mount.read(fh, 0, 8 * P) == bytes(4 * P) + pages(4, 5, 6, 7)
+        assert await mount.status(b"f", fh) == (0, 0)
+        assert await mount.marked(mount.vrange(b"f", fh, 0, 8 * P, VRANGE_NONVOLATILE)) == (
+            8 * P,
+            0,
+        )
+
+    run(test)
+
+
+@pytest.mark.parametrize("mode", [VRANGE_VOLATILE, VRANGE_NONVOLATILE])
+def test_a_read_only_handle_may_ask_but_not_change_volatility(mode: int) -> None:
+    async def test(mount: Mount) -> None:
+        writer = await mount.create(b"f", pages(1, 2))
+        await mount.marked(mount.vrange(b"f", writer, 0, P, VRANGE_VOLATILE))
+        reader = await mount.open(b"f", os.O_RDONLY)
+        assert await mount.vrange(b"f", reader, 0, 2 * P, mode).reply() == error(errno.EBADF)
+        assert await mount.status(b"f", reader) == (P, 0)
+        assert await mount.vrange(b"f", 12345, 0, 2 * P, mode).reply() == error(errno.EBADF)
+
+    run(test)
+
+
+def test_ioctls_refused_with_the_errno_of_their_abi() -> None:
+    async def test(mount: Mount) -> None:
+        fh = await mount.create(b"f", pages(1, 2))
+        await mount.marked(mount.vrange(b"f", fh, 0, 2 * P, VRANGE_VOLATILE))
+        directory = await mount.ops.opendir(ROOT_INODE, CTX)
+        args = VRANGE_ARGS.pack(0, P, VRANGE_VOLATILE, 0, 0, 0, 0)
+
+        on_directory = FakeRequest()
+        mount.ops.ioctls.answer(
+            on_directory.request, ROOT_INODE, VOLFS_IOC_VRANGE, directory, True, args
+        )
+        assert await on_directory.reply() == error(errno.EISDIR)
+        unknown = mount.ioctl(mount.ino(b"f"), 0xC0287699, fh, args)
+        assert await unknown.reply() == error(errno.ENOTTY)
+        reserved = VRANGE_ARGS.pack(0, P, VRANGE_VOLATILE, 0, 0, 0, 1)
+        assert await mount.ioctl(mount.ino(b"f"), VOLFS_IOC_VRANGE, fh, reserved).reply() == error(
+            errno.EINVAL
+        )
+        past_end = mount.vrange(b"f", fh, 0, 3 * P, VRANGE_VOLATILE)
+        assert await past_end.reply() == error(errno.EINVAL)
+        assert await mount.purge(uid=12345).reply() == error(errno.EPERM)
+        # Refused means nothing changed.
+        assert await mount.status(b"f", fh) == (2 * P, 0)
+        assert await mount.read(fh, 0, 2 * P) == pages(1, 2)
+
+    run(test)
+
+
+def test_a_volatility_ioctl_waits_for_a_truncation_in_steps() -> None:
+    ranges = 3 * VRANGE_STEP + 17
+
+    async def test(mount: Mount) -> None:
+        ns = mount.core.namespace
+        fh = await mount.create(b"f")
+        await mount.truncate(b"f", 2 * ranges * P)
+        inode = ns.get(mount.ino(b"f"))
+        for index in range(ranges, 2 * ranges):
+            ns.vrange(inode, index * P, P, VRANGE_VOLATILE, 0)
+
+        async def truncate() -> None:
+            await mount.truncate(b"f", ranges * P)
+            mount.events.append(("truncated", 0))
+
+        mount.core.nursery.start_soon(truncate)
+        await wait_until(lambda: inode.size == ranges * P)
+        # The new size holds, and the ranges past it are still going, a step at a time.
+        assert ns.vrange_next(inode, ranges * P) is not None
+        following = mount.ioctl(
+            inode.ino, VOLFS_IOC_VRANGE_NEXT, fh, VRANGE_NEXT.pack(ranges * P, 0, 0, 0, 0)
+        )
+        mark = mount.vrange(b"f", fh, 0, ranges * P, VRANGE_VOLATILE)
+
+        async def write() -> None:
+            # Past the new end: it would land in a range about to go.
+            assert ns.vrange_next(inode, ranges * P) is not None
+            assert await mount.write(fh, (2 * ranges - 1) * P, page(7)) == P
+            mount.events.append(("written", 0))
+
+        mount.core.nursery.start_soon(write)
+        assert not following.answered and not mark.answered
+
+        _kind, _result, answer = await following.reply()
+        assert VRANGE_NEXT.unpack(answer) == (ranges * P, 0, 0, 0, 0)
+        assert await mount.marked(mark) == (ranges * P, 0)
+        await wait_until(lambda: ("written", 0) in mount.events)
+        assert mount.events[0] == ("truncated", 0)
+        # What was written past the end after the truncation is not volatile: no purge takes it.
+        await mount.purged(mount.purge())
+        assert await mount.read(fh, (2 * ranges - 1) * P, P) == page(7)
+
+    run(test, capacity_pages=4 * ranges)
+
+
+def test_a_volatility_ioctl_is_answered_once_purged_pages_left_the_cache() -> None:
+    async def test(mount: Mount) -> None:
+        fh = await mount.create(b"f", pages(*range(8)))
+        await mount.marked(mount.vrange(b"f", fh, 0, 8 * P, VRANGE_VOLATILE))
+        mount.cache.hold()
+        purge = mount.purge()
+        await wait_until(mount.cache.entered.is_set)
+        # Purged already, the pages still in the kernel's cache.
+        assert await mount.read(fh, 0, P) == errno.EIO
+        unmark = mount.vrange(b"f", fh, 0, 8 * P, VRANGE_NONVOLATILE)
+        status = mount.ioctl(mount.ino(b"f"), VOLFS_IOC_VRANGE_STATUS, fh, bytes(32))
+        await trio.testing.wait_all_tasks_blocked()
+        assert not (purge.answered or unmark.answered or status.answered)
+
+        mount.events.clear()
+        mount.cache.events = mount.events
+        mount.cache.release()
+        assert await mount.marked(unmark) == (8 * P, 1)
+        assert await mount.purged(purge) == 8 * P
+        await status.reply()
+        assert [what for what, _detail in mount.events] == ["dropped", *["answered"] * 3]
+        assert mount.cache.ranges == [(mount.ino(b"f"), 0, 8 * P)]
+
+    run(test)
+
+
+def test_the_ranges_of_a_closed_file_go_in_the_background() -> None:
+    ranges = 450
+
+    async def test(mount: Mount) -> None:
+        for name in (b"one", b"two"):
+            fh = await mount.create(name, bytes(ranges * P))
+            for index in range(ranges):
+                await mount.marked(mount.vrange(name, fh, index * P, P, VRANGE_VOLATILE))
+            # Both files' ranges together would pass the mount's bound: the first file's
+            # must have gone with its last close.
+            await mount.ops.release(fh)
+            await trio.testing.wait_all_tasks_blocked()
+        assert mount.core.namespace.statistics().ranges == 0
+
+    run(test, capacity_pages=2 * ranges, limits=RecordLimits(per_inode=500, per_mount=500))
+
+
+# -- size cap -------------------------------------------------------------------------------
+
+
+def test_a_write_over_the_cap_purges_volatile_data_then_fails_with_enospc() -> None:
+    async def test(mount: Mount) -> None:
+        cache = await mount.create(b"cache", pages(*range(48)))
+        for first in range(0, 48, 8):
+            await mount.marked(mount.vrange(b"cache", cache, first * P, 8 * P, VRANGE_VOLATILE))
+        fh = await mount.create(b"new")
+        assert await mount.write(fh, 0, pages(*range(100, 124))) == 24 * P
+        assert await mount.read(fh, 0, 24 * P) == pages(*range(100, 124))
+        # 16 pages were free: the oldest 8-page range went, and only it.
+        assert await mount.status(b"cache", cache) == (48 * P, 8 * P)
+        assert await mount.read(fh, 0, 24 * P) == pages(*range(100, 124))
+        assert await mount.read(cache, 7 * P, P) == errno.EIO
+        assert await mount.read(cache, 8 * P, 40 * P) == pages(*range(8, 48))
+
+        assert await mount.write(fh, 24 * P, bytes(41 * P)) == -errno.ENOSPC
+        assert await mount.write(fh, 24 * P, bytes(40 * P)) == 40 * P
+        assert await mount.status(b"cache", cache) == (48 * P, 48 * P)
+        assert await mount.write(fh, 64 * P, b"x") == -errno.ENOSPC
+        assert mount.core.namespace.statistics().purges_size >= 2
+
+    run(test)
+
+
+def test_purged_reads_return_zeros_when_the_mount_says_so() -> None:
+    async def test(mount: Mount) -> None:
+        fh = await mount.create(b"f", pages(1, 2, 3))
+        await mount.marked(mount.vrange(b"f", fh, P, P, VRANGE_VOLATILE))
+        assert await mount.purged(mount.purge()) == P
+        assert await mount.read(fh, 0, 3 * P) == page(1) + bytes(P) + page(3)
+        assert await mount.status(b"f", fh) == (P, P)  # lost all the same
+
+    run(test, purged_reads_zero=True)
+
+
+def test_fallocate_over_the_cap_purges_volatile_data_then_fails_with_enospc() -> None:
+    async def test(mount: Mount) -> None:
+        cache = await mount.create(b"cache", pages(*range(48)))
+        for first in range(0, 48, 8):
+            await mount.marked(mount.vrange(b"cache", cache, first * P, 8 * P, VRANGE_VOLATILE))
+        fh = await mount.create(b"new")
+        assert await mount.fallocate(fh, 0, 0, 24 * P).reply() == ("ok",)
+        attributes = await mount.ops.getattr(mount.ino(b"new"), CTX)
+        assert (attributes.st_size, attributes.st_blocks) == (24 * P, 24 * P // 512)
+        assert await mount.read(fh, 0, 24 * P) == bytes(24 * P)
+        assert await mount.status(b"cache", cache) == (48 * P, 8 * P)
+        assert await mount.fallocate(fh, 0, 0, 65 * P).reply() == error(errno.ENOSPC)
+        assert await mount.fallocate(fh, 0, 24 * P, 41 * P).reply() == error(errno.ENOSPC)
+        assert await mount.status(b"cache", cache) == (48 * P, 48 * P)
+        assert (await mount.ops.getattr(mount.ino(b"new"), CTX)).st_size == 24 * P
+
+    run(test)
+
+
+def test_lseek_finds_data_and_holes() -> None:
+    async def test(mount: Mount) -> None:
+        fh = await mount.create(b"f", page(1))
+        assert await mount.write(fh, 3 * P, page(3)) == P
+        await mount.truncate(b"f", 5 * P)
+        assert mount.lseek(b"f", fh, P, os.SEEK_DATA) == ("lseek", 3 * P)
+        assert mount.lseek(b"f", fh, 10, os.SEEK_DATA) == ("lseek", 10)
+        assert mount.lseek(b"f", fh, 0, os.SEEK_HOLE) == ("lseek", P)
+        assert mount.lseek(b"f", fh, 3 * P, os.SEEK_HOLE) == ("lseek", 4 * P)
+        assert mount.lseek(b"f", fh, 4 * P, os.SEEK_DATA) == error(errno.ENXIO)
+        assert mount.lseek(b"f", fh, 5 * P, os.SEEK_HOLE) == error(errno.ENXIO)
+        assert mount.lseek(b"f", fh, 0, os.SEEK_END) == error(errno.EINVAL)
+
+    run(test)
+
+
+# -- a bug fails its request only -----------------------------------------------------------
+
+
+async def _call(mount: Mount, handler: str, fh: int) -> object:
+    """Call one handler on file ``f`` (handle ``fh``); what the caller would see."""
+    ops, ino = mount.ops, mount.ino(b"f")
+    try:
+        if handler == "read":
+            return bytes(await ops.read(fh, 0, P))
+        if handler == "write":
+            return await ops.write(fh, P, b"more")
+        if handler == "lookup":
+            return (await ops.lookup(ROOT_INODE, b"f", CTX)).st_ino
+        if handler == "setattr":
+            return (await mount.truncate(b"f", P)).st_size
+    except pyfuse3.FUSEError as failure:
+        return error(failure.errno)
+    if handler == "ioctl":
+        return await mount.ioctl(ino, VOLFS_IOC_VRANGE_STATUS, fh, bytes(32)).reply()
+    if handler == "fallocate":
+        return await mount.fallocate(fh, 0, 0, P).reply()
+    assert handler == "lseek"
+    return mount.lseek(b"f", fh, 0, os.SEEK_DATA)
+
+
+@pytest.mark.parametrize(
+    ("handler", "method", "works"),
+    [
+        ("read", "read", page(1)),
+        ("write", "write", 4),
+        ("lookup", "lookup", 2),
+        ("setattr", "setattr_steps", P),
+        ("ioctl", "vrange_status", ("ioctl", 0, VRANGE_STATUS.pack(0, 0, 0, 0))),
+        ("fallocate", "fallocate", ("ok",)),
+        ("lseek", "seek", ("lseek", 0)),
+    ],
+)
+def test_a_bug_answers_eio_for_its_request_only(
+    handler: str,
+    method: str,
+    works: object,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def test(mount: Mount) -> None:
+        fh = await mount.create(b"f", page(1))
+        ns = mount.core.namespace
+        original = getattr(ns, method)
+
+        def bug(*args: object, **kwargs: object) -> object:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(ns, method, bug)
+        assert await _call(mount, handler, fh) == error(errno.EIO)
+        monkeypatch.setattr(ns, method, original)
+        assert await _call(mount, handler, fh) == works
+        assert await mount.read(fh, 0, 4) == page(1)[:4]
+
+    with caplog.at_level(logging.ERROR):
+        run(test)
+    logged = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert len(logged) == 1
+    assert "answering EIO" in logged[0].getMessage()
+    assert logged[0].exc_info is not None
+    assert str(logged[0].exc_info[1]) == "a bug"

@@ -1,0 +1,10 @@
+"""The daemon's model of a mount, without FUSE: volatile ranges, the page store, the purge
+order and reclaim, the namespace of inodes.
+
+Layers, each using only those before it: ``intervals`` and ``sums`` (sorted structures),
+``ranges`` (one file's volatile ranges and lost pages), ``store`` (file contents in one memfd,
+the size cap; ``worker`` threads for its blocking calls), ``purge`` (the global LRU and the
+purge itself), ``reclaim`` (purging for room, on request and under pressure, and dropping what
+was purged from the kernel's cache), ``stepping`` (long work taken a step at a time between
+requests) and ``namespace`` (inodes, names, attributes, data and volatility of files).
+"""

@@ -1,0 +1,731 @@
+"""File contents in memory: a page arena, sparse per-file page maps and memory accounting.
+
+Every file's data lives in one *arena*: a single memfd mapped once into the daemon. The arena
+is carved into 4 KiB pages by an extent allocator; a file maps runs of its own pages onto runs of
+arena pages (extents). Nothing is allocated for holes, and a page that is freed is punched out
+of the memfd (``MADV_REMOVE``) before it can be handed out again, so memory really returns to
+the operating system and a freshly allocated page always reads as zeros.
+
+One mapping for the whole store keeps the daemon within the kernel's limits on descriptors and
+mappings whatever the number of files, and keeps the data reachable from C: a base pointer plus
+the extent tables.
+
+Errors are raised as :class:`OSError` with an errno (``ENOSPC`` when the size cap is reached,
+``EFBIG`` for offsets past :data:`MAX_FILE_SIZE`); nothing here knows about FUSE.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import logging
+import mmap
+import os
+from collections.abc import Callable, Iterator
+
+import trio
+from sortedcontainers import SortedDict
+
+from volfs.abi import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    MAX_FILE_SIZE,
+    NO_PAGE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    pages_for,
+    pages_spanned,
+)
+from volfs.core.intervals import add_interval, clip, remove_interval
+from volfs.core.worker import WorkerThread
+
+log = logging.getLogger(__name__)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+#: Releases up to this many pages are punched on the event loop; larger ones in a thread.
+INLINE_PUNCH_PAGES = 256
+
+Run = tuple[int, int]
+
+#: Zeros written over pages the kernel would not punch, allocated while memory is plentiful.
+_ZEROS_PAGES = 256
+_ZEROS = memoryview(bytes(_ZEROS_PAGES << PAGE_SHIFT))
+
+
+class Arena:
+    """A fixed-capacity pool of pages backed by one memfd, with an extent allocator.
+
+    Free space is a sorted map ``start page -> length`` of maximal free runs, so allocation
+    and release are O(log f) in the number of free runs f (plus the number of pieces an
+    allocation is split into). Allocation is next-fit from a roving cursor, except that a
+    caller may ask to continue an existing run (``hint``), which keeps sequentially written
+    files contiguous and their reads zero-copy.
+
+    A released page is *dirty* until its memory has been punched out of the memfd; only then
+    does it become free, so a free page always reads as zeros. Punching a large release takes
+    a while (about 0.15 s a GiB), so whoever owns the arena may take the dirty runs
+    (:meth:`take_dirty`), punch them in a worker thread (:meth:`punch`, which touches no
+    Python state) and hand them back (:meth:`give_back`). With no ``on_release`` callback
+    set, releases are punched at once.
+    """
+
+    def __init__(self, capacity_pages: int) -> None:
+        """Create an arena of ``capacity_pages`` pages; no memory is used until written.
+
+        Raises:
+            OSError: the memfd or its mapping could not be created.
+        """
+        self.capacity_pages = capacity_pages
+        self._fd = os.memfd_create("volfs-arena", os.MFD_CLOEXEC)
+        try:
+            # A zero-length mapping is not allowed; a one-page arena costs nothing.
+            length = max(capacity_pages, 1) << PAGE_SHIFT
+            os.ftruncate(self._fd, length)
+            self._map = mmap.mmap(self._fd, length, mmap.MAP_SHARED)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self.view = memoryview(self._map)
+        self._free: SortedDict[int, int] = SortedDict()
+        if capacity_pages:
+            self._free[0] = capacity_pages
+        self.free_pages = capacity_pages
+        self._cursor = 0
+        self._dirty: list[Run] = []
+        #: Released pages not yet punched.
+        self.dirty_pages = 0
+        #: Pages taken by :meth:`take_dirty` and not yet given back.
+        self.punching_pages = 0
+        #: Called after each release; None punches released pages at once instead.
+        self.on_release: Callable[[], None] | None = None
+        #: Pages of the cap set aside for what the store holds outside the arena (metadata):
+        #: not allocatable, counted as used.
+        self.reserved_pages = 0
+
+    def close(self) -> None:
+        """Release the mapping and the memfd."""
+        self.view.release()
+        self._map.close()
+        os.close(self._fd)
+
+    @property
+    def used_pages(self) -> int:
+        """Pages held by files and reserved (released pages not yet punched are not counted)."""
+        return (
+            self.capacity_pages
+            - self.free_pages
+            - self.dirty_pages
+            - self.punching_pages
+            + self.reserved_pages
+        )
+
+    @property
+    def available_pages(self) -> int:
+        """Pages an allocation may take now."""
+        return self.free_pages - self.reserved_pages
+
+    def ensure_free(self, count: int) -> None:
+        """Make sure ``count`` pages can be allocated, punching dirty pages if needed.
+
+        Raises:
+            OSError: ENOSPC if they cannot.
+        """
+        if count > self.available_pages and self.dirty_pages:
+            self._punch_dirty_now()
+        if count > self.available_pages:
+            raise OSError(errno.ENOSPC, "volfs is full")
+
+    def reserve(self, count: int) -> None:
+        """Set ``count`` pages of the cap aside (they stay free memory but count as used).
+
+        Raises:
+            OSError: ENOSPC if fewer than ``count`` pages are available; nothing changes then.
+        """
+        self.ensure_free(count)
+        self.reserved_pages += count
+
+    def unreserve(self, count: int) -> None:
+        """Give back ``count`` reserved pages."""
+        assert 0 <= count <= self.reserved_pages
+        self.reserved_pages -= count
+
+    def allocate(self, count: int, hint: int | None = None) -> list[tuple[int, int]]:
+        """Take ``count`` zeroed pages, as few runs as the free space allows.
+
+        Args:
+            count: pages wanted, at least 1.
+            hint: an arena page the caller would like the first run to start at (the page
+                after its previous run); used when free.
+
+        Returns:
+            ``(start, length)`` runs adding up to ``count``.
+
+        Raises:
+            OSError: ENOSPC if fewer than ``count`` pages are free; nothing is taken then.
+
+        Runtime complexity: O(k log f) for k runs returned and f free runs.
+        """
+        self.ensure_free(count)
+        runs: list[Run] = []
+        free = self._free
+        if hint is not None and hint in free:
+            runs.append(self._take(hint, count))
+            count -= runs[-1][1]
+        while count:
+            index = free.bisect_left(self._cursor)
+            if index == len(free):
+                index = 0
+            start = free.keys()[index]
+            runs.append(self._take(start, count))
+            count -= runs[-1][1]
+        return runs
+
+    def _take(self, start: int, wanted: int) -> tuple[int, int]:
+        """Cut up to ``wanted`` pages from the front of the free run at ``start``."""
+        length = self._free.pop(start)
+        taken = min(length, wanted)
+        if taken < length:
+            self._free[start + taken] = length - taken
+        self.free_pages -= taken
+        self._cursor = start + taken
+        return start, taken
+
+    def release(self, start: int, count: int) -> None:
+        """Return ``count`` pages at ``start``; they become free once punched.
+
+        Runtime complexity: O(1), or O(log f) plus the kernel's work when punched at once.
+        """
+        self._dirty.append((start, count))
+        self.dirty_pages += count
+        if self.on_release is None:
+            self._punch_dirty_now()
+        else:
+            self.on_release()
+
+    def take_dirty(self) -> list[Run]:
+        """Take the released runs for punching; give them back with :meth:`give_back`."""
+        runs, self._dirty = self._dirty, []
+        self.punching_pages += self.dirty_pages
+        self.dirty_pages = 0
+        return runs
+
+    def punch(self, runs: list[Run]) -> None:
+        """Free the memory of ``runs``. Safe in a worker thread: it touches no arena state.
+
+        Should the kernel refuse to punch, the pages are overwritten with zeros instead, so
+        that free pages still read as zeros; their memory then stays with the daemon (logged).
+        """
+        refused = 0
+        for start, count in runs:
+            if (
+                _libc.fallocate(
+                    self._fd,
+                    FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                    start << PAGE_SHIFT,
+                    count << PAGE_SHIFT,
+                )
+                != 0
+            ):
+                refused = refused or ctypes.get_errno()
+                for page in range(start, start + count, _ZEROS_PAGES):
+                    pages = min(_ZEROS_PAGES, start + count - page)
+                    os.pwrite(self._fd, _ZEROS[: pages << PAGE_SHIFT], page << PAGE_SHIFT)
+        if refused:
+            log.error(
+                "released memory stays with the daemon: punching it failed: %s",
+                os.strerror(refused),
+            )
+
+    def give_back(self, runs: list[Run]) -> None:
+        """Add punched runs to the free space. Runtime complexity: O(r log f) for r runs."""
+        for start, count in runs:
+            self.punching_pages -= count
+            self._add_free(start, count)
+
+    def _punch_dirty_now(self) -> None:
+        runs = self.take_dirty()
+        self.punch(runs)
+        self.give_back(runs)
+
+    def _add_free(self, start: int, count: int) -> None:
+        self.free_pages += count
+        free = self._free
+        index = free.bisect_left(start)
+        if index < len(free) and free.keys()[index] == start + count:
+            count += free.pop(start + count)
+        if index > 0:
+            prev_start = free.keys()[index - 1]
+            if prev_start + free[prev_start] == start:
+                free[prev_start] += count
+                return
+        free[start] = count
+
+    def _check(self) -> None:
+        """Assert the allocator's invariants. Runtime complexity: O(f)."""
+        total = 0
+        previous_end = -1
+        for start, length in self._free.items():
+            assert length > 0, (start, length)
+            assert start > previous_end, "free runs overlap or touch"
+            assert start + length <= self.capacity_pages
+            previous_end = start + length
+            total += length
+        assert total == self.free_pages, (total, self.free_pages)
+        assert 0 <= self.reserved_pages <= self.free_pages, "reserved pages that are not free"
+
+
+_NO_EXTENTS: SortedDict[int, tuple[int, int]] = SortedDict()
+
+
+class FileContents:
+    """The bytes of one regular file: a logical size and a sparse map of its pages.
+
+    ``_extents`` maps the first file page of each run to ``(arena page, page count)``;
+    runs never overlap, and runs adjacent in both the file and the arena are merged, so a
+    file written sequentially is one run however large. Lookups cost O(log e) in the number
+    of runs e; a request touching k runs costs O(k) more.
+    """
+
+    __slots__ = ("_arena", "_extents", "_unwritten", "pages", "size")
+
+    def __init__(self, arena: Arena) -> None:
+        self._arena = arena
+        # Shared and never mutated while the file holds no page: most files created are
+        # small or empty, and a SortedDict costs more to build than the rest of an inode.
+        self._extents: SortedDict[int, tuple[int, int]] = _NO_EXTENTS
+        #: Logical size in bytes (may extend past the last held page: a sparse tail).
+        self.size = 0
+        #: Pages held in the arena: what the file really costs in memory.
+        self.pages = 0
+        #: Pages reserved by fallocate and not written since: zeros that, as on tmpfs,
+        #: SEEK_DATA counts as holes. None until the first fallocate.
+        self._unwritten: SortedDict[int, int] | None = None
+
+    def _runs(self, first: int, end: int) -> Iterator[tuple[int, int, int]]:
+        """Yield ``(file page, arena page, count)`` for the held runs overlapping [first, end).
+
+        Runs are yielded whole (they may start before ``first`` or end after ``end``).
+        """
+        extents = self._extents
+        index = extents.bisect_right(first) - 1
+        index = max(index, 0)
+        keys = extents.keys()
+        values = extents.values()
+        for i in range(index, len(keys)):
+            page = keys[i]
+            if page >= end:
+                return
+            arena_page, count = values[i]
+            if page + count > first:
+                yield page, arena_page, count
+
+    def read(self, offset: int, length: int) -> memoryview | bytes | bytearray:
+        """Return up to ``length`` bytes at ``offset``; holes read as zeros, EOF shortens.
+
+        A range inside one run comes back as a view of the arena, without a copy; the caller
+        must not keep it past the request.
+
+        Runtime complexity: O(log e + k) for k runs touched, plus the copy when k > 1.
+        """
+        size = self.size
+        if offset >= size or length <= 0:
+            return b""
+        length = min(length, size - offset)
+        end = offset + length
+        first, end_page = pages_spanned(offset, length)
+        extents = self._extents
+        index = extents.bisect_right(first) - 1
+        if index >= 0:
+            page, (arena_page, count) = extents.peekitem(index)
+            if (page + count) << PAGE_SHIFT >= end:
+                start = (arena_page << PAGE_SHIFT) + offset - (page << PAGE_SHIFT)
+                return self._arena.view[start : start + length]
+        buffer = bytearray(length)
+        view = self._arena.view
+        for page, arena_page, count in self._runs(first, end_page):
+            lo = max(offset, page << PAGE_SHIFT)
+            hi = min(end, (page + count) << PAGE_SHIFT)
+            source = (arena_page << PAGE_SHIFT) + lo - (page << PAGE_SHIFT)
+            buffer[lo - offset : hi - offset] = view[source : source + hi - lo]
+        return buffer
+
+    def write(self, offset: int, data: bytes | memoryview) -> int:
+        """Store ``data`` at ``offset``, growing the file as needed; return the bytes written.
+
+        Pages for holes are allocated first, all or nothing, so a write that does not fit
+        changes nothing.
+
+        Raises:
+            OSError: ENOSPC when the arena cannot hold the new pages; EFBIG past the
+                largest file size.
+
+        Runtime complexity: O(log e + k) for k runs touched, plus the copy.
+        """
+        length = len(data)
+        if length == 0:
+            return 0
+        end = offset + length
+        if end > MAX_FILE_SIZE:
+            raise OSError(errno.EFBIG, "write past the largest file size")
+        first, end_page = pages_spanned(offset, length)
+        extents = self._extents
+        index = extents.bisect_right(first) - 1
+        page = arena_page = count = 0
+        if index >= 0:
+            page, (arena_page, count) = extents.peekitem(index)
+        if index < 0 or page + count < end_page:
+            self._allocate(first, end_page)
+            extents = self._extents
+            index = extents.bisect_right(first) - 1
+            page, (arena_page, count) = extents.peekitem(index)
+        view = self._arena.view
+        if page + count >= end_page:
+            start = (arena_page << PAGE_SHIFT) + offset - (page << PAGE_SHIFT)
+            view[start : start + length] = data
+        else:
+            source = memoryview(data)
+            for page, arena_page, count in self._runs(first, end_page):
+                lo = max(offset, page << PAGE_SHIFT)
+                hi = min(end, (page + count) << PAGE_SHIFT)
+                target = (arena_page << PAGE_SHIFT) + lo - (page << PAGE_SHIFT)
+                view[target : target + hi - lo] = source[lo - offset : hi - offset]
+        if self._unwritten:
+            remove_interval(self._unwritten, first, end_page)
+        self.size = max(self.size, end)
+        return length
+
+    def holes(self, first: int, end: int) -> list[tuple[int, int]]:
+        """Return the ``(page, count)`` runs of [first, end) that hold no page.
+
+        Runtime complexity: O(log e + k) for k runs in the interval.
+        """
+        holes: list[tuple[int, int]] = []
+        cursor = first
+        for page, _arena_page, count in self._runs(first, end):
+            if page > cursor:
+                holes.append((cursor, page - cursor))
+            cursor = max(cursor, page + count)
+        if cursor < end:
+            holes.append((cursor, end - cursor))
+        return holes
+
+    def _allocate(self, first: int, end: int) -> None:
+        """Give every hole of [first, end) arena pages, all or nothing."""
+        holes = self.holes(first, end)
+        needed = sum(count for _page, count in holes)
+        self._arena.ensure_free(needed)
+        for page, count in holes:
+            hint = None
+            previous = self._extents.bisect_right(page) - 1
+            if previous >= 0:
+                prev_page, (prev_arena, prev_count) = self._extents.peekitem(previous)
+                if prev_page + prev_count == page:
+                    hint = prev_arena + prev_count
+            target = page
+            for arena_page, run in self._arena.allocate(count, hint):
+                self._insert(target, arena_page, run)
+                target += run
+        self.pages += needed
+
+    def _insert(self, page: int, arena_page: int, count: int) -> None:
+        """Record a new run for a hole, merging with neighbours contiguous in both spaces."""
+        extents = self._extents
+        if extents is _NO_EXTENTS:
+            self._extents = extents = SortedDict()
+        index = extents.bisect_right(page) - 1
+        if index >= 0:
+            prev_page, (prev_arena, prev_count) = extents.peekitem(index)
+            if prev_page + prev_count == page and prev_arena + prev_count == arena_page:
+                page, arena_page, count = prev_page, prev_arena, prev_count + count
+        following = extents.get(page + count)
+        if following is not None and following[0] == arena_page + count:
+            del extents[page + count]
+            count += following[1]
+        extents[page] = (arena_page, count)
+
+    def release_pages(self, first: int, end: int) -> int:
+        """Free every held page in [first, end), splitting runs at the edges.
+
+        Returns:
+            The number of pages freed.
+
+        Runtime complexity: O(log e + k) for k runs touched, plus the kernel's work.
+        """
+        freed = 0
+        extents = self._extents
+        for page, arena_page, count in list(self._runs(first, end)):
+            del extents[page]
+            lo = max(page, first)
+            hi = min(page + count, end)
+            if page < lo:
+                extents[page] = (arena_page, lo - page)
+            if hi < page + count:
+                extents[hi] = (arena_page + hi - page, page + count - hi)
+            self._arena.release(arena_page + lo - page, hi - lo)
+            freed += hi - lo
+        self.pages -= freed
+        if self._unwritten:
+            remove_interval(self._unwritten, first, end)
+        return freed
+
+    def allocate(self, offset: int, length: int) -> None:
+        """Give every hole of a byte range zeroed pages (fallocate), all or nothing.
+
+        Raises:
+            OSError: ENOSPC if they do not fit; EFBIG past the largest file size.
+        """
+        if offset + length > MAX_FILE_SIZE:
+            raise OSError(errno.EFBIG, "range past the largest file size")
+        first, end = pages_spanned(offset, length)
+        holes = self.holes(first, end)
+        self._allocate(first, end)
+        if self._unwritten is None:
+            self._unwritten = SortedDict()
+        for page, count in holes:
+            add_interval(self._unwritten, page, page + count)
+
+    def punch(self, offset: int, length: int) -> None:
+        """Make a byte range read as zeros, freeing the pages it covers whole."""
+        end = offset + length
+        first_whole = pages_for(offset)
+        end_whole = end >> PAGE_SHIFT
+        if first_whole < end_whole:
+            self.release_pages(first_whole, end_whole)
+            self.zero(offset, (first_whole << PAGE_SHIFT) - offset)
+            self.zero(end_whole << PAGE_SHIFT, end - (end_whole << PAGE_SHIFT))
+        else:
+            self.zero(offset, length)
+
+    def _data(self, first: int) -> Iterator[tuple[int, int]]:
+        """Yield the page intervals from ``first`` on that hold written data, in order."""
+        unwritten = self._unwritten
+        for page, _arena_page, count in self._runs(first, NO_PAGE):
+            lo = max(page, first)
+            if not unwritten:
+                yield lo, page + count
+                continue
+            for hole_lo, hole_hi in clip(unwritten, lo, page + count):
+                if hole_lo > lo:
+                    yield lo, hole_lo
+                lo = hole_hi
+            if lo < page + count:
+                yield lo, page + count
+
+    def seek_data(self, offset: int) -> int | None:
+        """The first offset at or after ``offset`` holding data, or None (SEEK_DATA).
+
+        Runtime complexity: O(log e) plus the reserved runs skipped.
+        """
+        if offset >= self.size:
+            return None
+        for lo, _hi in self._data(offset >> PAGE_SHIFT):
+            found = max(offset, lo << PAGE_SHIFT)
+            return found if found < self.size else None
+        return None
+
+    def seek_hole(self, offset: int) -> int | None:
+        """The first offset at or after ``offset`` in a hole or at EOF, or None (SEEK_HOLE).
+
+        Runtime complexity: O(log e + k) for k runs of contiguous data crossed.
+        """
+        if offset >= self.size:
+            return None
+        cursor = offset >> PAGE_SHIFT
+        for lo, hi in self._data(cursor):
+            if lo > cursor:
+                break
+            cursor = hi
+        return min(max(offset, cursor << PAGE_SHIFT), self.size)
+
+    def tail_start(self, first: int, end: int, wanted: int) -> int:
+        """Return the highest page p >= first such that [p, end) holds ``wanted`` pages.
+
+        If all of [first, end) holds fewer, return ``first``. Used to purge a PARTIAL range
+        from its end, only as much as needed.
+
+        Runtime complexity: O(log e + k) for the k runs from ``end`` back to where the
+        wanted pages are found (not all the runs of the interval).
+        """
+        extents = self._extents
+        keys, values = extents.keys(), extents.values()
+        index = extents.bisect_left(end) - 1
+        while index >= 0:
+            page, (_arena_page, count) = keys[index], values[index]
+            if page + count <= first:
+                break
+            lo, hi = max(page, first), min(page + count, end)
+            if hi - lo >= wanted:
+                return hi - wanted
+            wanted -= hi - lo
+            index -= 1
+        return first
+
+    def zero(self, offset: int, length: int) -> None:
+        """Write zeros over held pages in a byte range, leaving holes as they are."""
+        end = offset + length
+        view = self._arena.view
+        first, end_page = pages_spanned(offset, length)
+        for page, arena_page, count in self._runs(first, end_page):
+            lo = max(offset, page << PAGE_SHIFT)
+            hi = min(end, (page + count) << PAGE_SHIFT)
+            target = (arena_page << PAGE_SHIFT) + lo - (page << PAGE_SHIFT)
+            view[target : target + hi - lo] = bytes(hi - lo)
+
+    def truncate(self, size: int) -> None:
+        """Set the logical size; shrinking frees the pages past it and zeros the tail page.
+
+        Growing allocates nothing: the new bytes are a hole and read as zeros.
+
+        Raises:
+            OSError: EFBIG past the largest file size.
+        """
+        if size > MAX_FILE_SIZE or size < 0:
+            raise OSError(errno.EFBIG, "size past the largest file size")
+        if size < self.size:
+            keep = pages_for(size)
+            # To the end of the map, not of the old size: fallocate may have left pages past EOF.
+            self.release_pages(keep, NO_PAGE)
+            if size & (PAGE_SIZE - 1):
+                # The kept part of the last page must read as zeros if the file grows again.
+                self.zero(size, PAGE_SIZE - (size & (PAGE_SIZE - 1)))
+        self.size = size
+
+    def clear(self) -> None:
+        """Free every page and set the size to zero."""
+        self.truncate(0)
+
+    def _check(self) -> None:
+        """Assert the run map's invariants. Runtime complexity: O(e)."""
+        assert not _NO_EXTENTS, "the shared empty run map was written to"
+        previous: tuple[int, int, int] | None = None
+        total = 0
+        for page, (arena_page, count) in self._extents.items():
+            assert count > 0
+            assert arena_page >= 0 and arena_page + count <= self._arena.capacity_pages
+            if previous is not None:
+                prev_page, prev_arena, prev_count = previous
+                assert prev_page + prev_count <= page, "runs overlap"
+                assert not (
+                    prev_page + prev_count == page and prev_arena + prev_count == arena_page
+                ), "mergeable runs left apart"
+            previous = (page, arena_page, count)
+            total += count
+        assert total == self.pages, (total, self.pages)
+        for lo, hi in (self._unwritten or {}).items():
+            assert not self.holes(lo, hi), "reserved pages that are not held"
+
+
+class Store:
+    """All file contents of one mount, within a size cap.
+
+    The cap is the arena's capacity: every held page counts against it, free pages do not.
+    While :meth:`run_reclaimer` runs, memory released by truncation and deletion is returned
+    to the system in the background, large releases in a worker thread, so the event loop is
+    never held up by them.
+    """
+
+    def __init__(self, capacity_bytes: int) -> None:
+        """Create a store holding at most ``capacity_bytes`` (rounded down to pages)."""
+        self.arena = Arena(capacity_bytes >> PAGE_SHIFT)
+        #: Bytes held outside the arena and charged to the cap (symlink targets, attributes).
+        self.charged_bytes = 0
+        self._wakeup = trio.Event()
+        self._reclaimed = trio.Event()
+
+    def charge(self, nbytes: int) -> None:
+        """Count ``nbytes`` the daemon holds outside the arena against the cap.
+
+        The cap is kept in pages, so charges are added up and reserved a page at a time.
+
+        Raises:
+            OSError: ENOSPC if the cap has no room for them; nothing is charged then.
+        """
+        pages = pages_for(self.charged_bytes + nbytes) - self.arena.reserved_pages
+        if pages > 0:
+            self.arena.reserve(pages)
+        self.charged_bytes += nbytes
+
+    def uncharge(self, nbytes: int) -> None:
+        """Give back a charge made with :meth:`charge`."""
+        self.charged_bytes -= nbytes
+        assert self.charged_bytes >= 0
+        surplus = self.arena.reserved_pages - pages_for(self.charged_bytes)
+        if surplus > 0:
+            self.arena.unreserve(surplus)
+
+    def new_file(self) -> FileContents:
+        """Return empty contents for a new regular file."""
+        return FileContents(self.arena)
+
+    @property
+    def capacity_bytes(self) -> int:
+        """The size cap in bytes."""
+        return self.arena.capacity_pages << PAGE_SHIFT
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of memory held by file contents."""
+        return self.arena.used_pages << PAGE_SHIFT
+
+    def shortfall(self, contents: FileContents, first: int, end: int) -> int:
+        """Pages that filling the holes of [first, end) in ``contents`` lacks: those not free
+        now and not on their way back either (released, or being punched by the reclaimer).
+
+        Raises:
+            OSError: ENOSPC if the span is larger than the whole store (nothing can make room).
+
+        Runtime complexity: O(log e + k) for the k runs of the span.
+        """
+        arena = self.arena
+        if end - first > arena.capacity_pages:
+            raise OSError(errno.ENOSPC, "more than the whole filesystem")
+        holes = sum(count for _page, count in contents.holes(first, end))
+        return holes - arena.available_pages - arena.dirty_pages - arena.punching_pages
+
+    @property
+    def reclaim_pending(self) -> bool:
+        """True while released memory is still on its way back to the free space."""
+        return bool(self.arena.dirty_pages or self.arena.punching_pages)
+
+    async def wait_reclaimed(self) -> None:
+        """Wait until the reclaimer has finished its current round."""
+        if self.reclaim_pending:
+            await self._reclaimed.wait()
+
+    async def run_reclaimer(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Punch released pages as they come, until cancelled."""
+        arena = self.arena
+        arena.on_release = self._wakeup.set
+        with WorkerThread("volfs-reclaimer") as worker:
+            task_status.started()
+            try:
+                while True:
+                    await self._wakeup.wait()
+                    self._wakeup = trio.Event()
+                    arena.on_release = self._wakeup.set
+                    runs = arena.take_dirty()
+                    if sum(count for _start, count in runs) <= INLINE_PUNCH_PAGES:
+                        arena.punch(runs)
+                    else:
+                        await worker.run(functools.partial(arena.punch, runs))
+                    arena.give_back(runs)
+                    self._reclaimed.set()
+                    self._reclaimed = trio.Event()
+            finally:
+                arena.on_release = None
+                arena._punch_dirty_now()
+
+    def close(self) -> None:
+        """Give all memory back; the store is unusable afterwards."""
+        self.arena.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,895 @@
+/*
+ * volfs.daemon._bridge: the FUSE operations pyfuse3 does not expose.
+ *
+ * pyfuse3 builds its struct fuse_lowlevel_ops and passes it to libfuse's fuse_session_new().
+ * This module, loaded with RTLD_GLOBAL before pyfuse3, defines that function itself: it copies
+ * pyfuse3's operations, adds the handlers pyfuse3 lacks, and calls the real function, found
+ * with dlvsym() in the libfuse already loaded (RTLD_NEXT does not reach past a dlopen'ed
+ * library). libfuse 3.17 (libfuse3.so.4) adds fuse_session_new_versioned, which programs
+ * built against its headers call instead: both are defined here.
+ *
+ * The session's end is interposed the same way (fuse_session_unmount, fuse_session_destroy,
+ * which pyfuse3.close() calls in that order): from the unmount on, nothing here touches the
+ * session. Each session has a generation, and each Request remembers the one it came from,
+ * so a reply that arrives after its session ended fails with ENOTCONN instead of using freed
+ * memory. Calls that use the session (replies, notifications, possibly from worker threads)
+ * are counted, and the session ends only once none is in progress.
+ *
+ * Requests handled here (ioctl, fallocate, lseek) are passed to a Python callable with a
+ * Request object, which replies exactly once: from the handler itself, later from a trio
+ * task, or from a worker thread. A Request dropped without a reply answers EIO, so a bug can
+ * never leave a caller hanging.
+ *
+ * pyfuse3's own operations are wrapped too (see "contained operations" below), so that a
+ * request whose arguments pyfuse3 cannot turn into Python objects (a write's data when the
+ * daemon is out of memory) fails alone instead of ending the session.
+ */
+#define PY_SSIZE_T_CLEAN
+#define FUSE_USE_VERSION 35
+#define _GNU_SOURCE
+
+#include <Python.h>
+#include <structmember.h>
+#include <dlfcn.h>
+#include <errno.h>
+#include <fuse_lowlevel.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <string.h>
+
+/* logging.WARNING, for bridge_log. */
+#define LOG_LEVEL_WARNING 30
+
+static struct fuse_lowlevel_ops bridge_ops;
+static void (*pyfuse3_init)(void *, struct fuse_conn_info *);
+static PyObject *ioctl_handler;
+static PyObject *fallocate_handler;
+static PyObject *lseek_handler;
+
+/*
+ * Log a message on the "volfs.daemon.bridge" logger, from any thread, keeping any exception
+ * being raised. Used where nothing can be raised: a reply that failed inside libfuse's
+ * callbacks or in a destructor. Supports the formats common to printf and
+ * PyUnicode_FromFormat (%s, %d); falls back to stderr when logging itself fails.
+ */
+static void bridge_log(int level, const char *format, ...) {
+    va_list arguments, fallback;
+    va_start(arguments, format);
+    va_copy(fallback, arguments);
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyObject *result = NULL;
+    PyObject *message = PyUnicode_FromFormatV(format, arguments);
+    if (message != NULL) {
+        PyObject *logging = PyImport_ImportModule("logging");
+        PyObject *logger =
+            logging ? PyObject_CallMethod(logging, "getLogger", "s", "volfs.daemon.bridge")
+                    : NULL;
+        /* The message is passed as an argument: a '%' in it is not a format. */
+        result = logger ? PyObject_CallMethod(logger, "log", "isO", level, "%s", message) : NULL;
+        Py_XDECREF(logger);
+        Py_XDECREF(logging);
+        Py_DECREF(message);
+    }
+    if (result == NULL) {
+        PyErr_Clear();
+        fputs("volfs.daemon.bridge: ", stderr);
+        vfprintf(stderr, format, fallback);
+        fputc('\n', stderr);
+    }
+    Py_XDECREF(result);
+    PyErr_Restore(type, value, traceback);
+    PyGILState_Release(gil);
+    va_end(fallback);
+    va_end(arguments);
+}
+
+/* -- the session's lifetime ---------------------------------------------------------------- */
+
+static pthread_mutex_t session_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t session_idle = PTHREAD_COND_INITIALIZER;
+/* The session created through the bridge, NULL once it is being unmounted or destroyed. */
+static struct fuse_session *bridge_session;
+/* Bumped for each new session: a Request belongs to the generation it was created in. */
+static unsigned long session_generation;
+/* Calls using bridge_session right now; its end waits for them. */
+static unsigned int session_users;
+
+/* Accept generation in place of a Request's: any live session will do. */
+#define ANY_GENERATION 0UL
+
+/*
+ * The live session of generation (or any, ANY_GENERATION), counted as in use until
+ * release_session(); NULL if it has ended. Never blocks for long: the lock is only held to
+ * read and count. Called without the GIL.
+ */
+static struct fuse_session *use_session(unsigned long generation) {
+    pthread_mutex_lock(&session_lock);
+    struct fuse_session *se = bridge_session;
+    if (se != NULL && generation != ANY_GENERATION && generation != session_generation)
+        se = NULL;
+    if (se != NULL) session_users++;
+    pthread_mutex_unlock(&session_lock);
+    return se;
+}
+
+static void release_session(void) {
+    pthread_mutex_lock(&session_lock);
+    if (--session_users == 0) pthread_cond_broadcast(&session_idle);
+    pthread_mutex_unlock(&session_lock);
+}
+
+static unsigned long current_generation(void) {
+    pthread_mutex_lock(&session_lock);
+    unsigned long generation = session_generation;
+    pthread_mutex_unlock(&session_lock);
+    return generation;
+}
+
+static struct fuse_session *begin_session(struct fuse_session *se) {
+    if (se != NULL) {
+        pthread_mutex_lock(&session_lock);
+        bridge_session = se;
+        /* Never ANY_GENERATION, even after wrapping around. */
+        if (++session_generation == ANY_GENERATION) session_generation++;
+        pthread_mutex_unlock(&session_lock);
+    }
+    return se;
+}
+
+/*
+ * From now on se (if it is the bridge's) is refused to new users; returns once the calls
+ * using it have finished, so libfuse may then close its descriptor and free it.
+ *
+ * Waiting here cannot add a deadlock: a counted call needs neither the GIL (released while
+ * waiting) nor the thread calling this. A notification the kernel holds up while it writes
+ * dirty pages back through this daemon, whose loop has stopped, could not finish anyway:
+ * it keeps the device file open, so neither closing it nor unmounting aborts the connection.
+ */
+static void end_session(struct fuse_session *se) {
+    pthread_mutex_lock(&session_lock);
+    int ours = se != NULL && se == bridge_session;
+    if (ours) bridge_session = NULL;
+    int busy = ours && session_users > 0;
+    pthread_mutex_unlock(&session_lock);
+    if (!busy) return;
+    PyThreadState *saved = PyGILState_Check() ? PyEval_SaveThread() : NULL;
+    pthread_mutex_lock(&session_lock);
+    while (session_users > 0) pthread_cond_wait(&session_idle, &session_lock);
+    pthread_mutex_unlock(&session_lock);
+    if (saved != NULL) PyEval_RestoreThread(saved);
+}
+
+/* -- Request ---------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    fuse_req_t req;   /* NULL once a reply was attempted */
+    unsigned long generation; /* of the session the request came from */
+    unsigned int uid; /* of the calling process */
+    unsigned int gid;
+    int pid;
+} RequestObject;
+
+static PyTypeObject RequestType;
+
+typedef enum { REPLY_ERROR, REPLY_IOCTL, REPLY_LSEEK } reply_kind;
+
+typedef struct {
+    reply_kind kind;
+    int value; /* errno (0: success) or the ioctl's result */
+    const void *data;
+    size_t size;
+    off_t offset;
+} reply_t;
+
+/*
+ * Send reply to req if its session (of generation) still lives: libfuse's result, 0 or
+ * -errno; -ENOTCONN with *ended set if the session has ended. Either way libfuse no longer
+ * knows req. Called without the GIL.
+ */
+static int send_reply(fuse_req_t req, unsigned long generation, const reply_t *reply,
+                      int *ended) {
+    *ended = use_session(generation) == NULL;
+    if (*ended) return -ENOTCONN;
+    int rc;
+    switch (reply->kind) {
+    case REPLY_IOCTL:
+        rc = fuse_reply_ioctl(req, reply->value, reply->size ? reply->data : NULL, reply->size);
+        break;
+    case REPLY_LSEEK:
+        rc = fuse_reply_lseek(req, reply->offset);
+        break;
+    default:
+        rc = fuse_reply_err(req, reply->value);
+        break;
+    }
+    release_session();
+    return rc;
+}
+
+/* Reply once for self: None, or NULL with OSError(errno) if the reply failed. */
+static PyObject *answer(RequestObject *self, const reply_t *reply) {
+    fuse_req_t req = self->req;
+    if (req == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "request already answered");
+        return NULL;
+    }
+    self->req = NULL;
+    int rc, ended;
+    Py_BEGIN_ALLOW_THREADS
+    rc = send_reply(req, self->generation, reply, &ended);
+    Py_END_ALLOW_THREADS
+    if (rc == 0) Py_RETURN_NONE;
+    PyObject *error = PyObject_CallFunction(
+        PyExc_OSError, "is", -rc,
+        ended ? "the request's FUSE session has ended" : strerror(-rc));
+    if (error != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(error), error);
+        Py_DECREF(error);
+    }
+    return NULL;
+}
+
+static PyObject *request_reply_ioctl(RequestObject *self, PyObject *args) {
+    int result;
+    Py_buffer data = {0};
+    if (!PyArg_ParseTuple(args, "iy*", &result, &data)) return NULL;
+    reply_t reply = {.kind = REPLY_IOCTL, .value = result, .data = data.buf,
+                     .size = (size_t)data.len};
+    PyObject *answered = answer(self, &reply);
+    PyBuffer_Release(&data);
+    return answered;
+}
+
+static PyObject *request_reply_error(RequestObject *self, PyObject *args) {
+    int code;
+    if (!PyArg_ParseTuple(args, "i", &code)) return NULL;
+    /* The kernel refuses other values without ending the request: its caller would hang. */
+    if (code <= 0 || code >= 512) {
+        PyErr_SetString(PyExc_ValueError, "errno must be between 1 and 511");
+        return NULL;
+    }
+    reply_t reply = {.kind = REPLY_ERROR, .value = code};
+    return answer(self, &reply);
+}
+
+static PyObject *request_reply_ok(RequestObject *self, PyObject *unused) {
+    (void)unused;
+    reply_t reply = {.kind = REPLY_ERROR, .value = 0};
+    return answer(self, &reply);
+}
+
+static PyObject *request_reply_lseek(RequestObject *self, PyObject *args) {
+    long long offset;
+    if (!PyArg_ParseTuple(args, "L", &offset)) return NULL;
+    reply_t reply = {.kind = REPLY_LSEEK, .offset = (off_t)offset};
+    return answer(self, &reply);
+}
+
+static PyObject *request_get_answered(RequestObject *self, void *closure) {
+    (void)closure;
+    return PyBool_FromLong(self->req == NULL);
+}
+
+static void request_dealloc(RequestObject *self) {
+    fuse_req_t req = self->req;
+    if (req != NULL) {
+        self->req = NULL;
+        reply_t reply = {.kind = REPLY_ERROR, .value = EIO};
+        int ended;
+        int rc = send_reply(req, self->generation, &reply, &ended);
+        /* A request of an ended session has nobody left to answer. */
+        if (rc != 0 && !ended)
+            bridge_log(LOG_LEVEL_WARNING, "cannot answer EIO to a request dropped unanswered: %s",
+                       strerror(-rc));
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef request_methods[] = {
+    {"reply_ioctl", (PyCFunction)request_reply_ioctl, METH_VARARGS,
+     "reply_ioctl(result, data): answer an ioctl with its return value and output bytes."},
+    {"reply_error", (PyCFunction)request_reply_error, METH_VARARGS,
+     "reply_error(errno): answer with an error (1 to 511)."},
+    {"reply_ok", (PyCFunction)request_reply_ok, METH_NOARGS,
+     "reply_ok(): answer success without data (fallocate)."},
+    {"reply_lseek", (PyCFunction)request_reply_lseek, METH_VARARGS,
+     "reply_lseek(offset): answer an lseek with the resulting offset."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef request_members[] = {
+    {"uid", T_UINT, offsetof(RequestObject, uid), READONLY, "uid of the caller"},
+    {"gid", T_UINT, offsetof(RequestObject, gid), READONLY, "gid of the caller"},
+    {"pid", T_INT, offsetof(RequestObject, pid), READONLY, "pid of the caller"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyGetSetDef request_getset[] = {
+    {"answered", (getter)request_get_answered, NULL,
+     "True once a reply was attempted, whether or not it reached the kernel", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject RequestType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "volfs.daemon._bridge.Request",
+    .tp_basicsize = sizeof(RequestObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A FUSE request awaiting exactly one reply.\n\n"
+              "Each reply_* method answers it: a second call raises RuntimeError. A reply "
+              "that fails raises OSError with libfuse's errno (ENOTCONN once the request's "
+              "session has ended) and still counts as the answer.",
+    .tp_dealloc = (destructor)request_dealloc,
+    .tp_methods = request_methods,
+    .tp_members = request_members,
+    .tp_getset = request_getset,
+};
+
+/* -- handlers added to pyfuse3's operations ---------------------------------------------- */
+
+/*
+ * Answer req with an error from within libfuse's callback for it, where its session is
+ * necessarily alive. Nothing can be raised here: a failure is logged.
+ */
+static void reply_internal(fuse_req_t req, int code, const char *operation) {
+    int rc = fuse_reply_err(req, code);
+    if (rc != 0)
+        bridge_log(LOG_LEVEL_WARNING, "cannot answer a %s request with %s: %s", operation,
+                   strerror(code), strerror(-rc));
+}
+
+static void bridge_init(void *userdata, struct fuse_conn_info *conn) {
+    /*
+     * An exception pyfuse3's init raises is left set for pyfuse3: it declares
+     * fuse_session_process_buf() "except *" (since 3.3, see the version check in
+     * volfs.daemon.bridge), so the exception ends its main loop as soon as INIT has been
+     * processed, before any other request, and the daemon unmounts. Serving after a failed init is not wanted.
+     */
+    if (pyfuse3_init != NULL) pyfuse3_init(userdata, conn);
+    /* VOLFS_IOC_PURGE works on directories too. */
+    if (conn->capable & FUSE_CAP_IOCTL_DIR) conn->want |= FUSE_CAP_IOCTL_DIR;
+}
+
+/* A Request for req with the caller's credentials, or NULL (req answered ENOMEM). */
+static RequestObject *new_request(fuse_req_t req, const char *operation) {
+    RequestObject *request = PyObject_New(RequestObject, &RequestType);
+    if (request == NULL) {
+        PyErr_Clear();
+        reply_internal(req, ENOMEM, operation);
+        return NULL;
+    }
+    const struct fuse_ctx *ctx = fuse_req_ctx(req);
+    request->req = req;
+    request->generation = current_generation();
+    request->uid = ctx->uid;
+    request->gid = ctx->gid;
+    request->pid = ctx->pid;
+    return request;
+}
+
+/* Call handler(request, *args) and drop our reference: an unanswered request answers EIO. */
+static void dispatch(PyObject *handler, RequestObject *request, PyObject *args) {
+    if (args != NULL) {
+        PyObject *full = PyTuple_New(PyTuple_GET_SIZE(args) + 1);
+        if (full != NULL) {
+            PyTuple_SET_ITEM(full, 0, Py_NewRef((PyObject *)request));
+            for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(args); i++)
+                PyTuple_SET_ITEM(full, i + 1, Py_NewRef(PyTuple_GET_ITEM(args, i)));
+            PyObject *result = PyObject_Call(handler, full, NULL);
+            if (result == NULL) PyErr_WriteUnraisable(handler);
+            Py_XDECREF(result);
+            Py_DECREF(full);
+        }
+        Py_DECREF(args);
+    }
+    if (PyErr_Occurred()) PyErr_WriteUnraisable(handler);
+    Py_DECREF(request);
+}
+
+static void bridge_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void *arg,
+                         struct fuse_file_info *fi, unsigned flags, const void *in_buf,
+                         size_t in_bufsz, size_t out_bufsz) {
+    (void)arg;
+    (void)out_bufsz; /* every command's reply has the size its number encodes */
+    PyGILState_STATE gil = PyGILState_Ensure();
+    if (flags & FUSE_IOCTL_UNRESTRICTED || ioctl_handler == NULL) {
+        reply_internal(req, ENOTTY, "ioctl");
+    } else {
+        RequestObject *request = new_request(req, "ioctl");
+        if (request != NULL)
+            dispatch(ioctl_handler, request,
+                     Py_BuildValue("KIKOy#", (unsigned long long)ino, cmd,
+                                   (unsigned long long)(fi ? fi->fh : 0),
+                                   (flags & FUSE_IOCTL_DIR) ? Py_True : Py_False,
+                                   in_buf ? (const char *)in_buf : "",
+                                   (Py_ssize_t)(in_buf ? in_bufsz : 0)));
+    }
+    PyGILState_Release(gil);
+}
+
+static void bridge_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset,
+                             off_t length, struct fuse_file_info *fi) {
+    PyGILState_STATE gil = PyGILState_Ensure();
+    if (fallocate_handler == NULL) {
+        reply_internal(req, EOPNOTSUPP, "fallocate");
+    } else {
+        RequestObject *request = new_request(req, "fallocate");
+        if (request != NULL)
+            dispatch(fallocate_handler, request,
+                     Py_BuildValue("KKiLL", (unsigned long long)ino,
+                                   (unsigned long long)(fi ? fi->fh : 0), mode,
+                                   (long long)offset, (long long)length));
+    }
+    PyGILState_Release(gil);
+}
+
+static void bridge_lseek(fuse_req_t req, fuse_ino_t ino, off_t offset, int whence,
+                         struct fuse_file_info *fi) {
+    PyGILState_STATE gil = PyGILState_Ensure();
+    if (lseek_handler == NULL) {
+        reply_internal(req, ENOSYS, "lseek");
+    } else {
+        RequestObject *request = new_request(req, "lseek");
+        if (request != NULL)
+            dispatch(lseek_handler, request,
+                     Py_BuildValue("KKLi", (unsigned long long)ino,
+                                   (unsigned long long)(fi ? fi->fh : 0), (long long)offset,
+                                   whence));
+    }
+    PyGILState_Release(gil);
+}
+
+/* -- contained operations ---------------------------------------------------------------- */
+
+/*
+ * pyfuse3 converts a request's arguments (names, a write's data, an xattr's value) into Python
+ * objects before starting its handler. When that raises, MemoryError above all, pyfuse3 leaves
+ * the request unanswered and the exception ends its main loop: one request would take down
+ * the mount. Every operation pyfuse3 registers runs through a wrapper here that, if pyfuse3
+ * returns with an exception set (so no handler took the request), answers the request itself:
+ * ENOMEM for MemoryError, EIO otherwise, after telling the failure handler for the log.
+ * Once a handler has started, the exception never surfaces here: the handler answers.
+ */
+static PyObject *failure_handler;
+
+static int report_failure(const char *operation) {
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    int code = PyErr_GivenExceptionMatches(type, PyExc_MemoryError) ? ENOMEM : EIO;
+    if (failure_handler != NULL) {
+        PyErr_NormalizeException(&type, &value, &traceback);
+        PyObject *result = PyObject_CallFunction(failure_handler, "sOi", operation,
+                                                 value != NULL ? value : Py_None, code);
+        Py_XDECREF(result);
+        /* Logging may itself fail for want of memory: the request is answered regardless. */
+        PyErr_Clear();
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(traceback);
+    return code;
+}
+
+static void answer_failure(fuse_req_t req, const char *operation) {
+    reply_internal(req, report_failure(operation), operation);
+}
+
+/* forget expects no answer, only the request's release. */
+static void release_failure(fuse_req_t req, const char *operation) {
+    report_failure(operation);
+    fuse_reply_none(req);
+}
+
+#define CONTAINED(op, on_failure, params, args)                                             \
+    static __typeof__(((struct fuse_lowlevel_ops *)0)->op) pyfuse3_##op;                  \
+    static void contained_##op params {                                                     \
+        pyfuse3_##op args;                                                                  \
+        if (PyErr_Occurred()) on_failure(req, #op);                                         \
+    }
+
+typedef struct fuse_file_info file_info;
+
+CONTAINED(lookup, answer_failure, (fuse_req_t req, fuse_ino_t p, const char *n), (req, p, n))
+CONTAINED(forget, release_failure, (fuse_req_t req, fuse_ino_t i, uint64_t n), (req, i, n))
+CONTAINED(forget_multi, release_failure,
+          (fuse_req_t req, size_t c, struct fuse_forget_data *f), (req, c, f))
+CONTAINED(getattr, answer_failure, (fuse_req_t req, fuse_ino_t i, file_info *fi), (req, i, fi))
+CONTAINED(setattr, answer_failure,
+          (fuse_req_t req, fuse_ino_t i, struct stat *a, int s, file_info *fi),
+          (req, i, a, s, fi))
+CONTAINED(readlink, answer_failure, (fuse_req_t req, fuse_ino_t i), (req, i))
+CONTAINED(mknod, answer_failure,
+          (fuse_req_t req, fuse_ino_t p, const char *n, mode_t m, dev_t d), (req, p, n, m, d))
+CONTAINED(mkdir, answer_failure, (fuse_req_t req, fuse_ino_t p, const char *n, mode_t m),
+          (req, p, n, m))
+CONTAINED(unlink, answer_failure, (fuse_req_t req, fuse_ino_t p, const char *n), (req, p, n))
+CONTAINED(rmdir, answer_failure, (fuse_req_t req, fuse_ino_t p, const char *n), (req, p, n))
+CONTAINED(symlink, answer_failure, (fuse_req_t req, const char *l, fuse_ino_t p, const char *n),
+          (req, l, p, n))
+CONTAINED(rename, answer_failure,
+          (fuse_req_t req, fuse_ino_t p, const char *n, fuse_ino_t np, const char *nn,
+           unsigned int f),
+          (req, p, n, np, nn, f))
+CONTAINED(link, answer_failure, (fuse_req_t req, fuse_ino_t i, fuse_ino_t np, const char *nn),
+          (req, i, np, nn))
+CONTAINED(open, answer_failure, (fuse_req_t req, fuse_ino_t i, file_info *fi), (req, i, fi))
+CONTAINED(read, answer_failure,
+          (fuse_req_t req, fuse_ino_t i, size_t s, off_t o, file_info *fi), (req, i, s, o, fi))
+CONTAINED(write, answer_failure,
+          (fuse_req_t req, fuse_ino_t i, const char *b, size_t s, off_t o, file_info *fi),
+          (req, i, b, s, o, fi))
+CONTAINED(write_buf, answer_failure,
+          (fuse_req_t req, fuse_ino_t i, struct fuse_bufvec *b, off_t o, file_info *fi),
+          (req, i, b, o, fi))
+CONTAINED(flush, answer_failure, (fuse_req_t req, fuse_ino_t i, file_info *fi), (req, i, fi))
+CONTAINED(release, answer_failure, (fuse_req_t req, fuse_ino_t i, file_info *fi), (req, i, fi))
+CONTAINED(fsync, answer_failure, (fuse_req_t req, fuse_ino_t i, int d, file_info *fi),
+          (req, i, d, fi))
+CONTAINED(opendir, answer_failure, (fuse_req_t req, fuse_ino_t i, file_info *fi), (req, i, fi))
+CONTAINED(readdir, answer_failure,
+          (fuse_req_t req, fuse_ino_t i, size_t s, off_t o, file_info *fi), (req, i, s, o, fi))
+CONTAINED(readdirplus, answer_failure,
+          (fuse_req_t req, fuse_ino_t i, size_t s, off_t o, file_info *fi), (req, i, s, o, fi))
+CONTAINED(releasedir, answer_failure, (fuse_req_t req, fuse_ino_t i, file_info *fi),
+          (req, i, fi))
+CONTAINED(fsyncdir, answer_failure, (fuse_req_t req, fuse_ino_t i, int d, file_info *fi),
+          (req, i, d, fi))
+CONTAINED(statfs, answer_failure, (fuse_req_t req, fuse_ino_t i), (req, i))
+CONTAINED(setxattr, answer_failure,
+          (fuse_req_t req, fuse_ino_t i, const char *n, const char *v, size_t s, int f),
+          (req, i, n, v, s, f))
+CONTAINED(getxattr, answer_failure, (fuse_req_t req, fuse_ino_t i, const char *n, size_t s),
+          (req, i, n, s))
+CONTAINED(listxattr, answer_failure, (fuse_req_t req, fuse_ino_t i, size_t s), (req, i, s))
+CONTAINED(removexattr, answer_failure, (fuse_req_t req, fuse_ino_t i, const char *n),
+          (req, i, n))
+CONTAINED(access, answer_failure, (fuse_req_t req, fuse_ino_t i, int m), (req, i, m))
+CONTAINED(create, answer_failure,
+          (fuse_req_t req, fuse_ino_t p, const char *n, mode_t m, file_info *fi),
+          (req, p, n, m, fi))
+CONTAINED(poll, answer_failure,
+          (fuse_req_t req, fuse_ino_t i, file_info *fi, struct fuse_pollhandle *ph),
+          (req, i, fi, ph))
+
+/* Route each operation pyfuse3 registered through its wrapper. */
+#define CONTAIN(op)                                                                          \
+    if (bridge_ops.op != NULL) {                                                            \
+        pyfuse3_##op = bridge_ops.op;                                                       \
+        bridge_ops.op = contained_##op;                                                     \
+    }
+
+static void contain_pyfuse3_operations(void) {
+    CONTAIN(lookup) CONTAIN(forget) CONTAIN(forget_multi) CONTAIN(getattr) CONTAIN(setattr)
+    CONTAIN(readlink) CONTAIN(mknod) CONTAIN(mkdir) CONTAIN(unlink) CONTAIN(rmdir)
+    CONTAIN(symlink) CONTAIN(rename) CONTAIN(link) CONTAIN(open) CONTAIN(read) CONTAIN(write)
+    CONTAIN(write_buf) CONTAIN(flush) CONTAIN(release) CONTAIN(fsync) CONTAIN(opendir)
+    CONTAIN(readdir) CONTAIN(readdirplus) CONTAIN(releasedir) CONTAIN(fsyncdir)
+    CONTAIN(statfs) CONTAIN(setxattr) CONTAIN(getxattr) CONTAIN(listxattr)
+    CONTAIN(removexattr) CONTAIN(access) CONTAIN(create) CONTAIN(poll)
+}
+
+/* -- the hooks ---------------------------------------------------------------------------- */
+
+/* libfuse >= 3.17 passes the version a program was built against; only handed on here. */
+struct libfuse_version;
+
+struct fuse_session *fuse_session_new_versioned(struct fuse_args *args,
+                                                const struct fuse_lowlevel_ops *op,
+                                                size_t op_size, struct libfuse_version *version,
+                                                void *userdata);
+void fuse_session_unmount(struct fuse_session *se);
+void fuse_session_destroy(struct fuse_session *se);
+
+typedef struct fuse_session *(*session_new_fn)(struct fuse_args *,
+                                                const struct fuse_lowlevel_ops *, size_t,
+                                                void *);
+typedef struct fuse_session *(*session_new_versioned_fn)(struct fuse_args *,
+                                                          const struct fuse_lowlevel_ops *,
+                                                          size_t, struct libfuse_version *,
+                                                          void *);
+typedef void (*session_end_fn)(struct fuse_session *);
+
+/* libfuse's own functions, found by find_libfuse() when the module is loaded. */
+static struct {
+    const char *soname;
+    session_new_fn session_new;                    /* fuse_session_new@FUSE_3.0 */
+    session_new_versioned_fn session_new_versioned; /* fuse_session_new_versioned@FUSE_3.17 */
+    session_end_fn session_unmount;
+    session_end_fn session_destroy;
+} libfuse;
+
+/*
+ * Set while libfuse creates a session for one of the hooks: libfuse 3.17's
+ * fuse_session_new@FUSE_3.0 calls fuse_session_new_versioned, which (when libfuse binds
+ * its own exported functions through the global scope) is the hook here again, and must
+ * then pass the already wrapped operations straight on.
+ */
+static __thread int creating_session;
+
+/*
+ * Find libfuse's functions in whichever libfuse 3 is loaded, the one this module was linked
+ * against: libfuse3.so.4 (libfuse >= 3.17) or libfuse3.so.3. 0, or -1 with ImportError set.
+ */
+static int find_libfuse(void) {
+    static const char *const sonames[] = {"libfuse3.so.4", "libfuse3.so.3"};
+    for (size_t i = 0; i < sizeof sonames / sizeof *sonames; i++) {
+        /* Only a library already loaded: loading another libfuse would mix two of them. */
+        void *handle = dlopen(sonames[i], RTLD_NOW | RTLD_NOLOAD);
+        if (handle == NULL) continue;
+        libfuse.soname = sonames[i];
+        libfuse.session_new = (session_new_fn)dlvsym(handle, "fuse_session_new", "FUSE_3.0");
+        libfuse.session_new_versioned = (session_new_versioned_fn)dlvsym(
+            handle, "fuse_session_new_versioned", "FUSE_3.17");
+        libfuse.session_unmount =
+            (session_end_fn)dlvsym(handle, "fuse_session_unmount", "FUSE_3.0");
+        libfuse.session_destroy =
+            (session_end_fn)dlvsym(handle, "fuse_session_destroy", "FUSE_3.0");
+        /* The handle stays open: the functions are used as long as the process lives. */
+        if ((libfuse.session_new == NULL && libfuse.session_new_versioned == NULL) ||
+            libfuse.session_unmount == NULL || libfuse.session_destroy == NULL) {
+            PyErr_Format(PyExc_ImportError,
+                         "volfs.daemon._bridge: %s lacks fuse_session_new@FUSE_3.0 or "
+                         "fuse_session_new_versioned@FUSE_3.17, fuse_session_unmount or "
+                         "fuse_session_destroy",
+                         sonames[i]);
+            return -1;
+        }
+        return 0;
+    }
+    PyErr_SetString(PyExc_ImportError,
+                    "volfs.daemon._bridge: neither libfuse3.so.4 (libfuse >= 3.17) nor "
+                    "libfuse3.so.3 is loaded: the bridge must be linked against libfuse 3");
+    return -1;
+}
+
+/* Refuse to create a session libfuse cannot create through this entry point. */
+static int missing(const void *function, const char *name) {
+    if (function != NULL) return 0;
+    fprintf(stderr, "volfs: %s has no %s\n", libfuse.soname ? libfuse.soname : "libfuse",
+            name);
+    return 1;
+}
+
+/* pyfuse3's operations, with the bridge's added and pyfuse3's contained. */
+static const struct fuse_lowlevel_ops *bridge_operations(const struct fuse_lowlevel_ops *op,
+                                                         size_t op_size) {
+    memset(&bridge_ops, 0, sizeof bridge_ops);
+    memcpy(&bridge_ops, op, op_size < sizeof bridge_ops ? op_size : sizeof bridge_ops);
+    pyfuse3_init = bridge_ops.init;
+    bridge_ops.init = bridge_init;
+    contain_pyfuse3_operations();
+    bridge_ops.ioctl = bridge_ioctl;
+    bridge_ops.fallocate = bridge_fallocate;
+    bridge_ops.lseek = bridge_lseek;
+    return &bridge_ops;
+}
+
+/* Parenthesized: libfuse >= 3.17's header makes fuse_session_new a function-like macro. */
+struct fuse_session *(fuse_session_new)(struct fuse_args *args,
+                                        const struct fuse_lowlevel_ops *op, size_t op_size,
+                                        void *userdata) {
+    if (missing((const void *)libfuse.session_new, "fuse_session_new@FUSE_3.0")) return NULL;
+    if (creating_session) return libfuse.session_new(args, op, op_size, userdata);
+    const struct fuse_lowlevel_ops *ops = bridge_operations(op, op_size);
+    creating_session = 1;
+    struct fuse_session *se = libfuse.session_new(args, ops, sizeof *ops, userdata);
+    creating_session = 0;
+    return begin_session(se);
+}
+
+struct fuse_session *fuse_session_new_versioned(struct fuse_args *args,
+                                                const struct fuse_lowlevel_ops *op,
+                                                size_t op_size, struct libfuse_version *version,
+                                                void *userdata) {
+    if (missing((const void *)libfuse.session_new_versioned,
+                "fuse_session_new_versioned@FUSE_3.17"))
+        return NULL;
+    if (creating_session)
+        return libfuse.session_new_versioned(args, op, op_size, version, userdata);
+    const struct fuse_lowlevel_ops *ops = bridge_operations(op, op_size);
+    creating_session = 1;
+    struct fuse_session *se =
+        libfuse.session_new_versioned(args, ops, sizeof *ops, version, userdata);
+    creating_session = 0;
+    return begin_session(se);
+}
+
+void fuse_session_unmount(struct fuse_session *se) {
+    /* Ended before the unmount closes the device: a reply could otherwise reach a reused fd. */
+    end_session(se);
+    libfuse.session_unmount(se);
+}
+
+void fuse_session_destroy(struct fuse_session *se) {
+    /* Ended here too for pyfuse3.close(unmount=False), which skips the unmount. */
+    end_session(se);
+    libfuse.session_destroy(se);
+}
+
+/* -- module functions ------------------------------------------------------------------- */
+
+static int replace_handler(PyObject **slot, PyObject *handler) {
+    if (handler != Py_None && !PyCallable_Check(handler)) {
+        PyErr_SetString(PyExc_TypeError, "handlers must be callable or None");
+        return -1;
+    }
+    Py_XSETREF(*slot, handler == Py_None ? NULL : Py_NewRef(handler));
+    return 0;
+}
+
+static PyObject *bridge_set_handlers(PyObject *module, PyObject *args, PyObject *kwargs) {
+    (void)module;
+    static char *keywords[] = {"ioctl", "fallocate", "lseek", "failure", NULL};
+    PyObject *ioctl = Py_None, *fallocate = Py_None, *lseek = Py_None, *failure = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$OOOO", keywords, &ioctl, &fallocate,
+                                     &lseek, &failure))
+        return NULL;
+    if (replace_handler(&ioctl_handler, ioctl) < 0 ||
+        replace_handler(&fallocate_handler, fallocate) < 0 ||
+        replace_handler(&lseek_handler, lseek) < 0 ||
+        replace_handler(&failure_handler, failure) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *bridge_close(PyObject *module, PyObject *unused) {
+    (void)module;
+    (void)unused;
+    pthread_mutex_lock(&session_lock);
+    struct fuse_session *se = bridge_session;
+    pthread_mutex_unlock(&session_lock);
+    end_session(se);
+    Py_CLEAR(ioctl_handler);
+    Py_CLEAR(fallocate_handler);
+    Py_CLEAR(lseek_handler);
+    Py_CLEAR(failure_handler);
+    Py_RETURN_NONE;
+}
+
+static PyObject *bridge_invalidate_range(PyObject *module, PyObject *args) {
+    (void)module;
+    unsigned long long ino;
+    long long offset, length;
+    if (!PyArg_ParseTuple(args, "KLL", &ino, &offset, &length)) return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    struct fuse_session *se = use_session(ANY_GENERATION);
+    if (se == NULL) {
+        rc = -ENOTCONN;
+    } else {
+        rc = fuse_lowlevel_notify_inval_inode(se, (fuse_ino_t)ino, offset, length);
+        release_session();
+    }
+    Py_END_ALLOW_THREADS
+    /* ENOENT: the kernel has no such inode cached, so there is nothing to drop. */
+    if (rc != 0 && rc != -ENOENT) {
+        errno = -rc;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+/* One byte range to drop from the kernel's cache. */
+typedef struct {
+    fuse_ino_t ino;
+    off_t offset;
+    off_t length;
+    int error; /* out: 0, or the errno the kernel answered */
+} inval_t;
+
+static PyObject *bridge_invalidate_ranges(PyObject *module, PyObject *ranges) {
+    (void)module;
+    PyObject *sequence = PySequence_Fast(ranges, "invalidate_ranges() takes a sequence");
+    if (sequence == NULL) return NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(sequence);
+    inval_t *work = PyMem_Calloc(count ? (size_t)count : 1, sizeof *work);
+    if (work == NULL) {
+        Py_DECREF(sequence);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        unsigned long long ino, offset, length;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(sequence, i), "KKK;ranges are "
+                              "(ino, offset, length) tuples", &ino, &offset, &length)) {
+            PyMem_Free(work);
+            Py_DECREF(sequence);
+            return NULL;
+        }
+        if (offset > (unsigned long long)INT64_MAX) offset = INT64_MAX;
+        work[i].ino = (fuse_ino_t)ino;
+        work[i].offset = (off_t)offset;
+        /* A range reaching past the largest offset does not fit an off_t: length 0 asks
+         * the kernel for everything from offset on. */
+        work[i].length = length > (unsigned long long)INT64_MAX - offset ? 0 : (off_t)length;
+    }
+    Py_DECREF(sequence);
+    /* All of them without the GIL: a loop in Python would take it back between two
+     * notifications and hold up the thread serving requests. */
+    Py_BEGIN_ALLOW_THREADS
+    struct fuse_session *se = use_session(ANY_GENERATION);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        int rc = se == NULL ? -ENOTCONN
+                            : fuse_lowlevel_notify_inval_inode(se, work[i].ino, work[i].offset,
+                                                               work[i].length);
+        /* ENOENT: the kernel has no such inode cached, so there is nothing to drop. */
+        work[i].error = rc == -ENOENT ? 0 : -rc;
+    }
+    if (se != NULL) release_session();
+    Py_END_ALLOW_THREADS
+    PyObject *failures = PyList_New(0);
+    for (Py_ssize_t i = 0; failures != NULL && i < count; i++) {
+        if (work[i].error == 0) continue;
+        PyObject *failure = Py_BuildValue("Ki", (unsigned long long)work[i].ino, work[i].error);
+        if (failure == NULL || PyList_Append(failures, failure) < 0) Py_CLEAR(failures);
+        Py_XDECREF(failure);
+    }
+    PyMem_Free(work);
+    return failures;
+}
+
+static PyObject *bridge_active(PyObject *module, PyObject *unused) {
+    (void)module;
+    (void)unused;
+    pthread_mutex_lock(&session_lock);
+    int active = bridge_session != NULL;
+    pthread_mutex_unlock(&session_lock);
+    return PyBool_FromLong(active);
+}
+
+static PyObject *bridge_libfuse(PyObject *module, PyObject *unused) {
+    (void)module;
+    (void)unused;
+    return PyUnicode_FromString(libfuse.soname);
+}
+
+static PyMethodDef bridge_methods[] = {
+    {"set_handlers", (PyCFunction)(void (*)(void))bridge_set_handlers,
+     METH_VARARGS | METH_KEYWORDS,
+     "set_handlers(*, ioctl=None, fallocate=None, lseek=None, failure=None): the Python "
+     "callables for these requests: ioctl(request, ino, cmd, fh, is_dir, data), "
+     "fallocate(request, ino, fh, mode, offset, length), lseek(request, ino, fh, offset, "
+     "whence). Each must answer its request once; a missing handler answers ENOTTY, "
+     "EOPNOTSUPP and ENOSYS respectively. failure(operation, exception, errno) is told of "
+     "a request pyfuse3 could not hand to its handler (answered with that errno)."},
+    {"close", bridge_close, METH_NOARGS,
+     "close(): end the bridge's session (new requests and invalidations get ENOTCONN; "
+     "returns once the calls using it have finished) and drop the handlers."},
+    {"invalidate_range", bridge_invalidate_range, METH_VARARGS,
+     "invalidate_range(ino, offset, length): drop that byte range from the kernel's page "
+     "cache. Blocks while the kernel writes back dirty pages through this daemon: call it "
+     "from a worker thread, never from the thread serving requests. Raises OSError "
+     "(ENOTCONN once the session is unmounted or destroyed, or was never created)."},
+    {"invalidate_ranges", bridge_invalidate_ranges, METH_O,
+     "invalidate_ranges(ranges): drop each (ino, offset, length) byte range from the kernel's "
+     "page cache, all without the GIL; a range past the largest offset is taken to the end. "
+     "Returns the (ino, errno) of the ranges the kernel refused (ENOTCONN for all once the "
+     "session has ended). Blocks as invalidate_range does: call it from a worker thread."},
+    {"active", bridge_active, METH_NOARGS,
+     "active(): True from the creation of a FUSE session through the bridge until its "
+     "unmount or destruction."},
+    {"libfuse", bridge_libfuse, METH_NOARGS,
+     "libfuse(): the soname of the libfuse whose session functions the bridge calls."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef bridge_module = {
+    PyModuleDef_HEAD_INIT, "volfs.daemon._bridge",
+    "FUSE operations pyfuse3 does not expose (see volfs.daemon.bridge).", -1, bridge_methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__bridge(void) {
+    if (find_libfuse() < 0) return NULL;
+    if (PyType_Ready(&RequestType) < 0) return NULL;
+    PyObject *module = PyModule_Create(&bridge_module);
+    if (module == NULL) return NULL;
+    if (PyModule_AddObjectRef(module, "Request", (PyObject *)&RequestType) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}

@@ -1,0 +1,39 @@
+"""Type information for the C extension; see volfs/daemon/_bridge.c."""
+
+from collections.abc import Callable, Sequence
+
+class Request:
+    """A FUSE request awaiting exactly one reply.
+
+    A second reply raises RuntimeError. A reply that fails raises OSError with libfuse's errno
+    (ENOTCONN once the request's session has ended) and still counts as the answer.
+    """
+
+    uid: int
+    gid: int
+    pid: int
+    @property
+    def answered(self) -> bool: ...
+    def reply_ioctl(self, result: int, data: bytes) -> None: ...
+    def reply_error(self, errno: int) -> None: ...
+    def reply_ok(self) -> None: ...
+    def reply_lseek(self, offset: int) -> None: ...
+
+IoctlHandler = Callable[[Request, int, int, int, bool, bytes], None]
+FallocateHandler = Callable[[Request, int, int, int, int, int], None]
+LseekHandler = Callable[[Request, int, int, int, int], None]
+#: Told of a request pyfuse3 could not hand to its handler: operation, exception, errno sent.
+FailureHandler = Callable[[str, BaseException, int], None]
+
+def set_handlers(
+    *,
+    ioctl: IoctlHandler | None = None,
+    fallocate: FallocateHandler | None = None,
+    lseek: LseekHandler | None = None,
+    failure: FailureHandler | None = None,
+) -> None: ...
+def close() -> None: ...
+def invalidate_range(ino: int, offset: int, length: int) -> None: ...
+def invalidate_ranges(ranges: Sequence[tuple[int, int, int]]) -> list[tuple[int, int]]: ...
+def active() -> bool: ...
+def libfuse() -> str: ...

@@ -1,0 +1,388 @@
+"""The FUSE adapter: pyfuse3 requests in, calls on the namespace, replies out.
+
+With :mod:`volfs.daemon.session` the only module that speaks FUSE (pyfuse3, and
+:mod:`volfs.daemon.bridge` for what pyfuse3 lacks). The core's :class:`OSError` becomes
+``FUSEError(errno)`` and any other exception ``EIO`` for that one request
+(:mod:`volfs.daemon.replies`); the ioctls are :mod:`volfs.daemon.ioctls`'.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from volfs.daemon import bridge  # binds ahead of pyfuse3: see volfs.daemon.bridge
+
+# isort: split
+import pyfuse3
+import trio
+
+from volfs.abi import NAME_MAX, PAGE_SHIFT, PAGE_SIZE, pages_spanned
+from volfs.core.namespace import AttributeChanges, Inode, Namespace
+from volfs.core.reclaim import Reclaimer
+from volfs.core.stepping import Backlog, Truncations
+from volfs.daemon.handles import OpenFiles
+from volfs.daemon.ioctls import Ioctls
+from volfs.daemon.replies import answering, fuse_errors
+
+log = logging.getLogger(__name__)
+
+#: Seconds the kernel may trust names and attributes without asking again. Every change goes
+#: through this kernel, which updates its own caches, so only a short bound is kept for safety.
+CACHE_TIMEOUT = 1.0
+
+_R = TypeVar("_R")
+
+
+class VolfsOperations(pyfuse3.Operations):
+    """pyfuse3 handlers for one mount."""
+
+    enable_writeback_cache = False  # write-through keeps ENOSPC visible to the writer
+
+    def __init__(
+        self,
+        namespace: Namespace,
+        reclaimer: Reclaimer,
+        *,
+        nursery: trio.Nursery,
+        discards: Backlog,
+    ) -> None:
+        """Serve ``namespace``, purging through ``reclaimer``.
+
+        Args:
+            nursery: where requests answered later (purges, stepped work) run.
+            discards: the task dropping the ranges of closed files, woken by a last close.
+        """
+        super().__init__()
+        self.namespace = namespace
+        self.reclaimer = reclaimer
+        self._nursery = nursery
+        self._discards = discards
+        self._truncations = Truncations()
+        self._files = OpenFiles()
+        #: Open directory handles: the inode listed. Listings resume from the offset the
+        #: kernel passes back, so a handle holds nothing of the directory.
+        self._directories: dict[int, Inode] = {}
+        self._directory_handles = itertools.count(1)
+        #: The bridge's handler of ioctls.
+        self.ioctls = Ioctls(
+            namespace,
+            reclaimer,
+            files=self._files,
+            truncations=self._truncations,
+            nursery=nursery,
+        )
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _attributes(inode: Inode) -> pyfuse3.EntryAttributes:
+        attributes = pyfuse3.EntryAttributes()
+        attributes.st_ino = inode.ino
+        attributes.generation = 0
+        attributes.entry_timeout = CACHE_TIMEOUT
+        attributes.attr_timeout = CACHE_TIMEOUT
+        attributes.st_mode = inode.mode
+        attributes.st_nlink = inode.nlink
+        attributes.st_uid = inode.uid
+        attributes.st_gid = inode.gid
+        attributes.st_rdev = inode.rdev
+        attributes.st_size = inode.size
+        attributes.st_blksize = PAGE_SIZE
+        attributes.st_blocks = inode.blocks
+        attributes.st_atime_ns = inode.atime_ns
+        attributes.st_mtime_ns = inode.mtime_ns
+        attributes.st_ctime_ns = inode.ctime_ns
+        return attributes
+
+    async def _make_room(
+        self, node: Inode, offset: int, length: int, attempt: Callable[[], _R]
+    ) -> _R:
+        """Retry ``attempt`` on ``node``'s bytes [offset, offset + length) that hit the cap."""
+        assert node.contents is not None
+        return await self.reclaimer.make_room(
+            node.contents, *pages_spanned(offset, length), attempt
+        )
+
+    # -- names ------------------------------------------------------------------------------
+
+    @fuse_errors
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self._attributes(self.namespace.lookup(parent_inode, name))
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        # FORGET has no reply, so nothing may escape from here.
+        for ino, count in inode_list:
+            try:
+                self.namespace.forget(ino, count)
+            except Exception:
+                log.exception("forget(%d, %d) failed", ino, count)
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        # Among the most frequent requests: no decorator frame (nothing else here can fail).
+        try:
+            return self._attributes(self.namespace.get(inode))
+        except OSError as error:
+            raise pyfuse3.FUSEError(error.errno or errno.EIO) from None
+
+    @fuse_errors
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        node = self.namespace.get(inode)
+        changes = AttributeChanges(
+            size=attr.st_size if fields.update_size else None,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        steps = self.namespace.setattr_steps(node, changes)
+        if changes.size is None:
+            for _step in steps:
+                pass
+        else:
+            await self._truncations.run(node.ino, steps)
+        return self._attributes(node)
+
+    @fuse_errors
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.namespace.readlink(self.namespace.get(inode))
+
+    @fuse_errors
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        node = self.namespace.mknod(parent_inode, name, mode, ctx.uid, ctx.gid, rdev)
+        return self._attributes(node)
+
+    @fuse_errors
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self._attributes(self.namespace.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
+
+    @fuse_errors
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        node = self.namespace.symlink(parent_inode, name, target, ctx.uid, ctx.gid)
+        return self._attributes(node)
+
+    @fuse_errors
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self._attributes(self.namespace.link(inode, new_parent_inode, new_name))
+
+    @fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.namespace.unlink(parent_inode, name)
+
+    @fuse_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.namespace.rmdir(parent_inode, name)
+
+    @fuse_errors
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        self.namespace.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    # -- files ------------------------------------------------------------------------------
+
+    async def _open(self, node: Inode, flags: int) -> pyfuse3.FileInfo:
+        steps = self.namespace.open_steps(node, truncate=bool(flags & os.O_TRUNC))
+        if flags & os.O_TRUNC:
+            await self._truncations.run(node.ino, steps)
+        else:
+            for _step in steps:
+                pass
+        handle = self._files.add(node, flags)
+        # keep_cache: every change passes through this kernel, so its page cache stays valid
+        # across opens; dropping it at each open would cost a re-read for nothing.
+        return pyfuse3.FileInfo(fh=handle, keep_cache=True)
+
+    @fuse_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        return await self._open(self.namespace.get(inode), flags)
+
+    @fuse_errors
+    async def create(
+        self,
+        parent_inode: int,
+        name: bytes,
+        mode: int,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        node = self.namespace.mknod(
+            parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx.uid, ctx.gid
+        )
+        return await self._open(node, flags), self._attributes(node)
+
+    async def read(self, fh: int, off: int, size: int) -> Any:
+        # The hot path: no decorator frame, and the reply is a view of the arena, not a copy.
+        try:
+            return self.namespace.read(self._files[fh].inode, off, size)
+        except OSError as error:
+            raise pyfuse3.FUSEError(error.errno or errno.EIO) from None
+        except Exception:
+            log.exception("read(fh=%d, off=%d, size=%d) failed; answering EIO", fh, off, size)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        try:
+            node = self._files[fh].inode
+            if node.ino in self._truncations:
+                await self._truncations.wait(node.ino)
+            try:
+                return self.namespace.write(node, off, buf)
+            except OSError as error:
+                if error.errno != errno.ENOSPC:
+                    raise
+            return await self._make_room(
+                node, off, len(buf), lambda: self.namespace.write(node, off, buf)
+            )
+        except OSError as error:
+            raise pyfuse3.FUSEError(error.errno or errno.EIO) from None
+        except MemoryError:
+            raise pyfuse3.FUSEError(errno.ENOMEM) from None
+        except Exception:
+            log.exception("write(fh=%d, off=%d, len=%d) failed; answering EIO", fh, off, len(buf))
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def flush(self, fh: int) -> None:
+        pass  # nothing is buffered: data is in the store once WRITE is answered
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        pass
+
+    @fuse_errors
+    async def release(self, fh: int) -> None:
+        if self.namespace.close(self._files.pop(fh).inode):
+            self._discards.wake()
+
+    # -- directories ------------------------------------------------------------------------
+
+    @fuse_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self.namespace.get(inode)
+        if not node.is_dir():
+            raise OSError(errno.ENOTDIR, "not a directory")
+        handle = next(self._directory_handles)
+        self._directories[handle] = node
+        return handle
+
+    @fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        directory = self._directories[fh]
+        for next_id, name, node in self.namespace.directory_listing(directory.ino, start_id):
+            if not pyfuse3.readdir_reply(token, name, self._attributes(node), next_id):
+                return
+            if name not in (b".", b".."):
+                self.namespace.count_lookup(node)
+
+    @fuse_errors
+    async def releasedir(self, fh: int) -> None:
+        del self._directories[fh]
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        pass
+
+    # -- the filesystem ---------------------------------------------------------------------
+
+    @fuse_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        statistics = self.namespace.statistics()
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = PAGE_SIZE
+        data.f_frsize = PAGE_SIZE
+        data.f_blocks = statistics.capacity_bytes >> PAGE_SHIFT
+        data.f_bfree = data.f_bavail = (
+            statistics.capacity_bytes - statistics.used_bytes
+        ) >> PAGE_SHIFT
+        if statistics.max_inodes:
+            data.f_files = statistics.max_inodes
+            data.f_ffree = data.f_favail = statistics.max_inodes - statistics.inodes
+        data.f_namemax = NAME_MAX
+        return data
+
+    # -- extended attributes ----------------------------------------------------------------
+
+    @fuse_errors
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        self.namespace.setxattr(self.namespace.get(inode), name, value)
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        # On the write path: the kernel asks for security.capability before every write(2),
+        # and the answer is almost always "none". Answer that without a decorator frame and
+        # without raising twice.
+        try:
+            value = self.namespace.getxattr(self.namespace.get(inode), name)
+        except OSError as error:
+            raise pyfuse3.FUSEError(error.errno or errno.EIO) from None
+        if value is None:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return value
+
+    @fuse_errors
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        return self.namespace.listxattr(self.namespace.get(inode))
+
+    @fuse_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.namespace.removexattr(self.namespace.get(inode), name)
+
+    # -- fallocate and lseek (through the bridge) -------------------------------------------
+
+    def fallocate(
+        self, request: bridge.Request, ino: int, fh: int, mode: int, offset: int, length: int
+    ) -> None:
+        """Answer fallocate(2); called by the bridge on the thread serving requests."""
+        self._nursery.start_soon(self._fallocate, request, fh, mode, offset, length)
+
+    async def _fallocate(
+        self, request: bridge.Request, fh: int, mode: int, offset: int, length: int
+    ) -> None:
+        with answering(request, "fallocate(fh=%d, mode=%#x)", fh, mode):
+            node = self._files[fh].inode
+            await self._truncations.wait(node.ino)
+            try:
+                self.namespace.fallocate(node, mode, offset, length)
+            except OSError as error:
+                if error.errno != errno.ENOSPC:
+                    raise
+                await self._make_room(
+                    node,
+                    offset,
+                    length,
+                    lambda: self.namespace.fallocate(node, mode, offset, length),
+                )
+            request.reply_ok()
+
+    def lseek(self, request: bridge.Request, ino: int, fh: int, offset: int, whence: int) -> None:
+        """Answer SEEK_DATA and SEEK_HOLE; the kernel handles the other kinds of lseek."""
+        with answering(request, "lseek(ino=%d, whence=%d)", ino, whence):
+            request.reply_lseek(self.namespace.seek(self.namespace.get(ino), offset, whence))

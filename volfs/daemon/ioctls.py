@@ -1,0 +1,175 @@
+"""The volfs ioctls (see ``volfs/include/volfs.h``): unpack the request, call the core, pack
+the reply.
+
+The bridge hands every ioctl to :meth:`Ioctls.answer` on the thread serving requests. A short
+request is answered there and then; a long mark, one that must wait (for a truncation, or for
+purged pages to leave the kernel's cache) and a purge go on in a task, other requests being
+served meanwhile.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Generator
+
+import trio
+
+from volfs.abi import (
+    PAGE_SHIFT,
+    VOLFS_IOC_PURGE,
+    VOLFS_IOC_STATS,
+    VOLFS_IOC_VRANGE,
+    VOLFS_IOC_VRANGE_NEXT,
+    VOLFS_IOC_VRANGE_STATUS,
+    VOLFS_PURGE,
+    VRANGE_ARGS,
+    VRANGE_FULL,
+    VRANGE_NEXT,
+    VRANGE_NONVOLATILE,
+    VRANGE_PARTIAL,
+    VRANGE_STATUS,
+    VRANGE_VOLATILE,
+    saturated,
+)
+from volfs.core.namespace import Namespace
+from volfs.core.purge import PurgeSource
+from volfs.core.reclaim import Reclaimer
+from volfs.core.stepping import Truncations, finish
+from volfs.daemon import bridge
+from volfs.daemon.handles import OpenFiles
+from volfs.daemon.replies import answering
+
+#: The ioctls about a file's volatility: answered once its purged pages left the kernel's cache.
+_VOLATILITY_IOCTLS = (VOLFS_IOC_VRANGE, VOLFS_IOC_VRANGE_STATUS, VOLFS_IOC_VRANGE_NEXT)
+
+
+class Ioctls:
+    """The ioctls of one mount."""
+
+    def __init__(
+        self,
+        namespace: Namespace,
+        reclaimer: Reclaimer,
+        *,
+        files: OpenFiles,
+        truncations: Truncations,
+        nursery: trio.Nursery,
+    ) -> None:
+        """Answer ioctls on ``namespace``'s files, open as ``files`` records them."""
+        self._namespace = namespace
+        self._reclaimer = reclaimer
+        self._files = files
+        self._truncations = truncations
+        self._nursery = nursery
+
+    def answer(
+        self, request: bridge.Request, ino: int, cmd: int, fh: int, is_dir: bool, data: bytes
+    ) -> None:
+        """Answer one ioctl; called by the bridge on the thread serving requests.
+
+        The volatility ioctls (VRANGE, VRANGE_STATUS, VRANGE_NEXT) are answered at once, or
+        once the file's truncation is over and its purged pages have left the kernel's cache;
+        long marks and VOLFS_IOC_PURGE go on in a task. Errors answer the request with their
+        errno, never escape.
+        """
+        with answering(request, "ioctl(ino=%d, cmd=%#x)", ino, cmd):
+            if cmd in _VOLATILITY_IOCTLS and (
+                self._reclaimer.is_dropping(ino) or ino in self._truncations
+            ):
+                self._nursery.start_soon(self._volatility_later, request, ino, cmd, fh, data)
+            elif cmd == VOLFS_IOC_VRANGE:
+                steps = self._vrange_steps(ino, fh, is_dir, data)
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    request.reply_ioctl(0, done.value)
+                else:
+                    # A span over many ranges: the rest between other requests.
+                    self._nursery.start_soon(self._vrange_in_steps, request, ino, steps)
+            elif cmd == VOLFS_IOC_VRANGE_STATUS:
+                request.reply_ioctl(0, self._vrange_status(ino, data))
+            elif cmd == VOLFS_IOC_VRANGE_NEXT:
+                request.reply_ioctl(0, self._vrange_next(ino, data))
+            elif cmd == VOLFS_IOC_STATS:
+                request.reply_ioctl(0, self._namespace.statistics().pack())
+            elif cmd == VOLFS_IOC_PURGE:
+                # Purging takes memory from every user of the mount: only its owner or root.
+                if request.uid not in (0, os.getuid()):
+                    raise OSError(errno.EPERM, "purge needs root or the mount's owner")
+                (wanted, _purged) = VOLFS_PURGE.unpack(data)
+                self._nursery.start_soon(self._purge, request, wanted)
+            else:
+                request.reply_error(errno.ENOTTY)
+
+    def _vrange_steps(
+        self, ino: int, fh: int, is_dir: bool, data: bytes
+    ) -> Generator[None, None, bytes]:
+        """VOLFS_IOC_VRANGE as steps (see :meth:`Namespace.vrange_steps`); returns the reply."""
+        start, length, mode, flags, _marked, _purged, reserved = VRANGE_ARGS.unpack(data)
+        node = self._namespace.get(ino)
+        if is_dir or node.is_dir():
+            raise OSError(errno.EISDIR, "volatile ranges belong to regular files")
+        open_file = self._files.get(fh)
+        if open_file is None or open_file.inode is not node:
+            raise OSError(errno.EBADF, "no such open file")
+        if reserved:
+            raise OSError(errno.EINVAL, "reserved field must be zero")
+        # As for fallocate: changing a file's data needs a descriptor open for writing.
+        if mode in (VRANGE_VOLATILE, VRANGE_NONVOLATILE) and not open_file.writable:
+            raise OSError(errno.EBADF, "descriptor not open for writing")
+        marked, purged = yield from self._namespace.vrange_steps(node, start, length, mode, flags)
+        return VRANGE_ARGS.pack(start, length, mode, flags, marked, int(purged), 0)
+
+    async def _vrange_in_steps(
+        self, request: bridge.Request, ino: int, steps: Generator[None, None, bytes]
+    ) -> None:
+        """Go on with a VOLFS_IOC_VRANGE a step at a time, letting other requests run between.
+
+        A purge may take part of the span meanwhile: the answer waits, as any volatility
+        ioctl does, until its pages have left the kernel's cache.
+        """
+        with answering(request, "ioctl(ino=%d, VRANGE)", ino):
+            reply = await finish(steps)
+            await self._reclaimer.dropped(ino)
+            request.reply_ioctl(0, reply)
+
+    async def _volatility_later(
+        self, request: bridge.Request, ino: int, cmd: int, fh: int, data: bytes
+    ) -> None:
+        """A volatility ioctl on an inode being truncated or whose purged pages are leaving
+        the kernel's cache: answered only once both are over, so that a program told its
+        range was purged cannot then read the old bytes from the cache.
+        """
+        with answering(request, "ioctl(ino=%d, cmd=%#x)", ino, cmd):
+            # A truncation may start while a drop is awaited, and a purge while a truncation
+            # is: answered only once neither is under way.
+            while ino in self._truncations or self._reclaimer.is_dropping(ino):
+                await self._truncations.wait(ino)
+                await self._reclaimer.dropped(ino)
+            if cmd == VOLFS_IOC_VRANGE:
+                await self._vrange_in_steps(request, ino, self._vrange_steps(ino, fh, False, data))
+            elif cmd == VOLFS_IOC_VRANGE_NEXT:
+                request.reply_ioctl(0, self._vrange_next(ino, data))
+            else:
+                request.reply_ioctl(0, self._vrange_status(ino, data))
+
+    def _vrange_status(self, ino: int, data: bytes) -> bytes:
+        start, length, _volatile, _purged = VRANGE_STATUS.unpack(data)
+        volatile, lost = self._namespace.vrange_status(self._namespace.get(ino), start, length)
+        return VRANGE_STATUS.pack(start, length, volatile, lost)
+
+    def _vrange_next(self, ino: int, data: bytes) -> bytes:
+        start, _range_start, _range_end, _flags, _purged = VRANGE_NEXT.unpack(data)
+        found = self._namespace.vrange_next(self._namespace.get(ino), start)
+        if found is None:
+            return VRANGE_NEXT.pack(start, 0, 0, 0, 0)
+        flags = VRANGE_PARTIAL if found.partial else VRANGE_FULL
+        return VRANGE_NEXT.pack(
+            start, found.start << PAGE_SHIFT, found.end << PAGE_SHIFT, flags, int(found.purged)
+        )
+
+    async def _purge(self, request: bridge.Request, wanted: int) -> None:
+        with answering(request, "purge(%d)", wanted):
+            result = await self._reclaimer.purge(wanted, PurgeSource.IOCTL, wait=True)
+            request.reply_ioctl(0, VOLFS_PURGE.pack(wanted, saturated(result.freed_bytes)))

@@ -1,0 +1,101 @@
+"""The FUSE session of a mount: mounting, serving, unmounting, and dropping cached pages.
+
+With :mod:`volfs.daemon.fs` the only module that speaks FUSE; the bridge
+(:mod:`volfs.daemon.bridge`) adds the requests and notifications pyfuse3 lacks.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Sequence
+
+from volfs.daemon import bridge  # binds ahead of pyfuse3: see volfs.daemon.bridge
+
+# isort: split
+import pyfuse3
+
+from volfs.core.purge import Invalidation
+from volfs.daemon.fs import VolfsOperations
+
+log = logging.getLogger(__name__)
+
+
+def invalidate(invalidations: Sequence[Invalidation]) -> None:
+    """Drop byte ranges ``(ino, offset, length)`` from the kernel's page cache.
+
+    Blocks while the kernel writes dirty pages back through the daemon: call it in a worker
+    thread. A range the kernel refuses is logged.
+    """
+    for ino, code in bridge.invalidate_ranges(invalidations):
+        # Only an unmounted session refuses; its cache is gone with it.
+        log.warning(
+            "cannot drop inode %d's purged pages from the kernel cache: %s", ino, os.strerror(code)
+        )
+
+
+def _log_unserved_request(operation: str, error: BaseException, code: int) -> None:
+    """Log a request pyfuse3 could not hand to its handler; the bridge answered ``code``."""
+    reason = "out of memory" if isinstance(error, MemoryError) else repr(error)
+    log.error(
+        "%s request failed before its handler ran: %s; answered %s",
+        operation,
+        reason,
+        errno.errorcode.get(code, code),
+    )
+
+
+class Session:
+    """The FUSE session of one mount: mounted by :meth:`mount`, unmounted when left.
+
+    Entered before anything the mount needs while it serves, so that the unmount comes only
+    after they have ended (no cache drop runs against a closed session).
+    """
+
+    def __init__(self) -> None:
+        self.mounted = False
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.mounted:
+            self.mounted = False
+            bridge.close()
+            pyfuse3.close(unmount=True)
+
+    def mount(self, operations: VolfsOperations, mountpoint: str, options: set[str]) -> None:
+        """Mount ``operations`` on ``mountpoint``; returns once the kernel knows the mount.
+
+        Raises:
+            RuntimeError: libfuse could not mount (it has printed why), or the bridge is not
+                active, so ioctls would not reach the daemon.
+        """
+        pyfuse3.init(operations, mountpoint, options)
+        if not bridge.active():
+            pyfuse3.close(unmount=True)
+            raise RuntimeError("the ioctl bridge did not take hold of the FUSE session")
+        bridge.set_handlers(
+            ioctl=operations.ioctls.answer,
+            fallocate=operations.fallocate,
+            lseek=operations.lseek,
+            failure=_log_unserved_request,
+        )
+        self.mounted = True
+
+    @staticmethod
+    async def serve() -> None:
+        """Serve requests until the filesystem is unmounted or :func:`terminate` is called."""
+        try:
+            await pyfuse3.main()
+        except* ConnectionAbortedError:
+            # The kernel ended the connection as aborted rather than unmounted: it does so
+            # now and then on unmount with many inodes to forget, and on a fusectl abort.
+            # Either way the filesystem is gone; what it held goes as on any unmount.
+            log.warning("the kernel aborted the FUSE connection; serving ends")
+
+
+def terminate() -> None:
+    """Make :meth:`Session.serve` return; call from the event loop's thread."""
+    pyfuse3.terminate()
