@@ -414,6 +414,9 @@ class Namespace:
             inode = directory
         elif name == b"..":
             assert directory.parent is not None
+            if not directory.nlink:
+                # The parent of a removed directory may be gone too: it leads nowhere.
+                raise OSError(errno.ENOENT, "directory was removed")
             inode = directory.parent
         else:
             found = entries.get(name)
@@ -598,8 +601,10 @@ class Namespace:
         old_dir, old_entries, moved = self._entry(old_parent_ino, old_name)
         new_dir, new_entries = self._directory(new_parent_ino)
         _check_rename_target_name(new_name)
+        if not new_dir.nlink:
+            raise OSError(errno.ENOENT, "directory was removed")
         target = new_entries.get(new_name)
-        if moved.is_dir() and moved is not new_dir and self._is_ancestor(moved, new_dir):
+        if moved.is_dir() and self._is_ancestor(moved, new_dir):
             raise OSError(errno.EINVAL, "cannot move a directory into itself")
         if flags & RENAME_EXCHANGE:
             if target is None:
