@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import itertools
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import pytest
@@ -384,6 +384,61 @@ def random_wanted(rng: random.Random) -> int:
     return rng.randrange(1, rng.choice([2, 4, 10, 30]) * PAGE_SIZE)
 
 
+def random_mark_volatile(harness: Harness, rng: random.Random, ino: int) -> None:
+    """Mark a random span volatile, FULL or PARTIAL."""
+    harness.mark_volatile(ino, *random_span(rng, harness.pages), rng.random() < 0.5)
+
+
+def random_mark_nonvolatile(harness: Harness, rng: random.Random, ino: int) -> None:
+    """Unmark a random span."""
+    harness.mark_nonvolatile(ino, *random_span(rng, harness.pages))
+
+
+def random_write(harness: Harness, rng: random.Random, ino: int) -> None:
+    """Fill a random span with a random byte."""
+    harness.write(ino, *random_span(rng, harness.pages), rng.randrange(1, 256))
+
+
+def random_purge(harness: Harness, rng: random.Random, _ino: int) -> None:
+    """Purge a random amount (or everything) in steps of a random budget."""
+    harness.purge(random_wanted(rng), budget=rng.choice([1, 2, 1000]))
+
+
+def random_shrink_a_little(harness: Harness, rng: random.Random, ino: int) -> None:
+    """Truncate to a random page in the upper half of the file."""
+    harness.truncate(ino, rng.randrange(harness.pages // 2, harness.pages + 1))
+
+
+def random_truncate(harness: Harness, rng: random.Random, ino: int) -> None:
+    """Truncate to any size, empty included."""
+    harness.truncate(ino, rng.randrange(harness.pages + 1))
+
+
+def random_end_volatility(harness: Harness, rng: random.Random, ino: int) -> None:
+    """Drop every range of the inode, maybe with purges in between."""
+    harness.end_volatility(ino, purge_meanwhile=rng.random() < 0.5)
+
+
+Operation = Callable[[Harness, random.Random, int], None]
+
+#: Each operation with the upper end of its share of a uniform draw in [0, 1).
+OPERATIONS: tuple[tuple[float, Operation], ...] = (
+    (0.32, random_mark_volatile),
+    (0.52, random_mark_nonvolatile),
+    (0.76, random_write),
+    (0.9, random_purge),
+    (0.96, random_shrink_a_little),
+    (0.98, random_truncate),
+    (1.0, random_end_volatility),
+)
+
+
+def random_operation(rng: random.Random) -> Operation:
+    """One of ``OPERATIONS``, chosen by a single draw from ``rng``."""
+    draw = rng.random()
+    return next(operation for limit, operation in OPERATIONS if draw < limit)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_random_operations_match_the_page_model(seed: int) -> None:
     rng = random.Random(seed)
@@ -392,21 +447,7 @@ def test_random_operations_match_the_page_model(seed: int) -> None:
     try:
         for step in range(3000):
             ino = rng.choice(inodes)
-            operation = rng.random()
-            if operation < 0.32:
-                harness.mark_volatile(ino, *random_span(rng, harness.pages), rng.random() < 0.5)
-            elif operation < 0.52:
-                harness.mark_nonvolatile(ino, *random_span(rng, harness.pages))
-            elif operation < 0.76:
-                harness.write(ino, *random_span(rng, harness.pages), rng.randrange(1, 256))
-            elif operation < 0.9:
-                harness.purge(random_wanted(rng), budget=rng.choice([1, 2, 1000]))
-            elif operation < 0.96:
-                harness.truncate(ino, rng.randrange(harness.pages // 2, harness.pages + 1))
-            elif operation < 0.98:
-                harness.truncate(ino, rng.randrange(harness.pages + 1))
-            else:
-                harness.end_volatility(ino, purge_meanwhile=rng.random() < 0.5)
+            random_operation(rng)(harness, rng, ino)
             harness.check()
             for _query in range(3):
                 harness.check_query(rng.choice(inodes), *random_span(rng, harness.pages + 4))

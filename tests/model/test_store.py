@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import random
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -18,6 +19,93 @@ def check_all(store: Store, files: list[FileContents]) -> None:
     assert store.arena.used_pages == sum(contents.pages for contents in files)
 
 
+def random_write(rng: random.Random, contents: FileContents, model: bytearray) -> None:
+    """Write random bytes at a random offset; a write that does not fit changes nothing."""
+    offset = rng.randrange(0, 40 * PAGE_SIZE)
+    data = rng.randbytes(rng.choice([1, 100, PAGE_SIZE, 3 * PAGE_SIZE + 7, 9000]))
+    before = bytes(model)
+    try:
+        assert contents.write(offset, data) == len(data)
+    except OSError as error:
+        assert error.errno == errno.ENOSPC
+        assert bytes(contents.read(0, len(model) + 1)) == before
+    else:
+        if len(model) < offset:
+            model.extend(bytes(offset - len(model)))
+        model[offset : offset + len(data)] = data
+
+
+def random_truncate(rng: random.Random, contents: FileContents, model: bytearray) -> None:
+    """Shrink or extend to a random size."""
+    size = rng.randrange(0, 45 * PAGE_SIZE)
+    contents.truncate(size)
+    if size < len(model):
+        del model[size:]
+    else:
+        model.extend(bytes(size - len(model)))
+
+
+def random_punch_or_allocate(rng: random.Random, contents: FileContents, model: bytearray) -> None:
+    """Punch a hole (it reads as zeros) or allocate a span (contents unchanged)."""
+    offset = rng.randrange(0, 40 * PAGE_SIZE)
+    length = rng.randrange(1, 6 * PAGE_SIZE)
+    if rng.random() < 0.5:
+        contents.punch(offset, length)
+        lo, hi = offset, min(len(model), offset + length)
+        if lo < hi:
+            model[lo:hi] = bytes(hi - lo)
+    else:
+        try:
+            contents.allocate(offset, length)
+        except OSError as error:
+            assert error.errno == errno.ENOSPC
+
+
+def random_release(rng: random.Random, contents: FileContents, model: bytearray) -> None:
+    """Release a few whole pages: they read as zeros."""
+    first = rng.randrange(0, 45)
+    count = rng.randrange(1, 8)
+    contents.release_pages(first, first + count)
+    lo, hi = first * PAGE_SIZE, min(len(model), (first + count) * PAGE_SIZE)
+    if lo < hi:
+        model[lo:hi] = bytes(hi - lo)
+
+
+def random_read_and_seek(rng: random.Random, contents: FileContents, model: bytearray) -> None:
+    """Read a random span and check SEEK_DATA and SEEK_HOLE from its start."""
+    offset = rng.randrange(0, 45 * PAGE_SIZE)
+    length = rng.randrange(0, 10 * PAGE_SIZE)
+    assert bytes(contents.read(offset, length)) == bytes(model[offset : offset + length])
+    data_at = contents.seek_data(offset)
+    hole_at = contents.seek_hole(offset)
+    if offset >= len(model):
+        assert data_at is None and hole_at is None
+    else:
+        assert hole_at is not None and offset <= hole_at <= len(model)
+        assert data_at is None or offset <= data_at < len(model)
+        if data_at is not None and data_at > offset:
+            # Everything skipped reads as zeros.
+            assert not any(model[offset:data_at])
+
+
+Operation = Callable[[random.Random, FileContents, bytearray], None]
+
+#: Each operation with the upper end of its share of a uniform draw in [0, 1).
+OPERATIONS: tuple[tuple[float, Operation], ...] = (
+    (0.45, random_write),
+    (0.6, random_truncate),
+    (0.62, random_punch_or_allocate),
+    (0.65, random_release),
+    (1.0, random_read_and_seek),
+)
+
+
+def random_operation(rng: random.Random) -> Operation:
+    """One of ``OPERATIONS``, chosen by a single draw from ``rng``."""
+    draw = rng.random()
+    return next(operation for limit, operation in OPERATIONS if draw < limit)
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_random_operations_match_a_bytearray_model(seed: int) -> None:
     rng = random.Random(seed)
@@ -27,61 +115,7 @@ def test_random_operations_match_a_bytearray_model(seed: int) -> None:
     for _step in range(1500):
         which = rng.randrange(len(files))
         contents, model = files[which], models[which]
-        operation = rng.random()
-        if operation < 0.45:
-            offset = rng.randrange(0, 40 * PAGE_SIZE)
-            data = rng.randbytes(rng.choice([1, 100, PAGE_SIZE, 3 * PAGE_SIZE + 7, 9000]))
-            before = bytes(model)
-            try:
-                assert contents.write(offset, data) == len(data)
-            except OSError as error:
-                assert error.errno == errno.ENOSPC
-                assert bytes(contents.read(0, len(model) + 1)) == before
-            else:
-                if len(model) < offset:
-                    model.extend(bytes(offset - len(model)))
-                model[offset : offset + len(data)] = data
-        elif operation < 0.6:
-            size = rng.randrange(0, 45 * PAGE_SIZE)
-            contents.truncate(size)
-            if size < len(model):
-                del model[size:]
-            else:
-                model.extend(bytes(size - len(model)))
-        elif operation < 0.62:
-            offset = rng.randrange(0, 40 * PAGE_SIZE)
-            length = rng.randrange(1, 6 * PAGE_SIZE)
-            if rng.random() < 0.5:
-                contents.punch(offset, length)
-                lo, hi = offset, min(len(model), offset + length)
-                if lo < hi:
-                    model[lo:hi] = bytes(hi - lo)
-            else:
-                try:
-                    contents.allocate(offset, length)
-                except OSError as error:
-                    assert error.errno == errno.ENOSPC
-        elif operation < 0.65:
-            first = rng.randrange(0, 45)
-            count = rng.randrange(1, 8)
-            contents.release_pages(first, first + count)
-            lo, hi = first * PAGE_SIZE, min(len(model), (first + count) * PAGE_SIZE)
-            if lo < hi:
-                model[lo:hi] = bytes(hi - lo)
-        else:
-            offset = rng.randrange(0, 45 * PAGE_SIZE)
-            length = rng.randrange(0, 10 * PAGE_SIZE)
-            assert bytes(contents.read(offset, length)) == bytes(model[offset : offset + length])
-            data_at = contents.seek_data(offset)
-            hole_at = contents.seek_hole(offset)
-            if offset >= len(model):
-                assert data_at is None and hole_at is None
-            else:
-                assert hole_at is not None and offset <= hole_at <= len(model)
-                assert data_at is None or offset <= data_at < len(model)
-                if data_at is not None and data_at > offset:
-                    # Everything skipped reads as zeros.
-                    assert not any(model[offset:data_at])
+        random_operation(rng)(rng, contents, model)
         assert contents.size == len(model)
         check_all(store, files)
     for contents, model in zip(files, models, strict=True):

@@ -654,6 +654,75 @@ def test_many_files_in_one_directory(mount_volfs: Callable[..., Mount]) -> None:
     assert_answers(mnt)
 
 
+def page_pattern(page: int) -> bytes:
+    """A page filled with its own number, so a page read back names where it came from."""
+    return page.to_bytes(8, "little") * 512
+
+
+def mark_even_pages_volatile(fd: int) -> None:
+    """One volatile range on every even page, every other one PARTIAL; check the counts."""
+    for index in range(RANGES):
+        flags = VRANGE_PARTIAL if index % 2 else 0
+        assert fvrange(fd, 2 * index * PAGE, PAGE, VRANGE_VOLATILE, flags) == (PAGE, False)
+    assert vrange_status(fd) == (RANGES * PAGE, 0)
+    counters = statistics(fd)
+    assert (counters["ranges"], counters["purgeable_ranges"]) == (RANGES, RANGES)
+    assert counters["volatile_bytes"] == RANGES * PAGE
+    assert vrange_status(fd, 1000 * PAGE, 3000 * PAGE) == (1500 * PAGE, 0)
+    assert vrange_status(fd, PAGE, PAGE) == (0, 0)
+
+
+def unmark_scattered_ranges(fd: int) -> set[int]:
+    """Unmark about a hundred ranges scattered over the file (some hold data), one call each.
+
+    Returns:
+        The indexes of the ranges unmarked.
+    """
+    unmarked = set(range(8, RANGES, 8 * max(1, RANGES // 800)))
+    for index in sorted(unmarked):
+        assert fvrange(fd, 2 * index * PAGE, PAGE, VRANGE_NONVOLATILE) == (PAGE, False)
+    assert vrange_status(fd) == ((RANGES - len(unmarked)) * PAGE, 0)
+    return unmarked
+
+
+def purge_the_oldest_ranges(mnt: Path, fd: int, unmarked: set[int], stride: int) -> None:
+    """Purge four pages' worth: the oldest ranges go first, and no more than that.
+
+    Ranges are taken in age order whether they hold data (FULL or PARTIAL) or not, until the
+    purge has freed what it was asked for.
+    """
+    taken = freed_pages = 0
+    for index in range(RANGES):
+        if index in unmarked:
+            continue
+        taken += 1
+        freed_pages += (2 * index) % stride == 0
+        if freed_pages == 4:
+            break
+    assert purge(mnt, 4 * PAGE) == 4 * PAGE
+    boundary = 2 * (index + 1) * PAGE
+    assert vrange_status(fd, 0, boundary)[1] == taken * PAGE, "oldest ranges were not first"
+    assert vrange_status(fd, boundary, 0)[1] == 0, "the purge took more than it needed"
+
+
+def purge_the_rest(mnt: Path, fd: int, unmarked: set[int], data_pages: range) -> None:
+    """Purge everything else (four pages went before): non-volatile data stays."""
+    left = RANGES - len(unmarked)
+    held = sum(1 for page in data_pages if page // 2 not in unmarked)
+    assert purge(mnt) == (held - 4) * PAGE
+    assert vrange_status(fd) == (left * PAGE, left * PAGE)
+    assert statistics(fd)["purgeable_ranges"] == 0
+    with pytest.raises(OSError) as caught:
+        os.pread(fd, 8, 32 * PAGE)
+    assert caught.value.errno == errno.EIO
+    for page in data_pages:
+        odd = page_pattern(page + 1)
+        assert os.pread(fd, PAGE, (page + 1) * PAGE) == odd, f"page {page + 1} lost"
+        if page // 2 in unmarked:
+            even = page_pattern(page)
+            assert os.pread(fd, PAGE, page * PAGE) == even, f"page {page} lost"
+
+
 def test_a_file_with_a_million_volatile_ranges(mount_volfs: Callable[..., Mount]) -> None:
     """Every other page volatile: marking, status, partial and full purges, unmarking.
 
@@ -672,54 +741,12 @@ def test_a_file_with_a_million_volatile_ranges(mount_volfs: Callable[..., Mount]
         stride = 16 * max(1, RANGES // 100_000)
         data_pages = range(0, pages, stride)
         for page in data_pages:
-            os.pwrite(fd, page.to_bytes(8, "little") * 512, page * PAGE)
-            os.pwrite(fd, (page + 1).to_bytes(8, "little") * 512, (page + 1) * PAGE)
-        for index in range(RANGES):
-            flags = VRANGE_PARTIAL if index % 2 else 0
-            assert fvrange(fd, 2 * index * PAGE, PAGE, VRANGE_VOLATILE, flags) == (PAGE, False)
-        assert vrange_status(fd) == (RANGES * PAGE, 0)
-        counters = statistics(fd)
-        assert (counters["ranges"], counters["purgeable_ranges"]) == (RANGES, RANGES)
-        assert counters["volatile_bytes"] == RANGES * PAGE
-        assert vrange_status(fd, 1000 * PAGE, 3000 * PAGE) == (1500 * PAGE, 0)
-        assert vrange_status(fd, PAGE, PAGE) == (0, 0)
-
-        # Unmark about a hundred ranges scattered over the file (some hold data), one call each.
-        unmarked = set(range(8, RANGES, 8 * max(1, RANGES // 800)))
-        for index in sorted(unmarked):
-            assert fvrange(fd, 2 * index * PAGE, PAGE, VRANGE_NONVOLATILE) == (PAGE, False)
-        left = RANGES - len(unmarked)
-        assert vrange_status(fd) == (left * PAGE, 0)
-
-        # A partial purge takes the oldest ranges first, holding data (FULL or PARTIAL) or not,
-        # until it has freed what it was asked for.
-        taken = freed_pages = 0
-        for index in range(RANGES):
-            if index in unmarked:
-                continue
-            taken += 1
-            freed_pages += (2 * index) % stride == 0
-            if freed_pages == 4:
-                break
-        assert purge(mnt, 4 * PAGE) == 4 * PAGE
-        boundary = 2 * (index + 1) * PAGE
-        assert vrange_status(fd, 0, boundary)[1] == taken * PAGE, "oldest ranges were not first"
-        assert vrange_status(fd, boundary, 0)[1] == 0, "the purge took more than it needed"
-
-        # Everything else goes now; non-volatile data stays.
-        held = sum(1 for page in data_pages if page // 2 not in unmarked)
-        assert purge(mnt) == (held - 4) * PAGE
-        assert vrange_status(fd) == (left * PAGE, left * PAGE)
-        assert statistics(fd)["purgeable_ranges"] == 0
-        with pytest.raises(OSError) as caught:
-            os.pread(fd, 8, 32 * PAGE)
-        assert caught.value.errno == errno.EIO
-        for page in data_pages:
-            odd = (page + 1).to_bytes(8, "little") * 512
-            assert os.pread(fd, PAGE, (page + 1) * PAGE) == odd, f"page {page + 1} lost"
-            if page // 2 in unmarked:
-                even = page.to_bytes(8, "little") * 512
-                assert os.pread(fd, PAGE, page * PAGE) == even, f"page {page} lost"
+            os.pwrite(fd, page_pattern(page), page * PAGE)
+            os.pwrite(fd, page_pattern(page + 1), (page + 1) * PAGE)
+        mark_even_pages_volatile(fd)
+        unmarked = unmark_scattered_ranges(fd)
+        purge_the_oldest_ranges(mnt, fd, unmarked, stride)
+        purge_the_rest(mnt, fd, unmarked, data_pages)
 
         assert fvrange(fd, 0, 0, VRANGE_NONVOLATILE) == (pages * PAGE, True)
         assert vrange_status(fd) == (0, 0)

@@ -483,9 +483,28 @@ def test_setuid_and_setgid_bits_are_cleared_on_write_by_others(mounts: Mounts) -
         record("owner sets g+s outside the group", ALICE, path, lambda: os.chmod(path, 0o2755))
         path = fresh(root, "own-group", 0o0755)
         record("owner sets g+s in the group", ALICE, path, lambda: os.chmod(path, 0o2755))
+        return results
 
-        # A setgid directory hands its group down, and its bit to subdirectories; a creator
-        # outside that group does not get a setgid file.
+    seen = assert_same(on_both(roots, scenario))
+    assert seen["bob writes"] == ("ok", "0777")
+    assert seen["owner writes"] == ("ok", "0777")
+    assert seen["root writes"] == ("ok", "6777")  # CAP_FSETID keeps them
+    assert seen["bob truncates"] == ("ok", "0777")
+    assert seen["bob writes sgid without g+x"] == ("ok", "2666")
+    assert seen["root chowns"][1] == "0755"
+    assert seen["owner sets g+s outside the group"] == ("ok", "0755")
+    assert seen["owner sets g+s in the group"] == ("ok", "2755")
+
+
+def test_a_setgid_directory_hands_down_its_group(mounts: Mounts) -> None:
+    """A setgid directory hands its group down, and its bit to subdirectories.
+
+    A creator outside that group does not get a setgid file.
+    """
+    roots = mounts.both()
+
+    def scenario(root: Path) -> dict[str, tuple[str, str]]:
+        results: dict[str, tuple[str, str]] = {}
         directory = root / "sgid-dir"
         directory.mkdir()
         os.chown(directory, 0, SHARED_GID)
@@ -500,14 +519,6 @@ def test_setuid_and_setgid_bits_are_cleared_on_write_by_others(mounts: Mounts) -
         return results
 
     seen = assert_same(on_both(roots, scenario))
-    assert seen["bob writes"] == ("ok", "0777")
-    assert seen["owner writes"] == ("ok", "0777")
-    assert seen["root writes"] == ("ok", "6777")  # CAP_FSETID keeps them
-    assert seen["bob truncates"] == ("ok", "0777")
-    assert seen["bob writes sgid without g+x"] == ("ok", "2666")
-    assert seen["root chowns"][1] == "0755"
-    assert seen["owner sets g+s outside the group"] == ("ok", "0755")
-    assert seen["owner sets g+s in the group"] == ("ok", "2755")
     assert seen["in setgid dir: file"] == (str(SHARED_GID), "0644")
     assert seen["in setgid dir: sub"] == (str(SHARED_GID), "2755")
     assert seen["in setgid dir: member"] == (str(SHARED_GID), "2755")
