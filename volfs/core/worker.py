@@ -12,7 +12,6 @@ import contextlib
 import queue
 import threading
 from collections.abc import Callable
-from types import TracebackType
 from typing import TypeVar
 
 import trio
@@ -39,12 +38,7 @@ class WorkerThread:
         self._thread.start()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self._jobs.put(None)
         self._thread.join()
 
