@@ -275,6 +275,21 @@ def test_a_file_is_created_listed_written_read_truncated_and_freed(
     run(test)
 
 
+def test_a_read_of_contiguous_pages_is_a_view_of_the_store_not_a_copy() -> None:
+    """Zero-copy reads: the reply for pages held in one run is the store's memory itself."""
+
+    async def test(mount: Mount) -> None:
+        fh = await mount.create(b"f", pages(1, 2, 3, 4))
+        reply = await mount.ops.read(fh, P, 2 * P)
+        assert isinstance(reply, memoryview)
+        assert bytes(reply) == pages(2, 3)
+        # A later write shows through the reply already taken: the same memory, not a copy.
+        assert await mount.ops.write(fh, P, page(9)) == P
+        assert bytes(reply) == pages(9, 3)
+
+    run(test)
+
+
 # -- volatility ioctls ----------------------------------------------------------------------
 
 
