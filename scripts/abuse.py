@@ -302,18 +302,6 @@ def spawn(name: str, uid: int, gid: int, body: Callable[[Channel], None]) -> Chi
 # -- the parent's view ---------------------------------------------------------------------------
 
 
-def vm_rss(pid: int) -> int | None:
-    """VmRSS of a process in bytes, or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return None
-
-
 def runqueue_wait(pid: int) -> int:
     """Nanoseconds the main thread of ``pid`` has waited for a CPU (0 if unknown).
 
@@ -409,11 +397,12 @@ class Monitor:
         self.probe = probe
         self._poller = select.poll()
         self._feeds: dict[int, Callable[[bytes], None]] = {}
-        self.rss: int | None = vm_rss(daemon_pid)
+        #: The daemon's RSS at the last sample; None if it was gone.
+        self.rss: int | None = None
         self.peak = 0
         #: Whether samples count towards ``peak``.
         self.tracking = False
-        self._next_sample = 0.0
+        self.sample()
 
     def watch(self, fd: int, feed: Callable[[bytes], None]) -> None:
         """Hand what arrives on ``fd`` to ``feed``."""
@@ -440,7 +429,10 @@ class Monitor:
 
     def sample(self) -> None:
         """Sample the daemon's RSS now."""
-        self.rss = vm_rss(self.daemon_pid)
+        try:
+            self.rss = volfs_mounts.rss_bytes(self.daemon_pid)
+        except (FileNotFoundError, ProcessLookupError, ValueError):  # a zombie has no VmRSS
+            self.rss = None
         if self.tracking and self.rss is not None:
             self.peak = max(self.peak, self.rss)
         self._next_sample = time.monotonic() + RSS_INTERVAL
@@ -986,7 +978,7 @@ def attack_on_mount(
     attack: Attack,
     scale: Scale,
     mount: Path,
-    daemon: volfs_mounts.Daemon,
+    daemon: volfs_mounts.Mount,
     monitor: Monitor,
     children: list[Child],
     rss_limit: int,
@@ -1053,7 +1045,7 @@ class AttackWindow:
 
 def run_window(
     attacker: Child,
-    daemon: volfs_mounts.Daemon,
+    daemon: volfs_mounts.Mount,
     monitor: Monitor,
     scale: Scale,
     rss_limit: int,
@@ -1087,7 +1079,7 @@ def run_window(
 def follow_attack(
     run: Run,
     attacker: Child,
-    daemon: volfs_mounts.Daemon,
+    daemon: volfs_mounts.Mount,
     monitor: Monitor,
     rss_before: int,
     rss_limit: int,
@@ -1117,7 +1109,7 @@ def follow_attack(
 def measure_cost(
     attack: Attack,
     mount: Path,
-    daemon: volfs_mounts.Daemon,
+    daemon: volfs_mounts.Mount,
     monitor: Monitor,
     window: AttackWindow,
 ) -> Message:

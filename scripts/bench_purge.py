@@ -33,15 +33,6 @@ from volfs.daemon.options import parse_size  # noqa: E402
 MiB = 1 << 20
 
 
-def rss(pid: int) -> int:
-    """Resident memory of a process, bytes."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for {pid}")
-
-
 @contextlib.contextmanager
 def volfs_with_fifo(python: str, cap: int, batch: int) -> Iterator[tuple[Path, Path, int]]:
     """Mount a volfs watching a FIFO for pressure; yield (mountpoint, fifo, daemon pid)."""
@@ -73,7 +64,7 @@ def fill_volatile(path: Path, size: int, range_size: int) -> int:
 def wait_for_drop(pid: int, baseline: int, amount: int, timeout: float = 60.0) -> float:
     """Poll RSS until it fell ``amount`` below ``baseline``; return when (monotonic)."""
     deadline = time.monotonic() + timeout
-    while rss(pid) > baseline - amount:
+    while volfs_mounts.rss_bytes(pid) > baseline - amount:
         if time.monotonic() > deadline:
             raise RuntimeError("memory did not come back in time")
         time.sleep(0.001)
@@ -85,7 +76,7 @@ def measure(python: str, size: int, range_size: int, via: str) -> dict[str, floa
     with volfs_with_fifo(python, 2 * size, 2 * size) as (mountpoint, fifo, pid):
         fd = fill_volatile(mountpoint / "cache", size, range_size)
         try:
-            baseline = rss(pid)
+            baseline = volfs_mounts.rss_bytes(pid)
             start = time.monotonic()
             if via == "pressure":
                 writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)

@@ -16,7 +16,7 @@ Interleaving keeps the reference round trips under the same conditions as the pa
 no round trip here (the kernel caches attributes for a second). Every latency is one
 ``time.perf_counter_ns`` interval around one system call; ``--warmup`` rounds are discarded.
 
-Targets (from the issue): the mark and the unmark medians are each at most 2x the no-op round
+Targets: the mark and the unmark medians are each at most 2x the no-op round
 trip at every size, and the pair median at the largest size is at most 2x the one at the
 smallest (10^6 against 10^2 by default).
 
@@ -139,14 +139,14 @@ class SizeResult:
 # -- mounting ----------------------------------------------------------------------------------
 
 
-def failed(mount: volfs_mounts.Daemon, what: str, error: OSError) -> BenchError:
+def failed(mount: volfs_mounts.Mount, what: str, error: OSError) -> BenchError:
     """The error to raise when a system call on the mount failed (MountError if it died)."""
     mount.check_alive()
     return BenchError(f"{what} failed: {error}")
 
 
 @contextlib.contextmanager
-def mounted(settings: Settings) -> Iterator[volfs_mounts.Daemon]:
+def mounted(settings: Settings) -> Iterator[volfs_mounts.Mount]:
     """Mount volfs on a fresh directory; always unmount it and remove the directory."""
     mountpoint = Path(tempfile.mkdtemp(prefix="mnt-volfs-", dir=settings.workdir))
     # The bounds on range records must hold the largest set, and the pair's extra range.
@@ -162,9 +162,9 @@ def mounted(settings: Settings) -> Iterator[volfs_mounts.Daemon]:
 
 
 @contextlib.contextmanager
-def open_file(mount: volfs_mounts.Daemon, name: str, pages: int) -> Iterator[int]:
+def open_file(mount: volfs_mounts.Mount, name: str, pages: int) -> Iterator[int]:
     """Create a sparse file of ``pages`` pages; close and remove it afterwards."""
-    path = mount.mountpoint / name
+    path = mount.path / name
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     except OSError as error:
@@ -186,7 +186,7 @@ def open_file(mount: volfs_mounts.Daemon, name: str, pages: int) -> Iterator[int
 # -- measuring ---------------------------------------------------------------------------------
 
 
-def populate(mount: volfs_mounts.Daemon, fd: int, count: int) -> float:
+def populate(mount: volfs_mounts.Mount, fd: int, count: int) -> float:
     """Mark pages 0, 2, 4, ... 2(count-1) volatile, one range each; return the seconds taken."""
     buffer = bytearray(VRANGE_ARGS.pack(0, PAGE_SIZE, VRANGE_VOLATILE, VRANGE_FULL, 0, 0, 0))
     set_start = _START_FIELD.pack_into
@@ -320,7 +320,7 @@ def p90_us(values: Sequence[int]) -> float:
 
 
 def measure_size(
-    mount: volfs_mounts.Daemon, ref_fd: int, count: int, settings: Settings
+    mount: volfs_mounts.Mount, ref_fd: int, count: int, settings: Settings
 ) -> SizeResult:
     """Populate a file with ``count`` ranges and time the rounds on it."""
     page = 2 * (count // 2) + 1

@@ -124,8 +124,6 @@ OPERATIONS: dict[str, int] = {
 MAX_REPORTED = 25
 #: Operations of a worker kept for the report of a violation.
 HISTORY = 24
-#: Seconds to wait for the daemon to open its end of the pressure FIFO.
-MOUNT_TIMEOUT = 30.0
 #: The smallest --file-pages: a fill writes a quarter of a file, at least one page.
 MIN_FILE_PAGES = 4
 #: The pressure thread gives up after this many failed purges.
@@ -1055,7 +1053,8 @@ class Pressure(threading.Thread):
         self.errors: list[str] = []
 
     def _open_fifo(self) -> int | None:
-        deadline = time.monotonic() + MOUNT_TIMEOUT
+        # The daemon opens its end as it starts up: it gets as long as a mount does.
+        deadline = time.monotonic() + volfs_mounts.MOUNT_TIMEOUT
         while True:
             try:
                 return os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)

@@ -189,11 +189,6 @@ class Mount:
     reported: bool = field(default=False, init=False)
 
     @property
-    def mountpoint(self) -> Path:
-        """Another name for :attr:`path`."""
-        return self.path
-
-    @property
     def pid(self) -> int:
         """The daemon's process id."""
         return self.process.pid
@@ -292,10 +287,6 @@ class Mount:
         if outcome["exit_status"] != 0 or outcome["logged_exception"]:
             outcome["log"] = self.log()
         return outcome
-
-
-#: The name some scripts give a Mount.
-Daemon = Mount
 
 
 def spawn(

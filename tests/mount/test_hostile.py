@@ -51,15 +51,6 @@ def used_bytes(path: Path) -> int:
     return (info.f_blocks - info.f_bfree) * info.f_frsize
 
 
-def daemon_rss(pid: int) -> int:
-    """A daemon's resident memory in bytes, as any user may read it from /proc."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 class TwoPhaseChild:
     """A child process, running as ``user``, that does ``first``, reports its result, waits
     for the parent's word and then does ``then`` (holding whatever ``first`` opened).
@@ -111,14 +102,14 @@ def test_open_directory_handles_hold_no_copy_of_the_listing(mounts: Mounts) -> N
         os.mknod(directory / f"entry-{index:05d}")
 
     def hold_handles() -> tuple[int, int]:
-        before = daemon_rss(daemon.pid)
+        before = daemon.rss_bytes()
         held = []
         for _ in range(200):
             fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
             listing = os.scandir(fd)
             next(listing)  # a listing begun and left open, as a slow reader would
             held.append((fd, listing))
-        grown = daemon_rss(daemon.pid) - before
+        grown = daemon.rss_bytes() - before
         complete = sum(1 for _ in held[0][1]) + 1
         for fd, listing in held:
             listing.close()

@@ -12,7 +12,6 @@ import os
 import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -152,13 +151,12 @@ def start(mountpoint: Path, options: str, log: Path) -> subprocess.Popen[bytes]:
 
 
 def wait_mounted_or_exited(process: subprocess.Popen[bytes], mountpoint: Path) -> None:
-    deadline = time.monotonic() + MOUNT_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None or is_mounted(mountpoint):
-            return
-        time.sleep(0.02)
-    process.kill()
-    pytest.fail(f"the daemon neither mounted nor exited in {MOUNT_TIMEOUT} s")
+    """Wait until the daemon mounted or exited; TimeoutError if it did neither."""
+    wait_for(
+        lambda: process.poll() is not None or is_mounted(mountpoint),
+        MOUNT_TIMEOUT,
+        "the daemon to mount or exit",
+    )
 
 
 def check_the_mount_works(mountpoint: Path, options: str) -> None:
@@ -192,8 +190,8 @@ def test_the_daemon_does_what_the_parser_decided(tmp_path: Path, seed: int) -> N
             refusal = f"volfs: {error}"
         log = tmp_path / f"volfs-{case}.log"
         process = start(mountpoint, options, log)
-        wait_mounted_or_exited(process, mountpoint)
         try:
+            wait_mounted_or_exited(process, mountpoint)
             if refusal is not None:
                 assert process.wait(timeout=MOUNT_TIMEOUT) == 2, (options, log.read_text())
                 assert log.read_text(errors="replace").splitlines() == [refusal], options

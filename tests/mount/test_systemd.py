@@ -22,15 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
-    MOUNT_TIMEOUT,
-    REPO_ROOT,
-    Mount,
-    force_unmount,
-    is_mounted,
-    stop_volfs,
-    wait_for,
-)
+from tests.conftest import MOUNT_TIMEOUT, REPO_ROOT, Mount, force_unmount, is_mounted
 from volfs.client import statistics
 
 MiB = 1024 * 1024
@@ -90,7 +82,7 @@ def services() -> Iterator[list[Mount]]:
     started: list[Mount] = []
     yield started
     for mount in started:
-        stop_volfs(mount)
+        mount.unmount(report_exit=False)
 
 
 # -- the units ----------------------------------------------------------------------------------
@@ -234,13 +226,7 @@ def test_service_works_with_its_capability_bounding_set(
         prefix=["setpriv", f"--bounding-set={bounding}", "--inh-caps=-all", "--no-new-privs"],
     )
     services.append(mount)
-
-    def mounted() -> bool:
-        if mount.process.poll() is not None:
-            pytest.fail(f"volfs exited with {mount.process.returncode}:\n{mount.log()}")
-        return is_mounted(mountpoint)
-
-    wait_for(mounted, MOUNT_TIMEOUT, "the service to mount")
+    mount.wait_mounted()
     (mountpoint / "f").write_bytes(os.urandom(MiB))
     fd = os.open(mountpoint / "f", os.O_RDWR)
     try:
