@@ -40,7 +40,7 @@ from volfs.abi import (
 )
 from volfs.core.namespace import ROOT_INODE, VRANGE_STEP
 from volfs.core.ranges import RecordLimits
-from volfs.daemon import bridge
+from volfs.daemon import bridge, session
 
 P = PAGE_SIZE
 CTX = cast(pyfuse3.RequestContext, SimpleNamespace(uid=0, gid=0, pid=1, umask=0o022))
@@ -587,3 +587,15 @@ def test_a_bug_answers_eio_for_its_request_only(
     assert "answering EIO" in logged[0].getMessage()
     assert logged[0].exc_info is not None
     assert str(logged[0].exc_info[1]) == "a bug"
+
+
+# -- the session ------------------------------------------------------------------------------
+
+
+def test_a_stop_asked_for_before_the_mount_ends_serving_at_once() -> None:
+    """A stop signal may come while mounting: it must neither reach libfuse without a session
+    (a crash) nor be lost (a daemon serving on after SIGTERM)."""
+    stopped = session.Session()
+    stopped.stop()
+    trio.run(stopped.serve)  # pyfuse3.main would fail here: nothing is mounted
+    assert stopped.stopping and not stopped.mounted

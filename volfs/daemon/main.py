@@ -40,7 +40,7 @@ from volfs.core.worker import WorkerThread
 from volfs.daemon import fs
 from volfs.daemon.options import MAX_SIZE, MountOptions, OptionError, parse_mount_options
 from volfs.daemon.pressure import watch_pressure
-from volfs.daemon.session import Session, invalidate, terminate
+from volfs.daemon.session import Session, invalidate
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ async def run_mount(
             statistics=namespace.statistics,
         )
         discards = Backlog(namespace.discard_ended)
-        await nursery.start(_stop_on_signals, name="signals")
+        await nursery.start(_stop_on_signals, session, name="signals")
         nursery.start_soon(_collect_garbage, name="garbage")
         await nursery.start(store.run_reclaimer, name="reclaimer")
         await nursery.start(discards.run, name="discard")
@@ -207,14 +207,14 @@ async def _collect_garbage() -> None:
 
 
 async def _stop_on_signals(
-    *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    session: Session, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         task_status.started()
         async for signum in signals:
             log.info("%s received: unmounting", signal.Signals(signum).name)
-            terminate()
+            session.stop()
             return
 
 

@@ -55,6 +55,8 @@ class Session:
 
     def __init__(self) -> None:
         self.mounted = False
+        #: A stop was asked for: :meth:`serve` returns at once, or as soon as it can.
+        self.stopping = False
 
     def __enter__(self) -> Session:
         return self
@@ -84,9 +86,19 @@ class Session:
         )
         self.mounted = True
 
-    @staticmethod
-    async def serve() -> None:
-        """Serve requests until the filesystem is unmounted or :func:`terminate` is called."""
+    def stop(self) -> None:
+        """Make :meth:`serve` return, at once or when it starts; call from the event loop.
+
+        Safe before the mount, which :func:`terminate` is not (libfuse has no session yet).
+        """
+        self.stopping = True
+        if self.mounted:
+            terminate()
+
+    async def serve(self) -> None:
+        """Serve requests until the filesystem is unmounted or a stop is asked for."""
+        if self.stopping:
+            return
         try:
             await pyfuse3.main()
         except* ConnectionAbortedError:
@@ -97,5 +109,5 @@ class Session:
 
 
 def terminate() -> None:
-    """Make :meth:`Session.serve` return; call from the event loop's thread."""
+    """Make :meth:`Session.serve` return; call from the event loop's thread while it serves."""
     pyfuse3.terminate()
