@@ -25,7 +25,8 @@ from volfs.abi import (
     VRANGE_FULL,
     VRANGE_VOLATILE,
 )
-from volfs.core.namespace import ROOT_INODE, Inode, Namespace
+from volfs.core.inode import Inode
+from volfs.core.namespace import ROOT_INODE, Namespace
 from volfs.core.store import Store
 
 
@@ -46,7 +47,7 @@ def snapshot(namespace: Namespace, inode: Inode) -> tuple[object, ...]:
         inode.size,
         inode.blocks,
         bytes(inode.contents.read(0, inode.size)),
-        namespace.vrange_status(inode, 0, 0),
+        namespace.volatility.status(inode, 0, 0),
         namespace.statistics().used_bytes,
     )
 
@@ -73,7 +74,7 @@ def test_unsupported_modes_fail_with_eopnotsupp_and_change_nothing(
     assert inode.contents is not None
     inode.contents.write(0, os.urandom(8 * PAGE_SIZE))
     # Pages 4..8 volatile and purged: a mode that punched or zeroed first would forget that.
-    namespace.vrange(inode, 4 * PAGE_SIZE, 4 * PAGE_SIZE, VRANGE_VOLATILE, VRANGE_FULL)
+    namespace.volatility.vrange(inode, 4 * PAGE_SIZE, 4 * PAGE_SIZE, VRANGE_VOLATILE, VRANGE_FULL)
     namespace.purger.purge(0, [])
     before = snapshot(namespace, inode)
     assert before[3] == (4 * PAGE_SIZE, 4 * PAGE_SIZE)

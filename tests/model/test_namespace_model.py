@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from volfs.abi import PAGE_SIZE, RENAME_EXCHANGE, RENAME_NOREPLACE
-from volfs.core.namespace import ROOT_INODE, Inode, Namespace
+from volfs.core.inode import Inode
+from volfs.core.namespace import ROOT_INODE, Namespace
 from volfs.core.store import Store
 
 T = TypeVar("T")

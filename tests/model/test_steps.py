@@ -15,10 +15,12 @@ from collections.abc import Iterator
 import pytest
 
 from volfs.abi import PAGE_SIZE, VRANGE_NONVOLATILE, VRANGE_PARTIAL, VRANGE_VOLATILE
-from volfs.core.namespace import DISCARD_BUDGET, ROOT_INODE, VRANGE_STEP, Inode, Namespace
+from volfs.core.inode import Inode
+from volfs.core.namespace import DISCARD_BUDGET, ROOT_INODE, Namespace
 from volfs.core.purge import Invalidation
 from volfs.core.ranges import RecordLimits
 from volfs.core.store import Store
+from volfs.core.volatility import VRANGE_STEP
 
 RANGES = 3 * VRANGE_STEP + 17
 
@@ -50,7 +52,7 @@ def sparse_file(namespace: Namespace, name: bytes, pages: int) -> Inode:
 def every_other_page(namespace: Namespace, inode: Inode, count: int) -> None:
     for index in range(count):
         flags = VRANGE_PARTIAL if index % 3 else 0
-        namespace.vrange(inode, 2 * index * PAGE_SIZE, PAGE_SIZE, VRANGE_VOLATILE, flags)
+        namespace.volatility.vrange(inode, 2 * index * PAGE_SIZE, PAGE_SIZE, VRANGE_VOLATILE, flags)
 
 
 def shape(inode: Inode) -> list[tuple[int, int, bool, bool]]:
@@ -89,10 +91,12 @@ def test_a_span_over_many_ranges_takes_several_steps_adding_up_to_one_go(
     for inode in (one, stepped):
         every_other_page(namespace, inode, RANGES)
         # One range straddling the span's end: an unmark splits it, a mark merges it.
-        namespace.vrange(inode, 3 * RANGES * PAGE_SIZE, 8 * PAGE_SIZE, VRANGE_VOLATILE, 0)
+        namespace.volatility.vrange(
+            inode, 3 * RANGES * PAGE_SIZE, 8 * PAGE_SIZE, VRANGE_VOLATILE, 0
+        )
     start, length = PAGE_SIZE, (3 * RANGES + 4) * PAGE_SIZE
-    expected = namespace.vrange(one, start, length, mode, 0)
-    steps = namespace.vrange_steps(stepped, start, length, mode, 0)
+    expected = namespace.volatility.vrange(one, start, length, mode, 0)
+    steps = namespace.volatility.vrange_steps(stepped, start, length, mode, 0)
     taken, marked = run(steps)
     assert taken >= RANGES // VRANGE_STEP, "a long span was taken in one go"
     assert marked == expected[0]
@@ -106,14 +110,14 @@ def test_a_refused_unmark_changes_nothing_before_its_first_step(namespace: Names
     inode = sparse_file(namespace, b"f", 4 * RANGES)
     # Ranges that touch stay apart; purged, their lost pages make one run.
     for index in range(RANGES):
-        namespace.vrange(inode, index * PAGE_SIZE, PAGE_SIZE, VRANGE_VOLATILE, 0)
+        namespace.volatility.vrange(inode, index * PAGE_SIZE, PAGE_SIZE, VRANGE_VOLATILE, 0)
     purge_all(namespace)
     assert inode.vranges is not None and inode.vranges.lost_pages == RANGES
     before = shape(inode)
     limits = namespace.purger.limits
     limits.per_inode = limits.per_mount = limits.records
     # Unmarking inside the lost run splits it: one record too many, refused before any step.
-    steps = namespace.vrange_steps(
+    steps = namespace.volatility.vrange_steps(
         inode, PAGE_SIZE, (RANGES - 2) * PAGE_SIZE, VRANGE_NONVOLATILE, 0
     )
     with pytest.raises(OSError) as refused:
@@ -128,7 +132,7 @@ def test_a_purge_between_steps_of_an_unmark_is_reported(namespace: Namespace) ->
     assert inode.contents is not None
     inode.contents.write((2 * RANGES - 2) * PAGE_SIZE, b"x" * PAGE_SIZE)
     every_other_page(namespace, inode, RANGES)
-    steps = namespace.vrange_steps(inode, 0, 0, VRANGE_NONVOLATILE, 0)
+    steps = namespace.volatility.vrange_steps(inode, 0, 0, VRANGE_NONVOLATILE, 0)
     next(steps)
     # The ranges not yet unmarked are still volatile: a purge may take them now.
     assert purge_all(namespace)
@@ -183,7 +187,7 @@ def test_a_truncation_between_steps_of_a_mark_leaves_nothing_past_the_end(
 ) -> None:
     inode = sparse_file(namespace, b"f", 4 * RANGES)
     every_other_page(namespace, inode, RANGES)
-    steps = namespace.vrange_steps(inode, 0, 0, VRANGE_VOLATILE, 0)
+    steps = namespace.volatility.vrange_steps(inode, 0, 0, VRANGE_VOLATILE, 0)
     next(steps)
     namespace.truncate(inode, 10 * PAGE_SIZE)
     assert run(steps)[1] == 4 * RANGES * PAGE_SIZE
@@ -218,14 +222,16 @@ def test_a_last_close_between_steps_of_a_truncation_leaves_no_lost_page_past_the
 def test_every_step_stays_bounded_whatever_happens_between_steps(namespace: Namespace) -> None:
     inode = sparse_file(namespace, b"f", 8 * RANGES)
     big = 4 * RANGES
-    namespace.vrange(inode, 0, big * PAGE_SIZE, VRANGE_VOLATILE, 0)
+    namespace.volatility.vrange(inode, 0, big * PAGE_SIZE, VRANGE_VOLATILE, 0)
     for index in range(RANGES):
-        namespace.vrange(inode, (big + 2 * index) * PAGE_SIZE, PAGE_SIZE, VRANGE_VOLATILE, 0)
-    steps = namespace.vrange_steps(inode, 0, 0, VRANGE_VOLATILE, 0)
+        namespace.volatility.vrange(
+            inode, (big + 2 * index) * PAGE_SIZE, PAGE_SIZE, VRANGE_VOLATILE, 0
+        )
+    steps = namespace.volatility.vrange_steps(inode, 0, 0, VRANGE_VOLATILE, 0)
     next(steps)
     # Another user splits what the first step marked into thousands of ranges.
     for index in range(1, RANGES):
-        namespace.vrange(inode, 2 * index * PAGE_SIZE, PAGE_SIZE, VRANGE_NONVOLATILE, 0)
+        namespace.volatility.vrange(inode, 2 * index * PAGE_SIZE, PAGE_SIZE, VRANGE_NONVOLATILE, 0)
     assert inode.vranges is not None
     counts = [inode.vranges.range_count]
     for _step in steps:

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import trio
 
 from volfs.abi import PAGE_SIZE
-from volfs.core.namespace import ROOT_INODE, Inode, Namespace
+from volfs.core.inode import Inode
+from volfs.core.namespace import ROOT_INODE, Namespace
 from volfs.core.purge import Invalidation
 from volfs.core.ranges import RecordLimits
 from volfs.core.reclaim import Reclaimer

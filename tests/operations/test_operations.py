@@ -38,8 +38,9 @@ from volfs.abi import (
     VRANGE_STATUS,
     VRANGE_VOLATILE,
 )
-from volfs.core.namespace import ROOT_INODE, VRANGE_STEP
+from volfs.core.namespace import ROOT_INODE
 from volfs.core.ranges import RecordLimits
+from volfs.core.volatility import VRANGE_STEP
 from volfs.daemon import bridge, session
 
 P = PAGE_SIZE
@@ -371,7 +372,7 @@ def test_a_volatility_ioctl_waits_for_a_truncation_in_steps() -> None:
         await mount.truncate(b"f", 2 * ranges * P)
         inode = ns.get(mount.ino(b"f"))
         for index in range(ranges, 2 * ranges):
-            ns.vrange(inode, index * P, P, VRANGE_VOLATILE, 0)
+            ns.volatility.vrange(inode, index * P, P, VRANGE_VOLATILE, 0)
 
         async def truncate() -> None:
             await mount.truncate(b"f", ranges * P)
@@ -380,7 +381,7 @@ def test_a_volatility_ioctl_waits_for_a_truncation_in_steps() -> None:
         mount.core.nursery.start_soon(truncate)
         await wait_until(lambda: inode.size == ranges * P)
         # The new size holds, and the ranges past it are still going, a step at a time.
-        assert ns.vrange_next(inode, ranges * P) is not None
+        assert ns.volatility.next_range(inode, ranges * P) is not None
         following = mount.ioctl(
             inode.ino, VOLFS_IOC_VRANGE_NEXT, fh, VRANGE_NEXT.pack(ranges * P, 0, 0, 0, 0)
         )
@@ -388,7 +389,7 @@ def test_a_volatility_ioctl_waits_for_a_truncation_in_steps() -> None:
 
         async def write() -> None:
             # Past the new end: it would land in a range about to go.
-            assert ns.vrange_next(inode, ranges * P) is not None
+            assert ns.volatility.next_range(inode, ranges * P) is not None
             assert await mount.write(fh, (2 * ranges - 1) * P, page(7)) == P
             mount.events.append(("written", 0))
 
@@ -554,7 +555,7 @@ async def _call(mount: Mount, handler: str, fh: int) -> object:
         ("write", "write", 4),
         ("lookup", "lookup", 2),
         ("setattr", "setattr_steps", P),
-        ("ioctl", "vrange_status", ("ioctl", 0, VRANGE_STATUS.pack(0, 0, 0, 0))),
+        ("ioctl", "volatility.status", ("ioctl", 0, VRANGE_STATUS.pack(0, 0, 0, 0))),
         ("fallocate", "fallocate", ("ok",)),
         ("lseek", "seek", ("lseek", 0)),
     ],
@@ -568,15 +569,18 @@ def test_a_bug_answers_eio_for_its_request_only(
 ) -> None:
     async def test(mount: Mount) -> None:
         fh = await mount.create(b"f", page(1))
-        ns = mount.core.namespace
-        original = getattr(ns, method)
+        owner: object = mount.core.namespace
+        *path, name = method.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        original = getattr(owner, name)
 
         def bug(*args: object, **kwargs: object) -> object:
             raise RuntimeError("a bug")
 
-        monkeypatch.setattr(ns, method, bug)
+        monkeypatch.setattr(owner, name, bug)
         assert await _call(mount, handler, fh) == error(errno.EIO)
-        monkeypatch.setattr(ns, method, original)
+        monkeypatch.setattr(owner, name, original)
         assert await _call(mount, handler, fh) == works
         assert await mount.read(fh, 0, 4) == page(1)[:4]
 

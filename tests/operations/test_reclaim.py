@@ -18,7 +18,8 @@ import trio.testing
 
 from tests.operations.fakes import DEADLINE, Core, open_file, page, serving, wait_until
 from volfs.abi import PAGE_SIZE, VRANGE_PARTIAL, VRANGE_VOLATILE, pages_for
-from volfs.core.namespace import Inode, Namespace
+from volfs.core.inode import Inode
+from volfs.core.namespace import Namespace
 from volfs.core.purge import PURGE_BUDGET, PurgeSource
 from volfs.core.reclaim import DROP_BATCH
 
@@ -37,7 +38,7 @@ def run(test: Callable[[Core], Awaitable[None]], capacity_pages: int = 64) -> No
 
 def mark(namespace: Namespace, inode: Inode, first: int, pages: int, flags: int = 0) -> None:
     """Mark pages [first, first + pages) of ``inode`` volatile: one range, newest in the LRU."""
-    namespace.vrange(inode, first * P, pages * P, VRANGE_VOLATILE, flags)
+    namespace.volatility.vrange(inode, first * P, pages * P, VRANGE_VOLATILE, flags)
 
 
 def readable(namespace: Namespace, inode: Inode, index: int) -> bytes | None:
@@ -95,8 +96,8 @@ def test_a_write_over_the_cap_purges_the_oldest_ranges_of_any_file_first() -> No
         ]
         assert [readable(ns, kept, i) for i in range(16)] == [page(i) for i in range(16)]
         assert bytes(ns.read(new, 0, len(data))) == data
-        assert ns.vrange_status(other, 0, 0) == (24 * P, 16 * P)
-        assert ns.vrange_status(one, 0, 0) == (24 * P, 8 * P)
+        assert ns.volatility.status(other, 0, 0) == (24 * P, 16 * P)
+        assert ns.volatility.status(one, 0, 0) == (24 * P, 8 * P)
         await wait_until(lambda: not core.reclaimer.is_dropping(other.ino))
         assert sorted(core.cache.ranges) == sorted(
             [(other.ino, 0, 8 * P), (one.ino, 0, 8 * P), (other.ino, 8 * P, 8 * P)]
@@ -139,7 +140,7 @@ def test_a_span_larger_than_the_whole_store_fails_without_purging() -> None:
         with pytest.raises(OSError) as full:
             await write_making_room(core, new, 0, bytes(65 * P))
         assert full.value.errno == errno.ENOSPC
-        assert ns.vrange_status(cache, 0, 0) == (32 * P, 0)
+        assert ns.volatility.status(cache, 0, 0) == (32 * P, 0)
         assert [readable(ns, cache, i) for i in range(32)] == [page(i) for i in range(32)]
         assert core.cache.batches == []
         assert ns.statistics().purged_bytes == 0
@@ -156,7 +157,7 @@ def test_a_partial_range_gives_up_only_the_pages_wanted_from_its_end() -> None:
         await write_making_room(core, new, 0, b"x" * (3 * P + 1))
         assert lost_pages(ns, cache) == [60, 61, 62, 63]
         assert readable(ns, cache, 59) == page(59)
-        assert ns.vrange_status(cache, 0, 0) == (64 * P, 4 * P)
+        assert ns.volatility.status(cache, 0, 0) == (64 * P, 4 * P)
 
     run(test)
 
@@ -216,7 +217,7 @@ def test_a_write_into_the_range_purged_to_make_room_for_it_keeps_its_pages() -> 
         assert bytes(ns.read(sparse, 12 * P, 2 * P)) == data
         assert lost_pages(ns, sparse) == [*range(12), 14, 15]
         # Still volatile, all of it; purged and not rewritten: the other 14 pages.
-        assert ns.vrange_status(sparse, 0, 0) == (16 * P, 14 * P)
+        assert ns.volatility.status(sparse, 0, 0) == (16 * P, 14 * P)
 
     run(test)
 

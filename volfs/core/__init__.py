@@ -6,5 +6,7 @@ Layers, each using only those before it: ``intervals`` and ``sums`` (sorted stru
 the size cap; ``worker`` threads for its blocking calls), ``purge`` (the global LRU and the
 purge itself), ``reclaim`` (purging for room, on request and under pressure, and dropping what
 was purged from the kernel's cache), ``stepping`` (long work taken a step at a time between
-requests) and ``namespace`` (inodes, names, attributes, data and volatility of files).
+requests), ``inode`` (an inode's fields, a directory's entries), ``volatility`` (marking spans
+volatile and non-volatile, reporting on them) and ``namespace`` (the tree of inodes: names,
+lifetimes, attributes and data).
 """

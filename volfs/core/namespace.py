@@ -18,26 +18,19 @@ import os
 import stat
 import time
 from collections import deque
-from collections.abc import Generator, Iterator
-from dataclasses import dataclass, field
-
-from sortedcontainers import SortedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 from volfs.abi import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
     NAME_MAX,
-    NO_PAGE,
     PAGE_SHIFT,
     PAGE_SIZE,
     PATH_MAX,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
-    U64_MAX,
-    VRANGE_NONVOLATILE,
-    VRANGE_PARTIAL,
-    VRANGE_VOLATILE,
     XATTR_LIST_MAX,
     XATTR_NAME_MAX,
     XATTR_SIZE_MAX,
@@ -45,9 +38,11 @@ from volfs.abi import (
     pages_for,
     pages_spanned,
 )
+from volfs.core.inode import DirectoryEntries, Inode
 from volfs.core.purge import Purger, PurgeSource
-from volfs.core.ranges import InodeRanges, RecordLimits, VolatileRange
+from volfs.core.ranges import InodeRanges, RecordLimits
 from volfs.core.store import FileContents, Store
+from volfs.core.volatility import Volatility
 
 ROOT_INODE = 1
 #: Symlink targets this long or shorter (NUL included) live in the inode for free, as on
@@ -62,139 +57,6 @@ RELATIME_INTERVAL_NS = 24 * 3600 * 10**9
 
 #: Ranges of closed files dropped in one go: about a millisecond of work.
 DISCARD_BUDGET = 200
-#: Ranges (or lost runs) one step of a mark or unmark takes on: about a millisecond of work.
-VRANGE_STEP = 200
-
-
-class DirectoryEntries:
-    """The entries of one directory: name -> inode, each with a serial for readdir.
-
-    Serials grow with each new name and stay with it (a name replaced by rename keeps its
-    serial), so a directory listing resumes from a serial in O(log n) without a snapshot:
-    entries present for a whole listing appear exactly once, others may or may not.
-    """
-
-    __slots__ = ("_inodes", "_names", "_next_serial", "_serials")
-
-    def __init__(self) -> None:
-        self._inodes: dict[bytes, Inode] = {}
-        self._serials: dict[bytes, int] = {}
-        self._names: SortedDict[int, bytes] = SortedDict()
-        self._next_serial = 0
-
-    def __len__(self) -> int:
-        return len(self._inodes)
-
-    def __bool__(self) -> bool:
-        return bool(self._inodes)
-
-    def __contains__(self, name: bytes) -> bool:
-        return name in self._inodes
-
-    def __getitem__(self, name: bytes) -> Inode:
-        return self._inodes[name]
-
-    def get(self, name: bytes) -> Inode | None:
-        """The inode ``name`` names, or None. Runtime complexity: O(1)."""
-        return self._inodes.get(name)
-
-    def __setitem__(self, name: bytes, inode: Inode) -> None:
-        """Add or replace an entry. Runtime complexity: O(log n)."""
-        if name not in self._inodes:
-            serial = self._next_serial
-            self._next_serial += 1
-            self._serials[name] = serial
-            self._names[serial] = name
-        self._inodes[name] = inode
-
-    def __delitem__(self, name: bytes) -> None:
-        """Remove an entry. Runtime complexity: O(log n)."""
-        del self._inodes[name]
-        del self._names[self._serials.pop(name)]
-
-    def items(self) -> Iterator[tuple[bytes, Inode]]:
-        """All entries, oldest name first. Runtime complexity: O(n)."""
-        inodes = self._inodes
-        return ((name, inodes[name]) for name in self._names.values())
-
-    def listing(self, serial: int) -> Iterator[tuple[int, bytes, Inode]]:
-        """Yield ``(serial, name, inode)`` of the entries from ``serial`` on, in serial order.
-
-        The walk follows the live directory: entries added or removed while it goes on
-        may or may not be seen.
-
-        Runtime complexity: O(log n) to start, O(1) amortised per entry.
-        """
-        names, inodes = self._names, self._inodes
-        while True:
-            index = names.bisect_left(serial)
-            if index == len(names):
-                return
-            serial, name = names.peekitem(index)
-            yield serial, name, inodes[name]
-            serial += 1
-
-
-@dataclass(slots=True, eq=False)
-class Inode:
-    """One file, directory, symlink or special file."""
-
-    ino: int
-    mode: int
-    uid: int
-    gid: int
-    atime_ns: int
-    mtime_ns: int
-    ctime_ns: int
-    nlink: int = 0
-    rdev: int = 0
-    lookups: int = 0
-    opens: int = 0
-    #: False once no entry and no handle remain; only the kernel's lookups keep it then.
-    alive: bool = True
-    #: Regular files only.
-    contents: FileContents | None = None
-    #: Regular files with volatile ranges or lost pages only; cleared at the last close.
-    vranges: InodeRanges | None = None
-    #: Directories only.
-    entries: DirectoryEntries | None = None
-    #: Directories only: the directory holding this one (itself for the root).
-    parent: Inode | None = None
-    #: Symlinks only.
-    target: bytes = b""
-    xattrs: dict[bytes, bytes] = field(default_factory=dict)
-    #: Bytes of the attribute names, a NUL each: what listxattr(2) returns.
-    xattr_list_bytes: int = 0
-
-    @property
-    def size(self) -> int:
-        """``st_size`` as stat(2) reports it."""
-        if self.contents is not None:
-            return self.contents.size
-        if self.entries is not None:
-            return 0
-        return len(self.target)
-
-    @property
-    def blocks(self) -> int:
-        """``st_blocks``: 512-byte units of memory really held."""
-        if self.contents is None:
-            return 0
-        return self.contents.pages << (PAGE_SHIFT - 9)
-
-    def is_dir(self) -> bool:
-        """True for directories."""
-        return self.entries is not None
-
-    def touch(self, *, atime: bool = False, mtime: bool = False, ctime: bool = False) -> None:
-        """Set the chosen timestamps to now."""
-        now = time.time_ns()
-        if atime:
-            self.atime_ns = now
-        if mtime:
-            self.mtime_ns = now
-        if ctime:
-            self.ctime_ns = now
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +100,8 @@ class Namespace:
         self.store = store
         #: The purge order of the files' volatile ranges.
         self.purger = Purger(self._contents_of, limits)
+        #: The volatility of the files: marks, unmarks and what they report.
+        self.volatility = Volatility(self.purger)
         self.max_inodes = max_inodes
         self.purged_reads_zero = purged_reads_zero
         self._inodes: dict[int, Inode] = {}
@@ -785,10 +649,10 @@ class Namespace:
         """Set a regular file's size (pages past it are freed, growth is a hole).
 
         The size and the pages change at once; the ranges past the new end are then dropped
-        :data:`VRANGE_STEP` at a time, the generator yielding between steps. Meanwhile no
-        mark can reach past the new end, and what a purge takes there holds no page; the
-        caller keeps writes to the inode waiting until the last step (a write past the new end
-        would land in a range about to go).
+        a step at a time (:meth:`Volatility.cut_steps`), the generator yielding between steps.
+        Meanwhile no mark can reach past the new end, and what a purge takes there holds no
+        page; the caller keeps writes to the inode waiting until the last step (a write past
+        the new end would land in a range about to go).
 
         Raises:
             OSError: EISDIR or EINVAL for a file that is not regular, EFBIG for a size past
@@ -797,20 +661,7 @@ class Namespace:
         if inode.contents is None:
             raise OSError(errno.EISDIR if inode.is_dir() else errno.EINVAL, "not a regular file")
         inode.contents.truncate(size)
-        end_page = pages_for(size)
-        while True:
-            # The set itself may change between steps (the last close leaves one of lost
-            # pages only): what lies past the new end goes from whichever holds it.
-            ranges = inode.vranges
-            if ranges is None:
-                return
-            cut = ranges.next_cut(end_page, NO_PAGE, VRANGE_STEP)
-            ranges.mark_nonvolatile(end_page, cut, admit=False)
-            if not ranges:
-                inode.vranges = None
-            if cut >= NO_PAGE:
-                return
-            yield
+        yield from self.volatility.cut_steps(inode, pages_for(size))
 
     def fallocate(self, inode: Inode, mode: int, offset: int, length: int) -> None:
         """Allocate, punch or zero a byte range of a regular file (fallocate(2)).
@@ -923,151 +774,6 @@ class Namespace:
         inode.xattr_list_bytes -= len(name) + 1
         inode.touch(ctime=True)
 
-    # -- volatile ranges --------------------------------------------------------------------
-
-    @staticmethod
-    def _span(inode: Inode, start: int, length: int) -> tuple[int, int]:
-        """Validate an ioctl's byte span and return it as pages ``[first, end)``.
-
-        Raises:
-            OSError: EISDIR or EINVAL for a non-regular file; EINVAL for an unaligned start
-                or length, an overflowing span, or one past the page-rounded file size.
-        """
-        _require_regular(inode)
-        assert inode.contents is not None
-        if start % PAGE_SIZE or length % PAGE_SIZE:
-            raise OSError(errno.EINVAL, "start and length must be multiples of the page size")
-        eof_page = pages_for(inode.contents.size)
-        first = start >> PAGE_SHIFT
-        end = eof_page if length == 0 else (start + length) >> PAGE_SHIFT
-        if start + length > U64_MAX or first > end or end > eof_page:
-            raise OSError(errno.EINVAL, "span past the end of the file")
-        return first, end
-
-    @staticmethod
-    def vrange_next(inode: Inode, start: int) -> VolatileRange | None:
-        """The first range of a file ending after byte ``start`` (VOLFS_IOC_VRANGE_NEXT).
-
-        Raises:
-            OSError: EISDIR or EINVAL for a non-regular file; EINVAL for an unaligned start.
-
-        Runtime complexity: O(log n) in the file's ranges.
-        """
-        _require_regular(inode)
-        if start % PAGE_SIZE:
-            raise OSError(errno.EINVAL, "start must be a multiple of the page size")
-        return None if inode.vranges is None else inode.vranges.next_range(start >> PAGE_SHIFT)
-
-    def vrange(
-        self, inode: Inode, start: int, length: int, mode: int, flags: int
-    ) -> tuple[int, bool]:
-        """Mark a span volatile or non-volatile (VOLFS_IOC_VRANGE) in one go.
-
-        See :meth:`vrange_steps`, which this runs to the end.
-        """
-        steps = self.vrange_steps(inode, start, length, mode, flags)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                result: tuple[int, bool] = done.value
-                return result
-
-    def vrange_steps(
-        self, inode: Inode, start: int, length: int, mode: int, flags: int
-    ) -> Generator[None, None, tuple[int, bool]]:
-        """Mark a span volatile or non-volatile (VOLFS_IOC_VRANGE), a bounded step at a time.
-
-        A span over many ranges is taken in pieces of at most :data:`VRANGE_STEP` ranges (or
-        lost runs) each, from left to right, each piece's end found in the live set; the
-        generator yields between them so that the caller can serve other requests. Pieces
-        taken in order do what the whole span does (an unmark splits at most the ranges
-        straddling the span's two ends; each piece of a mark merges the one before it), and
-        everything that can fail is checked before the first one. What other requests do in
-        between takes effect as if it came before or after.
-
-        Returns:
-            ``(marked bytes, purged)``: purged tells, for NON_VOLATILE, whether any of the
-            span had been purged while volatile.
-
-        Raises:
-            OSError: EINVAL for a bad mode, flag or span; ENOSPC if a bound on ranges would be
-                passed; nothing changes then.
-
-        Runtime complexity: O(log n) per step in the inode's ranges, plus O(1) amortised per
-        range merged or removed; a step takes on at most :data:`VRANGE_STEP` of them.
-        """
-        if mode not in (VRANGE_VOLATILE, VRANGE_NONVOLATILE) or flags & ~VRANGE_PARTIAL:
-            raise OSError(errno.EINVAL, "unknown mode or flags")
-        first, end = self._span(inode, start, length)
-        marked = (end - first) << PAGE_SHIFT
-        if first == end:
-            return 0, False
-        if mode == VRANGE_VOLATILE:
-            yield from self._mark_steps(inode, first, end, partial=bool(flags & VRANGE_PARTIAL))
-            return marked, False
-        purged = yield from self._unmark_steps(inode, first, end)
-        return marked, purged
-
-    def _mark_steps(
-        self, inode: Inode, first: int, end: int, *, partial: bool
-    ) -> Generator[None, None, None]:
-        """Mark pages [first, end) volatile, a step at a time (see :meth:`vrange_steps`)."""
-        contents = inode.contents
-        assert contents is not None
-        self._ranges_of(inode).admit_mark(first, end)
-        low = first
-        while True:
-            live = self._ranges_of(inode)
-            # A truncation meanwhile may have cut the span short: nothing past EOF.
-            stop = min(end, pages_for(contents.size))
-            cut = min(live.next_cut(low, stop, VRANGE_STEP, lost=False), stop)
-            # The piece marked by the step before ends at ``low``: marking over it merges
-            # the two, one neighbour more to merge whatever happened in between.
-            left = live.range_ending_at(low) if low > first else None
-            live.mark_volatile(
-                low if left is None else left.start, cut, partial=partial, admit=low == first
-            )
-            if cut >= stop:
-                return
-            low = cut
-            yield
-
-    @staticmethod
-    def _unmark_steps(inode: Inode, first: int, end: int) -> Generator[None, None, bool]:
-        """Mark pages [first, end) non-volatile, a step at a time; True if any was purged."""
-        if inode.vranges is None:
-            return False
-        inode.vranges.admit_unmark(first, end)
-        purged = False
-        low = first
-        while True:
-            ranges = inode.vranges
-            if ranges is None:
-                return purged  # another request left nothing to unmark
-            cut = ranges.next_cut(low, end, VRANGE_STEP)
-            purged = ranges.mark_nonvolatile(low, cut, admit=False) or purged
-            if not ranges:
-                inode.vranges = None
-            if cut >= end:
-                return purged
-            low = cut
-            yield
-
-    def _ranges_of(self, inode: Inode) -> InodeRanges:
-        """The inode's range set, created empty if it has none."""
-        if inode.vranges is None:
-            inode.vranges = InodeRanges(self.purger, inode.ino)
-        return inode.vranges
-
-    def vrange_status(self, inode: Inode, start: int, length: int) -> tuple[int, int]:
-        """Return ``(volatile bytes, purged bytes)`` of a span (VOLFS_IOC_VRANGE_STATUS)."""
-        first, end = self._span(inode, start, length)
-        if inode.vranges is None or first == end:
-            return 0, 0
-        volatile, lost = inode.vranges.status(first, end)
-        return volatile << PAGE_SHIFT, lost << PAGE_SHIFT
-
 
 def _check_rename_target_name(name: bytes) -> None:
     """Refuse a name no entry may be renamed to: ENAMETOOLONG, or EBUSY for . and ..."""
@@ -1085,9 +791,3 @@ def _symlink_charge(target: bytes) -> int:
 def _xattr_charge(name: bytes, value: bytes) -> int:
     """What one extended attribute costs the size cap."""
     return len(name) + len(value) + XATTR_ENTRY_OVERHEAD
-
-
-def _require_regular(inode: Inode) -> None:
-    """Volatility belongs to regular files: EISDIR for a directory, EINVAL for the rest."""
-    if inode.contents is None:
-        raise OSError(errno.EISDIR if inode.is_dir() else errno.EINVAL, "not a regular file")

@@ -23,7 +23,8 @@ import pyfuse3
 import trio
 
 from volfs.abi import NAME_MAX, PAGE_SHIFT, PAGE_SIZE, pages_spanned
-from volfs.core.namespace import AttributeChanges, Inode, Namespace
+from volfs.core.inode import Inode
+from volfs.core.namespace import AttributeChanges, Namespace
 from volfs.core.reclaim import Reclaimer
 from volfs.core.stepping import Backlog, Truncations
 from volfs.daemon.handles import OpenFiles

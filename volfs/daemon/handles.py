@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from volfs.core.namespace import Inode
+from volfs.core.inode import Inode
 
 
 @dataclass(slots=True)

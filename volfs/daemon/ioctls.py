@@ -105,7 +105,7 @@ class Ioctls:
     def _vrange_steps(
         self, ino: int, fh: int, is_dir: bool, data: bytes
     ) -> Generator[None, None, bytes]:
-        """VOLFS_IOC_VRANGE as steps (see :meth:`Namespace.vrange_steps`); returns the reply."""
+        """VOLFS_IOC_VRANGE as steps (see :meth:`Volatility.vrange_steps`); returns the reply."""
         start, length, mode, flags, _marked, _purged, reserved = VRANGE_ARGS.unpack(data)
         node = self._namespace.get(ino)
         if is_dir or node.is_dir():
@@ -118,7 +118,9 @@ class Ioctls:
         # As for fallocate: changing a file's data needs a descriptor open for writing.
         if mode in (VRANGE_VOLATILE, VRANGE_NONVOLATILE) and not open_file.writable:
             raise OSError(errno.EBADF, "descriptor not open for writing")
-        marked, purged = yield from self._namespace.vrange_steps(node, start, length, mode, flags)
+        marked, purged = yield from self._namespace.volatility.vrange_steps(
+            node, start, length, mode, flags
+        )
         return VRANGE_ARGS.pack(start, length, mode, flags, marked, int(purged), 0)
 
     async def _vrange_in_steps(
@@ -156,12 +158,12 @@ class Ioctls:
 
     def _vrange_status(self, ino: int, data: bytes) -> bytes:
         start, length, _volatile, _purged = VRANGE_STATUS.unpack(data)
-        volatile, lost = self._namespace.vrange_status(self._namespace.get(ino), start, length)
+        volatile, lost = self._namespace.volatility.status(self._namespace.get(ino), start, length)
         return VRANGE_STATUS.pack(start, length, volatile, lost)
 
     def _vrange_next(self, ino: int, data: bytes) -> bytes:
         start, _range_start, _range_end, _flags, _purged = VRANGE_NEXT.unpack(data)
-        found = self._namespace.vrange_next(self._namespace.get(ino), start)
+        found = self._namespace.volatility.next_range(self._namespace.get(ino), start)
         if found is None:
             return VRANGE_NEXT.pack(start, 0, 0, 0, 0)
         flags = VRANGE_PARTIAL if found.partial else VRANGE_FULL

@@ -1,0 +1,145 @@
+"""One inode of the namespace (a file, directory, symlink or special file) and a directory's
+entries."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from sortedcontainers import SortedDict
+
+from volfs.abi import PAGE_SHIFT
+from volfs.core.ranges import InodeRanges
+from volfs.core.store import FileContents
+
+
+class DirectoryEntries:
+    """The entries of one directory: name -> inode, each with a serial for readdir.
+
+    Serials grow with each new name and stay with it (a name replaced by rename keeps its
+    serial), so a directory listing resumes from a serial in O(log n) without a snapshot:
+    entries present for a whole listing appear exactly once, others may or may not.
+    """
+
+    __slots__ = ("_inodes", "_names", "_next_serial", "_serials")
+
+    def __init__(self) -> None:
+        self._inodes: dict[bytes, Inode] = {}
+        self._serials: dict[bytes, int] = {}
+        self._names: SortedDict[int, bytes] = SortedDict()
+        self._next_serial = 0
+
+    def __len__(self) -> int:
+        return len(self._inodes)
+
+    def __bool__(self) -> bool:
+        return bool(self._inodes)
+
+    def __contains__(self, name: bytes) -> bool:
+        return name in self._inodes
+
+    def __getitem__(self, name: bytes) -> Inode:
+        return self._inodes[name]
+
+    def get(self, name: bytes) -> Inode | None:
+        """The inode ``name`` names, or None. Runtime complexity: O(1)."""
+        return self._inodes.get(name)
+
+    def __setitem__(self, name: bytes, inode: Inode) -> None:
+        """Add or replace an entry. Runtime complexity: O(log n)."""
+        if name not in self._inodes:
+            serial = self._next_serial
+            self._next_serial += 1
+            self._serials[name] = serial
+            self._names[serial] = name
+        self._inodes[name] = inode
+
+    def __delitem__(self, name: bytes) -> None:
+        """Remove an entry. Runtime complexity: O(log n)."""
+        del self._inodes[name]
+        del self._names[self._serials.pop(name)]
+
+    def items(self) -> Iterator[tuple[bytes, Inode]]:
+        """All entries, oldest name first. Runtime complexity: O(n)."""
+        inodes = self._inodes
+        return ((name, inodes[name]) for name in self._names.values())
+
+    def listing(self, serial: int) -> Iterator[tuple[int, bytes, Inode]]:
+        """Yield ``(serial, name, inode)`` of the entries from ``serial`` on, in serial order.
+
+        The walk follows the live directory: entries added or removed while it goes on
+        may or may not be seen.
+
+        Runtime complexity: O(log n) to start, O(1) amortised per entry.
+        """
+        names, inodes = self._names, self._inodes
+        while True:
+            index = names.bisect_left(serial)
+            if index == len(names):
+                return
+            serial, name = names.peekitem(index)
+            yield serial, name, inodes[name]
+            serial += 1
+
+
+@dataclass(slots=True, eq=False)
+class Inode:
+    """One file, directory, symlink or special file."""
+
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    nlink: int = 0
+    rdev: int = 0
+    lookups: int = 0
+    opens: int = 0
+    #: False once no entry and no handle remain; only the kernel's lookups keep it then.
+    alive: bool = True
+    #: Regular files only.
+    contents: FileContents | None = None
+    #: Regular files with volatile ranges or lost pages only; cleared at the last close.
+    vranges: InodeRanges | None = None
+    #: Directories only.
+    entries: DirectoryEntries | None = None
+    #: Directories only: the directory holding this one (itself for the root).
+    parent: Inode | None = None
+    #: Symlinks only.
+    target: bytes = b""
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    #: Bytes of the attribute names, a NUL each: what listxattr(2) returns.
+    xattr_list_bytes: int = 0
+
+    @property
+    def size(self) -> int:
+        """``st_size`` as stat(2) reports it."""
+        if self.contents is not None:
+            return self.contents.size
+        if self.entries is not None:
+            return 0
+        return len(self.target)
+
+    @property
+    def blocks(self) -> int:
+        """``st_blocks``: 512-byte units of memory really held."""
+        if self.contents is None:
+            return 0
+        return self.contents.pages << (PAGE_SHIFT - 9)
+
+    def is_dir(self) -> bool:
+        """True for directories."""
+        return self.entries is not None
+
+    def touch(self, *, atime: bool = False, mtime: bool = False, ctime: bool = False) -> None:
+        """Set the chosen timestamps to now."""
+        now = time.time_ns()
+        if atime:
+            self.atime_ns = now
+        if mtime:
+            self.mtime_ns = now
+        if ctime:
+            self.ctime_ns = now

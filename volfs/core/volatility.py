@@ -1,0 +1,206 @@
+"""The volatility of files: marking spans volatile and non-volatile, a bounded step at a time,
+and reporting on them (VOLFS_IOC_VRANGE, VRANGE_STATUS and VRANGE_NEXT).
+
+A file's ranges and lost pages are an :class:`InodeRanges` hung on its inode while it has
+any; its ranges join the mount's purge order (:class:`Purger`). Spans are validated here, in
+bytes, and taken to pages for :mod:`volfs.core.ranges`.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Generator, Iterator
+
+from volfs.abi import (
+    NO_PAGE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    U64_MAX,
+    VRANGE_NONVOLATILE,
+    VRANGE_PARTIAL,
+    VRANGE_VOLATILE,
+    pages_for,
+)
+from volfs.core.inode import Inode
+from volfs.core.purge import Purger
+from volfs.core.ranges import InodeRanges, VolatileRange
+
+#: Ranges (or lost runs) one step of a mark or unmark takes on: about a millisecond of work.
+VRANGE_STEP = 200
+
+
+class Volatility:
+    """Volatile ranges of the files of one mount."""
+
+    def __init__(self, purger: Purger) -> None:
+        """Mark ranges into ``purger``'s order."""
+        self._purger = purger
+
+    @staticmethod
+    def _span(inode: Inode, start: int, length: int) -> tuple[int, int]:
+        """Validate an ioctl's byte span and return it as pages ``[first, end)``.
+
+        Raises:
+            OSError: EISDIR or EINVAL for a non-regular file; EINVAL for an unaligned start
+                or length, an overflowing span, or one past the page-rounded file size.
+        """
+        _require_regular(inode)
+        assert inode.contents is not None
+        if start % PAGE_SIZE or length % PAGE_SIZE:
+            raise OSError(errno.EINVAL, "start and length must be multiples of the page size")
+        eof_page = pages_for(inode.contents.size)
+        first = start >> PAGE_SHIFT
+        end = eof_page if length == 0 else (start + length) >> PAGE_SHIFT
+        if start + length > U64_MAX or first > end or end > eof_page:
+            raise OSError(errno.EINVAL, "span past the end of the file")
+        return first, end
+
+    @staticmethod
+    def next_range(inode: Inode, start: int) -> VolatileRange | None:
+        """The first range of a file ending after byte ``start`` (VOLFS_IOC_VRANGE_NEXT).
+
+        Raises:
+            OSError: EISDIR or EINVAL for a non-regular file; EINVAL for an unaligned start.
+
+        Runtime complexity: O(log n) in the file's ranges.
+        """
+        _require_regular(inode)
+        if start % PAGE_SIZE:
+            raise OSError(errno.EINVAL, "start must be a multiple of the page size")
+        return None if inode.vranges is None else inode.vranges.next_range(start >> PAGE_SHIFT)
+
+    def vrange(
+        self, inode: Inode, start: int, length: int, mode: int, flags: int
+    ) -> tuple[int, bool]:
+        """Mark a span volatile or non-volatile (VOLFS_IOC_VRANGE) in one go.
+
+        See :meth:`vrange_steps`, which this runs to the end.
+        """
+        steps = self.vrange_steps(inode, start, length, mode, flags)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                result: tuple[int, bool] = done.value
+                return result
+
+    def vrange_steps(
+        self, inode: Inode, start: int, length: int, mode: int, flags: int
+    ) -> Generator[None, None, tuple[int, bool]]:
+        """Mark a span volatile or non-volatile (VOLFS_IOC_VRANGE), a bounded step at a time.
+
+        A span over many ranges is taken in pieces of at most :data:`VRANGE_STEP` ranges (or
+        lost runs) each, from left to right, each piece's end found in the live set; the
+        generator yields between them so that the caller can serve other requests. Pieces
+        taken in order do what the whole span does (an unmark splits at most the ranges
+        straddling the span's two ends; each piece of a mark merges the one before it), and
+        everything that can fail is checked before the first one. What other requests do in
+        between takes effect as if it came before or after.
+
+        Returns:
+            ``(marked bytes, purged)``: purged tells, for NON_VOLATILE, whether any of the
+            span had been purged while volatile.
+
+        Raises:
+            OSError: EINVAL for a bad mode, flag or span; ENOSPC if a bound on ranges would be
+                passed; nothing changes then.
+
+        Runtime complexity: O(log n) per step in the inode's ranges, plus O(1) amortised per
+        range merged or removed; a step takes on at most :data:`VRANGE_STEP` of them.
+        """
+        if mode not in (VRANGE_VOLATILE, VRANGE_NONVOLATILE) or flags & ~VRANGE_PARTIAL:
+            raise OSError(errno.EINVAL, "unknown mode or flags")
+        first, end = self._span(inode, start, length)
+        marked = (end - first) << PAGE_SHIFT
+        if first == end:
+            return 0, False
+        if mode == VRANGE_VOLATILE:
+            yield from self._mark_steps(inode, first, end, partial=bool(flags & VRANGE_PARTIAL))
+            return marked, False
+        purged = yield from self._unmark_steps(inode, first, end)
+        return marked, purged
+
+    def _mark_steps(
+        self, inode: Inode, first: int, end: int, *, partial: bool
+    ) -> Generator[None, None, None]:
+        """Mark pages [first, end) volatile, a step at a time (see :meth:`vrange_steps`)."""
+        contents = inode.contents
+        assert contents is not None
+        self.ranges_of(inode).admit_mark(first, end)
+        low = first
+        while True:
+            live = self.ranges_of(inode)
+            # A truncation meanwhile may have cut the span short: nothing past EOF.
+            stop = min(end, pages_for(contents.size))
+            cut = min(live.next_cut(low, stop, VRANGE_STEP, lost=False), stop)
+            # The piece marked by the step before ends at ``low``: marking over it merges
+            # the two, one neighbour more to merge whatever happened in between.
+            left = live.range_ending_at(low) if low > first else None
+            live.mark_volatile(
+                low if left is None else left.start, cut, partial=partial, admit=low == first
+            )
+            if cut >= stop:
+                return
+            low = cut
+            yield
+
+    @staticmethod
+    def _unmark_steps(inode: Inode, first: int, end: int) -> Generator[None, None, bool]:
+        """Mark pages [first, end) non-volatile, a step at a time; True if any was purged."""
+        if inode.vranges is None:
+            return False
+        inode.vranges.admit_unmark(first, end)
+        purged = False
+        low = first
+        while True:
+            ranges = inode.vranges
+            if ranges is None:
+                return purged  # another request left nothing to unmark
+            cut = ranges.next_cut(low, end, VRANGE_STEP)
+            purged = ranges.mark_nonvolatile(low, cut, admit=False) or purged
+            if not ranges:
+                inode.vranges = None
+            if cut >= end:
+                return purged
+            low = cut
+            yield
+
+    def ranges_of(self, inode: Inode) -> InodeRanges:
+        """The inode's range set, created empty if it has none."""
+        if inode.vranges is None:
+            inode.vranges = InodeRanges(self._purger, inode.ino)
+        return inode.vranges
+
+    def status(self, inode: Inode, start: int, length: int) -> tuple[int, int]:
+        """Return ``(volatile bytes, purged bytes)`` of a span (VOLFS_IOC_VRANGE_STATUS)."""
+        first, end = self._span(inode, start, length)
+        if inode.vranges is None or first == end:
+            return 0, 0
+        volatile, lost = inode.vranges.status(first, end)
+        return volatile << PAGE_SHIFT, lost << PAGE_SHIFT
+
+    @staticmethod
+    def cut_steps(inode: Inode, end_page: int) -> Iterator[None]:
+        """Drop what a file's ranges and lost pages hold from ``end_page`` on (a truncation),
+        :data:`VRANGE_STEP` at a time, yielding between steps.
+
+        The set itself may change between steps (the last close leaves one of lost pages
+        only): what lies past the end goes from whichever holds it.
+        """
+        while True:
+            ranges = inode.vranges
+            if ranges is None:
+                return
+            cut = ranges.next_cut(end_page, NO_PAGE, VRANGE_STEP)
+            ranges.mark_nonvolatile(end_page, cut, admit=False)
+            if not ranges:
+                inode.vranges = None
+            if cut >= NO_PAGE:
+                return
+            yield
+
+
+def _require_regular(inode: Inode) -> None:
+    """Volatility belongs to regular files: EISDIR for a directory, EINVAL for the rest."""
+    if inode.contents is None:
+        raise OSError(errno.EISDIR if inode.is_dir() else errno.EINVAL, "not a regular file")
