@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
 
 import pytest
 
@@ -27,17 +26,6 @@ from volfs.abi import (
 )
 from volfs.core.inode import Inode
 from volfs.core.namespace import ROOT_INODE, Namespace
-from volfs.core.store import Store
-
-
-@pytest.fixture
-def namespace() -> Iterator[Namespace]:
-    """A namespace over a 64-page store."""
-    store = Store(64 * PAGE_SIZE)
-    try:
-        yield Namespace(store, max_inodes=0, root_mode=0o755, root_uid=0, root_gid=0)
-    finally:
-        store.close()
 
 
 def snapshot(namespace: Namespace, inode: Inode) -> tuple[object, ...]:

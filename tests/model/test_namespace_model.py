@@ -10,7 +10,7 @@ inode numbers still resolve; every failing operation must fail with the model's 
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
@@ -575,16 +575,6 @@ TestNamespaceMachine = NamespaceMachine.TestCase
 
 
 # -- explicit cases ----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def namespace() -> Iterator[Namespace]:
-    """A namespace over a small store."""
-    store = Store(64 * PAGE_SIZE)
-    try:
-        yield Namespace(store, max_inodes=0, root_mode=0o755, root_uid=0, root_gid=0)
-    finally:
-        store.close()
 
 
 def test_a_directory_cannot_be_renamed_into_itself(namespace: Namespace) -> None:
