@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import resource
@@ -10,6 +11,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -144,6 +146,23 @@ def test_signals_unmount_cleanly(mount_volfs: Callable[..., Mount], signum: int)
     mount = mount_volfs()
     (mount.path / "f").write_bytes(b"x")
     mount.process.send_signal(signum)
+    assert mount.process.wait(timeout=MOUNT_TIMEOUT) == 0
+    assert not is_mounted(mount.path)
+
+
+@pytest.mark.parametrize("pause", [0.0, 0.002, 0.01, 0.02])
+def test_a_second_stop_signal_while_unmounting_is_harmless(
+    mount_volfs: Callable[..., Mount], pause: float
+) -> None:
+    """An impatient admin (or systemd and a shell at once) sends SIGTERM twice: the second
+    one must not kill the daemon half way through its unmount and leave a dead mount."""
+    mount = mount_volfs("size=16M")
+    for index in range(200):
+        (mount.path / f"f{index}").write_bytes(b"x")
+    mount.process.send_signal(signal.SIGTERM)
+    time.sleep(pause)  # the second signal lands somewhere in the teardown
+    with contextlib.suppress(ProcessLookupError):
+        mount.process.send_signal(signal.SIGTERM)
     assert mount.process.wait(timeout=MOUNT_TIMEOUT) == 0
     assert not is_mounted(mount.path)
 

@@ -26,6 +26,8 @@ import trio.testing
 
 from tests.operations.fakes import Core, PageCache, page, serving, wait_until
 from volfs.abi import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
     PAGE_SIZE,
     VOLFS_IOC_PURGE,
     VOLFS_IOC_VRANGE,
@@ -44,6 +46,7 @@ from volfs.core.volatility import VRANGE_STEP
 from volfs.daemon import bridge, session
 
 P = PAGE_SIZE
+PUNCH = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 CTX = cast(pyfuse3.RequestContext, SimpleNamespace(uid=0, gid=0, pid=1, umask=0o022))
 Reply = tuple[Any, ...]
 
@@ -505,6 +508,24 @@ def test_fallocate_over_the_cap_purges_volatile_data_then_fails_with_enospc() ->
         assert (await mount.ops.getattr(mount.ino(b"new"), CTX)).st_size == 24 * P
 
     run(test)
+
+
+def test_an_enospc_of_the_range_bounds_purges_nobody() -> None:
+    """Only the cap's ENOSPC is worth a purge: one from a bound on range records is answered
+    at once, and other files' volatile data stays."""
+
+    async def test(mount: Mount) -> None:
+        lost = await mount.create(b"lost", pages(*range(8)))
+        await mount.marked(mount.vrange(b"lost", lost, 0, 8 * P, VRANGE_VOLATILE))
+        assert await mount.purged(mount.purge()) == 8 * P
+        cache = await mount.create(b"cache", pages(*range(8)))
+        await mount.marked(mount.vrange(b"cache", cache, 0, 8 * P, VRANGE_VOLATILE))
+        # A hole in the middle of the purged run would split it: a third record in the file.
+        assert await mount.fallocate(lost, PUNCH, 3 * P, P).reply() == error(errno.ENOSPC)
+        assert await mount.status(b"cache", cache) == (8 * P, 0)
+        assert await mount.read(cache, 0, 8 * P) == pages(*range(8))
+
+    run(test, limits=RecordLimits(per_inode=2, per_mount=100))
 
 
 def test_lseek_finds_data_and_holes() -> None:

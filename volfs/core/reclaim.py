@@ -15,7 +15,6 @@ old bytes from the cache afterwards.
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 from collections.abc import Callable, Sequence
@@ -25,7 +24,7 @@ import trio
 
 from volfs.abi import PAGE_SHIFT, MountStatistics
 from volfs.core.purge import Invalidation, Purger, PurgeResult, PurgeSource
-from volfs.core.store import FileContents, Store
+from volfs.core.store import CapacityError, FileContents, Store
 from volfs.core.worker import WorkerThread
 
 log = logging.getLogger(__name__)
@@ -132,33 +131,33 @@ class Reclaimer:
         """Retry ``attempt``, an allocation of the holes of pages [first, end) of
         ``contents`` that hit the cap, once there is room; return what it returns.
 
-        Memory just released is waited for first; then volatile data is purged, oldest first,
-        for the pages still missing (holes of the span, not pages the file already holds), so
-        ENOSPC is raised only when no volatile data is left. A purge may take pages of this
-        very span and so widen what is missing: it goes on until the attempt fits or nothing
-        is left to purge. The purged pages leave the kernel's cache in the background, not
-        before the attempt: the kernel may hold locked pages of a write in a purged range.
+        Memory on its way back to the free space is waited for, never purged for; otherwise
+        volatile data is purged, oldest first, for the pages still missing (holes of the span,
+        not pages the file already holds), so the cap's ENOSPC is raised only when no volatile
+        data is left. A purge may take pages of this very span and so widen what is missing:
+        it goes on until the attempt fits or nothing is left to purge. The purged pages leave
+        the kernel's cache in the background, not before the attempt: the kernel may hold
+        locked pages of a write in a purged range.
 
         Raises:
-            OSError: ENOSPC when nothing is left to purge (or the span is larger than the
-                whole store); what ``attempt`` raises otherwise.
+            CapacityError: nothing is left to purge.
+            OSError: ENOSPC for a span larger than the whole store (nothing purged), or what
+                ``attempt`` raises for another reason than the cap (a bound on range records,
+                say): no purge can help those.
         """
         store = self._store
         while True:
+            progress = True
             if store.reclaim_pending:
-                # Memory on its way back may be all that is missing: no purge for it.
                 await store.wait_reclaimed()
-                try:
-                    return attempt()
-                except OSError as error:
-                    if error.errno != errno.ENOSPC:
-                        raise
-            missing = store.shortfall(contents, first, end)
-            purged = await self.purge(max(missing, 1) << PAGE_SHIFT, PurgeSource.SIZE)
+            else:
+                missing = store.shortfall(contents, first, end)
+                purged = await self.purge(max(missing, 1) << PAGE_SHIFT, PurgeSource.SIZE)
+                progress = bool(purged.ranges)
             try:
                 return attempt()
-            except OSError as error:
-                if error.errno != errno.ENOSPC or not purged.ranges:
+            except CapacityError:
+                if not progress and not store.reclaim_pending:
                     raise
 
     async def relieve_pressure(self, wanted: int) -> int:

@@ -11,6 +11,7 @@ mappings whatever the number of files, and keeps the data reachable from C: a ba
 the extent tables.
 
 Errors are raised as :class:`OSError` with an errno (``ENOSPC`` when the size cap is reached,
+as :class:`CapacityError`,
 ``EFBIG`` for offsets past :data:`MAX_FILE_SIZE`); nothing here knows about FUSE.
 """
 
@@ -53,6 +54,13 @@ Run = tuple[int, int]
 #: Zeros written over pages the kernel would not punch, allocated while memory is plentiful.
 _ZEROS_PAGES = 256
 _ZEROS = memoryview(bytes(_ZEROS_PAGES << PAGE_SHIFT))
+
+
+class CapacityError(OSError):
+    """ENOSPC: the size cap has no room for the pages asked for; purging may make some."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
 
 
 class Arena:
@@ -131,12 +139,12 @@ class Arena:
         """Make sure ``count`` pages can be allocated, punching dirty pages if needed.
 
         Raises:
-            OSError: ENOSPC if they cannot.
+            CapacityError: if they cannot.
         """
         if count > self.available_pages and self.dirty_pages:
             self._punch_dirty_now()
         if count > self.available_pages:
-            raise OSError(errno.ENOSPC, "volfs is full")
+            raise CapacityError("volfs is full")
 
     def reserve(self, count: int) -> None:
         """Set ``count`` pages of the cap aside (they stay free memory but count as used).

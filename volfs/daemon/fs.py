@@ -27,6 +27,7 @@ from volfs.core.inode import Inode
 from volfs.core.namespace import AttributeChanges, Namespace
 from volfs.core.reclaim import Reclaimer
 from volfs.core.stepping import Backlog, Truncations
+from volfs.core.store import CapacityError
 from volfs.daemon.handles import OpenFiles
 from volfs.daemon.ioctls import Ioctls
 from volfs.daemon.replies import answering, fuse_errors
@@ -258,9 +259,8 @@ class VolfsOperations(pyfuse3.Operations):
                 await self._truncations.wait(node.ino)
             try:
                 return self.namespace.write(node, off, buf)
-            except OSError as error:
-                if error.errno != errno.ENOSPC:
-                    raise
+            except CapacityError:
+                pass
             return await self._make_room(
                 node, off, len(buf), lambda: self.namespace.write(node, off, buf)
             )
@@ -372,9 +372,7 @@ class VolfsOperations(pyfuse3.Operations):
             await self._truncations.wait(node.ino)
             try:
                 self.namespace.fallocate(node, mode, offset, length)
-            except OSError as error:
-                if error.errno != errno.ENOSPC:
-                    raise
+            except CapacityError:
                 await self._make_room(
                     node,
                     offset,

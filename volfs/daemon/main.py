@@ -326,6 +326,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Held until the signal task listens, so that a stop request arriving while mounting still
     # ends in a clean unmount rather than a dead daemon and a stale mountpoint.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    # What the signal task leaves behind once the first stop request took it away: another
+    # one while unmounting must not kill the daemon half way (a dead mount). Not SIG_IGN,
+    # which would discard a request made before the task listens instead of holding it.
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _stopping_already)
     failure = ""
     try:
         trio.run(run_mount, options, mountpoint, functools.partial(_announce_ready, mountpoint))
@@ -338,6 +343,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(failure, EXIT_FAILURE)
     log.info("unmounted %s", mountpoint)
     return 0
+
+
+def _stopping_already(signum: int, _frame: object) -> None:
+    log.info("%s received while unmounting: unmounting goes on", signal.Signals(signum).name)
 
 
 def _announce_ready(mountpoint: str, _operations: fs.VolfsOperations) -> None:
