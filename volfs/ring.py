@@ -131,7 +131,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Literal, Self
 
-from volfs.abi import PAGE_SIZE
+from volfs.abi import PAGE_SIZE, pages_for
 from volfs.client import VRANGE_NONVOLATILE, VRANGE_VOLATILE, fvrange, vrange_status
 
 __all__ = [
@@ -270,14 +270,16 @@ def create_ring(
         FileExistsError: the file exists and ``exist_ok`` is false.
     """
     if capacity < 2 * PAGE_SIZE or capacity % PAGE_SIZE:
-        raise ValueError(f"ring capacity {capacity} must be a multiple of 4096, at least 8192")
+        raise ValueError(
+            f"ring capacity {capacity} must be a multiple of {PAGE_SIZE}, at least {2 * PAGE_SIZE}"
+        )
     if segment_size is None:
         pages = capacity // PAGE_SIZE
         most = max(1, min(DEFAULT_SEGMENT_SIZE // PAGE_SIZE, pages // 4))
         segment_size = PAGE_SIZE * next(n for n in range(most, 0, -1) if pages % n == 0)
     if segment_size < PAGE_SIZE or segment_size % PAGE_SIZE or capacity % segment_size:
         raise ValueError(
-            f"segment size {segment_size} must be a multiple of 4096 that divides the "
+            f"segment size {segment_size} must be a multiple of {PAGE_SIZE} that divides the "
             f"capacity {capacity}"
         )
     path = Path(path)
@@ -678,7 +680,7 @@ class Producer(_Endpoint):
             self._words[_WANTED] = 0
             self._set_state_closed()
             self._refresh()
-            unused = _round_up(self._head, PAGE_SIZE)
+            unused = pages_for(self._head) * PAGE_SIZE
             if self.volatile and self._limit > unused:
                 self._mark(unused, self._limit, VRANGE_VOLATILE)
         finally:
@@ -838,7 +840,7 @@ class Consumer(_Endpoint):
 
     def _hand_back(self) -> None:
         """Free, unmarked, the consumed pages the waiting producer asked for (no fvrange)."""
-        upto = min(_page_floor(self._tail), _round_up(self._words[_WANTED], PAGE_SIZE))
+        upto = min(_page_floor(self._tail), pages_for(self._words[_WANTED]) * PAGE_SIZE)
         if upto > self._released:
             # ``unmarked`` stays: these pages extend the run freed without marking.
             self._words[_RELEASED] = self._released = upto

@@ -6,7 +6,8 @@ case and each a power of 1024, which may be followed by ``B`` or ``iB``; ``B`` a
 bytes. Where there is a whole to take a share of, ``N%`` is that share of it. Every value fits
 in 64 bits, the width of every size and count volfs hands on.
 
-The standard library is all this module needs: the daemon and the client-side tools both use it.
+Only the standard library and :mod:`volfs.abi` are needed: the daemon and the client-side
+tools both use it.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from __future__ import annotations
 import argparse
 import re
 
+from volfs.abi import U64_MAX
+
 #: The largest value a size or count may have: it must fit an unsigned 64-bit field.
-MAX_VALUE = (1 << 64) - 1
+MAX_VALUE = U64_MAX
 
 #: Unit letters in order: the n-th (from 1) multiplies by 1024**n.
 _UNITS = "kmgtpe"

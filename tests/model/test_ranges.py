@@ -20,7 +20,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from volfs.abi import PAGE_SHIFT, PAGE_SIZE
+from volfs.abi import NO_PAGE, PAGE_SHIFT, PAGE_SIZE
 from volfs.core.purge import Invalidation, Purger, PurgeSource
 from volfs.core.ranges import InodeRanges, RecordLimits
 from volfs.core.store import FileContents, Store
@@ -295,7 +295,7 @@ class Harness:
 
     def truncate(self, ino: int, end_page: int) -> None:
         self.files[ino].truncate(end_page << PAGE_SHIFT)
-        self.sets[ino].truncate(end_page)
+        self.sets[ino].mark_nonvolatile(end_page, NO_PAGE, admit=False)
         self.model.truncate(ino, end_page)
 
     def end_volatility(self, ino: int, budget: int = 3, purge_meanwhile: bool = False) -> None:
@@ -834,5 +834,28 @@ def test_lost_pages_outlive_the_end_of_volatility() -> None:
         assert survivor.mark_nonvolatile(0, 8) is True
         assert not survivor and survivor.mark_nonvolatile(0, 8) is False
         survivor._check()
+    finally:
+        store.close()
+
+
+def test_a_range_whose_file_is_gone_is_dropped_and_the_purge_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Should a file's pages ever vanish under its ranges (a bug), the purge must not stop at
+    the head of the order for good: the range goes, logged, and the others are purged."""
+    store = Store(STORE_PAGES * PAGE_SIZE)
+    files = {ino: store.new_file() for ino in (1, 2)}
+    purger = Purger(files.__getitem__)
+    try:
+        for ino, contents in files.items():
+            assert contents.write(0, b"x" * 4 * PAGE_SIZE) == 4 * PAGE_SIZE
+            InodeRanges(purger, ino).mark_volatile(0, 4, partial=False)
+        del files[1]  # the older range's file
+        invalidations: list[Invalidation] = []
+        result = purger.purge(0, invalidations)
+        assert (result.ranges, result.freed_bytes) == (1, 4 * PAGE_SIZE)
+        assert invalidations == [(2, 0, 4 * PAGE_SIZE)]
+        assert len(purger) == 0
+        assert "inode 1 has ranges but no contents" in caplog.text
     finally:
         store.close()

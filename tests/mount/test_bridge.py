@@ -62,7 +62,7 @@ def serve(ioctl, callers):
         threading.Thread(target=lambda: results.append(ask_stats())) for _ in range(callers)
     ]
 
-    def ready(operations):
+    def ready():
         bridge.set_handlers(ioctl=ioctl)
         for thread in threads:
             thread.start()

@@ -102,7 +102,8 @@ class Inode:
     alive: bool = True
     #: Regular files only.
     contents: FileContents | None = None
-    #: Regular files with volatile ranges or lost pages only; cleared at the last close.
+    #: Regular files with volatile ranges or lost pages only. The last close ends the ranges
+    #: and leaves a set of the lost pages alone, if there are any.
     vranges: InodeRanges | None = None
     #: Directories only.
     entries: DirectoryEntries | None = None

@@ -149,9 +149,14 @@ class Namespace:
             raise OSError(errno.ENOENT, "no such inode") from None
 
     def _contents_of(self, ino: int) -> FileContents:
-        """The pages of regular file ``ino``, which has ranges in the purge order."""
+        """The pages of regular file ``ino``, which has ranges in the purge order.
+
+        Raises:
+            LookupError: no such regular file (a bug: its ranges should have gone with it).
+        """
         contents = self._inodes[ino].contents
-        assert contents is not None
+        if contents is None:
+            raise LookupError(f"inode {ino} is not a regular file")
         return contents
 
     def _release_if_unused(self, inode: Inode) -> None:
@@ -613,11 +618,6 @@ class Namespace:
         return found
 
     # -- attributes -------------------------------------------------------------------------
-
-    def setattr(self, inode: Inode, changes: AttributeChanges) -> None:
-        """Change attributes in one go; see :meth:`setattr_steps`."""
-        for _step in self.setattr_steps(inode, changes):
-            pass
 
     def setattr_steps(self, inode: Inode, changes: AttributeChanges) -> Iterator[None]:
         """Change attributes (SETATTR); a size change runs as :meth:`truncate_steps` does.

@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import enum
 import itertools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from sortedcontainers import SortedDict
 
-from volfs.abi import PAGE_SHIFT, pages_for
+from volfs.abi import PAGE_SHIFT, U64_MAX, pages_for
 from volfs.core.ranges import RecordLimits, VolatileRange
 from volfs.core.store import FileContents
+
+log = logging.getLogger(__name__)
 
 #: Ranges one call of :meth:`Purger.purge` looks at, at most: a fraction of a millisecond,
 #: so that other users' requests wait little for a purge that walks many empty ranges.
@@ -85,7 +88,7 @@ class Purger:
             limits: the bounds on records of ranges (default: none).
         """
         self._contents_of = contents_of
-        self._limits = limits or RecordLimits(per_inode=1 << 62, per_mount=1 << 62)
+        self._limits = limits or RecordLimits(per_inode=U64_MAX, per_mount=U64_MAX)
         # Keyed by (stamp, start): pieces of one range share its stamp and never a start.
         self._order: SortedDict[tuple[int, int], VolatileRange] = SortedDict()
         self._stamps = itertools.count()
@@ -158,7 +161,14 @@ class Purger:
                     victim.tracked = False
                     self.untrack(victim)
                     continue
-                contents = self._contents_of(owner.ino)
+                try:
+                    contents = self._contents_of(owner.ino)
+                except LookupError:
+                    # A bug: left at the head of the order, it would fail every purge.
+                    log.exception("inode %d has ranges but no contents; dropped", owner.ino)
+                    victim.tracked = False
+                    self.untrack(victim)
+                    continue
                 first = victim.start
                 if victim.partial and wanted is not None and owner.may_split():
                     first = contents.tail_start(victim.start, victim.end, wanted - freed)

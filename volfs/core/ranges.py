@@ -268,10 +268,6 @@ class InodeRanges:
         self._remove_lost(first, end)
         return purged
 
-    def truncate(self, end_page: int) -> None:
-        """Drop everything from page ``end_page`` on (the file shrank); it never splits."""
-        self.mark_nonvolatile(end_page, _INFINITY)
-
     def clear(self) -> None:
         """Drop every range and every lost page (the inode's contents are gone).
 
@@ -490,6 +486,3 @@ class InodeRanges:
             previous_end = end
         assert list(self._lost_pages.items()) == [(lo, hi - lo) for lo, hi in self._lost.items()]
         self._lost_pages._check()
-
-
-_INFINITY = 1 << 62

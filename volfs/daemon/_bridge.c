@@ -9,8 +9,8 @@
  * built against its headers call instead: both are defined here.
  *
  * The session's end is interposed the same way (fuse_session_unmount, fuse_session_destroy,
- * which pyfuse3.close() calls in that order): from the unmount on, nothing here touches the
- * session. Each session has a generation, and each Request remembers the one it came from,
+ * which pyfuse3.close() calls in that order), and close() ends it first when the daemon
+ * leaves: from then on, nothing here touches the session. Each session has a generation, and each Request remembers the one it came from,
  * so a reply that arrives after its session ended fails with ENOTCONN instead of using freed
  * memory. Calls that use the session (replies, notifications, possibly from worker threads)
  * are counted, and the session ends only once none is in progress.

@@ -1,9 +1,9 @@
 """The FUSE adapter: pyfuse3 requests in, calls on the namespace, replies out.
 
-With :mod:`volfs.daemon.session` the only module that speaks FUSE (pyfuse3, and
-:mod:`volfs.daemon.bridge` for what pyfuse3 lacks). The core's :class:`OSError` becomes
-``FUSEError(errno)`` and any other exception ``EIO`` for that one request
-(:mod:`volfs.daemon.replies`); the ioctls are :mod:`volfs.daemon.ioctls`'.
+The pyfuse3 handlers, and fallocate and lseek, which the bridge (:mod:`volfs.daemon.bridge`)
+adds. The core's :class:`OSError` becomes ``FUSEError(errno)`` and any other exception ``EIO``
+for that one request (:mod:`volfs.daemon.replies`); the ioctls are :mod:`volfs.daemon.ioctls`',
+the session :mod:`volfs.daemon.session`'s. Nothing below :mod:`volfs.daemon` speaks FUSE.
 """
 
 from __future__ import annotations

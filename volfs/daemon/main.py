@@ -127,7 +127,7 @@ def detach_dead_mount(path: str) -> None:
 async def run_mount(
     options: MountOptions,
     mountpoint: str,
-    on_ready: Callable[[fs.VolfsOperations], None] = lambda _operations: None,
+    on_ready: Callable[[], None] = lambda: None,
 ) -> None:
     """The whole life of one mount: set up, mount, call ``on_ready``, serve, take down.
 
@@ -179,10 +179,12 @@ async def run_mount(
         except RuntimeError as error:
             raise MountError(f"cannot mount on {mountpoint}: {error}") from None
         log.info("mounted on %s (size cap %d bytes)", mountpoint, store.capacity_bytes)
-        on_ready(operations)
-        await session.serve()
-        # Reached on a stop signal and an unmount from outside alike.
-        notify_service_manager("STOPPING=1")
+        on_ready()
+        try:
+            await session.serve()
+        finally:
+            # Reached on a stop signal, an unmount from outside and a failure alike.
+            notify_service_manager("STOPPING=1")
 
 
 def _schedule_garbage_collection() -> None:
@@ -349,7 +351,7 @@ def _stopping_already(signum: int, _frame: object) -> None:
     log.info("%s received while unmounting: unmounting goes on", signal.Signals(signum).name)
 
 
-def _announce_ready(mountpoint: str, _operations: fs.VolfsOperations) -> None:
+def _announce_ready(mountpoint: str) -> None:
     """The mount is ready: tell whoever waits for it, and start collecting as a daemon does."""
     _report_ready()
     notify_service_manager("READY=1", f"STATUS=serving {mountpoint}")

@@ -1,6 +1,6 @@
 """The FUSE session of a mount: mounting, serving, unmounting, and dropping cached pages.
 
-With :mod:`volfs.daemon.fs` the only module that speaks FUSE; the bridge
+The requests are :mod:`volfs.daemon.fs`' and :mod:`volfs.daemon.ioctls`'; the bridge
 (:mod:`volfs.daemon.bridge`) adds the requests and notifications pyfuse3 lacks.
 """
 
