@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 import resource
 import shutil
@@ -11,6 +12,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +21,7 @@ import pytest
 
 from tests.conftest import MOUNT_TIMEOUT, Mount, force_unmount, is_mounted, wait_for
 from volfs import client
-from volfs.abi import VRANGE_NONVOLATILE, VRANGE_VOLATILE
+from volfs.abi import PAGE_SIZE, VRANGE_NONVOLATILE, VRANGE_VOLATILE
 from volfs.daemon.options import OptionError, parse_mount_options, parse_size
 
 MiB = 1024 * 1024
@@ -164,6 +166,59 @@ def test_a_second_stop_signal_while_unmounting_is_harmless(
     with contextlib.suppress(ProcessLookupError):
         mount.process.send_signal(signal.SIGTERM)
     assert mount.process.wait(timeout=MOUNT_TIMEOUT) == 0
+    assert not is_mounted(mount.path)
+
+
+def _abort_fuse_connection(path: Path) -> None:
+    """Abort the FUSE connection of the mount at ``path`` (through fusectl), so that a daemon
+    stuck in the kernel can go."""
+    connections = Path("/sys/fs/fuse/connections")
+    if not any(connections.iterdir()):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", str(connections)], check=False)
+    with open("/proc/self/mountinfo", encoding="utf-8") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            if fields[4] == os.path.realpath(path):
+                minor = fields[2].split(":")[1]
+                (connections / minor / "abort").write_text("1")
+
+
+def test_sigterm_during_a_purge_of_dirty_mmap_pages_unmounts(
+    mount_volfs: Callable[..., Mount],
+) -> None:
+    """A purge drops its pages from the kernel's cache, which first writes dirty mmap pages
+    back through the daemon: a SIGTERM meanwhile must let that finish, not stop serving under
+    it (the drop would wait for ever, and the daemon could not even be killed)."""
+    mount = mount_volfs("size=512M")
+    size = 128 << 20
+    fd = os.open(mount.path / "dirty", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        with mmap.mmap(fd, size) as pages:
+            for offset in range(0, size, PAGE_SIZE):
+                pages[offset] = 1
+            client.fvrange(fd, 0, size, VRANGE_VOLATILE)
+
+            def purge() -> None:
+                # The unmount may end the ioctl (ENOTCONN): what counts here is the daemon.
+                with contextlib.suppress(OSError):
+                    client.purge(fd)
+
+            purging = threading.Thread(target=purge, daemon=True)
+            purging.start()
+            mount.process.send_signal(signal.SIGTERM)
+            try:
+                status = mount.process.wait(timeout=MOUNT_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                _abort_fuse_connection(mount.path)
+                pytest.fail("the daemon hung in its teardown")
+            finally:
+                purging.join(timeout=MOUNT_TIMEOUT)
+            assert status == 0
+    finally:
+        # Closed all the same; the flush of a file whose mount is gone reports ENOTCONN.
+        with contextlib.suppress(OSError):
+            os.close(fd)
     assert not is_mounted(mount.path)
 
 

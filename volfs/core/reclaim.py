@@ -69,6 +69,19 @@ class Reclaimer:
         #: Inodes whose purged pages are still leaving the kernel's cache, with an event per
         #: purge that has some of them on the way.
         self._dropping: dict[int, list[trio.Event]] = {}
+        #: Set by :meth:`close`: the mount is going away, nothing more is purged.
+        self._closed = False
+
+    async def close(self) -> None:
+        """Purge nothing more, and return once no purged page is on its way out of the cache.
+
+        Called before the daemon stops serving: a cache drop makes the kernel write dirty
+        mmap pages back through the daemon, and one still running once requests are no
+        longer served would wait for ever, holding the mount.
+        """
+        self._closed = True
+        while self._dropping:
+            await next(iter(self._dropping.values()))[0].wait()
 
     def is_dropping(self, ino: int) -> bool:
         """True while purged pages of ``ino`` may still be in the kernel's cache."""
@@ -89,8 +102,10 @@ class Reclaimer:
         tells what each one did.
 
         Returns:
-            What the whole purge did.
+            What the whole purge did: nothing once :meth:`close` was called.
         """
+        if self._closed:
+            return PurgeResult(0, 0)
         self._purger.count_purge(source)
         freed = ranges = 0
         done = trio.Event()

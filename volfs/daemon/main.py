@@ -165,7 +165,7 @@ async def run_mount(
             statistics=namespace.statistics,
         )
         discards = Backlog(namespace.discard_ended)
-        await nursery.start(_stop_on_signals, session, name="signals")
+        await nursery.start(_stop_on_signals, session, reclaimer, name="signals")
         nursery.start_soon(_collect_garbage, name="garbage")
         await nursery.start(store.run_reclaimer, name="reclaimer")
         await nursery.start(discards.run, name="discard")
@@ -209,13 +209,18 @@ async def _collect_garbage() -> None:
 
 
 async def _stop_on_signals(
-    session: Session, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    session: Session,
+    reclaimer: Reclaimer,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         task_status.started()
         async for signum in signals:
             log.info("%s received: unmounting", signal.Signals(signum).name)
+            # Serving goes on until the cache drops under way are over: they may need it.
+            await reclaimer.close()
             session.stop()
             return
 
