@@ -588,17 +588,12 @@ class Namespace:
         contents = inode.contents
         assert contents is not None, "only regular files are opened"
         written = contents.write(offset, data)
-        self._rewritten(inode, *pages_spanned(offset, written))
+        if inode.vranges is not None:  # most writes go to files with no ranges: no page math
+            inode.vranges.rewritten(*pages_spanned(offset, written))
         now = time.time_ns()
         inode.mtime_ns = now
         inode.ctime_ns = now
         return written
-
-    @staticmethod
-    def _rewritten(inode: Inode, first: int, end: int) -> None:
-        """Pages [first, end) of ``inode`` now hold written data (zeros count)."""
-        if inode.vranges is not None:
-            inode.vranges.rewritten(first, end)
 
     @staticmethod
     def seek(inode: Inode, offset: int, whence: int) -> int:
@@ -685,8 +680,10 @@ class Namespace:
             raise OSError(errno.EINVAL, "bad range")
         end = offset + length
         zeroed = pages_for(offset), end >> PAGE_SHIFT
-        if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) and inode.vranges is not None:
-            inode.vranges.admit_rewrite(*zeroed)
+        zeroing = bool(mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE))
+        ranges = inode.vranges if zeroing else None
+        if ranges is not None:
+            ranges.admit_rewrite(*zeroed)
         if mode & FALLOC_FL_PUNCH_HOLE:
             if not mode & FALLOC_FL_KEEP_SIZE or mode & FALLOC_FL_ZERO_RANGE:
                 raise OSError(errno.EOPNOTSUPP, "punching a hole needs FALLOC_FL_KEEP_SIZE")
@@ -697,12 +694,10 @@ class Namespace:
                 contents.zero(offset, length)
             if not mode & FALLOC_FL_KEEP_SIZE and end > contents.size:
                 contents.size = end
-        if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+        if ranges is not None:
             # Zeros written, in effect: purged pages in the range are plain holes from now on.
-            self._rewritten(inode, *zeroed)
-            inode.touch(mtime=True, ctime=True)
-        else:
-            inode.touch(ctime=True)
+            ranges.rewritten(*zeroed)
+        inode.touch(mtime=zeroing, ctime=True)
 
     def directory_listing(self, ino: int, offset: int) -> Iterator[tuple[int, bytes, Inode]]:
         """Yield ``(next offset, name, inode)`` of a directory's entries from ``offset`` on.
