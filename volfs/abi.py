@@ -69,7 +69,7 @@ VRANGE_NEXT = struct.Struct("=QQQII")
 
 #: struct volfs_stats: capacity_bytes, used_bytes, volatile_bytes, purged_bytes, ranges,
 #: purgeable_ranges, purges_ioctl, purges_size, purges_pressure, inodes, max_inodes,
-#: reserved (96 bytes).
+#: segments (96 bytes).
 VOLFS_STATS = struct.Struct("=12Q")
 VOLFS_STATS_FIELDS = (
     "capacity_bytes",
@@ -83,6 +83,7 @@ VOLFS_STATS_FIELDS = (
     "purges_pressure",
     "inodes",
     "max_inodes",
+    "segments",
 )
 
 #: The largest value of a ``__u64`` field.
@@ -109,10 +110,12 @@ class MountStatistics:
     purges_pressure: int
     inodes: int
     max_inodes: int
+    #: Segments registered in all files (the field was reserved, 0, before segments).
+    segments: int = 0
 
     def pack(self) -> bytes:
         """The record VOLFS_IOC_STATS returns; a counter past 2**64 - 1 reads as 2**64 - 1."""
-        return VOLFS_STATS.pack(*(saturated(value) for value in dataclasses.astuple(self)), 0)
+        return VOLFS_STATS.pack(*(saturated(value) for value in dataclasses.astuple(self)))
 
     def describe(self) -> str:
         """``name=value`` pairs on one line, for the log."""
@@ -144,6 +147,65 @@ VOLFS_IOC_STATS = _ior("v", 0x83, VOLFS_STATS.size)
 #: (an extension of the ABI).
 VOLFS_IOC_VRANGE_NEXT = _iowr("v", 0x84, VRANGE_NEXT.size)
 
+
+# -- segments: volatility pinned and unpinned in shared memory --------------------------------
+
+#: States of a segment's state word (``__u32``, changed only by compare-and-swap).
+SEGMENT_FREE = 0  # the slot holds no segment
+SEGMENT_PINNED = 1  # non-volatile
+SEGMENT_UNPINNED = 2  # volatile, nothing purged
+SEGMENT_PURGING = 3  # the daemon is purging it; a pin waits
+SEGMENT_PURGED = 4  # volatile, and (some of) it was purged; the next pin reports it
+SEGMENT_STALE = 5  # the file's volatility ended (last close, unmount): the table is dead
+
+SEGMENT_TABLE_MAGIC = 0x564F4C53  # "VOLS"
+SEGMENT_TABLE_VERSION = 1
+#: The table's header: magic, version, capacity (slots), slot size; padded to 64 bytes.
+SEGMENT_TABLE_HEADER = struct.Struct("=IIII48x")
+#: One slot: state, flags (VRANGE_PARTIAL as registered), stamp (CLOCK_MONOTONIC ns of the
+#: last unpin), start, length (bytes, as registered) (32 bytes).
+SEGMENT_SLOT = struct.Struct("=IIQQQ")
+#: Offset of a slot's stamp, written by unpin before its compare-and-swap.
+SEGMENT_STAMP_OFFSET = 8
+#: Slots of a table created with capacity 0.
+SEGMENTS_DEFAULT = 1024
+#: Slots one file's table may have.
+SEGMENTS_PER_FILE_MAX = 1 << 17
+#: Slots all tables of a mount may have together.
+SEGMENTS_PER_MOUNT_MAX = 1 << 20
+#: Bytes of a one-time token.
+SEGMENT_TOKEN_BYTES = 16
+#: How long a token stays valid, in seconds.
+SEGMENT_TOKEN_SECONDS = 10
+#: Bytes of the socket name field, its terminating NUL included.
+SEGMENT_SOCKET_NAME_BYTES = 64
+#: The daemon's answer to a token: ``__s32`` status (0, or an errno), with the table's memfd
+#: attached (SCM_RIGHTS) on success.
+SEGMENT_HANDOVER_STATUS = struct.Struct("=i")
+
+
+def segment_table_bytes(capacity: int) -> int:
+    """The size of a table of ``capacity`` slots: its header and slots, in whole pages."""
+    return pages_for(SEGMENT_TABLE_HEADER.size + capacity * SEGMENT_SLOT.size) << PAGE_SHIFT
+
+
+def segment_slot_offset(index: int) -> int:
+    """Where slot ``index`` starts in the table."""
+    return SEGMENT_TABLE_HEADER.size + index * SEGMENT_SLOT.size
+
+
+#: struct volfs_segments: capacity, flags, pid, granted, token, socket (96 bytes).
+VOLFS_SEGMENTS = struct.Struct(f"=IIII{SEGMENT_TOKEN_BYTES}s{SEGMENT_SOCKET_NAME_BYTES}s")
+#: struct volfs_segment: start, length, flags, index (24 bytes).
+VOLFS_SEGMENT = struct.Struct("=QQII")
+
+#: A one-time token for a file's segment table (creating it if the file has none).
+VOLFS_IOC_SEGMENTS = _iowr("v", 0x85, VOLFS_SEGMENTS.size)
+#: Register a segment in a file's table; it starts pinned.
+VOLFS_IOC_SEGMENT_REGISTER = _iowr("v", 0x86, VOLFS_SEGMENT.size)
+#: Release a segment: its volatility ends, its slot is free again.
+VOLFS_IOC_SEGMENT_RELEASE = _iowr("v", 0x87, VOLFS_SEGMENT.size)
+
 #: The numbers as published in volfs.h: what C programs were compiled with.
 _PUBLISHED_NUMBERS = (
     (VOLFS_IOC_VRANGE, 0xC0287680),
@@ -151,5 +213,8 @@ _PUBLISHED_NUMBERS = (
     (VOLFS_IOC_PURGE, 0xC0107682),
     (VOLFS_IOC_STATS, 0x80607683),
     (VOLFS_IOC_VRANGE_NEXT, 0xC0207684),
+    (VOLFS_IOC_SEGMENTS, 0xC0607685),
+    (VOLFS_IOC_SEGMENT_REGISTER, 0xC0187686),
+    (VOLFS_IOC_SEGMENT_RELEASE, 0xC0187687),
 )
 assert all(computed == published for computed, published in _PUBLISHED_NUMBERS)

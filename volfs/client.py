@@ -18,20 +18,34 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import mmap
 import os
+import socket
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import TracebackType
 from typing import NamedTuple
 
+from volfs import _segments
 from volfs.abi import (
     PAGE_SIZE,
+    SEGMENT_HANDOVER_STATUS,
+    SEGMENT_SLOT,
+    SEGMENT_STALE,
+    SEGMENT_TABLE_HEADER,
     VOLFS_IOC_PURGE,
+    VOLFS_IOC_SEGMENT_REGISTER,
+    VOLFS_IOC_SEGMENT_RELEASE,
+    VOLFS_IOC_SEGMENTS,
     VOLFS_IOC_STATS,
     VOLFS_IOC_VRANGE,
     VOLFS_IOC_VRANGE_NEXT,
     VOLFS_IOC_VRANGE_STATUS,
     VOLFS_PURGE,
+    VOLFS_SEGMENT,
+    VOLFS_SEGMENTS,
     VOLFS_STATS,
     VOLFS_STATS_FIELDS,
     VRANGE_ARGS,
@@ -54,6 +68,8 @@ __all__ = [
     "VRANGE_PARTIAL",
     "VRANGE_VOLATILE",
     "Pin",
+    "Segment",
+    "SegmentTable",
     "VRange",
     "fvrange",
     "pinned",
@@ -199,3 +215,179 @@ def pinned(fd: int, start: int, length: int, flags: int = VRANGE_FULL) -> Iterat
         yield Pin(purged)
     finally:
         fvrange(fd, start, length, VRANGE_VOLATILE, flags)
+
+
+#: How long getting a table from the daemon may take, in seconds.
+HANDOVER_TIMEOUT = 5.0
+_PEER_CREDENTIALS = struct.Struct("=iII")  # struct ucred: pid, uid, gid
+
+
+class SegmentTable:
+    """The segment table of a volfs file, mapped into this process (see volfs.h).
+
+    Example::
+
+        table = SegmentTable(fd)
+        segment = table.register(0, 1 << 20)        # pinned
+        segment.unpin()                             # the system may drop it now
+        with segment.pinned() as purged:            # no system call
+            if purged:
+                regenerate(fd)
+
+    Every process with the file open for writing may get the table and pin or unpin any of
+    its segments; one with a read-only descriptor sees their states only. The table lives
+    until the file's last close; after that pin and unpin fail with ESTALE.
+    """
+
+    def __init__(self, fd: int, capacity: int = 0) -> None:
+        """Get the table of the volfs file open as ``fd``, creating it with ``capacity``
+        slots (0: 1024) if the file has none.
+
+        Raises:
+            OSError: ENOTTY if the file is not on volfs; EINVAL for a capacity past
+                131072; ENOSPC if the table does not fit under ``size=``; EPERM if the
+                socket is not the daemon's; what connecting to the daemon raises.
+        """
+        request = bytearray(VOLFS_SEGMENTS.pack(capacity, 0, 0, 0, b"", b""))
+        fcntl.ioctl(fd, VOLFS_IOC_SEGMENTS, request, True)
+        _capacity, _flags, pid, granted, token, name = VOLFS_SEGMENTS.unpack(request)
+        memfd = _receive_table(pid, token, name.split(b"\0", 1)[0])
+        try:
+            self.writable = fcntl.fcntl(memfd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR
+            size = os.fstat(memfd).st_size
+            if size < SEGMENT_TABLE_HEADER.size + granted * SEGMENT_SLOT.size:
+                raise OSError(errno.EPROTO, "the daemon sent a table smaller than announced")
+            protection = mmap.PROT_READ | (mmap.PROT_WRITE if self.writable else 0)
+            self._map = mmap.mmap(memfd, size, prot=protection)
+        finally:
+            os.close(memfd)
+        #: The descriptor registering and releasing go through (not closed by the table).
+        self.fd = fd
+        #: Slots of the table.
+        self.capacity = granted
+        #: The daemon's pid: a pin waiting for a purge stops if it is gone.
+        self.daemon_pid = pid
+
+    def register(self, offset: int, length: int, *, partial: bool = False) -> Segment:
+        """Register bytes ``[offset, offset+length)`` as a segment, pinned (a round trip).
+
+        Raises:
+            OSError: EBADF if the descriptor is read-only; EINVAL for a bad span; EBUSY if
+                it overlaps a segment, a volatile range or purged data nobody was told of;
+                ENOSPC if the table is full.
+        """
+        flags = VRANGE_PARTIAL if partial else VRANGE_FULL
+        request = bytearray(VOLFS_SEGMENT.pack(offset, length, flags, 0))
+        fcntl.ioctl(self.fd, VOLFS_IOC_SEGMENT_REGISTER, request, True)
+        index = VOLFS_SEGMENT.unpack(request)[3]
+        return Segment(self, index, offset, length, partial)
+
+    def state(self, index: int) -> int:
+        """The state word of slot ``index`` (``volfs.abi.SEGMENT_*``)."""
+        return _segments.state(self._map, index)
+
+    def close(self) -> None:
+        """Unmap the table; its segments stay as they are."""
+        self._map.close()
+
+    def __enter__(self) -> SegmentTable:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """One registered segment of a :class:`SegmentTable`."""
+
+    table: SegmentTable
+    index: int
+    offset: int
+    length: int
+    partial: bool
+
+    def pin(self) -> bool:
+        """Make the segment non-volatile; return True if it was purged while unpinned (its
+        bytes read as zeros now). No system call unless a purge is under way (then it
+        waits for it).
+
+        Raises:
+            OSError: ESTALE once the file's volatility ended (last close, unmount), EBADF
+                for a read-only table, EINVAL for a released segment.
+        """
+        self._writable()
+        return _segments.pin(self.table._map, self.index, self.table.daemon_pid)
+
+    def unpin(self) -> None:
+        """Make the segment volatile: the system may purge it from now on. No system call.
+
+        Raises:
+            OSError: as :meth:`pin`.
+        """
+        self._writable()
+        _segments.unpin(self.table._map, self.index)
+
+    def release(self) -> None:
+        """End the segment (a round trip): no longer volatile, its slot free again."""
+        request = bytearray(VOLFS_SEGMENT.pack(0, 0, 0, self.index))
+        fcntl.ioctl(self.table.fd, VOLFS_IOC_SEGMENT_RELEASE, request, True)
+
+    @property
+    def state(self) -> int:
+        """The segment's state word (``volfs.abi.SEGMENT_*``)."""
+        return self.table.state(self.index)
+
+    @property
+    def stale(self) -> bool:
+        """True once the file's volatility ended: the table is dead."""
+        return self.state == SEGMENT_STALE
+
+    @contextmanager
+    def pinned(self) -> Iterator[bool]:
+        """Pinned for the block, unpinned afterwards (even on error); yields whether the
+        segment had been purged."""
+        purged = self.pin()
+        try:
+            yield purged
+        finally:
+            self.unpin()
+
+    def _writable(self) -> None:
+        if not self.table.writable:
+            raise OSError(errno.EBADF, "the table was obtained through a read-only descriptor")
+
+
+def _receive_table(pid: int, token: bytes, name: bytes) -> int:
+    """Redeem a token at the daemon's socket; return the table's memfd."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+        connection.settimeout(HANDOVER_TIMEOUT)
+        connection.connect(b"\0" + name)
+        credentials = connection.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, _PEER_CREDENTIALS.size
+        )
+        peer_pid, _uid, _gid = _PEER_CREDENTIALS.unpack(credentials)
+        if peer_pid != pid:
+            raise OSError(errno.EPERM, "the segment socket is not the daemon's")
+        connection.sendall(token)
+        message, fds, _flags, _address = socket.recv_fds(
+            connection, SEGMENT_HANDOVER_STATUS.size, 1
+        )
+        try:
+            if len(message) != SEGMENT_HANDOVER_STATUS.size:
+                raise OSError(errno.EPROTO, "the daemon hung up")
+            (status,) = SEGMENT_HANDOVER_STATUS.unpack(message)
+            if status:
+                raise OSError(status, os.strerror(status))
+            if len(fds) != 1:
+                raise OSError(errno.EPROTO, "the daemon sent no table")
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds[0]

@@ -44,6 +44,7 @@ from volfs.core.namespace import ROOT_INODE
 from volfs.core.ranges import RecordLimits
 from volfs.core.volatility import VRANGE_STEP
 from volfs.daemon import bridge, session
+from volfs.daemon.handover import TableHandover
 
 P = PAGE_SIZE
 PUNCH = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
@@ -219,7 +220,11 @@ def run(
             capacity_pages, purged_reads_zero=purged_reads_zero, limits=limits
         ) as core:
             ops = fs.VolfsOperations(
-                core.namespace, core.reclaimer, nursery=core.nursery, discards=core.discards
+                core.namespace,
+                core.reclaimer,
+                nursery=core.nursery,
+                discards=core.discards,
+                handover=TableHandover(),
             )
             await test(Mount(core, ops))
 

@@ -11,6 +11,7 @@ from sortedcontainers import SortedDict
 
 from volfs.abi import PAGE_SHIFT
 from volfs.core.ranges import InodeRanges
+from volfs.core.segments import SegmentTable
 from volfs.core.store import FileContents
 
 
@@ -105,6 +106,8 @@ class Inode:
     #: Regular files with volatile ranges or lost pages only. The last close ends the ranges
     #: and leaves a set of the lost pages alone, if there are any.
     vranges: InodeRanges | None = None
+    #: Regular files whose segment table was asked for, until their last close.
+    segments: SegmentTable | None = None
     #: Directories only.
     entries: DirectoryEntries | None = None
     #: Directories only: the directory holding this one (itself for the root).

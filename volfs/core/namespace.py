@@ -99,9 +99,11 @@ class Namespace:
         """
         self.store = store
         #: The purge order of the files' volatile ranges.
-        self.purger = Purger(self._contents_of, limits)
-        #: The volatility of the files: marks, unmarks and what they report.
-        self.volatility = Volatility(self.purger)
+        self.purger = Purger(
+            self._contents_of, limits, lose=self._lose_pages, forget=self._forget_lost
+        )
+        #: The volatility of the files: marks, unmarks, segments and what they report.
+        self.volatility = Volatility(self.purger, store)
         self.max_inodes = max_inodes
         self.purged_reads_zero = purged_reads_zero
         self._inodes: dict[int, Inode] = {}
@@ -158,6 +160,14 @@ class Namespace:
         if contents is None:
             raise LookupError(f"inode {ino} is not a regular file")
         return contents
+
+    def _lose_pages(self, ino: int, first: int, end: int) -> None:
+        """Pages of file ``ino`` were lost to a segment purge."""
+        self.volatility.ranges_of(self._inodes[ino]).lose(first, end)
+
+    def _forget_lost(self, ino: int, first: int, end: int) -> None:
+        """Pages of file ``ino`` lost to a segment purge were reported by a pin."""
+        self.volatility.forget_lost(self._inodes[ino], first, end)
 
     def _release_if_unused(self, inode: Inode) -> None:
         """Free what nobody can reach any more: contents first, then the inode itself."""
@@ -228,6 +238,8 @@ class Namespace:
         """
         inode.opens -= 1
         ended = None
+        if not inode.opens:
+            self.volatility.end_segments(inode)
         if not inode.opens and inode.vranges is not None:
             ended = inode.vranges
             inode.vranges = ended.end_volatility()
@@ -266,6 +278,7 @@ class Namespace:
             purges_pressure=purges.purges[PurgeSource.PRESSURE],
             inodes=self.live_inodes,
             max_inodes=self.max_inodes,
+            segments=purges.segments,
         )
 
     # -- lookups ----------------------------------------------------------------------------
@@ -559,13 +572,16 @@ class Namespace:
         """
         contents = inode.contents
         assert contents is not None, "only regular files are opened"
-        vranges = inode.vranges
         if (
-            vranges is not None
+            inode.vranges is not None
             and not self.purged_reads_zero
-            and vranges.is_lost(*pages_spanned(offset, size))
+            and inode.vranges.is_lost(*pages_spanned(offset, size))
         ):
-            raise OSError(errno.EIO, "read of purged volatile data")
+            # Lost pages of a segment pinned since read as zeros: the pin reported them.
+            self.volatility.acknowledge(inode, *pages_spanned(offset, size))
+            vranges = inode.vranges
+            if vranges is not None and vranges.is_lost(*pages_spanned(offset, size)):
+                raise OSError(errno.EIO, "read of purged volatile data")
         data = contents.read(offset, size)
         now = time.time_ns()
         if (

@@ -14,15 +14,19 @@ loop can purge a little, let other requests run, and go on.
 from __future__ import annotations
 
 import enum
+import heapq
 import itertools
 import logging
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from sortedcontainers import SortedDict
 
-from volfs.abi import PAGE_SHIFT, U64_MAX, pages_for
+from volfs.abi import NO_PAGE, PAGE_SHIFT, U64_MAX, pages_for
 from volfs.core.ranges import RecordLimits, VolatileRange
+from volfs.core.segments import Segment, SegmentTable
 from volfs.core.store import FileContents
 
 log = logging.getLogger(__name__)
@@ -34,8 +38,14 @@ PURGE_BUDGET = 16
 #: A byte range ``(ino, offset, length)`` to drop from the kernel's page cache.
 Invalidation = tuple[int, int, int]
 
+#: Unpinned segments one scan of the segment tables collects, oldest first.
+SEGMENT_SCAN = 256
+
 #: Where the pages of inode ``ino`` live: how a purge reaches the data of a range.
 ContentsOf = Callable[[int], FileContents]
+#: Pages ``[first, end)`` of inode ``ino`` were purged (``lose``) or a pin reported them
+#: (``forget``): how a segment purge keeps the file's lost pages.
+LostPages = Callable[[int, int, int], None]
 
 
 class PurgeSource(enum.Enum):
@@ -52,7 +62,7 @@ class PurgeResult:
 
     #: Bytes of memory released.
     freed_bytes: int
-    #: Ranges (or tails of PARTIAL ranges) purged.
+    #: Ranges and segments (or tails of PARTIAL ones) purged.
     ranges: int
     #: False if the budget ran out before the purge was done: call again for the rest.
     complete: bool = True
@@ -68,6 +78,10 @@ class PurgeStatistics:
     ranges: int
     #: Ranges a purge could take something from.
     purgeable_ranges: int
+    #: Bytes in unpinned segments, purged or not.
+    unpinned_bytes: int
+    #: Segments registered in all files.
+    segments: int
     #: Purges by what asked for them.
     purges: dict[PurgeSource, int]
     #: Memory released by purges since the mount.
@@ -75,23 +89,43 @@ class PurgeStatistics:
 
 
 class Purger:
-    """The LRU of purgeable volatile ranges of a mount, and the purge that walks it.
+    """The LRU of purgeable volatile ranges and unpinned segments of a mount, and the purge
+    that walks it.
+
+    Ranges are ordered as they are marked. Segments are unpinned without the daemon knowing:
+    a purge scans the tables for the oldest unpinned ones (:data:`SEGMENT_SCAN` at a time,
+    kept between purges: a segment unpinned later is newer than all of them) and takes
+    whichever of the two heads is older. Both are stamped by one clock, CLOCK_MONOTONIC.
 
     Implements :class:`volfs.core.ranges.RangeTracker`.
     """
 
-    def __init__(self, contents_of: ContentsOf, limits: RecordLimits | None = None) -> None:
+    def __init__(
+        self,
+        contents_of: ContentsOf,
+        limits: RecordLimits | None = None,
+        *,
+        lose: LostPages | None = None,
+        forget: LostPages | None = None,
+    ) -> None:
         """Create an empty order.
 
         Args:
             contents_of: the pages of an inode with tracked ranges, which a purge releases.
             limits: the bounds on records of ranges (default: none).
+            lose: records pages of a file lost to a segment purge (needed with segments).
+            forget: forgets lost pages a pin has reported (needed with segments).
         """
         self._contents_of = contents_of
+        self._lose = lose
+        self._forget = forget
+        #: The segment tables of open files.
+        self.tables: set[SegmentTable] = set()
+        self._candidates: deque[tuple[int, Segment]] = deque()
+        self._last_stamp = 0
         self._limits = limits or RecordLimits(per_inode=U64_MAX, per_mount=U64_MAX)
         # Keyed by (stamp, start): pieces of one range share its stamp and never a start.
         self._order: SortedDict[tuple[int, int], VolatileRange] = SortedDict()
-        self._stamps = itertools.count()
         self._purges = dict.fromkeys(PurgeSource, 0)
         self._purged_bytes = 0
         self._volatile_pages = 0
@@ -106,8 +140,10 @@ class Purger:
         return self._limits
 
     def next_stamp(self) -> int:
-        """A stamp newer than all before. Runtime complexity: O(1)."""
-        return next(self._stamps)
+        """A stamp newer than all before, on the clock segments are stamped with (CLOCK_MONOTONIC
+        nanoseconds). Runtime complexity: O(1)."""
+        self._last_stamp = max(self._last_stamp + 1, time.monotonic_ns())
+        return self._last_stamp
 
     def account(self, pages: int, ranges: int) -> None:
         """Count volatile pages and ranges coming and going. Runtime complexity: O(1)."""
@@ -130,67 +166,153 @@ class Purger:
         self,
         wanted_bytes: int,
         invalidations: list[Invalidation],
+        claims: list[Segment] | None = None,
         *,
         budget: int = PURGE_BUDGET,
     ) -> PurgeResult:
-        """Purge oldest ranges first until ``wanted_bytes`` are freed (0: all of them).
+        """Purge oldest ranges and segments first until ``wanted_bytes`` are freed (0: all).
 
-        Looks at ``budget`` ranges at most; a result that is not ``complete`` asks for another
-        call with what is still wanted.
+        Looks at ``budget`` ranges or segments at most; a result that is not ``complete`` asks
+        for another call with what is still wanted.
 
         Args:
-            wanted_bytes: memory to free; 0 purges every volatile range.
+            wanted_bytes: memory to free; 0 purges every volatile range and unpinned segment.
             invalidations: where each purged byte range is appended as it is purged, so that
                 the caller drops it from the kernel's cache even if this call fails halfway.
-            budget: ranges to look at, at most.
+            claims: where each segment claimed for the purge is appended: the caller must
+                :meth:`SegmentTable.publish` it once its pages have left the kernel's cache,
+                whatever happens, or its pins wait.
+            budget: ranges and segments to look at, at most.
 
-        Runtime complexity: O(budget log n), plus the pages released.
+        Runtime complexity: O(budget log n), plus the pages released, plus one scan of the
+        segment tables (O(slots) in C) when no scanned segment is left.
         """
         wanted = pages_for(wanted_bytes) if wanted_bytes else None
         freed = 0
         purged = 0
         order = self._order
+        candidates = self._candidates
+        scanned = False
         try:
             for _ in range(budget):
-                if not order or (wanted is not None and freed >= wanted):
+                if wanted is not None and freed >= wanted:
                     break
-                victim = order.peekitem(0)[1]
-                owner = victim.owner
-                if owner.ended:
-                    # Volatility ended with the last close: nothing of it may be purged.
-                    victim.tracked = False
-                    self.untrack(victim)
+                if not candidates and not scanned:
+                    self._scan_segments()
+                    scanned = True
+                if candidates and (not order or candidates[0][0] < order.peekitem(0)[0][0]):
+                    stamp, segment = candidates.popleft()
+                    if claims is None:
+                        raise ValueError("a purge of segments needs a list for its claims")
+                    taken = self._purge_segment(
+                        stamp,
+                        segment,
+                        None if wanted is None else wanted - freed,
+                        invalidations,
+                        claims,
+                    )
+                    if taken is not None:
+                        freed += taken
+                        purged += 1
                     continue
-                try:
-                    contents = self._contents_of(owner.ino)
-                except LookupError:
-                    # A bug: left at the head of the order, it would fail every purge.
-                    log.exception("inode %d has ranges but no contents; dropped", owner.ino)
-                    victim.tracked = False
-                    self.untrack(victim)
-                    continue
-                first = victim.start
-                if victim.partial and wanted is not None and owner.may_split():
-                    first = contents.tail_start(victim.start, victim.end, wanted - freed)
-                # Noted first: dropping cached pages that a failure left in place costs a
-                # re-read, while keeping cached pages that were purged would serve lost data.
-                invalidations.append(
-                    (owner.ino, first << PAGE_SHIFT, (victim.end - first) << PAGE_SHIFT)
+                if not order:
+                    break
+                taken = self._purge_range(
+                    order.peekitem(0)[1],
+                    None if wanted is None else wanted - freed,
+                    invalidations,
                 )
-                freed += contents.release_pages(first, victim.end)
-                owner.purged(victim, first, victim.end)
-                purged += 1
+                if taken is not None:
+                    freed += taken
+                    purged += 1
         finally:
             self._purged_bytes += freed << PAGE_SHIFT
-        complete = not order or (wanted is not None and freed >= wanted)
+        complete = (wanted is not None and freed >= wanted) or (
+            not order and not candidates and scanned
+        )
         return PurgeResult(freed << PAGE_SHIFT, purged, complete)
 
+    def _purge_range(
+        self, victim: VolatileRange, still_wanted: int | None, invalidations: list[Invalidation]
+    ) -> int | None:
+        """Purge the oldest range (its tail, if PARTIAL and less is wanted); return the pages
+        freed, or None if it was only dropped from the order."""
+        owner = victim.owner
+        if owner.ended:
+            # Volatility ended with the last close: nothing of it may be purged.
+            victim.tracked = False
+            self.untrack(victim)
+            return None
+        try:
+            contents = self._contents_of(owner.ino)
+        except LookupError:
+            # A bug: left at the head of the order, it would fail every purge.
+            log.exception("inode %d has ranges but no contents; dropped", owner.ino)
+            victim.tracked = False
+            self.untrack(victim)
+            return None
+        first = victim.start
+        if victim.partial and still_wanted is not None and owner.may_split():
+            first = contents.tail_start(victim.start, victim.end, still_wanted)
+        # Noted first: dropping cached pages that a failure left in place costs a re-read,
+        # while keeping cached pages that were purged would serve lost data.
+        invalidations.append((owner.ino, first << PAGE_SHIFT, (victim.end - first) << PAGE_SHIFT))
+        freed = contents.release_pages(first, victim.end)
+        owner.purged(victim, first, victim.end)
+        return freed
+
+    def _scan_segments(self) -> None:
+        """Collect the :data:`SEGMENT_SCAN` least recently unpinned segments of all tables."""
+        now = time.monotonic_ns()
+        found = heapq.merge(
+            *(table.oldest(SEGMENT_SCAN, now) for table in self.tables if not table.ended),
+            key=lambda candidate: candidate[0],
+        )
+        self._candidates.extend(itertools.islice(found, SEGMENT_SCAN))
+
+    def _purge_segment(
+        self,
+        stamp: int,
+        segment: Segment,
+        still_wanted: int | None,
+        invalidations: list[Invalidation],
+        claims: list[Segment],
+    ) -> int | None:
+        """Purge a segment if it is still unpinned as scanned; return the pages freed, or
+        None if a pin (or a newer unpin) got there first."""
+        table = segment.table
+        if not table.claim(segment, stamp):
+            return None
+        # From here the pins of the segment wait: it must be published whatever happens.
+        claims.append(segment)
+        assert self._lose is not None and self._forget is not None
+        if segment.unacknowledged:
+            # Unpinned again since its last purge, so pinned in between: reported.
+            self._forget(table.ino, segment.first, segment.end)
+            table.acknowledge(segment)
+        contents = self._contents_of(table.ino)
+        first, end = segment.first, min(segment.end, pages_for(contents.size))
+        if first >= end:
+            claims.remove(segment)
+            table.unclaim(segment)  # wholly past the end of the file: nothing to purge
+            return None
+        if segment.partial and still_wanted is not None:
+            first = contents.tail_start(first, end, still_wanted)
+        invalidations.append((table.ino, first << PAGE_SHIFT, (end - first) << PAGE_SHIFT))
+        freed = contents.release_pages(first, end)
+        self._lose(table.ino, first, end)
+        table.lost(segment)
+        return freed
+
     def statistics(self) -> PurgeStatistics:
-        """Return the counters."""
+        """Return the counters. Runtime complexity: O(slots of all tables), in C."""
+        unpinned = sum(table.volatile_pages(0, NO_PAGE)[0] for table in self.tables)
         return PurgeStatistics(
-            volatile_bytes=self._volatile_pages << PAGE_SHIFT,
+            volatile_bytes=(self._volatile_pages + unpinned) << PAGE_SHIFT,
             ranges=self._ranges,
             purgeable_ranges=len(self._order),
+            unpinned_bytes=unpinned << PAGE_SHIFT,
+            segments=sum(len(table) for table in self.tables),
             purges=dict(self._purges),
             purged_bytes=self._purged_bytes,
         )

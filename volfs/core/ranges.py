@@ -335,6 +335,23 @@ class InodeRanges:
         self._add_lost(first, end)
         return gone
 
+    def lose(self, first: int, end: int) -> None:
+        """Pages [first, end), of a segment rather than a range, were purged: lost.
+
+        Runtime complexity: O(log m + k) for m lost runs, k of them merged.
+        """
+        if first < end:
+            self._add_lost(first, end)
+
+    def forget_lost(self, first: int, end: int) -> None:
+        """Pages [first, end) are no longer lost: a pin reported them. Never fails for a
+        bound: segments bound how many lost runs this can split.
+
+        Runtime complexity: O(log m + k).
+        """
+        if first < end:
+            self._remove_lost(first, end)
+
     def may_split(self) -> bool:
         """True if one more range stays within the bounds (a purge may split a range)."""
         limits = self.tracker.limits

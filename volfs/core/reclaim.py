@@ -24,6 +24,7 @@ import trio
 
 from volfs.abi import PAGE_SHIFT, MountStatistics
 from volfs.core.purge import Invalidation, Purger, PurgeResult, PurgeSource
+from volfs.core.segments import Segment
 from volfs.core.store import CapacityError, FileContents, Store
 from volfs.core.worker import WorkerThread
 
@@ -112,11 +113,14 @@ class Reclaimer:
         noted: set[int] = set()
         pending: list[Invalidation] = []
         batches: list[trio.Event] = []
+        claims: list[Segment] = []
         try:
             while True:
                 invalidations: list[Invalidation] = []
                 try:
-                    result = self._purger.purge(wanted - freed if wanted else 0, invalidations)
+                    result = self._purger.purge(
+                        wanted - freed if wanted else 0, invalidations, claims
+                    )
                 finally:
                     inodes = {ino for ino, _offset, _length in invalidations} - noted
                     self._note_dropping(inodes, done)
@@ -133,7 +137,7 @@ class Reclaimer:
         finally:
             if pending:
                 batches.append(self._start_drop(pending))
-            self._nursery.start_soon(self._end_drop, batches, noted, done)
+            self._nursery.start_soon(self._end_drop, batches, noted, done, claims)
         if ranges:
             self._log_purge(source, ranges, freed)
         if wait:
@@ -217,13 +221,21 @@ class Reclaimer:
         return dropped
 
     async def _end_drop(
-        self, batches: list[trio.Event], inodes: set[int], done: trio.Event
+        self,
+        batches: list[trio.Event],
+        inodes: set[int],
+        done: trio.Event,
+        claims: list[Segment],
     ) -> None:
-        """Once every batch of a purge left the cache, lift its notes and set ``done``."""
+        """Once every batch of a purge left the cache, publish its segments as purged, lift
+        its notes and set ``done``."""
         try:
             for batch in batches:
                 await batch.wait()
         finally:
+            # Only now: a pin told "purged" must not find the old bytes in the cache.
+            for segment in claims:
+                segment.table.publish(segment)
             done.set()
             for ino in inodes:
                 events = self._dropping[ino]

@@ -4,6 +4,10 @@ and reporting on them (VOLFS_IOC_VRANGE, VRANGE_STATUS and VRANGE_NEXT).
 A file's ranges and lost pages are an :class:`InodeRanges` hung on its inode while it has
 any; its ranges join the mount's purge order (:class:`Purger`). Spans are validated here, in
 bytes, and taken to pages for :mod:`volfs.core.ranges`.
+
+A file's segments (:mod:`volfs.core.segments`) are registered and released here; their table
+joins the purge order while it lives. A page belongs to a segment or may be in ranges, never
+both: each refuses a span overlapping the other (EBUSY).
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from volfs.abi import (
     NO_PAGE,
     PAGE_SHIFT,
     PAGE_SIZE,
+    SEGMENTS_DEFAULT,
+    SEGMENTS_PER_FILE_MAX,
+    SEGMENTS_PER_MOUNT_MAX,
     U64_MAX,
     VRANGE_NONVOLATILE,
     VRANGE_PARTIAL,
@@ -24,6 +31,8 @@ from volfs.abi import (
 from volfs.core.inode import Inode
 from volfs.core.purge import Purger
 from volfs.core.ranges import InodeRanges, VolatileRange
+from volfs.core.segments import SEGMENT_RECORD_BYTES, Segment, SegmentTable
+from volfs.core.store import Store
 
 #: Ranges (or lost runs) one step of a mark or unmark takes on: about a millisecond of work.
 VRANGE_STEP = 200
@@ -32,9 +41,14 @@ VRANGE_STEP = 200
 class Volatility:
     """Volatile ranges of the files of one mount."""
 
-    def __init__(self, purger: Purger) -> None:
-        """Mark ranges into ``purger``'s order."""
+    def __init__(self, purger: Purger, store: Store) -> None:
+        """Mark ranges into ``purger``'s order; charge segment tables to ``store``'s cap."""
         self._purger = purger
+        self._store = store
+        #: The files with a segment table, by inode number.
+        self._with_tables: dict[int, Inode] = {}
+        #: Slots of all tables.
+        self._slots = 0
 
     @staticmethod
     def _span(inode: Inode, start: int, length: int) -> tuple[int, int]:
@@ -114,6 +128,8 @@ class Volatility:
         marked = (end - first) << PAGE_SHIFT
         if first == end:
             return 0, False
+        if inode.segments is not None and next(inode.segments.overlapping(first, end), None):
+            raise OSError(errno.EBUSY, "the span overlaps a segment: pin or release it")
         if mode == VRANGE_VOLATILE:
             yield from self._mark_steps(inode, first, end, partial=bool(flags & VRANGE_PARTIAL))
             return marked, False
@@ -172,12 +188,130 @@ class Volatility:
         return inode.vranges
 
     def status(self, inode: Inode, start: int, length: int) -> tuple[int, int]:
-        """Return ``(volatile bytes, purged bytes)`` of a span (VOLFS_IOC_VRANGE_STATUS)."""
+        """Return ``(volatile bytes, purged bytes)`` of a span (VOLFS_IOC_VRANGE_STATUS):
+        unpinned segments count as volatile."""
         first, end = self._span(inode, start, length)
+        unpinned = 0
+        if inode.segments is not None and first < end:
+            self.acknowledge(inode, first, end)
+            unpinned, _count = inode.segments.volatile_pages(first, end)
         if inode.vranges is None or first == end:
-            return 0, 0
+            return unpinned << PAGE_SHIFT, 0
         volatile, lost = inode.vranges.status(first, end)
-        return volatile << PAGE_SHIFT, lost << PAGE_SHIFT
+        return (volatile + unpinned) << PAGE_SHIFT, lost << PAGE_SHIFT
+
+    # -- segments ---------------------------------------------------------------------------
+
+    def segment_table(self, inode: Inode, capacity: int) -> SegmentTable:
+        """The file's segment table, created with ``capacity`` slots (0: the default) if it
+        has none (VOLFS_IOC_SEGMENTS).
+
+        Raises:
+            OSError: EISDIR or EINVAL for a non-regular file; EINVAL for a capacity past
+                :data:`SEGMENTS_PER_FILE_MAX`; ENOSPC if the table does not fit under the cap
+                or the mount's tables would pass :data:`SEGMENTS_PER_MOUNT_MAX` slots.
+        """
+        _require_regular(inode)
+        if capacity > SEGMENTS_PER_FILE_MAX:
+            raise OSError(errno.EINVAL, f"at most {SEGMENTS_PER_FILE_MAX} segments per file")
+        if inode.segments is not None:
+            return inode.segments
+        capacity = capacity or SEGMENTS_DEFAULT
+        if self._slots + capacity > SEGMENTS_PER_MOUNT_MAX:
+            raise OSError(errno.ENOSPC, "too many segment slots in this filesystem")
+        table = SegmentTable(inode.ino, capacity)
+        try:
+            self._store.charge(table.charge_bytes)
+        except BaseException:
+            table.close()
+            raise
+        self._slots += capacity
+        inode.segments = table
+        self._with_tables[inode.ino] = inode
+        self._purger.tables.add(table)
+        return table
+
+    def register(self, inode: Inode, start: int, length: int, flags: int) -> Segment:
+        """Register a segment of bytes [start, start+length), pinned
+        (VOLFS_IOC_SEGMENT_REGISTER).
+
+        Raises:
+            OSError: ENOENT if the file has no table; EINVAL for a bad span or flag; EBUSY if
+                the span overlaps a segment, a volatile range or lost pages; ENOSPC if the
+                table is full or the record does not fit under the cap.
+        """
+        table = inode.segments
+        if table is None:
+            raise OSError(errno.ENOENT, "the file has no segment table")
+        if flags & ~VRANGE_PARTIAL or length == 0:
+            raise OSError(errno.EINVAL, "unknown flags or an empty segment")
+        first, end = self._span(inode, start, length)
+        ranges = inode.vranges
+        if ranges is not None and any(ranges.status(first, end)):
+            raise OSError(
+                errno.EBUSY, "the span has volatile ranges or purged data nobody was told of"
+            )
+        self._store.charge(SEGMENT_RECORD_BYTES)
+        try:
+            return table.register(first, end, bool(flags & VRANGE_PARTIAL))
+        except BaseException:
+            self._store.uncharge(SEGMENT_RECORD_BYTES)
+            raise
+
+    def release(self, inode: Inode, index: int) -> Segment:
+        """Release the segment in slot ``index`` (VOLFS_IOC_SEGMENT_RELEASE): it is no longer
+        volatile; pages of it purged and not reported stay lost.
+
+        Raises:
+            OSError: ENOENT if the file has no table, EINVAL if no segment is in that slot.
+        """
+        table = inode.segments
+        if table is None:
+            raise OSError(errno.ENOENT, "the file has no segment table")
+        segment = table.get(index)
+        if segment is None:
+            raise OSError(errno.EINVAL, f"no segment in slot {index}")
+        self.acknowledge(inode, segment.first, segment.end)
+        table.release(segment)
+        self._store.uncharge(SEGMENT_RECORD_BYTES)
+        return segment
+
+    def acknowledge(self, inode: Inode, first: int, end: int) -> None:
+        """Forget the lost pages within [first, end) of segments a pin has reported since."""
+        table = inode.segments
+        if table is None or not table.unacknowledged or inode.vranges is None:
+            return
+        for segment in table.acknowledged(first, end):
+            self.forget_lost(inode, segment.first, segment.end)
+
+    @staticmethod
+    def forget_lost(inode: Inode, first: int, end: int) -> None:
+        """Pages [first, end) of the file are no longer lost."""
+        ranges = inode.vranges
+        if ranges is not None:
+            ranges.forget_lost(first, end)
+            if not ranges and not ranges.ended:
+                inode.vranges = None
+
+    def end_segments(self, inode: Inode) -> None:
+        """End the file's segment table (its last close): pins and unpins fail from now on;
+        pages purged and not reported stay lost."""
+        table = inode.segments
+        if table is None:
+            return
+        inode.segments = None
+        del self._with_tables[inode.ino]
+        self._purger.tables.discard(table)
+        for segment in table.end():
+            self.forget_lost(inode, segment.first, segment.end)
+        self._slots -= table.capacity
+        self._store.uncharge(table.charge_bytes + SEGMENT_RECORD_BYTES * len(table))
+        table.close()
+
+    def end_all_segments(self) -> None:
+        """End every table (the mount goes away): their users learn it from ESTALE."""
+        for inode in list(self._with_tables.values()):
+            self.end_segments(inode)
 
     @staticmethod
     def cut_steps(inode: Inode, end_page: int) -> Iterator[None]:

@@ -29,6 +29,7 @@ from volfs.core.reclaim import Reclaimer
 from volfs.core.stepping import Backlog, Truncations
 from volfs.core.store import CapacityError
 from volfs.daemon.handles import OpenFiles
+from volfs.daemon.handover import TableHandover
 from volfs.daemon.ioctls import Ioctls
 from volfs.daemon.replies import answering, fuse_errors
 
@@ -53,12 +54,14 @@ class VolfsOperations(pyfuse3.Operations):
         *,
         nursery: trio.Nursery,
         discards: Backlog,
+        handover: TableHandover,
     ) -> None:
         """Serve ``namespace``, purging through ``reclaimer``.
 
         Args:
             nursery: where requests answered later (purges, stepped work) run.
             discards: the task dropping the ranges of closed files, woken by a last close.
+            handover: gives segment tables to the files' users.
         """
         super().__init__()
         self.namespace = namespace
@@ -78,6 +81,7 @@ class VolfsOperations(pyfuse3.Operations):
             files=self._files,
             truncations=self._truncations,
             nursery=nursery,
+            handover=handover,
         )
 
     # -- helpers ----------------------------------------------------------------------------

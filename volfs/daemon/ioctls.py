@@ -18,11 +18,16 @@ import trio
 from volfs.abi import (
     PAGE_SHIFT,
     VOLFS_IOC_PURGE,
+    VOLFS_IOC_SEGMENT_REGISTER,
+    VOLFS_IOC_SEGMENT_RELEASE,
+    VOLFS_IOC_SEGMENTS,
     VOLFS_IOC_STATS,
     VOLFS_IOC_VRANGE,
     VOLFS_IOC_VRANGE_NEXT,
     VOLFS_IOC_VRANGE_STATUS,
     VOLFS_PURGE,
+    VOLFS_SEGMENT,
+    VOLFS_SEGMENTS,
     VRANGE_ARGS,
     VRANGE_FULL,
     VRANGE_NEXT,
@@ -32,16 +37,35 @@ from volfs.abi import (
     VRANGE_VOLATILE,
     saturated,
 )
+from volfs.core.inode import Inode
 from volfs.core.namespace import Namespace
 from volfs.core.purge import PurgeSource
 from volfs.core.reclaim import Reclaimer
 from volfs.core.stepping import Truncations, finish
 from volfs.daemon import bridge
-from volfs.daemon.handles import OpenFiles
+from volfs.daemon.handles import OpenFile, OpenFiles
+from volfs.daemon.handover import TableHandover
 from volfs.daemon.replies import answering
 
 #: The ioctls about a file's volatility: answered once its purged pages left the kernel's cache.
-_VOLATILITY_IOCTLS = (VOLFS_IOC_VRANGE, VOLFS_IOC_VRANGE_STATUS, VOLFS_IOC_VRANGE_NEXT)
+_VOLATILITY_IOCTLS = (
+    VOLFS_IOC_VRANGE,
+    VOLFS_IOC_VRANGE_STATUS,
+    VOLFS_IOC_VRANGE_NEXT,
+    VOLFS_IOC_SEGMENT_RELEASE,
+)
+
+
+#: The ioctls answered without waiting (unless the file's purged pages are leaving the cache).
+_ANSWERED_AT_ONCE = frozenset(
+    (
+        VOLFS_IOC_VRANGE_STATUS,
+        VOLFS_IOC_VRANGE_NEXT,
+        VOLFS_IOC_SEGMENTS,
+        VOLFS_IOC_SEGMENT_REGISTER,
+        VOLFS_IOC_SEGMENT_RELEASE,
+    )
+)
 
 
 class Ioctls:
@@ -55,9 +79,12 @@ class Ioctls:
         files: OpenFiles,
         truncations: Truncations,
         nursery: trio.Nursery,
+        handover: TableHandover,
     ) -> None:
-        """Answer ioctls on ``namespace``'s files, open as ``files`` records them."""
+        """Answer ioctls on ``namespace``'s files, open as ``files`` records them; segment
+        tables go to their users through ``handover``."""
         self._namespace = namespace
+        self._handover = handover
         self._reclaimer = reclaimer
         self._files = files
         self._truncations = truncations
@@ -87,10 +114,8 @@ class Ioctls:
                 else:
                     # A span over many ranges: the rest between other requests.
                     self._nursery.start_soon(self._vrange_in_steps, request, ino, steps)
-            elif cmd == VOLFS_IOC_VRANGE_STATUS:
-                request.reply_ioctl(0, self._vrange_status(ino, data))
-            elif cmd == VOLFS_IOC_VRANGE_NEXT:
-                request.reply_ioctl(0, self._vrange_next(ino, data))
+            elif cmd in _ANSWERED_AT_ONCE:
+                request.reply_ioctl(0, self._answer_at_once(cmd, ino, fh, is_dir, data))
             elif cmd == VOLFS_IOC_STATS:
                 request.reply_ioctl(0, self._namespace.statistics().pack())
             elif cmd == VOLFS_IOC_PURGE:
@@ -107,12 +132,7 @@ class Ioctls:
     ) -> Generator[None, None, bytes]:
         """VOLFS_IOC_VRANGE as steps (see :meth:`Volatility.vrange_steps`); returns the reply."""
         start, length, mode, flags, _marked, _purged, reserved = VRANGE_ARGS.unpack(data)
-        node = self._namespace.get(ino)
-        if is_dir or node.is_dir():
-            raise OSError(errno.EISDIR, "volatile ranges belong to regular files")
-        open_file = self._files.get(fh)
-        if open_file is None or open_file.inode is not node:
-            raise OSError(errno.EBADF, "no such open file")
+        node, open_file = self._open_file(ino, fh, is_dir)
         if reserved:
             raise OSError(errno.EINVAL, "reserved field must be zero")
         # As for fallocate: changing a file's data needs a descriptor open for writing.
@@ -151,10 +171,56 @@ class Ioctls:
                 await self._reclaimer.dropped(ino)
             if cmd == VOLFS_IOC_VRANGE:
                 await self._vrange_in_steps(request, ino, self._vrange_steps(ino, fh, False, data))
-            elif cmd == VOLFS_IOC_VRANGE_NEXT:
-                request.reply_ioctl(0, self._vrange_next(ino, data))
             else:
-                request.reply_ioctl(0, self._vrange_status(ino, data))
+                request.reply_ioctl(0, self._answer_at_once(cmd, ino, fh, False, data))
+
+    def _answer_at_once(self, cmd: int, ino: int, fh: int, is_dir: bool, data: bytes) -> bytes:
+        """The reply of one of :data:`_ANSWERED_AT_ONCE`."""
+        if cmd == VOLFS_IOC_VRANGE_STATUS:
+            return self._vrange_status(ino, data)
+        if cmd == VOLFS_IOC_VRANGE_NEXT:
+            return self._vrange_next(ino, data)
+        node, open_file = self._open_file(ino, fh, is_dir)
+        if cmd == VOLFS_IOC_SEGMENTS:
+            return self._segments(node, open_file, data)
+        # Registering and releasing change the file's volatility: as for VRANGE.
+        if not open_file.writable:
+            raise OSError(errno.EBADF, "descriptor not open for writing")
+        start, length, flags, index = VOLFS_SEGMENT.unpack(data)
+        volatility = self._namespace.volatility
+        if cmd == VOLFS_IOC_SEGMENT_REGISTER:
+            index = volatility.register(node, start, length, flags).index
+            return VOLFS_SEGMENT.pack(start, length, flags, index)
+        segment = volatility.release(node, index)
+        flags = VRANGE_PARTIAL if segment.partial else VRANGE_FULL
+        return VOLFS_SEGMENT.pack(
+            segment.first << PAGE_SHIFT, segment.pages << PAGE_SHIFT, flags, index
+        )
+
+    def _open_file(self, ino: int, fh: int, is_dir: bool) -> tuple[Inode, OpenFile]:
+        """The inode and the open file an ioctl came through.
+
+        Raises:
+            OSError: EISDIR for a directory, EBADF for a handle that is not of this inode.
+        """
+        node = self._namespace.get(ino)
+        if is_dir or node.is_dir():
+            raise OSError(errno.EISDIR, "volatility belongs to regular files")
+        open_file = self._files.get(fh)
+        if open_file is None or open_file.inode is not node:
+            raise OSError(errno.EBADF, "no such open file")
+        return node, open_file
+
+    def _segments(self, node: Inode, open_file: OpenFile, data: bytes) -> bytes:
+        """VOLFS_IOC_SEGMENTS: the file's table (made if need be) and a token for it."""
+        capacity, flags, _pid, _granted, _token, _socket = VOLFS_SEGMENTS.unpack(data)
+        if flags:
+            raise OSError(errno.EINVAL, "flags must be zero")
+        table = self._namespace.volatility.segment_table(node, capacity)
+        token = self._handover.grant(table, writable=open_file.writable)
+        return VOLFS_SEGMENTS.pack(
+            capacity, 0, os.getpid(), table.capacity, token, self._handover.name.encode()
+        )
 
     def _vrange_status(self, ino: int, data: bytes) -> bytes:
         start, length, _volatile, _purged = VRANGE_STATUS.unpack(data)

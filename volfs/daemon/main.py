@@ -38,6 +38,7 @@ from volfs.core.stepping import Backlog
 from volfs.core.store import Store
 from volfs.core.worker import WorkerThread
 from volfs.daemon import fs
+from volfs.daemon.handover import TableHandover
 from volfs.daemon.options import MAX_SIZE, MountOptions, OptionError, parse_mount_options
 from volfs.daemon.pressure import watch_pressure
 from volfs.daemon.session import Session, invalidate
@@ -173,7 +174,13 @@ async def run_mount(
             functools.partial(watch_pressure, options.pressure, reclaimer.relieve_pressure),
             name="pressure",
         )
-        operations = fs.VolfsOperations(namespace, reclaimer, nursery=nursery, discards=discards)
+        handover = TableHandover()
+        await nursery.start(handover.serve, name="segment tables")
+        # Whatever ends the mount, the users of segment tables learn it (ESTALE).
+        stack.callback(namespace.volatility.end_all_segments)
+        operations = fs.VolfsOperations(
+            namespace, reclaimer, nursery=nursery, discards=discards, handover=handover
+        )
         try:
             session.mount(operations, mountpoint, set(options.fuse_options))
         except RuntimeError as error:

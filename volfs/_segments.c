@@ -1,0 +1,349 @@
+/*
+ * volfs._segments - the atomic operations on a segment table, for Python.
+ *
+ * A table is any buffer laid out as volfs.h describes (a 64-byte header, then 32-byte slots):
+ * a client's mapping of the table, or the daemon's own. Every index is checked against the
+ * buffer's length, so a corrupt table can never make this code read or write outside it.
+ *
+ * Clients pin and unpin through volfs.h's own functions, so C and Python programs follow one
+ * protocol. The daemon claims (UNPINNED or PURGED -> PURGING), publishes (PURGING -> PURGED
+ * and wakes waiting pins), ends a table (every word -> STALE) and scans it for the oldest
+ * unpinned segments and the volatile pages of a span; the daemon trusts none of the words it
+ * reads: its own record says where each segment is.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "volfs.h"
+
+#define HEADER_BYTES ((Py_ssize_t)sizeof(struct volfs_segment_table_header))
+#define SLOT_BYTES ((Py_ssize_t)sizeof(struct volfs_segment_slot))
+
+/* The slots a buffer holds. */
+static Py_ssize_t capacity_of(const Py_buffer *view) {
+    return view->len < HEADER_BYTES ? 0 : (view->len - HEADER_BYTES) / SLOT_BYTES;
+}
+
+static struct volfs_segment_slot *slot_at(const Py_buffer *view, Py_ssize_t index) {
+    return (struct volfs_segment_slot *)((char *)view->buf + HEADER_BYTES + index * SLOT_BYTES);
+}
+
+/* A table over a buffer, as volfs.h's functions take it; -1 with ValueError for a bad index. */
+static int table_of(const Py_buffer *view, Py_ssize_t index, int writable, long daemon,
+                    struct volfs_segment_table *table) {
+    Py_ssize_t capacity = capacity_of(view);
+    if (index < 0 || index >= capacity) {
+        PyErr_Format(PyExc_ValueError, "segment %zd is not in a table of %zd", index, capacity);
+        return -1;
+    }
+    table->base = view->buf;
+    table->size = (size_t)view->len;
+    table->capacity = (__u32)(capacity > UINT32_MAX ? UINT32_MAX : capacity);
+    table->writable = writable;
+    table->daemon = (pid_t)daemon;
+    return 0;
+}
+
+static PyObject *segments_pin(PyObject *module, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t index;
+    long daemon;
+    struct volfs_segment_table table;
+    int purged = 0, rc, state;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "w*nl", &view, &index, &daemon))
+        return NULL;
+    if (table_of(&view, index, 1, daemon, &table) < 0) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    state = volfs_segment_state(&table, (__u32)index);
+    if (state == VOLFS_SEGMENT_PURGING) {
+        /* A purge is under way: the pin waits for it, other threads run meanwhile. */
+        Py_BEGIN_ALLOW_THREADS
+        rc = volfs_segment_pin(&table, (__u32)index, &purged);
+        Py_END_ALLOW_THREADS
+    } else {
+        rc = volfs_segment_pin(&table, (__u32)index, &purged);
+    }
+    PyBuffer_Release(&view);
+    if (rc < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyBool_FromLong(purged);
+}
+
+static PyObject *segments_unpin(PyObject *module, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t index;
+    struct volfs_segment_table table;
+    int rc;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "w*n", &view, &index))
+        return NULL;
+    if (table_of(&view, index, 1, 0, &table) < 0) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    rc = volfs_segment_unpin(&table, (__u32)index);
+    PyBuffer_Release(&view);
+    if (rc < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyObject *segments_state(PyObject *module, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t index;
+    struct volfs_segment_table table;
+    int state;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "y*n", &view, &index))
+        return NULL;
+    if (table_of(&view, index, 0, 0, &table) < 0) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    state = volfs_segment_state(&table, (__u32)index);
+    PyBuffer_Release(&view);
+    return PyLong_FromLong(state);
+}
+
+static PyObject *segments_set(PyObject *module, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t index;
+    unsigned int state;
+    struct volfs_segment_table table;
+    __u32 *word;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "w*nI", &view, &index, &state))
+        return NULL;
+    if (table_of(&view, index, 1, 0, &table) < 0) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    word = &slot_at(&view, index)->state;
+    __atomic_store_n(word, (__u32)state, __ATOMIC_RELEASE);
+    syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
+static PyObject *segments_claim(PyObject *module, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t index;
+    unsigned int expected;
+    unsigned long long stamp;
+    struct volfs_segment_table table;
+    struct volfs_segment_slot *slot;
+    __u32 state;
+    int won = 0;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "w*nIK", &view, &index, &expected, &stamp))
+        return NULL;
+    if (table_of(&view, index, 1, 0, &table) < 0) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    slot = slot_at(&view, index);
+    state = expected;
+    /* Acquire: the stamp read is the one the unpin published with the state. */
+    if (__atomic_load_n(&slot->state, __ATOMIC_ACQUIRE) == expected
+            && __atomic_load_n(&slot->stamp, __ATOMIC_RELAXED) == stamp)
+        won = __atomic_compare_exchange_n(&slot->state, &state, VOLFS_SEGMENT_PURGING, 0,
+                                          __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+    PyBuffer_Release(&view);
+    return PyBool_FromLong(won);
+}
+
+static PyObject *segments_end(PyObject *module, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t capacity, index;
+    PyObject *before;
+    char *states;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "w*", &view))
+        return NULL;
+    capacity = capacity_of(&view);
+    before = PyBytes_FromStringAndSize(NULL, capacity);
+    if (before == NULL) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    states = PyBytes_AS_STRING(before);
+    for (index = 0; index < capacity; index++) {
+        __u32 *word = &slot_at(&view, index)->state;
+        __u32 old = __atomic_exchange_n(word, VOLFS_SEGMENT_STALE, __ATOMIC_ACQ_REL);
+        states[index] = (char)(old > 255 ? 255 : old);
+        if (old == VOLFS_SEGMENT_PURGING)
+            syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+    }
+    PyBuffer_Release(&view);
+    return before;
+}
+
+/* A max-heap of (stamp, index) by stamp: the `limit` oldest seen so far. */
+struct candidate {
+    unsigned long long stamp;
+    Py_ssize_t index;
+};
+
+static void sift_down(struct candidate *heap, Py_ssize_t size, Py_ssize_t at) {
+    for (;;) {
+        Py_ssize_t largest = at, left = 2 * at + 1, right = left + 1;
+        struct candidate swap;
+        if (left < size && heap[left].stamp > heap[largest].stamp)
+            largest = left;
+        if (right < size && heap[right].stamp > heap[largest].stamp)
+            largest = right;
+        if (largest == at)
+            return;
+        swap = heap[at];
+        heap[at] = heap[largest];
+        heap[largest] = swap;
+        at = largest;
+    }
+}
+
+static void sift_up(struct candidate *heap, Py_ssize_t at) {
+    while (at > 0) {
+        Py_ssize_t parent = (at - 1) / 2;
+        struct candidate swap;
+        if (heap[parent].stamp >= heap[at].stamp)
+            return;
+        swap = heap[at];
+        heap[at] = heap[parent];
+        heap[parent] = swap;
+        at = parent;
+    }
+}
+
+static int by_stamp(const void *one, const void *other) {
+    const struct candidate *a = one, *b = other;
+    return a->stamp < b->stamp ? -1 : a->stamp > b->stamp ? 1 : (a->index > b->index) - (a->index < b->index);
+}
+
+static PyObject *segments_scan(PyObject *module, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t limit, capacity, index, size = 0, i;
+    unsigned long long now;
+    struct candidate *heap;
+    PyObject *found;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "y*nK", &view, &limit, &now))
+        return NULL;
+    capacity = capacity_of(&view);
+    if (limit > capacity)
+        limit = capacity;
+    if (limit <= 0) {
+        PyBuffer_Release(&view);
+        return PyList_New(0);
+    }
+    heap = PyMem_Malloc((size_t)limit * sizeof(*heap));
+    if (heap == NULL) {
+        PyBuffer_Release(&view);
+        return PyErr_NoMemory();
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (index = 0; index < capacity; index++) {
+        const struct volfs_segment_slot *slot = slot_at(&view, index);
+        unsigned long long stamp;
+        if (__atomic_load_n(&slot->state, __ATOMIC_ACQUIRE) != VOLFS_SEGMENT_UNPINNED)
+            continue;
+        stamp = __atomic_load_n(&slot->stamp, __ATOMIC_RELAXED);
+        /* Stamps come from clients: one from the future sorts as now, never last. */
+        if (stamp > now)
+            stamp = now;
+        if (size < limit) {
+            heap[size].stamp = stamp;
+            heap[size].index = index;
+            sift_up(heap, size++);
+        } else if (stamp < heap[0].stamp) {
+            heap[0].stamp = stamp;
+            heap[0].index = index;
+            sift_down(heap, size, 0);
+        }
+    }
+    qsort(heap, (size_t)size, sizeof(*heap), by_stamp);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    found = PyList_New(size);
+    for (i = 0; found != NULL && i < size; i++) {
+        PyObject *item = Py_BuildValue("(Kn)", heap[i].stamp, heap[i].index);
+        if (item == NULL) {
+            Py_CLEAR(found);
+            break;
+        }
+        PyList_SET_ITEM(found, i, item);
+    }
+    PyMem_Free(heap);
+    return found;
+}
+
+static PyObject *segments_volatile_pages(PyObject *module, PyObject *args) {
+    Py_buffer view, firsts, ends;
+    unsigned long long low, high, pages = 0, count = 0;
+    Py_ssize_t capacity, index;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "y*y*y*KK", &view, &firsts, &ends, &low, &high))
+        return NULL;
+    capacity = capacity_of(&view);
+    if (firsts.len / 8 < capacity)
+        capacity = firsts.len / 8;
+    if (ends.len / 8 < capacity)
+        capacity = ends.len / 8;
+    for (index = 0; index < capacity; index++) {
+        __u32 state = __atomic_load_n(&slot_at(&view, index)->state, __ATOMIC_ACQUIRE);
+        unsigned long long first, end;
+        if (state != VOLFS_SEGMENT_UNPINNED && state != VOLFS_SEGMENT_PURGING
+                && state != VOLFS_SEGMENT_PURGED)
+            continue;
+        memcpy(&first, (char *)firsts.buf + index * 8, 8);
+        memcpy(&end, (char *)ends.buf + index * 8, 8);
+        if (first < low)
+            first = low;
+        if (end > high)
+            end = high;
+        if (first < end) {
+            pages += end - first;
+            count++;
+        }
+    }
+    PyBuffer_Release(&view);
+    PyBuffer_Release(&firsts);
+    PyBuffer_Release(&ends);
+    return Py_BuildValue("(KK)", pages, count);
+}
+
+static PyMethodDef segments_methods[] = {
+    {"pin", segments_pin, METH_VARARGS,
+     "pin(table, index, daemon_pid) -> purged: make a segment non-volatile (volfs.h's "
+     "volfs_segment_pin); waits, without the GIL, while it is being purged."},
+    {"unpin", segments_unpin, METH_VARARGS,
+     "unpin(table, index): make a segment volatile (volfs.h's volfs_segment_unpin)."},
+    {"state", segments_state, METH_VARARGS, "state(table, index) -> the segment's state word."},
+    {"set", segments_set, METH_VARARGS,
+     "set(table, index, state): store a state word and wake the pins waiting on it."},
+    {"claim", segments_claim, METH_VARARGS,
+     "claim(table, index, expected, stamp) -> won: compare-and-swap expected -> PURGING, "
+     "only if the segment still carries that stamp."},
+    {"end", segments_end, METH_VARARGS,
+     "end(table) -> bytes: turn every state word STALE; the states before, one byte each."},
+    {"scan", segments_scan, METH_VARARGS,
+     "scan(table, limit, now) -> [(stamp, index)]: the `limit` least recently unpinned "
+     "segments, oldest first (stamps past `now` count as `now`). O(n log limit), no GIL."},
+    {"volatile_pages", segments_volatile_pages, METH_VARARGS,
+     "volatile_pages(table, firsts, ends, low, high) -> (pages, segments): the pages in "
+     "[low, high) of the unpinned segments, whose pages [firsts[i], ends[i]) (native "
+     "64-bit arrays, the daemon's own record) are taken over the table's claims."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef segments_module = {
+    PyModuleDef_HEAD_INIT, "volfs._segments",
+    "Atomic operations on volfs segment tables (see volfs/include/volfs.h).", -1,
+    segments_methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__segments(void) {
+    return PyModule_Create(&segments_module);
+}

@@ -1,0 +1,272 @@
+"""Segments: volatility pinned and unpinned in memory shared with the file's users.
+
+A file's *segment table* is a memfd the daemon creates and hands to the file's users (see
+``volfs/include/volfs.h``): a header, then one slot per segment whose state word clients
+change by compare-and-swap (pin, unpin) without asking the daemon. The daemon learns of pins
+and unpins lazily, when it looks: it scans for unpinned segments when it purges, claims one
+with a compare-and-swap of its own (UNPINNED -> PURGING), releases its pages, and publishes
+PURGED only once they have left the kernel's cache (the reclaimer calls :meth:`publish`).
+
+The table is untrusted input: a client may write anything into it. The daemon keeps its own
+record of every segment (:class:`Segment`: where it is, how it may be purged) and reads only
+state words and stamps from the table, through :mod:`volfs._segments`, which bounds every
+access by the mapping's length. A corrupt word can only make its own segment be purged or
+not, on a file its writers could overwrite anyway.
+
+Purged pages are *lost* in the file's :class:`~volfs.core.ranges.InodeRanges` as for ranges.
+A pin that reports the purge acknowledges them, but the daemon only sees that later: a
+segment whose pages are lost and whose word is no longer PURGING or PURGED has been pinned
+since, and its lost pages read as zeros from then on (:meth:`SegmentTable.acknowledged`).
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import fcntl
+import mmap
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from sortedcontainers import SortedDict
+
+from volfs import _segments
+from volfs.abi import (
+    PAGE_SHIFT,
+    SEGMENT_FREE,
+    SEGMENT_PINNED,
+    SEGMENT_PURGED,
+    SEGMENT_PURGING,
+    SEGMENT_SLOT,
+    SEGMENT_TABLE_HEADER,
+    SEGMENT_TABLE_MAGIC,
+    SEGMENT_TABLE_VERSION,
+    SEGMENT_UNPINNED,
+    VRANGE_PARTIAL,
+    segment_slot_offset,
+    segment_table_bytes,
+)
+
+#: Bytes the daemon holds per slot besides the table: the first and end page of its record.
+RECORD_ARRAY_BYTES = 16
+#: Bytes charged to ``size=`` for each registered segment's record.
+SEGMENT_RECORD_BYTES = 256
+
+#: States in which a segment is volatile.
+VOLATILE_STATES = frozenset((SEGMENT_UNPINNED, SEGMENT_PURGING, SEGMENT_PURGED))
+
+
+@dataclass(slots=True, eq=False)
+class Segment:
+    """The daemon's own record of one registered segment: pages ``[first, end)``."""
+
+    table: SegmentTable
+    index: int
+    first: int
+    end: int
+    partial: bool
+    #: Released: the slot may hold another segment now.
+    released: bool = False
+    #: Pages of it were lost to a purge, and no pin was seen since.
+    unacknowledged: bool = False
+
+    @property
+    def pages(self) -> int:
+        """Length in pages."""
+        return self.end - self.first
+
+
+class SegmentTable:
+    """The segment table of one file: the shared memfd and the daemon's records."""
+
+    def __init__(self, ino: int, capacity: int) -> None:
+        """Create the table of inode ``ino`` with ``capacity`` slots, every one free.
+
+        Raises:
+            OSError: the memfd cannot be created or mapped.
+        """
+        self.ino = ino
+        self.capacity = capacity
+        self.size = segment_table_bytes(capacity)
+        self.memfd = os.memfd_create(f"volfs-segments-{ino}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(self.memfd, self.size)
+            # A client holding the memfd must not shrink it under the daemon's mapping (a
+            # SIGBUS in the daemon) nor grow it past what is charged.
+            fcntl.fcntl(self.memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+            fcntl.fcntl(self.memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL)
+            self.view = mmap.mmap(self.memfd, self.size)
+        except BaseException:
+            os.close(self.memfd)
+            raise
+        SEGMENT_TABLE_HEADER.pack_into(
+            self.view, 0, SEGMENT_TABLE_MAGIC, SEGMENT_TABLE_VERSION, capacity, SEGMENT_SLOT.size
+        )
+        #: The pages of the segment in each slot, the daemon's own copy (0, 0: none).
+        self.firsts = array.array("Q", bytes(8 * capacity))
+        self.ends = array.array("Q", bytes(8 * capacity))
+        self._segments: dict[int, Segment] = {}
+        self._by_first: SortedDict[int, Segment] = SortedDict()
+        self._never_used = 0
+        self._free: list[int] = []
+        #: Segments with lost pages no pin was seen to report yet.
+        self.unacknowledged: set[Segment] = set()
+        #: The file's volatility ended: every word is STALE and nothing is purged.
+        self.ended = False
+
+    def __len__(self) -> int:
+        return len(self._segments)
+
+    @property
+    def charge_bytes(self) -> int:
+        """What the table itself holds, charged to ``size=`` while it lives."""
+        return self.size + RECORD_ARRAY_BYTES * self.capacity
+
+    def get(self, index: int) -> Segment | None:
+        """The segment in slot ``index``, if any."""
+        return self._segments.get(index)
+
+    def overlapping(self, first: int, end: int) -> Iterator[Segment]:
+        """Segments sharing a page with [first, end), in file order. O(log n + k)."""
+        by_first = self._by_first
+        index = max(by_first.bisect_right(first) - 1, 0)
+        for segment in by_first.values()[index:]:
+            if segment.first >= end:
+                return
+            if segment.end > first:
+                yield segment
+
+    def register(self, first: int, end: int, partial: bool) -> Segment:
+        """Record a segment of pages [first, end), pinned, in a free slot.
+
+        The caller checked the span against the file; this checks it against the table.
+
+        Raises:
+            OSError: EBUSY if it overlaps a segment, ENOSPC if no slot is free.
+
+        Runtime complexity: O(log n).
+        """
+        if next(self.overlapping(first, end), None) is not None:
+            raise OSError(errno.EBUSY, "the span overlaps another segment")
+        if self._free:
+            index = self._free.pop()
+        elif self._never_used < self.capacity:
+            index = self._never_used
+            self._never_used += 1
+        else:
+            raise OSError(errno.ENOSPC, "the file's segment table is full")
+        segment = Segment(self, index, first, end, partial)
+        self._segments[index] = segment
+        self._by_first[first] = segment
+        self.firsts[index] = first
+        self.ends[index] = end
+        SEGMENT_SLOT.pack_into(
+            self.view,
+            segment_slot_offset(index),
+            SEGMENT_FREE,
+            VRANGE_PARTIAL if partial else 0,
+            0,
+            first << PAGE_SHIFT,
+            (end - first) << PAGE_SHIFT,
+        )
+        _segments.set(self.view, index, SEGMENT_PINNED)
+        return segment
+
+    def release(self, segment: Segment) -> int:
+        """Free a segment's slot; return the state its word had."""
+        state = _segments.state(self.view, segment.index)
+        _segments.set(self.view, segment.index, SEGMENT_FREE)
+        segment.released = True
+        self.acknowledge(segment)
+        del self._segments[segment.index]
+        del self._by_first[segment.first]
+        self.firsts[segment.index] = self.ends[segment.index] = 0
+        self._free.append(segment.index)
+        return state
+
+    def state(self, segment: Segment) -> int:
+        """The segment's state word, as a client last left it."""
+        return _segments.state(self.view, segment.index)
+
+    def volatile_pages(self, first: int, end: int) -> tuple[int, int]:
+        """``(pages, segments)`` of the unpinned segments within [first, end).
+
+        Runtime complexity: O(capacity), in C.
+        """
+        return _segments.volatile_pages(self.view, self.firsts, self.ends, first, end)
+
+    def oldest(self, limit: int, now: int) -> list[tuple[int, Segment]]:
+        """The ``limit`` least recently unpinned segments, oldest first, with their stamps.
+
+        Runtime complexity: O(capacity log limit) in C, plus O(limit) here.
+        """
+        found = []
+        for stamp, index in _segments.scan(self.view, limit, now):
+            segment = self._segments.get(index)
+            if segment is not None:  # a word a client set on a free slot means nothing
+                found.append((stamp, segment))
+        return found
+
+    def claim(self, segment: Segment, stamp: int) -> bool:
+        """Win the segment for a purge (UNPINNED -> PURGING) if it is still unpinned with
+        ``stamp``; a pin then waits until :meth:`publish`."""
+        if self.ended or segment.released:
+            return False
+        return _segments.claim(self.view, segment.index, SEGMENT_UNPINNED, stamp)
+
+    def unclaim(self, segment: Segment) -> None:
+        """Give a claimed segment back unpurged (UNPINNED), waking the pins waiting on it."""
+        if not (self.ended or segment.released):
+            _segments.set(self.view, segment.index, SEGMENT_UNPINNED)
+
+    def publish(self, segment: Segment) -> None:
+        """The purge of a claimed segment is over, its pages out of the kernel's cache:
+        PURGED, and the pins waiting on it go on."""
+        if not (self.ended or segment.released):
+            _segments.set(self.view, segment.index, SEGMENT_PURGED)
+
+    def lost(self, segment: Segment) -> None:
+        """Pages of ``segment`` were lost to a purge: nobody was told yet."""
+        segment.unacknowledged = True
+        self.unacknowledged.add(segment)
+
+    def acknowledge(self, segment: Segment) -> None:
+        """The lost pages of ``segment`` were reported by a pin (or are gone otherwise)."""
+        segment.unacknowledged = False
+        self.unacknowledged.discard(segment)
+
+    def acknowledged(self, first: int, end: int) -> list[Segment]:
+        """Segments within [first, end) whose lost pages a pin has reported since the daemon
+        last looked; they are no longer counted as unacknowledged.
+
+        Runtime complexity: O(log n + k) for k segments in the span.
+        """
+        seen = []
+        for segment in self.overlapping(first, end):
+            if segment.unacknowledged and self.state(segment) not in _PURGE_STATES:
+                self.acknowledge(segment)
+                seen.append(segment)
+        return seen
+
+    def end(self) -> list[Segment]:
+        """End the table (the file's last close): every word turns STALE, waiting pins fail.
+
+        Returns:
+            The segments whose lost pages a pin had reported: they are no longer lost.
+
+        Runtime complexity: O(capacity) in C, plus O(u) for u unacknowledged segments.
+        """
+        before = _segments.end(self.view)
+        self.ended = True
+        acknowledged = [s for s in self.unacknowledged if before[s.index] not in _PURGE_STATES]
+        self.unacknowledged.clear()
+        return acknowledged
+
+    def close(self) -> None:
+        """Let go of the memfd and the mapping (after :meth:`end`)."""
+        self.view.close()
+        os.close(self.memfd)
+
+
+_PURGE_STATES = frozenset((SEGMENT_PURGING, SEGMENT_PURGED))
