@@ -28,12 +28,14 @@ static struct volfs_segment_slot *slot_at(const Py_buffer *view, Py_ssize_t inde
     return (struct volfs_segment_slot *)((char *)view->buf + HEADER_BYTES + index * SLOT_BYTES);
 }
 
-/* A table over a buffer, as volfs.h's functions take it; -1 with ValueError for a bad index. */
+/* A table over a buffer, as volfs.h's functions take it; -1 with OSError EINVAL for an index
+ * past it (what volfs.h's functions answer). */
 static int table_of(const Py_buffer *view, Py_ssize_t index, int writable, long daemon,
                     struct volfs_segment_table *table) {
     Py_ssize_t capacity = capacity_of(view);
     if (index < 0 || index >= capacity) {
-        PyErr_Format(PyExc_ValueError, "segment %zd is not in a table of %zd", index, capacity);
+        errno = EINVAL;
+        PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
     table->base = view->buf;
