@@ -31,6 +31,7 @@ from typing import NamedTuple
 from volfs import _segments
 from volfs.abi import (
     PAGE_SIZE,
+    SEGMENT_FREE,
     SEGMENT_HANDOVER_STATUS,
     SEGMENT_SLOT,
     SEGMENT_STALE,
@@ -46,6 +47,7 @@ from volfs.abi import (
     VOLFS_PURGE,
     VOLFS_SEGMENT,
     VOLFS_SEGMENTS,
+    VOLFS_SEGMENTS_EXISTING,
     VOLFS_STATS,
     VOLFS_STATS_FIELDS,
     VRANGE_ARGS,
@@ -55,6 +57,7 @@ from volfs.abi import (
     VRANGE_PARTIAL,
     VRANGE_STATUS,
     VRANGE_VOLATILE,
+    segment_slot_offset,
 )
 
 __all__ = [
@@ -69,6 +72,7 @@ __all__ = [
     "VRANGE_VOLATILE",
     "Pin",
     "Segment",
+    "SegmentSlot",
     "SegmentTable",
     "VRange",
     "fvrange",
@@ -239,16 +243,18 @@ class SegmentTable:
     until the file's last close; after that pin and unpin fail with ESTALE.
     """
 
-    def __init__(self, fd: int, capacity: int = 0) -> None:
+    def __init__(self, fd: int, capacity: int = 0, *, create: bool = True) -> None:
         """Get the table of the volfs file open as ``fd``, creating it with ``capacity``
-        slots (0: 1024) if the file has none.
+        slots (0: 1024) if the file has none and ``create`` allows.
 
         Raises:
-            OSError: ENOTTY if the file is not on volfs; EINVAL for a capacity past
-                131072; ENOSPC if the table does not fit under ``size=``; EPERM if the
-                socket is not the daemon's; what connecting to the daemon raises.
+            OSError: ENOTTY if the file is not on volfs; ENOENT if it has no table and
+                ``create`` is False; EINVAL for a capacity past 131072; ENOSPC if the table
+                does not fit under ``size=``; EPERM if the socket is not the daemon's; what
+                connecting to the daemon raises.
         """
-        request = bytearray(VOLFS_SEGMENTS.pack(capacity, 0, 0, 0, b"", b""))
+        flags = 0 if create else VOLFS_SEGMENTS_EXISTING
+        request = bytearray(VOLFS_SEGMENTS.pack(capacity, flags, 0, 0, b"", b""))
         fcntl.ioctl(fd, VOLFS_IOC_SEGMENTS, request, True)
         _capacity, _flags, pid, granted, token, name = VOLFS_SEGMENTS.unpack(request)
         memfd = _receive_table(pid, token, name.split(b"\0", 1)[0])
@@ -286,6 +292,16 @@ class SegmentTable:
         """The state word of slot ``index`` (``volfs.abi.SEGMENT_*``)."""
         return _segments.state(self._map, index)
 
+    def slots(self) -> Iterator[SegmentSlot]:
+        """The slots holding a segment, in slot order, as the table shows them now (the
+        span and flags as registered, unless a holder of the table overwrote them)."""
+        for index in range(self.capacity):
+            state, flags, _stamp, start, length = SEGMENT_SLOT.unpack_from(
+                self._map, segment_slot_offset(index)
+            )
+            if state != SEGMENT_FREE:
+                yield SegmentSlot(index, start, length, flags, self.state(index))
+
     def close(self) -> None:
         """Unmap the table; its segments stay as they are."""
         self._map.close()
@@ -300,6 +316,19 @@ class SegmentTable:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class SegmentSlot(NamedTuple):
+    """One slot of a table holding a segment, as :meth:`SegmentTable.slots` lists it."""
+
+    #: The segment's index in its table.
+    slot: int
+    start: int
+    length: int
+    #: :data:`VRANGE_FULL` or :data:`VRANGE_PARTIAL`, as registered.
+    flags: int
+    #: ``volfs.abi.SEGMENT_*``.
+    state: int
 
 
 @dataclass(frozen=True, slots=True)

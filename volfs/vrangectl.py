@@ -30,12 +30,23 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
 
-from volfs.abi import PAGE_SIZE, VOLFS_STATS_FIELDS, pages_for
+from volfs.abi import (
+    PAGE_SIZE,
+    SEGMENT_PINNED,
+    SEGMENT_PURGED,
+    SEGMENT_PURGING,
+    SEGMENT_STALE,
+    SEGMENT_UNPINNED,
+    VOLFS_STATS_FIELDS,
+    pages_for,
+)
 from volfs.client import (
     VRANGE_FULL,
     VRANGE_NONVOLATILE,
     VRANGE_PARTIAL,
     VRANGE_VOLATILE,
+    SegmentSlot,
+    SegmentTable,
     VRange,
     fvrange,
     purge,
@@ -236,6 +247,54 @@ def format_ranges(ranges: Sequence[VRange]) -> list[str]:
     ]
 
 
+#: How ``status --ranges`` names segment states.
+SEGMENT_STATE_NAMES = {
+    SEGMENT_PINNED: "pinned",
+    SEGMENT_UNPINNED: "unpinned",
+    SEGMENT_PURGING: "purging",
+    SEGMENT_PURGED: "purged",
+    SEGMENT_STALE: "stale",
+}
+
+
+def format_segments(slots: Sequence[SegmentSlot]) -> list[str]:
+    """An aligned table ``SEGMENT START END SIZE FLAGS STATE``, a segment a line."""
+    rows = [("SEGMENT", "START", "END", "SIZE", "FLAGS", "STATE")]
+    rows += [
+        (
+            str(s.slot),
+            str(s.start),
+            str(s.start + s.length),
+            str(s.length),
+            "PARTIAL" if s.flags == VRANGE_PARTIAL else "FULL",
+            SEGMENT_STATE_NAMES.get(s.state, f"garbage({s.state})"),
+        )
+        for s in slots
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(5)]
+    return [
+        "  ".join(
+            [cell.rjust(width) for cell, width in zip(row[:4], widths[:4], strict=True)]
+            + [row[4].ljust(widths[4]), row[5]]
+        )
+        for row in rows
+    ]
+
+
+def _segments_in(fd: int, start: int, end: int) -> list[SegmentSlot]:
+    """The segments overlapping ``[start, end)``, whole, in file order; none if the file has
+    no table (asking never makes one)."""
+    try:
+        table = SegmentTable(fd, create=False)
+    except OSError as error:
+        if error.errno == errno.ENOENT:
+            return []
+        raise
+    with table:
+        slots = [s for s in table.slots() if s.start < end and s.start + s.length > start]
+    return sorted(slots, key=lambda s: s.start)
+
+
 def _ranges_in(fd: int, start: int, end: int) -> list[VRange]:
     """The volatile ranges overlapping ``[start, end)``, each whole, in file order."""
     return list(itertools.takewhile(lambda r: r.start < end, vrange_ranges(fd, start)))
@@ -254,6 +313,9 @@ def cmd_status(arguments: argparse.Namespace) -> list[str]:
             end = offset + length if length else _page_rounded_size(fd)
             ranges = _on_span(path, fd, offset, length, lambda: _ranges_in(fd, offset, end))
             lines += format_ranges(ranges)
+            segments = _on_span(path, fd, offset, length, lambda: _segments_in(fd, offset, end))
+            if segments:
+                lines += format_segments(segments)
     return lines
 
 
@@ -354,8 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
             "line: START END SIZE (bytes, END exclusive), FLAGS FULL or PARTIAL as marked, STATE "
             "purged if any of it was purged since it was marked (nonvolatile would report "
             "purged=1), else intact. Ranges that only touch are listed apart, and a purge that "
-            "takes the tail of a PARTIAL range leaves that tail a range of its own. Any "
-            "descriptor will do, read-only included."
+            "takes the tail of a PARTIAL range leaves that tail a range of its own. Unpinned "
+            "segments count as volatile; if the file has segments, --ranges lists them after "
+            "the ranges: SEGMENT (its index in the file's table), START END SIZE FLAGS as "
+            "registered, STATE pinned, unpinned, purging or purged. Any descriptor will do, "
+            "read-only included."
         ),
         epilog="examples:\n"
         "  vrangectl status /dev/fd/3                # volatile=1048576 purged=0\n"
@@ -365,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("file", metavar="FILE", help="a file on a volfs mount")
     span_arguments(status, optional=True)
     status.add_argument(
-        "-r", "--ranges", action="store_true", help="also list the volatile ranges, one a line"
+        "-r", "--ranges", action="store_true", help="also list the volatile ranges and the segments, one a line"
     )
     status.set_defaults(run=cmd_status, subparser=status)
 

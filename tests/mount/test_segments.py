@@ -9,6 +9,8 @@ import multiprocessing
 import os
 import random
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -193,8 +195,9 @@ def test_bad_requests_get_clear_errors(mnt: Path, data_file: tuple[int, bytes]) 
         errno.ENOENT
     )
     assert errno_of(lambda: SegmentTable(fd, abi.SEGMENTS_PER_FILE_MAX + 1)) == errno.EINVAL
-    flagged = abi.VOLFS_SEGMENTS.pack(0, 1, 0, 0, b"", b"")
+    flagged = abi.VOLFS_SEGMENTS.pack(0, 2, 0, 0, b"", b"")
     assert errno_of(lambda: fcntl.ioctl(fd, abi.VOLFS_IOC_SEGMENTS, flagged)) == errno.EINVAL
+    assert errno_of(lambda: SegmentTable(fd, create=False)) == errno.ENOENT
     directory = os.open(mnt, os.O_RDONLY)
     try:
         assert errno_of(lambda: SegmentTable(directory)) == errno.EISDIR
@@ -437,3 +440,38 @@ def test_a_table_full_of_garbage_harms_only_its_file(
             assert volfs.process.poll() is None
     finally:
         os.close(other)
+
+
+def test_vrangectl_shows_segments(mnt: Path, data_file: tuple[int, bytes]) -> None:
+    fd, _data = data_file
+    lone = os.open(mnt / "cache.bin", os.O_RDONLY)
+
+    def vrangectl(*arguments: str) -> list[str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "volfs.vrangectl", *arguments],
+            pass_fds=(fd, lone),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return done.stdout.splitlines()
+
+    try:
+        # Asking never makes a table.
+        assert vrangectl("status", f"/dev/fd/{lone}", "--ranges")[1:] == [
+            "START  END  SIZE  FLAGS  STATE"
+        ]
+        assert "segments=0" in vrangectl("stats", str(mnt))
+        with SegmentTable(fd) as table:
+            table.register(0, SEGMENT)
+            table.register(SEGMENT, SEGMENT, partial=True).unpin()
+            assert vrangectl("status", f"/dev/fd/{lone}", "--ranges") == [
+                f"volatile={SEGMENT} purged=0",
+                "START  END  SIZE  FLAGS  STATE",
+                "SEGMENT  START     END   SIZE  FLAGS    STATE",
+                "      0      0   65536  65536  FULL     pinned",
+                "      1  65536  131072  65536  PARTIAL  unpinned",
+            ]
+            assert "segments=2" in vrangectl("stats", str(mnt))
+    finally:
+        os.close(lone)

@@ -28,6 +28,7 @@ from volfs.abi import (
     VOLFS_PURGE,
     VOLFS_SEGMENT,
     VOLFS_SEGMENTS,
+    VOLFS_SEGMENTS_EXISTING,
     VRANGE_ARGS,
     VRANGE_FULL,
     VRANGE_NEXT,
@@ -214,8 +215,10 @@ class Ioctls:
     def _segments(self, node: Inode, open_file: OpenFile, data: bytes) -> bytes:
         """VOLFS_IOC_SEGMENTS: the file's table (made if need be) and a token for it."""
         capacity, flags, _pid, _granted, _token, _socket = VOLFS_SEGMENTS.unpack(data)
-        if flags:
-            raise OSError(errno.EINVAL, "flags must be zero")
+        if flags & ~VOLFS_SEGMENTS_EXISTING:
+            raise OSError(errno.EINVAL, "unknown flags")
+        if flags & VOLFS_SEGMENTS_EXISTING and node.segments is None:
+            raise OSError(errno.ENOENT, "the file has no segment table")
         table = self._namespace.volatility.segment_table(node, capacity)
         token = self._handover.grant(table, writable=open_file.writable)
         return VOLFS_SEGMENTS.pack(

@@ -179,9 +179,11 @@ struct volfs_segment_slot {          /* 32 bytes; slot i at 64 + 32 * i */
     __u64 length;     /* as registered                                            */
 };
 
+#define VOLFS_SEGMENTS_EXISTING 1  /* flags: only a table the file has (else ENOENT)    */
+
 struct volfs_segments_args {         /* 96 bytes */
     __u32 capacity;   /* in:  slots of the table if the file has none yet; 0 = default */
-    __u32 flags;      /* in:  must be 0                                                */
+    __u32 flags;      /* in:  0 or VOLFS_SEGMENTS_EXISTING                             */
     __u32 pid;        /* out: the daemon's pid, to check with SO_PEERCRED              */
     __u32 granted;    /* out: the table's capacity (an existing table keeps its own)   */
     __u8 token[VOLFS_SEGMENT_TOKEN_BYTES];          /* out: one-time token            */
@@ -189,8 +191,8 @@ struct volfs_segments_args {         /* 96 bytes */
 };
 #define VOLFS_IOC_SEGMENTS          _IOWR('v', 0x85, struct volfs_segments_args) /* 0xc0607685 */
 /*
- * Errors of VOLFS_IOC_SEGMENTS: EINVAL (capacity past VOLFS_SEGMENTS_PER_FILE_MAX, flags != 0,
- * not a regular file), EISDIR, ENOSPC (the table's pages do not fit under size=, or the
+ * Errors of VOLFS_IOC_SEGMENTS: EINVAL (capacity past VOLFS_SEGMENTS_PER_FILE_MAX, an unknown
+ * flag, not a regular file), EISDIR, ENOENT (VOLFS_SEGMENTS_EXISTING and no table), ENOSPC (the table's pages do not fit under size=, or the
  * mount's tables would pass VOLFS_SEGMENTS_PER_MOUNT_MAX slots).
  */
 
