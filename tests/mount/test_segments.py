@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Mount, wait_for
+from tests.mount.test_vrange import compile_c
 from volfs import abi, client
 from volfs.client import (
     VRANGE_NONVOLATILE,
@@ -475,3 +476,38 @@ def test_vrangectl_shows_segments(mnt: Path, data_file: tuple[int, bytes]) -> No
             assert "segments=2" in vrangectl("stats", str(mnt))
     finally:
         os.close(lone)
+
+
+def test_segment_header_matches_the_python_abi(tmp_path: Path) -> None:
+    names = {
+        "VOLFS_IOC_SEGMENTS": abi.VOLFS_IOC_SEGMENTS,
+        "VOLFS_IOC_SEGMENT_REGISTER": abi.VOLFS_IOC_SEGMENT_REGISTER,
+        "VOLFS_IOC_SEGMENT_RELEASE": abi.VOLFS_IOC_SEGMENT_RELEASE,
+        "sizeof(struct volfs_segments_args)": abi.VOLFS_SEGMENTS.size,
+        "sizeof(struct volfs_segment_args)": abi.VOLFS_SEGMENT.size,
+        "sizeof(struct volfs_segment_slot)": abi.SEGMENT_SLOT.size,
+        "sizeof(struct volfs_segment_table_header)": abi.SEGMENT_TABLE_HEADER.size,
+        "offsetof(struct volfs_segment_slot, stamp)": abi.SEGMENT_STAMP_OFFSET,
+        "VOLFS_SEGMENT_FREE": abi.SEGMENT_FREE,
+        "VOLFS_SEGMENT_PINNED": abi.SEGMENT_PINNED,
+        "VOLFS_SEGMENT_UNPINNED": abi.SEGMENT_UNPINNED,
+        "VOLFS_SEGMENT_PURGING": abi.SEGMENT_PURGING,
+        "VOLFS_SEGMENT_PURGED": abi.SEGMENT_PURGED,
+        "VOLFS_SEGMENT_STALE": abi.SEGMENT_STALE,
+        "VOLFS_SEGMENT_TABLE_MAGIC": abi.SEGMENT_TABLE_MAGIC,
+        "VOLFS_SEGMENT_TABLE_VERSION": abi.SEGMENT_TABLE_VERSION,
+        "VOLFS_SEGMENTS_DEFAULT": abi.SEGMENTS_DEFAULT,
+        "VOLFS_SEGMENTS_PER_FILE_MAX": abi.SEGMENTS_PER_FILE_MAX,
+        "VOLFS_SEGMENTS_PER_MOUNT_MAX": abi.SEGMENTS_PER_MOUNT_MAX,
+        "VOLFS_SEGMENT_TOKEN_BYTES": abi.SEGMENT_TOKEN_BYTES,
+        "VOLFS_SEGMENT_TOKEN_SECONDS": abi.SEGMENT_TOKEN_SECONDS,
+        "VOLFS_SEGMENT_SOCKET_NAME_BYTES": abi.SEGMENT_SOCKET_NAME_BYTES,
+        "VOLFS_SEGMENTS_EXISTING": abi.VOLFS_SEGMENTS_EXISTING,
+    }
+    source = tmp_path / "segments_abi.c"
+    prints = "\n".join(f'    printf("%llu\\n", (unsigned long long)({name}));' for name in names)
+    source.write_text(
+        f"#include <volfs.h>\n#include <stdio.h>\nint main(void) {{\n{prints}\n    return 0;\n}}\n"
+    )
+    output = subprocess.run([compile_c(source)], capture_output=True, text=True, check=True)
+    assert dict(zip(names, map(int, output.stdout.split()), strict=True)) == names
