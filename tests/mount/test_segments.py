@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Mount, wait_for
+from tests.mount.test_pressure import open_fifo_writer
 from tests.mount.test_vrange import compile_c
 from volfs import abi, client
 from volfs.client import (
@@ -511,3 +512,36 @@ def test_segment_header_matches_the_python_abi(tmp_path: Path) -> None:
     )
     output = subprocess.run([compile_c(source)], capture_output=True, text=True, check=True)
     assert dict(zip(names, map(int, output.stdout.split()), strict=True)) == names
+
+
+def test_memory_pressure_purges_unpinned_segments_and_gives_the_memory_back(
+    mount_volfs: Callable[..., Mount], tmp_path: Path
+) -> None:
+    fifo = tmp_path / "pressure"
+    os.mkfifo(fifo)
+    mount = mount_volfs(
+        "size=256M,pressure_batch=32M,pressure_watermark=0",
+        env={"MEMORY_PRESSURE_WATCH": str(fifo)},
+    )
+    data = os.urandom(64 * MiB)
+    (mount.path / "cache").write_bytes(data)
+    fd = os.open(mount.path / "cache", os.O_RDWR)
+    try:
+        with SegmentTable(fd) as table:
+            segments = segments_of(table, 64, MiB)
+            for segment in segments[:48]:
+                segment.unpin()
+            before = mount.rss_bytes()
+            writer = open_fifo_writer(fifo)
+            try:
+                os.write(writer, b"pressure\n")
+                wait_for(lambda: vrange_status(fd)[1] == 32 * MiB, 10, "one batch purged")
+            finally:
+                os.close(writer)
+            wait_for(lambda: before - mount.rss_bytes() > 30 * MiB, 10, "RSS to drop 32 MiB")
+            # The 32 least recently unpinned went; the rest is intact.
+            assert [segment.pin() for segment in segments] == [True] * 32 + [False] * 32
+            assert os.pread(fd, 32 * MiB, 32 * MiB) == data[32 * MiB :]
+            assert os.pread(fd, MiB, 0) == bytes(MiB)
+    finally:
+        os.close(fd)
