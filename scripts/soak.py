@@ -37,6 +37,14 @@ Reading a page narrows what it may hold; a non-volatile page whose contents late
 one of the ruled-out candidates without a write is reported as ``unstable`` (stale page
 cache), any other unexpected bytes as ``lost`` (zeros) or ``corrupt``.
 
+The segments phase (``--segment-seconds``): ``--workers`` processes share one file cut into
+segments, each pinning one of its segments at a time, checking it, writing it (pwrite or
+through MAP_SHARED) and unpinning it, while a thread purges (VOLFS_IOC_PURGE of random
+amounts, pressure events) and the size cap purges too. A pin reporting purged=0 must find
+exactly what was written while pinned; purged=1 pages hold zeros or, where a dirty mapped page
+was written back, what was written; an unpinned segment reads what was written or fails with
+EIO, never anything else.
+
 Then the race phase: ``--race-iterations`` times, a fresh pattern is written and marked
 volatile (FULL or PARTIAL), and a purge and a NON_VOLATILE of the range (whole, or its head
 first) are issued at the same moment from two threads. The outcome must be all or nothing: a
@@ -88,12 +96,15 @@ from typing import Any
 
 import volfs_mounts
 
+from volfs.abi import SEGMENT_PINNED
 from volfs.client import (
     PAGE_SIZE,
     VRANGE_FULL,
     VRANGE_NONVOLATILE,
     VRANGE_PARTIAL,
     VRANGE_VOLATILE,
+    Segment,
+    SegmentTable,
     fvrange,
     purge,
     statistics,
@@ -185,6 +196,7 @@ class Settings:
     pressure_interval: float
     race_iterations: int
     seed: int
+    segment_seconds: float = 0.0
 
 
 def positive_size(text: str) -> str:
@@ -1178,6 +1190,187 @@ def run_soak(mountpoint: Path, fifo: Path, settings: Settings) -> dict[str, Any]
     }
 
 
+# -- segments ----------------------------------------------------------------------------------
+
+#: Pages of one segment of the segments phase.
+SEGMENT_PAGES = 8
+#: Segments of the shared file per worker.
+SEGMENTS_PER_WORKER = 8
+#: A segment is registered PARTIAL (else FULL).
+SEGMENT_PARTIAL_CHANCE = 0.3
+#: A pinned segment is written through a shared mapping (else with pwrite).
+SEGMENT_MMAP_CHANCE = 0.3
+#: An unpinned segment is read (it must hold the data or fail with EIO).
+SEGMENT_READ_UNPINNED_CHANCE = 0.2
+
+
+def _segment_violation(
+    kind: str, segment: Segment, expected: bytes | None, got: bytes | None
+) -> dict[str, Any]:
+    wrong = [
+        index // PAGE
+        for index in range(0, len(got or b""), PAGE)
+        if expected is None or (got or b"")[index : index + PAGE] != expected[index : index + PAGE]
+    ]
+    return {"kind": kind, "segment": segment.index, "offset": segment.offset, "pages": wrong}
+
+
+def _pages_zero_or_expected(got: bytes, expected: bytes | None) -> bool:
+    return all(
+        got[index : index + PAGE] in (ZERO_PAGE, (expected or b"")[index : index + PAGE])
+        for index in range(0, len(got), PAGE)
+    )
+
+
+class _SegmentWorker:
+    """One worker of the segments phase: its segments of the shared file and its record of
+    what each holds."""
+
+    def __init__(self, path: str, first: int, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.size = SEGMENT_PAGES * PAGE
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.violations: list[dict[str, Any]] = []
+        self.fd = os.open(path, os.O_RDWR)
+        self.table = SegmentTable(self.fd)
+        self.mapping = mmap.mmap(self.fd, os.fstat(self.fd).st_size)
+        self.segments = [
+            self.table.register(
+                index * self.size, self.size, partial=self.rng.random() < SEGMENT_PARTIAL_CHANCE
+            )
+            for index in range(first, first + SEGMENTS_PER_WORKER)
+        ]
+        self.written: dict[int, bytes] = {}
+
+    def close(self) -> None:
+        self.mapping.close()
+        self.table.close()
+        os.close(self.fd)
+
+    def cycle(self) -> None:
+        """Maybe read a segment while unpinned; pin, check, write and unpin it."""
+        segment = self.rng.choice(self.segments)
+        if self.rng.random() < SEGMENT_READ_UNPINNED_CHANCE and segment.state != SEGMENT_PINNED:
+            self.read_unpinned(segment)
+        self.check_pinned(segment, segment.pin())
+        self.write_pinned(segment)
+        segment.unpin()
+
+    def read_unpinned(self, segment: Segment) -> None:
+        """An unpinned segment reads as written, or fails with EIO (or a read stops at the
+        first purged page), never anything else."""
+        expected = self.written.get(segment.index)
+        try:
+            got = os.pread(self.fd, self.size, segment.offset)
+        except OSError as error:
+            self.counters["unpinned_eio" if error.errno == errno.EIO else "errors"] += 1
+            return
+        self.counters["unpinned_reads"] += 1
+        if len(got) < self.size:
+            self.counters["unpinned_cut_reads"] += 1
+        if expected is not None and not expected.startswith(got):
+            self.violations.append(_segment_violation("unpinned", segment, expected, got))
+
+    def check_pinned(self, segment: Segment, purged: bool) -> None:
+        """What a pin found: exactly what was written, or (purged) zeros where it was lost."""
+        self.counters["pins"] += 1
+        expected = self.written.get(segment.index)
+        got = os.pread(self.fd, self.size, segment.offset)
+        if purged:
+            self.counters["purged_pins"] += 1
+            if not _pages_zero_or_expected(got, expected):
+                self.violations.append(_segment_violation("corrupt", segment, expected, got))
+        elif expected is not None and got != expected:
+            kind = "lost" if not any(got) else "corrupt"
+            self.violations.append(_segment_violation(kind, segment, expected, got))
+
+    def write_pinned(self, segment: Segment) -> None:
+        """Fresh bytes, through the mapping or pwrite; ENOSPC changes nothing."""
+        data = self.rng.randbytes(self.size)
+        try:
+            if self.rng.random() < SEGMENT_MMAP_CHANCE:
+                self.mapping[segment.offset : segment.offset + self.size] = data
+                self.counters["mmap_writes"] += 1
+            else:
+                os.pwrite(self.fd, data, segment.offset)
+                self.counters["writes"] += 1
+            self.written[segment.index] = data
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            self.counters["enospc"] += 1
+
+
+def _segment_worker(path: str, first: int, seconds: float, seed: int) -> dict[str, Any]:
+    """Cycle segments ``[first, first + SEGMENTS_PER_WORKER)`` of ``path`` for ``seconds``;
+    return the counters and violations."""
+    worker = _SegmentWorker(path, first, seed)
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            worker.cycle()
+    finally:
+        worker.close()
+    worker.counters["violations"] = len(worker.violations)
+    return {"counters": dict(worker.counters), "violations": worker.violations[:MAX_REPORTED]}
+
+
+def run_segments(mountpoint: Path, seconds: float, workers: int, seed: int) -> dict[str, Any]:
+    """Workers pin, check, write and unpin segments of one shared file while a thread purges;
+    return the counters, the violations and the errors."""
+    path = mountpoint / "segments.bin"
+    path.write_bytes(bytes(workers * SEGMENTS_PER_WORKER * SEGMENT_PAGES * PAGE))
+    keeper = os.open(path, os.O_RDWR)  # the table lives while any worker comes and goes
+    rng = random.Random(seed)
+    stopping = threading.Event()
+    purges = collections.Counter[str]()
+    errors: list[str] = []
+
+    def purge_now_and_then() -> None:
+        while not stopping.wait(rng.uniform(0, 0.01)):
+            try:
+                purge(
+                    mountpoint,
+                    0 if rng.random() < PURGE_ALL_CHANCE else rng.randrange(1, 64) * PAGE,
+                )
+                purges["ioctl"] += 1
+            except OSError as error:
+                errors.append(f"purge failed: {error}")
+                return
+
+    purger = threading.Thread(target=purge_now_and_then, name="segment-purges")
+    purger.start()
+    counters: collections.Counter[str] = collections.Counter()
+    violations: list[dict[str, Any]] = []
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            results = pool.starmap(
+                _segment_worker,
+                [
+                    (str(path), index * SEGMENTS_PER_WORKER, seconds, seed + index)
+                    for index in range(workers)
+                ],
+            )
+        for result in results:
+            counters.update(result["counters"])
+            violations.extend(result["violations"])
+    except Exception:
+        errors.append(traceback.format_exc())
+    finally:
+        stopping.set()
+        purger.join()
+        os.close(keeper)
+        with contextlib.suppress(OSError):
+            path.unlink()
+    return {
+        "counters": dict(sorted(counters.items())),
+        "purges": dict(purges),
+        "violation_count": counters["violations"],
+        "violations": violations,
+        "errors": errors,
+    }
+
+
 # -- the race ----------------------------------------------------------------------------------
 
 
@@ -1475,6 +1668,10 @@ def render(report: dict[str, Any]) -> str:
             f"  violations: {soak['violation_count']} (lost bytes {soak['lost_bytes']}, "
             f"corrupted bytes {soak['corrupt_bytes']})"
         )
+    segments = report.get("segments")
+    if segments:
+        counters = ", ".join(f"{key}={value}" for key, value in segments["counters"].items())
+        lines.append(f"segments: {counters}; {segments['violation_count']} violations")
     race = report.get("race")
     if race:
         outcomes = ", ".join(f"{key}={value}" for key, value in race["outcomes"].items())
@@ -1492,7 +1689,11 @@ def render(report: dict[str, Any]) -> str:
         f"daemon: exit status {report['daemon']['exit_status']}, "
         f"logged an exception: {report['daemon']['logged_exception']}"
     )
-    for violation in [*(soak or {}).get("violations", []), *(race or {}).get("violations", [])]:
+    for violation in [
+        *(soak or {}).get("violations", []),
+        *(segments or {}).get("violations", []),
+        *(race or {}).get("violations", []),
+    ]:
         lines.append("")
         history = violation.pop("history", [])
         lines.append("VIOLATION " + json.dumps(violation))
@@ -1538,6 +1739,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="mean seconds between two purges of the pressure thread (0.01)",
     )
     parser.add_argument(
+        "--segment-seconds", type=float, default=20.0, help="seconds of the segments phase (20)"
+    )
+    parser.add_argument(
         "--race-iterations", type=int, default=300, help="iterations of the race phase (300)"
     )
     parser.add_argument(
@@ -1567,6 +1771,7 @@ def settings_from(arguments: argparse.Namespace, parser: argparse.ArgumentParser
         pressure_batch=arguments.pressure_batch,
         pressure_interval=arguments.pressure_interval,
         race_iterations=arguments.race_iterations,
+        segment_seconds=arguments.segment_seconds,
         seed=arguments.seed if arguments.seed is not None else time.time_ns() % 1_000_000_007,
     )
 
@@ -1589,6 +1794,10 @@ def run_on_own_mount(settings: Settings, report: dict[str, Any], workdir: Path |
             ):
                 if settings.duration > 0:
                     report["soak"] = run_soak(mountpoint, fifo, settings)
+                if settings.segment_seconds > 0:
+                    report["segments"] = run_segments(
+                        mountpoint, settings.segment_seconds, settings.workers, settings.seed
+                    )
                 if settings.race_iterations > 0:
                     report["race"] = run_race(mountpoint, settings.race_iterations, settings.seed)
                 report["statistics"] = statistics(mountpoint)
@@ -1608,7 +1817,7 @@ def run_on_own_mount(settings: Settings, report: dict[str, Any], workdir: Path |
 
 def judge_report(report: dict[str, Any]) -> None:
     """Gather the phases' errors and set ``ok``: no error, no violation, a clean daemon exit."""
-    for phase in ("soak", "race"):
+    for phase in ("soak", "segments", "race"):
         if report[phase]:
             report["errors"].extend(report[phase]["errors"])
     report["ok"] = (
@@ -1616,7 +1825,8 @@ def judge_report(report: dict[str, Any]) -> None:
         and report["daemon"]["exit_status"] == 0
         and not report["daemon"]["logged_exception"]
         and all(
-            not report[phase] or not report[phase]["violation_count"] for phase in ("soak", "race")
+            not report[phase] or not report[phase]["violation_count"]
+            for phase in ("soak", "segments", "race")
         )
     )
 
@@ -1634,6 +1844,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ok": False,
         "settings": asdict(settings),
         "soak": None,
+        "segments": None,
         "race": None,
         "statistics": None,
         "daemon": {"exit_status": None, "logged_exception": False},

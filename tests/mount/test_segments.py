@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import multiprocessing
 import os
 import random
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -340,76 +338,6 @@ def test_the_size_cap_purges_unpinned_segments_before_enospc(
     finally:
         os.close(fd)
         os.close(other)
-
-
-# -- processes racing purges ------------------------------------------------------------------
-
-
-def _pinner(path: str, indexes: list[int], seconds: float, seed: int) -> tuple[int, int, int]:
-    """Pin, write, verify, unpin segments of a shared file until time is up.
-
-    Returns (cycles, purges seen, bytes found wrong).
-    """
-    rng = random.Random(seed)
-    fd = os.open(path, os.O_RDWR)
-    table = SegmentTable(fd)
-    segments = [Segment(table, index, index * SEGMENT, SEGMENT, False) for index in indexes]
-    written: dict[int, bytes] = {}
-    cycles = purges = wrong = 0
-    deadline = time.monotonic() + seconds
-    try:
-        while time.monotonic() < deadline:
-            segment = rng.choice(segments)
-            purged = segment.pin()
-            start = segment.offset
-            if purged:
-                purges += 1
-                wrong += sum(1 for byte in os.pread(fd, SEGMENT, start) if byte)
-            elif segment.index in written:
-                current = os.pread(fd, SEGMENT, start)
-                wrong += sum(
-                    1 for a, b in zip(current, written[segment.index], strict=True) if a != b
-                )
-            data = rng.randbytes(SEGMENT)
-            os.pwrite(fd, data, start)
-            written[segment.index] = data
-            if os.pread(fd, SEGMENT, start) != data:
-                wrong += SEGMENT
-            segment.unpin()
-            cycles += 1
-    finally:
-        table.close()
-        os.close(fd)
-    return cycles, purges, wrong
-
-
-@pytest.mark.slow
-def test_nothing_pinned_is_lost_while_processes_race_purges(mnt: Path) -> None:
-    path = mnt / "shared"
-    count = 32
-    path.write_bytes(bytes(count * SEGMENT))
-    keeper = os.open(path, os.O_RDWR)
-    try:
-        with SegmentTable(keeper) as table:
-            for segment in segments_of(table, count):
-                segment.unpin()
-            context = multiprocessing.get_context("fork")
-            with context.Pool(3) as pool:
-                work = pool.starmap_async(
-                    _pinner,
-                    [(str(path), list(range(n, count, 3)), 4.0, n) for n in range(3)],
-                )
-                purges = 0
-                while not work.ready():
-                    purge(mnt, random.choice((0, SEGMENT, 4 * SEGMENT)))
-                    purges += 1
-                results = work.get(timeout=60)
-        assert purges > 10
-        assert sum(cycles for cycles, _purged, _wrong in results) > 100
-        assert sum(purged for _cycles, purged, _wrong in results) > 0
-        assert [wrong for _cycles, _purged, wrong in results] == [0, 0, 0]
-    finally:
-        os.close(keeper)
 
 
 def test_a_table_full_of_garbage_harms_only_its_file(

@@ -57,6 +57,7 @@ def test_soak_loses_nothing_under_purges_and_the_size_cap(tmp_path: Path) -> Non
             "--size=3M",
             "--seed=20240611",
             "--race-iterations=0",
+            "--segment-seconds=0",
             "--json",
             f"--workdir={tmp_path}",
         ],
@@ -118,3 +119,21 @@ def test_purge_racing_nonvolatile_is_all_or_nothing(mount_volfs: Callable[..., M
     # Both orders happened with a purge of everything: the race was run, not avoided.
     assert outcomes["purged"] > 0 and outcomes["intact_purge_all"] > 0, outcomes
     assert outcomes["split"] > 0, outcomes
+
+
+@pytest.mark.slow
+def test_nothing_pinned_is_lost_while_processes_race_purges(
+    mount_volfs: Callable[..., Mount],
+) -> None:
+    soak = load_soak()
+    mount = mount_volfs("size=64M,pressure=off")
+    report = soak.run_segments(mount.path, seconds=5.0, workers=3, seed=11)
+    assert not report["errors"], report["errors"]
+    assert report["violation_count"] == 0, describe(report["violations"])
+    counters = report["counters"]
+    # Purges met pins, unpinned reads met purged pages, both kinds of write were checked.
+    assert counters["pins"] > 1000 and counters["purged_pins"] > 0
+    assert counters["pins"] > counters["purged_pins"]
+    assert counters["unpinned_eio"] > 0 and counters["unpinned_reads"] > 0
+    assert counters["mmap_writes"] > 0 and counters["writes"] > 0
+    assert report["purges"]["ioctl"] > 10
