@@ -430,7 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("file", metavar="FILE", help="a file on a volfs mount")
     span_arguments(status, optional=True)
     status.add_argument(
-        "-r", "--ranges", action="store_true", help="also list the volatile ranges and the segments, one a line"
+        "-r",
+        "--ranges",
+        action="store_true",
+        help="also list the volatile ranges and the segments, one a line",
     )
     status.set_defaults(run=cmd_status, subparser=status)
 

@@ -248,6 +248,11 @@ def test_the_last_close_makes_every_table_stale(mnt: Path) -> None:
 
 def test_a_read_only_descriptor_sees_states_only(mnt: Path, data_file: tuple[int, bytes]) -> None:
     fd, _data = data_file
+    early_reader = os.open(mnt / "cache.bin", os.O_RDONLY)
+    try:  # a reader never makes a table
+        assert errno_of(lambda: SegmentTable(early_reader)) == errno.ENOENT
+    finally:
+        os.close(early_reader)
     with SegmentTable(fd) as table:
         segment = table.register(0, SEGMENT)
         segment.unpin()

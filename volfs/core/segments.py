@@ -26,7 +26,7 @@ import errno
 import fcntl
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from sortedcontainers import SortedDict
@@ -240,10 +240,18 @@ class SegmentTable:
         """Segments within [first, end) whose lost pages a pin has reported since the daemon
         last looked; they are no longer counted as unacknowledged.
 
-        Runtime complexity: O(log n + k) for k segments in the span.
+        Runtime complexity: O(min(u, log n + k)) for u unacknowledged segments and k segments
+        in the span (u when u is small).
         """
         seen = []
-        for segment in self.overlapping(first, end):
+        # Whichever is likely fewer: the unacknowledged segments, or those of the span.
+        if len(self.unacknowledged) <= _FEW:
+            candidates: Iterable[Segment] = [
+                s for s in self.unacknowledged if s.first < end and s.end > first
+            ]
+        else:
+            candidates = self.overlapping(first, end)
+        for segment in candidates:
             if segment.unacknowledged and self.state(segment) not in _PURGE_STATES:
                 self.acknowledge(segment)
                 seen.append(segment)
@@ -270,3 +278,5 @@ class SegmentTable:
 
 
 _PURGE_STATES = frozenset((SEGMENT_PURGING, SEGMENT_PURGED))
+#: Unacknowledged segments few enough to look at all of them rather than at a span's.
+_FEW = 64

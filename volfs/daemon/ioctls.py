@@ -217,7 +217,8 @@ class Ioctls:
         capacity, flags, _pid, _granted, _token, _socket = VOLFS_SEGMENTS.unpack(data)
         if flags & ~VOLFS_SEGMENTS_EXISTING:
             raise OSError(errno.EINVAL, "unknown flags")
-        if flags & VOLFS_SEGMENTS_EXISTING and node.segments is None:
+        # A reader only looks: it never makes a table (whose memory the cap would carry).
+        if (flags & VOLFS_SEGMENTS_EXISTING or not open_file.writable) and node.segments is None:
             raise OSError(errno.ENOENT, "the file has no segment table")
         table = self._namespace.volatility.segment_table(node, capacity)
         token = self._handover.grant(table, writable=open_file.writable)

@@ -113,7 +113,8 @@ struct vrange_next {            /* 32 bytes */
  * VOLFS_SEGMENT_STALE and pin/unpin fail with ESTALE.
  *
  * Getting the table (volfs_segments_open does all of it):
- *  1. VOLFS_IOC_SEGMENTS on a descriptor of the file creates the table if the file has none
+ *  1. VOLFS_IOC_SEGMENTS on a descriptor of the file (open for writing: a read-only one only
+ *     gets a table that exists, else ENOENT) creates the table if the file has none
  *     (with `capacity` slots, 0 = VOLFS_SEGMENTS_DEFAULT, at most VOLFS_SEGMENTS_PER_FILE_MAX;
  *     its pages are charged to the mount's size=) and answers a one-time token, valid for
  *     VOLFS_SEGMENT_TOKEN_SECONDS, the daemon's pid and the name of its socket.
