@@ -225,8 +225,7 @@ def cmd_nonvolatile(arguments: argparse.Namespace) -> list[str]:
 
 def format_ranges(ranges: Sequence[VRange]) -> list[str]:
     """An aligned table ``START END SIZE FLAGS STATE``, a range a line, numbers in bytes."""
-    rows = [("START", "END", "SIZE", "FLAGS", "STATE")]
-    rows += [
+    rows = [
         (
             str(r.start),
             str(r.end),
@@ -236,14 +235,21 @@ def format_ranges(ranges: Sequence[VRange]) -> list[str]:
         )
         for r in ranges
     ]
-    # Numbers right-aligned, FLAGS padded; STATE ends the line, so it needs no padding.
-    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    return _aligned(("START", "END", "SIZE", "FLAGS", "STATE"), rows)
+
+
+def _aligned(titles: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Rows under their titles: numbers right-aligned, then FLAGS padded, then STATE, which
+    ends the line and so needs no padding."""
+    table = [tuple(titles), *rows]
+    numbers = len(titles) - 2
+    widths = [max(len(row[column]) for row in table) for column in range(numbers + 1)]
     return [
         "  ".join(
-            [cell.rjust(width) for cell, width in zip(row[:3], widths[:3], strict=True)]
-            + [row[3].ljust(widths[3]), row[4]]
+            [cell.rjust(width) for cell, width in zip(row[:numbers], widths, strict=False)]
+            + [row[numbers].ljust(widths[numbers]), row[numbers + 1]]
         )
-        for row in rows
+        for row in table
     ]
 
 
@@ -259,8 +265,7 @@ SEGMENT_STATE_NAMES = {
 
 def format_segments(slots: Sequence[SegmentSlot]) -> list[str]:
     """An aligned table ``SEGMENT START END SIZE FLAGS STATE``, a segment a line."""
-    rows = [("SEGMENT", "START", "END", "SIZE", "FLAGS", "STATE")]
-    rows += [
+    rows = [
         (
             str(s.slot),
             str(s.start),
@@ -271,14 +276,7 @@ def format_segments(slots: Sequence[SegmentSlot]) -> list[str]:
         )
         for s in slots
     ]
-    widths = [max(len(row[column]) for row in rows) for column in range(5)]
-    return [
-        "  ".join(
-            [cell.rjust(width) for cell, width in zip(row[:4], widths[:4], strict=True)]
-            + [row[4].ljust(widths[4]), row[5]]
-        )
-        for row in rows
-    ]
+    return _aligned(("SEGMENT", "START", "END", "SIZE", "FLAGS", "STATE"), rows)
 
 
 def _segments_in(fd: int, start: int, end: int) -> list[SegmentSlot]:

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import Mount, wait_for
 from tests.mount.test_pressure import open_fifo_writer
-from tests.mount.test_vrange import compile_c
+from tests.mount.test_vrange import compile_c, errno_of
 from volfs import abi, client
 from volfs.client import (
     VRANGE_NONVOLATILE,
@@ -33,13 +33,6 @@ from volfs.client import (
 PAGE = 4096
 SEGMENT = 64 * 1024
 MiB = 1 << 20
-
-
-def errno_of(call: Callable[[], object]) -> int:
-    with pytest.raises(OSError) as caught:
-        call()
-    assert caught.value.errno is not None
-    return caught.value.errno
 
 
 @pytest.fixture

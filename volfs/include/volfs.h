@@ -395,6 +395,21 @@ static inline int volfs_segment_state(const struct volfs_segment_table *table, _
     return (int)__atomic_load_n(&volfs_segment__slot(table, segment)->state, __ATOMIC_ACQUIRE);
 }
 
+/* 0 if this process may change the segment's word; -1 with errno EBADF or EINVAL if not. */
+static inline int volfs_segment__changeable(const struct volfs_segment_table *table,
+                                            __u32 segment)
+{
+    if (!table->writable) {
+        errno = EBADF;
+        return -1;
+    }
+    if (segment >= table->capacity) {
+        errno = EINVAL;
+        return -1;
+    }
+    return 0;
+}
+
 /*
  * Pin a segment: make it non-volatile. *purged (if not NULL) is set to 1 if any of it was
  * purged while it was unpinned (its pages then read as zeros), else 0. Waits while the
@@ -407,14 +422,8 @@ static inline int volfs_segment_pin(const struct volfs_segment_table *table, __u
 {
     __u32 *word, state;
 
-    if (!table->writable) {
-        errno = EBADF;
+    if (volfs_segment__changeable(table, segment) < 0)
         return -1;
-    }
-    if (segment >= table->capacity) {
-        errno = EINVAL;
-        return -1;
-    }
     word = &volfs_segment__slot(table, segment)->state;
     state = __atomic_load_n(word, __ATOMIC_ACQUIRE);
     for (;;) {
@@ -463,14 +472,8 @@ static inline int volfs_segment_unpin(const struct volfs_segment_table *table, _
     struct timespec now;
     __u32 state;
 
-    if (!table->writable) {
-        errno = EBADF;
+    if (volfs_segment__changeable(table, segment) < 0)
         return -1;
-    }
-    if (segment >= table->capacity) {
-        errno = EINVAL;
-        return -1;
-    }
     slot = volfs_segment__slot(table, segment);
     clock_gettime(CLOCK_MONOTONIC, &now);
     __atomic_store_n(&slot->stamp, (__u64)now.tv_sec * 1000000000u + (__u64)now.tv_nsec,
