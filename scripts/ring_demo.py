@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--no-volatile",
         dest="volatile",
         action="store_false",
-        help="no volatility calls, for a ring on a filesystem other than volfs",
+        help="no segments (no volatility), for a ring on a filesystem other than volfs",
     )
     args = parser.parse_args(argv)
     endpoint = Producer if args.role == "producer" else Consumer

@@ -9,61 +9,72 @@ Two independent processes open the same file (any two: no common parent needed),
                                                      for message in ring:  # until A closes
                                                          print(message)
 
-On volfs the part of the ring the consumer has passed becomes *volatile* once the ring goes
-idle: under memory pressure volfs may purge it, so an idle ring whose consumer has caught up
-costs almost no memory. Messages not yet received are never volatile and never lost.
+On volfs the ring's data area is a row of *segments* (:class:`volfs.client.SegmentTable`,
+64 KiB each by default). The consumer unpins each segment as soon as it has consumed all of it,
+and the producer pins a segment before it writes into it: at any moment only the segments
+holding messages not yet received, and the one the producer is filling, are pinned; volfs may
+purge every other page of the ring whenever it needs memory, while the ring is busy as well as
+when it is idle. A pin or an unpin is a compare-and-swap in memory shared with the daemon, no
+system call, so the ring pays for volatility at memory speed. Messages not yet received are
+never volatile and never lost.
 
 File layout
 -----------
 Page 0 is the header, never volatile: the static geometry and, each group on a cache line of
 its own and written by one side only, the indices and the two endpoints' pid and state. The
-data area (``capacity`` bytes, a multiple of the page size) follows. Positions are absolute
-byte counts since the ring was created (``head``: bytes published by the producer; ``tail``:
-bytes consumed), mapped into the data area modulo ``capacity``. A message is a record: an
-8-byte length, then the payload, padded to 8 bytes. Records wrap around the end of the data
-area (they are copied in two pieces), so a message may span any number of pages.
+data area (``capacity`` bytes) follows, cut into ``capacity / segment_size`` segments, at least
+two. Positions are absolute byte counts since the ring was created (``head``: bytes published
+by the producer; ``tail``: bytes consumed), mapped into the data area modulo ``capacity``. A
+message is a record: an 8-byte length, then the payload, padded to 8 bytes. Records wrap
+around the end of the data area (they are copied in two pieces), so a message may span any
+number of pages and segments.
 
-Volatility protocol
--------------------
-A page of the data area is either *in use* (non-volatile: the producer may write it, or it
-holds messages not yet consumed) or *free* (consumed and given back by the consumer). The
-consumer publishes ``released``, a page-aligned position: the pages before it are free, and
-the producer may write a page only in the lap after the consumer freed it
-(``position < released + capacity``). Each side touches only pages in use, so a purge never
-takes a message, and no process touches a purged page through its mapping (which would raise
-SIGBUS).
+Segments
+--------
+The consumer publishes ``released``, a position on a segment boundary: the segments before it
+are consumed and unpinned. The producer may write position ``p`` only if
+``p < released + capacity``. So it enters a segment only once the consumer has consumed and
+unpinned all of the segment's previous lap, and the two never share a segment the consumer
+could unpin under the producer.
 
-- The producer marks the pages it is about to write NON_VOLATILE first, up to the end of the
-  segment (``segment_size``). If that reports them purged, the data in them had been consumed:
-  it simply writes fresh data (counted in :attr:`RingStatistics.purged`).
-- The consumer frees the pages it has passed in one of two ways. When the ring goes idle (the
-  consumer has found it empty for 10 ms, or closes) it marks them all VOLATILE and then
-  publishes ``released``; shorter gaps are a producer busy or descheduled, not idleness worth
-  a FUSE round trip. When the producer is waiting for room (it publishes the position it
-  needs in ``wanted``), the consumer hands just that much back without marking it: it
-  publishes ``released`` and leaves ``unmarked`` (the start of the run of pages freed without
-  marking) where it was, and the producer skips the NON_VOLATILE call for those pages, which
-  were never volatile. The producer asks for up to a segment's end at a time, so a stream
-  that fills the ring waits about once per segment. The consumer never reads a page again
-  after freeing it.
-- A producer that closes marks every free page it could have written VOLATILE, so a producer
-  that comes after it skips NON_VOLATILE only for pages freed unmarked after it attached.
+- The consumer, as soon as its tail has passed the end of a segment, unpins it and then
+  publishes ``released`` past it. It never reads a segment again after unpinning it.
+- The producer pins the segments a record will occupy before it writes the record (those it
+  has not pinned yet in this lap). A pin that reports the segment purged means only consumed
+  data was lost: the producer writes fresh data over the zeros (counted in
+  :attr:`RingStatistics.purged`).
+- So what is pinned at any time is the segments from the one holding ``tail`` to the one
+  holding ``head`` (the producer pins no further ahead than its current record). An idle ring
+  whose consumer has caught up keeps one segment pinned at most, besides the header page.
+- Each side touches only pinned segments through its mapping: a purge never takes a message,
+  and no process touches a purged page (which would raise SIGBUS).
 
-Marking costs a FUSE round trip (~50-100 us of the daemon's time), so a busy ring makes no
-fvrange calls at all: the pages the producer waits for go straight back to it, and volatility
-is only paid for when there is something to gain, a ring left idle. An idle ring whose
-consumer has caught up keeps little that cannot be purged: the page holding ``head``, and up
-to a segment each pinned ahead by the producer and handed back to it but not yet written.
-Volatility belongs to the file and ends when its last descriptor closes (every endpoint keeps
-its descriptor open); consumed pages of a ring nobody had open count as memory again until
-they are reused.
+The table belongs to the file: every endpoint gets it (``SegmentTable(fd)``) and finds the
+segments in it, and it ends with the file's last close (pins would then fail with ESTALE; a
+ring nobody has open keeps its consumed pages as plain memory until they are reused). The
+endpoints set up their segments one at a time, under an OFD lock on a header byte: each
+looks for a segment spanning each of the data area's segments in the table (any slot, checked
+by its start and length) and registers those it does not find, pinned. An endpoint that
+registers any has a table nobody else has set up (an endpoint attached holds the file open and
+so the table, whose segments it found or registered before it touched the data area): it pins
+the segments holding unconsumed messages and unpins the rest, from the header's indices.
+Registering over pages that were purged under an earlier table and that nobody was told of
+fails (EBUSY); those are consumed data, so the endpoint acknowledges them with one
+NON_VOLATILE call and registers again.
+
+Afterwards each side tidies what a predecessor left behind: a consumer unpins the segments
+behind its tail that it finds unreleased (its predecessor died between the two), and a
+producer unpins those ahead of ``head`` up to ``released + capacity`` (a predecessor that
+died had pinned ahead; they hold nothing and only the producer pins). A producer that closes
+unpins the segments ahead of ``head`` that it had pinned.
 
 Maximum message size
 --------------------
-``max_message = capacity - PAGE_SIZE``. The consumer frees only whole pages, so a record can
-never reach back into the page that holds ``head`` when it starts; a record of
-``8 + capacity - PAGE_SIZE`` bytes always fits once the consumer has caught up. Larger
-messages raise :class:`ValueError` at once, since waiting could never make them fit.
+``max_message = capacity - segment_size``. The consumer gives segments back whole, so once it
+has caught up the producer may write up to ``released + capacity``, where ``released`` is the
+start of the segment holding ``head``; a record of ``8 + capacity - segment_size`` bytes
+always fits then. Larger messages raise :class:`ValueError` at once, since waiting could never
+make them fit.
 
 Memory ordering
 ---------------
@@ -72,11 +83,11 @@ Each index has a single writer and is an aligned 8-byte word, read and written a
 which compiles to one load or store instruction, atomic on x86-64 for an aligned word.
 (``struct.pack_into`` would not do: it clears the destination before it writes the value, so
 the other side can read 0 in between.) The producer copies a record into the mapping and only
-then stores ``head``; the consumer loads ``head`` and only then reads the record; likewise the
-consumer marks pages and then stores ``released``, and stores ``unmarked`` before
-``released`` (the producer loads them in the opposite order). x86-64 keeps stores in program
-order and loads in program order (TSO), and each copy is a separate C call the compiler cannot
-move across another, so no fences are needed. Weakly ordered CPUs (ARM, POWER) would need
+then stores ``head``; the consumer loads ``head`` and only then reads the record. The consumer
+unpins a segment (a locked compare-and-swap, a full barrier) before it stores ``released``;
+the producer loads ``released`` before it pins. x86-64 keeps stores in program order and loads
+in program order (TSO), and each copy is a separate C call the compiler cannot move across
+another, so no other fences are needed. Weakly ordered CPUs (ARM, POWER) would need
 release/acquire fences, which Python does not offer: the ring assumes x86-64.
 
 Waiting
@@ -88,12 +99,15 @@ about a millisecond; a busy one sees it at once.
 
 Throughput
 ----------
-Messages are copied into and out of the mapping at memory speed; only the fvrange calls go to
-the daemon. On a FUSE filesystem the kernel writes dirty mapped pages back to the daemon, and
-once a FUSE filesystem holds more dirty pages than its share of the dirty limit
+Messages are copied into and out of the mapping at memory speed; each side makes one pin or
+unpin (a fraction of a microsecond) per segment it passes, and no call to the daemon at all
+once both have attached. On a FUSE filesystem the kernel writes dirty mapped pages back to the
+daemon, and once a FUSE filesystem holds more dirty pages than its share of the dirty limit
 (``/sys/class/bdi/<device>/max_bytes``, about 1% of it: some 47 MiB on a machine with 24 GiB)
 it throttles the writer to the daemon's write speed. A ring meant to stream fast should stay
-well below that, e.g. 16 MiB; a large ring works as well, only slower while it is busy.
+well below that, e.g. 16 MiB; a large ring works as well, only slower while it is busy. A
+segment volfs purged costs the producer a page fault per page when it reuses it (the kernel
+asks the daemon for each page before the write).
 
 Closing and vanishing
 ---------------------
@@ -114,7 +128,9 @@ sees:
   Messages not received stay in the ring for the next consumer. A consumer that had closed
   before the producer attached does not count: the producer fills the ring for the next one.
 
-The ring assumes one thread per endpoint; the endpoint objects are not thread-safe.
+The ring assumes one thread per endpoint; the endpoint objects are not thread-safe. Both ends
+of a ring on volfs must use segments (``volatile=True``, the default) or both not: a producer
+without segments would write into segments the consumer unpinned.
 """
 
 from __future__ import annotations
@@ -131,12 +147,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Literal, Self
 
-from volfs.abi import PAGE_SIZE, pages_for
-from volfs.client import VRANGE_NONVOLATILE, VRANGE_VOLATILE, fvrange, vrange_status
+from volfs.abi import PAGE_SIZE, SEGMENTS_PER_FILE_MAX
+from volfs.client import VRANGE_NONVOLATILE, Segment, SegmentTable, fvrange, vrange_status
 
 __all__ = [
     "DEFAULT_SEGMENT_SIZE",
-    "IDLE_SECONDS",
     "PAGE_SIZE",
     "Consumer",
     "PeerVanishedError",
@@ -147,15 +162,15 @@ __all__ = [
     "RingStatistics",
     "RingTimeoutError",
     "create_ring",
+    "default_segment_size",
 ]
 
-#: Default bytes the producer makes non-volatile per fvrange call.
-DEFAULT_SEGMENT_SIZE: Final = 1 << 20
-#: A consumer that has found the ring empty this long marks what it consumed volatile.
-IDLE_SECONDS: Final = 0.01
+#: The largest default segment: what the consumer gives back and the producer pins at once.
+DEFAULT_SEGMENT_SIZE: Final = 64 << 10
 
 MAGIC: Final = b"volring\x00"
-VERSION: Final = 1
+#: 2: the data area is a row of volfs segments, given back whole (1 marked ranges).
+VERSION: Final = 2
 
 #: magic, version, page size, capacity, segment size.
 _GEOMETRY = struct.Struct("=8sIIQQ")
@@ -165,16 +180,16 @@ _PID = struct.Struct("Q")
 # Header words (index = byte offset / 8), each group on a cache line (64 bytes) of its own
 # and written by one side only.
 _HEAD: Final = 8  # producer: bytes published
-_WANTED: Final = 9  # producer: the ``released`` it waits for, 0 if none
 _TAIL: Final = 16  # consumer: bytes consumed
-_RELEASED: Final = 17  # consumer: pages before it are free
-_UNMARKED: Final = 18  # consumer: pages from here to ``released`` were freed without marking
+_RELEASED: Final = 17  # consumer: the segments before it are consumed and unpinned
 _LINE: Final = {"producer": 24, "consumer": 32}  # pid, then status
 _STATUS: Final = 1  # within the line: session << 2 | state, one word so both change at once
 _ACKED: Final = 34  # consumer: the producer session whose end it reported
 _CONSUMER_STATUS: Final = 32 + _STATUS
 #: Header bytes each endpoint keeps an OFD write lock on while it is attached.
 _LOCK_BYTE: Final = {"producer": 2048, "consumer": 2049}
+#: Header byte locked while an endpoint sets up its segments (see "Segments").
+_SETUP_LOCK_BYTE: Final = 2050
 
 # Endpoint states, the low two bits of the status word.
 _NEVER: Final = 0
@@ -187,6 +202,10 @@ _STATE_MASK: Final = 3
 _FLOCK = struct.Struct("hhqqi4x")
 
 _RECORD_HEADER: Final = 8
+#: A ring has at least this many segments: one the consumer reads, one the producer fills.
+_SEGMENTS_AT_LEAST: Final = 2
+#: A default segment is at most this part of the capacity (and so of the largest message).
+_DEFAULT_SEGMENTS_AT_LEAST: Final = 4
 
 # Waiting: re-check this many times at once, then sleep from the first to the last delay,
 # doubling.
@@ -228,9 +247,14 @@ class RingStatistics:
     payload_bytes: int
     #: Times the endpoint found the ring full (producer) or empty (consumer) and had to wait.
     waits: int
-    #: fvrange calls made (NON_VOLATILE by the producer, VOLATILE by the consumer).
-    marks: int
-    #: Producer only: NON_VOLATILE calls that reported consumed pages purged.
+    #: Segments pinned: by the producer before writing into them, by an endpoint that set up
+    #: a fresh table for those holding unconsumed messages.
+    pins: int
+    #: Segments unpinned: by the consumer once consumed, by the producer ahead of ``head``
+    #: (when it attaches and closes), by an endpoint that set up a fresh table.
+    unpins: int
+    #: Segments found purged (consumed data volfs had thrown away) by a pin, or on setting up
+    #: a fresh table.
     purged: int
 
 
@@ -238,8 +262,33 @@ def _round_up(value: int, unit: int) -> int:
     return -(-value // unit) * unit
 
 
-def _page_floor(position: int) -> int:
-    return position // PAGE_SIZE * PAGE_SIZE
+def default_segment_size(capacity: int) -> int:
+    """The segment size :func:`create_ring` picks: the largest multiple of 4096 up to 64 KiB
+    and a quarter of the capacity that divides the capacity (larger only if a table could not
+    hold that many segments)."""
+    pages = capacity // PAGE_SIZE
+    fewest = -(-pages // SEGMENTS_PER_FILE_MAX)  # pages a segment needs for the table's sake
+    most = max(fewest, min(DEFAULT_SEGMENT_SIZE // PAGE_SIZE, pages // _DEFAULT_SEGMENTS_AT_LEAST))
+    below = (n for n in range(most, fewest - 1, -1) if n > 0 and pages % n == 0)
+    above = (n for n in range(most + 1, pages // 2 + 1) if pages % n == 0)
+    return PAGE_SIZE * next(below, next(above, 1))
+
+
+def _check_geometry(capacity: int, segment_size: int) -> str | None:
+    """What is wrong with a ring of this geometry, or None."""
+    if capacity < 2 * PAGE_SIZE or capacity % PAGE_SIZE:
+        return f"ring capacity {capacity} must be a multiple of {PAGE_SIZE}, at least two pages"
+    if (
+        segment_size < PAGE_SIZE
+        or segment_size % PAGE_SIZE
+        or capacity % segment_size
+        or not _SEGMENTS_AT_LEAST <= capacity // segment_size <= SEGMENTS_PER_FILE_MAX
+    ):
+        return (
+            f"segment size {segment_size} must be a multiple of {PAGE_SIZE} that divides the "
+            f"capacity {capacity} into {_SEGMENTS_AT_LEAST} to {SEGMENTS_PER_FILE_MAX} segments"
+        )
+    return None
 
 
 def create_ring(
@@ -257,9 +306,10 @@ def create_ring(
     Args:
         path: where the ring file goes (on volfs, or any filesystem with ``volatile=False``).
         capacity: bytes of the data area, a multiple of 4096 and at least two pages.
-        segment_size: bytes the producer makes non-volatile per fvrange call: a multiple of
-            4096 that divides the capacity. The default is the largest such size up to 1 MiB
-            and a quarter of the capacity.
+        segment_size: bytes of each segment, the unit the consumer gives back and the producer
+            pins: a multiple of 4096 that divides the capacity into 2 to 131072 segments. The
+            largest message is the capacity minus one segment. The default is
+            :func:`default_segment_size`.
         exist_ok: if the file exists already, leave it and return False instead of raising.
 
     Returns:
@@ -269,19 +319,11 @@ def create_ring(
         ValueError: a bad capacity or segment size.
         FileExistsError: the file exists and ``exist_ok`` is false.
     """
-    if capacity < 2 * PAGE_SIZE or capacity % PAGE_SIZE:
-        raise ValueError(
-            f"ring capacity {capacity} must be a multiple of {PAGE_SIZE}, at least {2 * PAGE_SIZE}"
-        )
     if segment_size is None:
-        pages = capacity // PAGE_SIZE
-        most = max(1, min(DEFAULT_SEGMENT_SIZE // PAGE_SIZE, pages // 4))
-        segment_size = PAGE_SIZE * next(n for n in range(most, 0, -1) if pages % n == 0)
-    if segment_size < PAGE_SIZE or segment_size % PAGE_SIZE or capacity % segment_size:
-        raise ValueError(
-            f"segment size {segment_size} must be a multiple of {PAGE_SIZE} that divides the "
-            f"capacity {capacity}"
-        )
+        segment_size = default_segment_size(capacity)
+    problem = _check_geometry(capacity, segment_size)
+    if problem is not None:
+        raise ValueError(problem)
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.new")
     fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
@@ -301,7 +343,7 @@ def create_ring(
 
 
 class _Endpoint:
-    """What both ends share: the mapping, the header, the lock, the peer, marking."""
+    """What both ends share: the mapping, the header, the lock, the peer, the segments."""
 
     _role: Role
     _peer: Role
@@ -316,11 +358,16 @@ class _Endpoint:
     ) -> None:
         #: The ring file.
         self.path = Path(path)
-        #: Whether this endpoint makes fvrange calls (False: any filesystem, no volatility).
+        #: Whether this endpoint pins and unpins segments (False: any filesystem, no
+        #: volatility).
         self.volatile = volatile
-        self._messages = self._payload_bytes = self._waits = self._marks = self._purged = 0
+        self._messages = self._payload_bytes = self._waits = 0
+        self._pins = self._unpins = self._purged = 0
         #: A peer session whose end is not (or no longer) reported.
         self._ignored_session = 0
+        self._table: SegmentTable | None = None
+        #: The data area's segments in file order (none without volatility).
+        self._segments: list[Segment] = []
         if capacity is not None:
             create_ring(self.path, capacity, segment_size=segment_size, exist_ok=True)
         self._mm: mmap.mmap | None = None
@@ -332,20 +379,49 @@ class _Endpoint:
             raise
 
     def _attach(self) -> None:
+        self._read_geometry()
+        try:
+            fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, self._flock(_LOCK_BYTE[self._role]))
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            pid = _PID.unpack(os.pread(self._fd, 8, 8 * _LINE[self._role]))[0]
+            raise RingBusyError(
+                f"{self.path}: a {self._role} is already attached (pid {pid})"
+            ) from None
+        mm = mmap.mmap(self._fd, PAGE_SIZE + self.capacity, mmap.MAP_SHARED)
+        # The file as 8-byte words: the indices, the states and the record lengths. Item
+        # access is one 8-byte memcpy (see "Memory ordering"); struct.pack_into is not.
+        words = self._words = memoryview(mm).cast("Q")
+        self._mm = mm
+        if self.volatile:
+            self._set_up_segments()
+        # The lock is taken before the state says attached, and the state says closed before
+        # the lock goes: "attached" without the lock means the process died.
+        line = _LINE[self._role]
+        self._session = (words[line + _STATUS] >> _STATE_BITS) + 1
+        words[line] = os.getpid()
+        words[line + _STATUS] = self._session << _STATE_BITS | _ATTACHED
+
+    def _read_geometry(self) -> None:
+        """Check the header and the file, and take the ring's geometry from them."""
         geometry = os.pread(self._fd, _GEOMETRY.size, 0)
         if len(geometry) < _GEOMETRY.size or geometry[:8] != MAGIC:
             raise RingError(f"{self.path}: not a ring file")
         _magic, version, page_size, capacity, segment = _GEOMETRY.unpack(geometry)
         if version != VERSION or page_size != PAGE_SIZE:
             raise RingError(f"{self.path}: ring version {version}, page size {page_size}")
+        problem = _check_geometry(capacity, segment)
+        if problem is not None:
+            raise RingError(f"{self.path}: corrupt header: {problem}")
         if os.fstat(self._fd).st_size != PAGE_SIZE + capacity:
             raise RingError(f"{self.path}: file size does not match the ring's capacity")
         #: Bytes of the data area.
         self.capacity: int = capacity
-        #: Bytes the producer makes non-volatile per fvrange call.
+        #: Bytes of each segment: what the consumer gives back and the producer pins at once.
         self.segment_size: int = segment
-        #: The largest message the ring takes: the capacity minus one page.
-        self.max_message: int = capacity - PAGE_SIZE
+        #: The largest message the ring takes: the capacity minus one segment.
+        self.max_message: int = capacity - segment
         if self.volatile:
             try:
                 vrange_status(self._fd, 0, PAGE_SIZE)
@@ -355,40 +431,100 @@ class _Endpoint:
                 raise RingError(
                     f"{self.path}: not on a volfs mount (use volatile=False elsewhere)"
                 ) from None
+
+    def _set_up_segments(self) -> None:
+        """Get the file's table and find or register the data area's segments in it.
+
+        One endpoint at a time (the setup lock); see "Segments" in the module docstring.
+        """
+        setup = self._flock(_SETUP_LOCK_BYTE)
+        fcntl.fcntl(self._fd, fcntl.F_OFD_SETLKW, setup)
         try:
-            fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, self._flock(self._role, fcntl.F_WRLCK))
+            count = self.capacity // self.segment_size
+            table = self._table = SegmentTable(self._fd, count)
+            size = self.segment_size
+            found = {slot.start: slot.slot for slot in table.slots() if slot.length == size}
+            registered = False
+            for offset in range(PAGE_SIZE, PAGE_SIZE + self.capacity, size):
+                index = found.get(offset)
+                if index is None:
+                    index = self._register(table, offset)
+                    registered = True
+                self._segments.append(Segment(table, index, offset, size, False))
+            if registered:
+                self._settle()
+        finally:
+            fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, self._flock(_SETUP_LOCK_BYTE, fcntl.F_UNLCK))
+
+    def _register(self, table: SegmentTable, offset: int) -> int:
+        """Register the segment at file ``offset``; return its slot."""
+        size = self.segment_size
+        try:
+            return table.register(offset, size).index
         except OSError as error:
-            if error.errno not in (errno.EAGAIN, errno.EACCES):
+            if error.errno == errno.ENOSPC:
+                raise RingError(
+                    f"{self.path}: the file's segment table ({table.capacity} slots) has no "
+                    "room for the ring's segments"
+                ) from None
+            if error.errno != errno.EBUSY:
                 raise
-            pid = _PID.unpack(os.pread(self._fd, 8, 8 * _LINE[self._role]))[0]
-            raise RingBusyError(
-                f"{self.path}: a {self._role} is already attached (pid {pid})"
+        # Pages purged under a table that has ended, nobody told: consumed data (only
+        # unpinned segments are purged). Acknowledge them, and they read as zeros.
+        try:
+            self._purged += fvrange(self._fd, offset, size, VRANGE_NONVOLATILE)[1]
+            return table.register(offset, size).index
+        except OSError as error:
+            if error.errno != errno.EBUSY:
+                raise
+            raise RingError(
+                f"{self.path}: bytes {offset}-{offset + size} are in a segment that is not "
+                "the ring's"
             ) from None
-        mm = mmap.mmap(self._fd, PAGE_SIZE + capacity, mmap.MAP_SHARED)
-        # The file as 8-byte words: the indices, the states and the record lengths. Item
-        # access is one 8-byte memcpy (see "Memory ordering"); struct.pack_into is not.
-        words = self._words = memoryview(mm).cast("Q")
-        self._mm = mm
-        # The lock is taken before the state says attached, and the state says closed before
-        # the lock goes: "attached" without the lock means the process died.
-        line = _LINE[self._role]
-        self._session = (words[line + _STATUS] >> _STATE_BITS) + 1
-        words[line] = os.getpid()
-        words[line + _STATUS] = self._session << _STATE_BITS | _ATTACHED
+
+    def _settle(self) -> None:
+        """Pin the segments holding unconsumed messages, unpin the others.
+
+        For the endpoint that registered segments: nobody else can touch the data area until
+        it lets go of the setup lock, so the header's indices hold still.
+        """
+        size, count = self.segment_size, len(self._segments)
+        words = self._words
+        held = {n % count for n in range(words[_TAIL] // size, -(-words[_HEAD] // size))}
+        for number, segment in enumerate(self._segments):
+            if number in held:
+                self._purged += segment.pin()
+                self._pins += 1
+            else:
+                segment.unpin()
+                self._unpins += 1
+
+    def _unpin(self, start: int, end: int) -> None:
+        """Unpin the segments of positions [start, end) (segment boundaries)."""
+        if not self.volatile:
+            return
+        size, segments = self.segment_size, self._segments
+        for position in range(start, end, size):
+            segments[position // size % len(segments)].unpin()
+            self._unpins += 1
 
     def _detach(self) -> None:
-        """Unmap and close; the kernel drops the OFD lock with the last reference."""
+        """Unmap and close; the kernel drops the OFD locks with the last reference."""
         if self._mm is not None:
             self._words.release()
             self._mm.close()
             self._mm = None
+        if self._table is not None:
+            self._segments = []
+            self._table.close()
+            self._table = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
 
     @staticmethod
-    def _flock(role: Role, kind: int) -> bytes:
-        return _FLOCK.pack(kind, os.SEEK_SET, _LOCK_BYTE[role], 1, 0)
+    def _flock(byte: int, kind: int = fcntl.F_WRLCK) -> bytes:
+        return _FLOCK.pack(kind, os.SEEK_SET, byte, 1, 0)
 
     @property
     def closed(self) -> bool:
@@ -398,7 +534,12 @@ class _Endpoint:
     def statistics(self) -> RingStatistics:
         """Counters of this endpoint since it attached."""
         return RingStatistics(
-            self._messages, self._payload_bytes, self._waits, self._marks, self._purged
+            self._messages,
+            self._payload_bytes,
+            self._waits,
+            self._pins,
+            self._unpins,
+            self._purged,
         )
 
     def _peer_end(self) -> tuple[type[RingError], int, int] | None:
@@ -416,7 +557,7 @@ class _Endpoint:
             return None
         if state == _CLOSED:
             return RingClosedError, pid, session
-        probe = fcntl.fcntl(self._fd, fcntl.F_OFD_GETLK, self._flock(self._peer, fcntl.F_WRLCK))
+        probe = fcntl.fcntl(self._fd, fcntl.F_OFD_GETLK, self._flock(_LOCK_BYTE[self._peer]))
         if _FLOCK.unpack(probe)[0] != fcntl.F_UNLCK:
             return None
         # Between the two looks it may have closed (closing sets the state before the lock
@@ -429,18 +570,6 @@ class _Endpoint:
         if kind is RingClosedError:
             return kind(f"{self.path}: the {self._peer} (pid {pid}) closed the ring")
         return kind(f"{self.path}: the {self._peer} (pid {pid}) went away without closing")
-
-    def _mark(self, start: int, end: int, mode: int) -> bool:
-        """fvrange the data pages of absolute positions [start, end); return "purged"."""
-        length = end - start
-        offset = start % self.capacity
-        first = min(length, self.capacity - offset)
-        purged = fvrange(self._fd, PAGE_SIZE + offset, first, mode)[1]
-        self._marks += 1
-        if length > first:
-            purged |= fvrange(self._fd, PAGE_SIZE, length - first, mode)[1]
-            self._marks += 1
-        return purged
 
     def _closed_error(self) -> ValueError:
         return ValueError(f"{self.path}: this ring {self._role} is closed")
@@ -516,9 +645,9 @@ class Producer(_Endpoint):
         path: the ring file.
         capacity: if given and the file does not exist, create it with this many data bytes
             (see :func:`create_ring`); an existing ring keeps its own capacity.
-        segment_size: for creation, bytes made non-volatile per fvrange call.
-        volatile: mark pages NON_VOLATILE before writing them (needs volfs); False runs the
-            same ring on any filesystem (tmpfs, say) without volatility calls.
+        segment_size: for creation, bytes of each segment.
+        volatile: pin segments before writing them (needs volfs); False runs the same ring
+            on any filesystem (tmpfs, say) without volatility.
 
     Raises:
         RingBusyError: another producer is attached.
@@ -534,23 +663,18 @@ class Producer(_Endpoint):
         end = self._peer_end()
         if end is not None:
             self._ignored_session = end[2]
-        words = self._words
-        words[_WANTED] = 0
-        self._head = words[_HEAD]
-        # The page holding head on may or may not be non-volatile: pin them again.
-        self._pinned = _page_floor(self._head)
-        # Pages freed unmarked before we came may have been marked volatile by an earlier
-        # producer's close: skip NON_VOLATILE only for pages freed from now on.
-        self._trusted = words[_RELEASED]
+        self._head = self._words[_HEAD]
+        # The segment holding head on may or may not be pinned: pin them again (a pin of a
+        # pinned segment changes nothing).
+        self._pinned = self._head // self.segment_size * self.segment_size
         self._refresh()
+        # Ahead of head nothing is written and only a producer pins: what a predecessor that
+        # died had pinned there goes back.
+        self._unpin(_round_up(self._head, self.segment_size), self._limit)
 
     def _refresh(self) -> None:
-        """Read how far the consumer has freed, and which of that was freed unmarked."""
-        words = self._words
-        released = words[_RELEASED]  # before ``unmarked``: see "Memory ordering"
-        unmarked = words[_UNMARKED]
-        self._limit = released + self.capacity
-        self._unmarked = max(unmarked, self._trusted) + self.capacity
+        """Read how far the consumer has given segments back."""
+        self._limit = self._words[_RELEASED] + self.capacity
 
     def try_send(self, message: Message) -> bool:
         """Send without waiting; return False if the ring has no room for it now.
@@ -584,7 +708,7 @@ class Producer(_Endpoint):
         if size > self.max_message:
             raise ValueError(
                 f"message of {size} bytes is larger than the ring's maximum of "
-                f"{self.max_message} bytes (its capacity minus one page)"
+                f"{self.max_message} bytes (its capacity minus one segment)"
             )
         words = self._words
         if words[_CONSUMER_STATUS] & _STATE_MASK == _CLOSED:
@@ -630,9 +754,6 @@ class Producer(_Endpoint):
         self._refresh()
         if end <= self._limit:
             return True
-        # Ask the consumer to hand back what it has consumed, up to a segment's end (see
-        # "Volatility protocol"); we go on as soon as this message fits.
-        self._words[_WANTED] = _round_up(end - self.capacity, self.segment_size)
         if not block:
             self._check_consumer()
             return False
@@ -651,38 +772,34 @@ class Producer(_Endpoint):
                 return True
 
     def _pin(self, end: int) -> None:
-        """Make the pages up to ``end`` non-volatile, up to a segment's end, before writing.
+        """Pin the segments up to the one holding ``end`` before writing into them.
 
-        Pages the consumer handed back unmarked were never volatile: no call for them.
+        The consumer gave them back (``end <= released + capacity``), so they hold nothing
+        it has yet to read; one it unpinned that volfs purged now reads as zeros.
         """
         self._check_consumer()
-        stop = min(_round_up(end, self.segment_size), self._limit)
-        marked_until = min(stop, self._unmarked)
-        if (
-            self.volatile
-            and self._pinned < marked_until
-            and self._mark(self._pinned, marked_until, VRANGE_NONVOLATILE)
-        ):
-            # Consumed data was purged: nothing lost, the pages read as zeros now.
-            self._purged += 1
+        size = self.segment_size
+        stop = _round_up(end, size)
+        if self.volatile:
+            segments = self._segments
+            for position in range(self._pinned, stop, size):
+                # Consumed data was purged: nothing lost, the producer writes fresh data.
+                self._purged += segments[position // size % len(segments)].pin()
+                self._pins += 1
         self._pinned = stop
 
     def close(self) -> None:
         """Detach: the consumer receives what was sent, then :class:`RingClosedError`.
 
-        The free pages this producer could have written become volatile first.
+        The segments this producer pinned ahead of ``head`` are unpinned first.
         """
         if self._mm is None:
             return
         try:
-            # Closed first: the consumer sees a clean end even if marking fails. Nobody else
-            # can attach as producer and touch those pages until the lock goes with _detach.
-            self._words[_WANTED] = 0
+            # Closed first: the consumer sees a clean end even if unpinning fails. Nobody else
+            # can attach as producer and pin those segments until the lock goes with _detach.
             self._set_state_closed()
-            self._refresh()
-            unused = pages_for(self._head) * PAGE_SIZE
-            if self.volatile and self._limit > unused:
-                self._mark(unused, self._limit, VRANGE_VOLATILE)
+            self._unpin(_round_up(self._head, self.segment_size), self._pinned)
         finally:
             self._detach()
 
@@ -693,9 +810,8 @@ class Consumer(_Endpoint):
     Args:
         path: the ring file.
         capacity: if given and the file does not exist, create it (see :func:`create_ring`).
-        segment_size: for creation, bytes made non-volatile per fvrange call.
-        volatile: mark consumed pages VOLATILE when idle (needs volfs); False for any
-            filesystem.
+        segment_size: for creation, bytes of each segment.
+        volatile: unpin each segment once consumed (needs volfs); False for any filesystem.
 
     Raises:
         RingBusyError: another consumer is attached.
@@ -713,8 +829,8 @@ class Consumer(_Endpoint):
         self._tail = words[_TAIL]
         self._released = words[_RELEASED]
         self._head = words[_HEAD]
-        #: When try_receive first found the ring empty (None: it did not, lately).
-        self._empty_since: float | None = None
+        # Segments a predecessor consumed but did not give back (it died in between).
+        self._release()
 
     def try_receive(self) -> bytes | None:
         """Receive a message if one is waiting; return None if the ring is empty.
@@ -773,30 +889,32 @@ class Consumer(_Endpoint):
             message = mm[offset : offset + size]
         else:
             message = mm[offset:] + mm[PAGE_SIZE : PAGE_SIZE + size - room]
-        # Copied out: the pages behind the new tail may be freed from now on.
+        # Copied out: the segments behind the new tail may go from now on.
         self._tail = end
         words[_TAIL] = end
-        if words[_WANTED] > self._released:
-            self._hand_back()
-        self._empty_since = None
+        if end - self._released >= self.segment_size:
+            self._release()
         self._messages += 1
         self._payload_bytes += size
         return message
 
+    def _release(self) -> None:
+        """Unpin every segment the tail has passed, then give them to the producer."""
+        upto = self._tail // self.segment_size * self.segment_size
+        if upto > self._released:
+            self._unpin(self._released, upto)
+            # Unpinned first (see "Memory ordering"): the producer pins them only after this.
+            self._words[_RELEASED] = self._released = upto
+
     def _wait_for_message(self, timeout: float | None, block: bool) -> bool:
         """Wait until head moves past tail; False if not blocking and nothing came."""
         if not block:
-            now = time.monotonic()
-            if self._empty_since is None:
-                self._empty_since = now
-            self._idle(now - self._empty_since)
             self._check_producer()
             return False
         self._waits += 1
         backoff = _Backoff(timeout)
         while True:
             if backoff.sleeping:
-                self._idle(time.monotonic() - backoff.started)
                 self._check_producer()
             if not backoff.wait():
                 self._check_producer()  # a gone producer says more than a timeout
@@ -804,14 +922,6 @@ class Consumer(_Endpoint):
             self._head = self._words[_HEAD]
             if self._head != self._tail:
                 return True
-
-    def _idle(self, seconds: float) -> None:
-        """The ring has been empty for ``seconds``: free what the producer waits for, and
-        everything consumed, marked volatile, once the ring has been idle a while."""
-        if self._words[_WANTED] > self._released:
-            self._hand_back()
-        if seconds >= IDLE_SECONDS:
-            self._free_marked()
 
     def check_peer(self) -> None:
         """Raise if the producer closed or went away and every message has been received.
@@ -838,32 +948,14 @@ class Consumer(_Endpoint):
         self._words[_ACKED] = session
         raise self._peer_error(kind, pid)
 
-    def _hand_back(self) -> None:
-        """Free, unmarked, the consumed pages the waiting producer asked for (no fvrange)."""
-        upto = min(_page_floor(self._tail), pages_for(self._words[_WANTED]) * PAGE_SIZE)
-        if upto > self._released:
-            # ``unmarked`` stays: these pages extend the run freed without marking.
-            self._words[_RELEASED] = self._released = upto
-
-    def _free_marked(self) -> None:
-        """Mark every whole consumed page volatile, then publish it free."""
-        upto = _page_floor(self._tail)
-        if upto <= self._released:
-            return
-        if self.volatile:
-            self._mark(self._released, upto, VRANGE_VOLATILE)
-        words = self._words
-        words[_UNMARKED] = upto  # before ``released``: see "Memory ordering"
-        words[_RELEASED] = self._released = upto
-
     def close(self) -> None:
-        """Detach, marking everything consumed volatile; the producer's sends then raise
-        :class:`RingClosedError`. Messages not received stay in the ring for the next consumer.
+        """Detach; the producer's sends then raise :class:`RingClosedError`. Messages not
+        received stay in the ring for the next consumer (what was consumed is unpinned
+        already).
         """
         if self._mm is None:
             return
         try:
             self._set_state_closed()
-            self._free_marked()
         finally:
             self._detach()

@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from volfs.ring import Consumer, Producer, RingTimeoutError
+from volfs.ring import Consumer, Producer
 
 PAGE = 4096
 KiB = 1 << 10
@@ -87,20 +87,17 @@ def send(
     count: int,
     capacity: int,
     segment_size: int | None = None,
-    pause_every: int = 0,
-    pause: float = 0.0,
     stay: bool = False,
 ) -> None:
-    """Send ``count`` messages of the stream ``messages``; report the producer's statistics.
+    """Send ``count`` messages of the stream ``messages`` as fast as the ring takes them;
+    report the producer's statistics.
 
-    A pause after every ``pause_every`` messages lets the consumer catch up and find the
-    ring empty. With ``stay`` the producer stays attached after its report (see :func:`hold`).
+    With ``stay`` the producer stays attached after its report (see :func:`hold`).
     """
     source = MESSAGES[messages]
     with Producer(ring, capacity=capacity, segment_size=segment_size) as producer:
         for i in range(count):
             producer.send(source(i, producer.max_message), timeout=TIMEOUT)
-            pause_after(i + 1, pause_every, pause)
         report(dataclasses.asdict(producer.statistics()))
         if stay:
             hold()
@@ -148,28 +145,21 @@ def receive_one(ring: str, capacity: int) -> None:
         hold()
 
 
-def receive_until_idle(ring: str, count: int, size: int, capacity: int, idle: float) -> None:
-    """Receive ``count`` messages of ``size`` bytes, then find the ring empty for ``idle`` s.
-
-    Reports that it is idle (having marked what it consumed volatile), and stays attached.
-    """
+def receive_blocks(ring: str, count: int, size: int, capacity: int) -> None:
+    """Receive ``count`` messages of ``size`` bytes; report the consumer's statistics and stay
+    attached, the ring empty."""
     with Consumer(ring, capacity=capacity) as consumer:
         for i in range(count):
             data = consumer.receive(timeout=TIMEOUT)
             if len(data) != size:
                 sys.exit(f"message {i}: {len(data)} bytes, not {size}")
-        try:
-            data = consumer.receive(timeout=idle)
-        except RingTimeoutError:
-            report({"idle": True, **dataclasses.asdict(consumer.statistics())})
-        else:
-            sys.exit(f"an unexpected message of {len(data)} bytes")
+        report(dataclasses.asdict(consumer.statistics()))
         hold()
 
 
 PROGRAMS: dict[str, Callable[..., None]] = {
     program.__name__: program
-    for program in (send, send_blocks, receive, receive_one, receive_until_idle)
+    for program in (send, send_blocks, receive, receive_one, receive_blocks)
 }
 
 

@@ -23,11 +23,10 @@ import pytest
 
 from tests.conftest import REPO_ROOT, Mount, wait_for
 from tests.mount import ring_programs
-from volfs.client import purge, statistics, vrange_status
+from volfs.client import SegmentTable, purge, statistics, vrange_status
 from volfs.ring import (
     _HEAD,  # the header's index words (byte offset / 8), to watch the ring from outside
     _TAIL,
-    IDLE_SECONDS,
     Consumer,
     PeerVanishedError,
     Producer,
@@ -141,16 +140,16 @@ def purging(mnt: Path) -> Iterator[list[int]]:
         purger.join()
 
 
-def test_every_message_arrives_once_in_order_while_purges_run(mnt: Path, spawn: Spawn) -> None:
+def test_a_busy_ring_loses_no_message_to_purges_of_what_it_consumed(
+    mnt: Path, spawn: Spawn
+) -> None:
     ring, count = mnt / "ring", 3000
     stream = {"ring": ring, "messages": "mixed", "capacity": 512 * KiB, "segment_size": 32 * KiB}
     with purging(mnt) as freed:
         consumer = spawn(ring_programs.receive, **stream)
-        # Pauses longer than IDLE_SECONDS: the consumer goes idle and marks what it consumed
-        # volatile, for the purges to take.
-        producer = spawn(
-            ring_programs.send, **stream, count=count, pause_every=100, pause=2 * IDLE_SECONDS
-        )
+        # No pauses: the ring is busy throughout, and the consumer unpins each segment it has
+        # passed all the same, for the purges to take.
+        producer = spawn(ring_programs.send, **stream, count=count)
         sent = next_report(producer, TRAFFIC_TIMEOUT)
         finish(producer)
         received = next_report(consumer)
@@ -158,10 +157,10 @@ def test_every_message_arrives_once_in_order_while_purges_run(mnt: Path, spawn: 
 
     assert received["received"] == sent["messages"] == count
     assert received["payload_bytes"] == sent["payload_bytes"]
-    # The purges really took consumed pages the producer then reused: it was told, and wrote
-    # fresh data over the zeros.
+    # The purges took consumed segments while messages flowed: the producer was told when it
+    # pinned them again, and wrote fresh data over the zeros.
     assert sum(freed) > 0
-    assert received["marks"] > 0
+    assert received["unpins"] > 0
     assert sent["purged"] > 0
 
 
@@ -188,7 +187,7 @@ def test_empty_and_full_ring_without_waiting_and_with_timeouts(mnt: Path) -> Non
         for _ in range(sent):
             assert consumer.try_receive() == message
         assert consumer.try_receive() is None
-        assert producer.try_send(message)  # the consumer handed the pages back
+        assert producer.try_send(message)  # the consumer gave the consumed segments back
         assert consumer.receive(timeout=5) == message
         with pytest.raises(ValueError, match="timeout"):
             consumer.receive(timeout=-1)
@@ -197,46 +196,47 @@ def test_empty_and_full_ring_without_waiting_and_with_timeouts(mnt: Path) -> Non
 def test_too_large_messages_fail_and_the_largest_fits_at_any_position(mnt: Path) -> None:
     ring = mnt / "ring"
     with Consumer(ring, capacity=64 * KiB) as consumer, Producer(ring) as producer:
-        assert producer.max_message == consumer.max_message == 60 * KiB
-        with pytest.raises(ValueError, match=r"61441 bytes is larger than the ring's maximum"):
+        # The default segment is a quarter of so small a ring; a segment less fits at once.
+        assert producer.segment_size == 16 * KiB
+        assert producer.max_message == consumer.max_message == 48 * KiB
+        with pytest.raises(ValueError, match=r"49153 bytes is larger than the ring's maximum"):
             producer.send(bytes(producer.max_message + 1))
         with pytest.raises(ValueError):
             producer.try_send(bytearray(producer.max_message + 1))
 
-        # One thread drives both ends: when a message does not fit, the consumer is told by
-        # the failed try_send and hands back what it consumed; then it must fit.
+        # One thread drives both ends: the ring is empty before each send, wherever its head
+        # is, so even the largest message fits at once.
         rng = random.Random(6)
         for i in range(150):
             size = producer.max_message if i % 10 == 0 else rng.randrange(0, 20 * KiB)
             message = memoryview(rng.randbytes(size))
-            if not producer.try_send(message):
-                assert consumer.try_receive() is None
-                assert producer.try_send(message), f"message {i} of {size} bytes did not fit"
+            assert producer.try_send(message), f"message {i} of {size} bytes did not fit"
             assert consumer.receive(timeout=5) == message
         assert producer.statistics().messages == consumer.statistics().messages == 150
 
 
-def test_producers_one_after_another_rewrite_what_idle_time_let_volfs_purge(mnt: Path) -> None:
+def test_producers_one_after_another_rewrite_what_volfs_purged(mnt: Path) -> None:
     ring = mnt / "ring"
     with Consumer(ring, capacity=64 * KiB, segment_size=16 * KiB) as consumer:
         for session in range(3):
             with Producer(ring) as producer:
                 for i in range(40):  # 160 KiB: two and a half laps
                     message = bytes([session, i]) * 2048
-                    if not producer.try_send(message):
-                        assert consumer.try_receive() is None  # hands pages back
-                        assert producer.try_send(message)
+                    assert producer.try_send(message)
                     assert consumer.receive(timeout=5) == message
-                if session:
-                    # It found the pages the idle consumer had marked purged, and rewrote them.
-                    assert producer.statistics().purged > 0
-            # Idle: an empty ring for IDLE_SECONDS makes everything consumed volatile. The
-            # sleep is the idleness under test, not a wait for something else to happen.
+                    if i == 20:
+                        assert purge(mnt) > 0  # in mid-stream: the consumed segments go
+                # It found segments the consumer had unpinned purged, and rewrote them.
+                assert producer.statistics().purged > 0
             with pytest.raises(RingClosedError):
                 consumer.try_receive()
-            time.sleep(2 * IDLE_SECONDS)
-            assert consumer.try_receive() is None
+            # Between producers all but the segment holding head is unpinned, and goes.
             assert purge(mnt) > 0
+            fd = os.open(ring, os.O_RDONLY)
+            try:
+                assert vrange_status(fd, PAGE, 64 * KiB)[0] >= 48 * KiB
+            finally:
+                os.close(fd)
         assert consumer.statistics().messages == 120
 
 
@@ -320,14 +320,16 @@ def test_an_idle_caught_up_ring_gives_its_memory_back_on_purge(
     mount_volfs: Callable[..., Mount], spawn: Spawn
 ) -> None:
     volfs = mount_volfs("size=256M")
-    ring, capacity, message_size = volfs.path / "ring", 64 * MiB, 256 * KiB - 8
-    count = 248  # 62 MiB of records: the ring filled once
+    ring, capacity, segment = volfs.path / "ring", 64 * MiB, 64 * KiB
+    message_size = 100 * KiB  # records end anywhere in a segment
+    count = 620  # 62 MiB of records: the ring filled once
     baseline = volfs.rss_bytes()
     blocks = {"ring": ring, "count": count, "size": message_size, "capacity": capacity}
     producer = spawn(ring_programs.send_blocks, **blocks)
-    consumer = spawn(ring_programs.receive_until_idle, **blocks, idle=20 * IDLE_SECONDS)
+    consumer = spawn(ring_programs.receive_blocks, **blocks)
     assert next_report(producer, TRAFFIC_TIMEOUT)["messages"] == count
-    assert next_report(consumer, TRAFFIC_TIMEOUT)["idle"]
+    # The consumer unpinned each segment as it passed it: no idle time needed.
+    assert next_report(consumer, TRAFFIC_TIMEOUT)["unpins"] >= count * message_size // segment
 
     data = count * (message_size + 8)
     fd = os.open(ring, os.O_RDWR)
@@ -338,19 +340,58 @@ def test_an_idle_caught_up_ring_gives_its_memory_back_on_purge(
         full = volfs.rss_bytes()
         assert full - baseline > 0.9 * data, "the ring's data never reached the daemon"
         volatile, _purged = vrange_status(fd)
-        assert volatile >= data - PAGE  # every whole consumed page
-        assert purge(volfs.path) >= data - PAGE
+        assert volatile >= data - segment  # every segment but the one holding head
+        assert purge(volfs.path) >= data - segment
         wait_for(
             lambda: full - volfs.rss_bytes() > 0.9 * data,
             10,
             "the daemon's RSS to drop by the data",
         )
-        # What is left: the header page and the page holding head.
-        assert statistics(volfs.path)["used_bytes"] <= 4 * PAGE
+        # What is left of the file: the header page and the segment holding head.
+        assert os.fstat(fd).st_blocks * 512 <= PAGE + segment
+        # And of the mount, besides: the segment table and the daemon's records of the
+        # ring's 1024 segments (about 300 KiB).
+        assert statistics(volfs.path)["used_bytes"] <= data // 100
     finally:
         os.close(fd)
     finish(producer)
     finish(consumer)
+
+
+def test_a_ring_everyone_closed_keeps_its_messages_and_forgets_its_purges(mnt: Path) -> None:
+    ring, capacity, segment = mnt / "ring", 256 * KiB, 16 * KiB
+    with (
+        Producer(ring, capacity=capacity, segment_size=segment) as producer,
+        Consumer(ring) as consumer,
+    ):
+        for i in range(100):  # one and a half laps
+            producer.send(bytes([i]) * 4000)
+            assert consumer.receive(timeout=5) == bytes([i]) * 4000
+        assert purge(mnt) > 0  # the consumed segments
+        for i in range(300):  # 5 KiB, left for the next consumer
+            producer.send(b"unread %d" % i)
+    # Everybody closed: the table ended, and the purged pages nobody was told of stay lost.
+    with Consumer(ring) as consumer:
+        # It made a fresh table: acknowledged the purged pages, pinned the segments holding
+        # the unread messages, unpinned the others.
+        assert consumer.statistics().purged > 0
+        fd = os.open(ring, os.O_RDWR)
+        try:
+            with SegmentTable(fd, create=False) as table:
+                assert sorted((slot.start, slot.length) for slot in table.slots()) == [
+                    (PAGE + offset, segment) for offset in range(0, capacity, segment)
+                ]
+            assert vrange_status(fd)[0] >= capacity - 2 * segment
+            purge(mnt)
+        finally:
+            os.close(fd)
+        assert [consumer.receive(timeout=5) for _ in range(300)] == [
+            b"unread %d" % i for i in range(300)
+        ]
+        with Producer(ring) as producer:
+            for i in range(100):
+                producer.send(bytes([i]) * 4000)
+                assert consumer.receive(timeout=5) == bytes([i]) * 4000
 
 
 def test_rings_need_a_ring_file_and_volfs_unless_volatile_is_off(mnt: Path, tmp_path: Path) -> None:
@@ -361,6 +402,8 @@ def test_rings_need_a_ring_file_and_volfs_unless_volatile_is_off(mnt: Path, tmp_
         create_ring(mnt / "bad", 10000)
     with pytest.raises(ValueError, match="divides the capacity"):
         create_ring(mnt / "bad", 12 * KiB, segment_size=8 * KiB)
+    with pytest.raises(ValueError, match="into 2 to 131072 segments"):
+        create_ring(mnt / "bad", 64 * KiB, segment_size=64 * KiB)
     assert create_ring(mnt / "ring", 64 * KiB)
     assert not create_ring(mnt / "ring", 64 * KiB, exist_ok=True)
     with pytest.raises(FileExistsError):
@@ -374,7 +417,7 @@ def test_rings_need_a_ring_file_and_volfs_unless_volatile_is_off(mnt: Path, tmp_
     with Producer(elsewhere, volatile=False) as producer, Consumer(elsewhere, volatile=False) as c:
         producer.send(b"no volfs needed")
         assert c.receive(timeout=5) == b"no volfs needed"
-        assert producer.statistics().marks == c.statistics().marks == 0
+        assert producer.statistics().pins == c.statistics().unpins == 0
 
 
 def test_demo_two_commands_talk_through_a_ring(
@@ -420,9 +463,10 @@ class PageWatch:
     """What an observer saw of a ring's pages while messages went through it."""
 
     samples: int = 0
-    #: Samples in which the tail stayed in its page, so the unconsumed pages could be judged.
+    #: Samples in which the tail stayed in its segment, so the unconsumed pages could be
+    #: judged.
     unconsumed_samples: int = 0
-    #: Of those, samples in which consumed pages were volatile beside the unconsumed ones.
+    #: Of those, samples in which consumed segments were volatile beside the unconsumed ones.
     both_at_once: int = 0
     #: The most volatile bytes seen in the data pages at once.
     most_volatile: int = 0
@@ -436,7 +480,7 @@ def check_running(processes: Sequence[subprocess.Popen[str]]) -> None:
             pytest.fail(f"a ring program exited early, status {process.returncode}:\n{err}")
 
 
-def sample_pages(fd: int, words: memoryview, capacity: int, watch: PageWatch) -> None:
+def sample_pages(fd: int, words: memoryview, capacity: int, segment: int, watch: PageWatch) -> None:
     """Look at the ring's pages once; assert the header and unconsumed pages are kept."""
     tail = words[_TAIL]
     head = words[_HEAD]  # after tail: [tail, head) is published and not consumed
@@ -446,9 +490,9 @@ def sample_pages(fd: int, words: memoryview, capacity: int, watch: PageWatch) ->
     volatile, _purged = vrange_status(fd, PAGE, capacity)
     watch.samples += 1
     watch.most_volatile = max(watch.most_volatile, volatile)
-    # The consumer marks only whole pages before its tail: if the tail stayed in its page,
-    # those pages were unconsumed all along.
-    if words[_TAIL] // PAGE * PAGE == start and unconsumed:
+    # The consumer unpins only whole segments behind its tail: if the tail stayed in its
+    # segment, the pages from it on were pinned all along.
+    if words[_TAIL] // segment == tail // segment and unconsumed:
         assert all(status == (0, 0) for status in unconsumed), (
             f"unconsumed pages [{start}, {end}) volatile or purged: {unconsumed}"
         )
@@ -457,7 +501,11 @@ def sample_pages(fd: int, words: memoryview, capacity: int, watch: PageWatch) ->
 
 
 def watch_pages(
-    ring: Path, capacity: int, total: int, processes: Sequence[subprocess.Popen[str]]
+    ring: Path,
+    capacity: int,
+    segment: int,
+    total: int,
+    processes: Sequence[subprocess.Popen[str]],
 ) -> PageWatch:
     """Sample the ring's pages until the consumer's tail reaches ``total``."""
     watch = PageWatch()
@@ -472,25 +520,17 @@ def watch_pages(
         while words[_TAIL] < total:
             check_running(processes)
             assert time.monotonic() < deadline, f"no end of traffic in {TRAFFIC_TIMEOUT} s"
-            sample_pages(fd, words, capacity, watch)
+            sample_pages(fd, words, capacity, segment, watch)
     return watch
 
 
 def test_header_and_unconsumed_pages_are_never_volatile_while_purges_run(
     mnt: Path, spawn: Spawn
 ) -> None:
-    ring, count, capacity = mnt / "ring", 1500, 256 * KiB
-    stream = {"ring": ring, "messages": "spanning", "capacity": capacity, "segment_size": 16 * KiB}
-    # The producer pauses longer than IDLE_SECONDS: the consumer goes idle and marks what it
-    # consumed volatile. It stays attached until the observer is done.
-    producer = spawn(
-        ring_programs.send,
-        **stream,
-        count=count,
-        pause_every=150,
-        pause=3 * IDLE_SECONDS,
-        stay=True,
-    )
+    ring, count, capacity, segment = mnt / "ring", 1500, 256 * KiB, 16 * KiB
+    stream = {"ring": ring, "messages": "spanning", "capacity": capacity, "segment_size": segment}
+    # The producer sends without a pause, and stays attached until the observer is done.
+    producer = spawn(ring_programs.send, **stream, count=count, stay=True)
     # The consumer's pauses let unconsumed messages pile up, some of them across the wrap.
     consumer = spawn(ring_programs.receive, **stream, pause_every=40, pause=0.005)
     # Where the consumer's tail ends: every record is an 8-byte length and a padded payload.
@@ -499,7 +539,7 @@ def test_header_and_unconsumed_pages_are_never_volatile_while_purges_run(
     )
     wait_for(ring.exists, 10, "the ring file")
     with purging(mnt) as freed:
-        watch = watch_pages(ring, capacity, total, (producer, consumer))
+        watch = watch_pages(ring, capacity, segment, total, (producer, consumer))
     sent = next_report(producer)
     finish(producer)
     received = next_report(consumer)
@@ -507,9 +547,9 @@ def test_header_and_unconsumed_pages_are_never_volatile_while_purges_run(
 
     assert sent["messages"] == received["received"] == count
     assert watch.samples > 10 and watch.unconsumed_samples > 0, watch
-    # Idle periods made consumed pages volatile while unconsumed ones sat next to them, and
+    # While messages flowed, consumed segments were volatile next to unconsumed ones, and
     # purges took them.
-    assert received["marks"] > 0 and watch.most_volatile > 0 and watch.both_at_once > 0
+    assert received["unpins"] > 0 and watch.most_volatile > 0 and watch.both_at_once > 0
     assert sum(freed) > 0
     assert sent["purged"] > 0
 
@@ -567,7 +607,7 @@ def test_bench_quick_run_prints_figures_for_every_size_and_transport() -> None:
     )
     assert result.returncode == 0, result.stderr
     rows = re.findall(
-        r"^(64 B|4 KiB|1 MiB) +(volfs ring|volfs, no marks|tmpfs ring|mp\.Pipe|os\.pipe)"
+        r"^(64 B|4 KiB|1 MiB) +(volfs ring|volfs, no segments|tmpfs ring|mp\.Pipe|os\.pipe)"
         r" +([\d,]+) +([\d,.]+) ",
         result.stdout,
         re.MULTILINE,
@@ -577,4 +617,8 @@ def test_bench_quick_run_prints_figures_for_every_size_and_transport() -> None:
     for (size, transport), (rate, mib) in figures.items():
         assert float(rate.replace(",", "")) > 0, (size, transport)
         assert float(mib.replace(",", "")) > 0, (size, transport)
+    # The idle ring of 2 MiB kept no more than its header page and one 64 KiB segment.
+    idle = re.search(r"after the purge ([\d,]+) KiB", result.stdout)
+    assert idle is not None, result.stdout
+    assert int(idle[1].replace(",", "")) <= 68, result.stdout
     assert "not judged: --quick" in result.stdout
