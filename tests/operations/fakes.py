@@ -33,7 +33,8 @@ class PageCache:
 
     While :meth:`hold` is in effect a drop blocks in the worker thread, as one does while the
     kernel writes dirty pages back, until :meth:`release`. With ``failure`` set, a drop raises
-    it after recording its batch.
+    it after recording its batch. Each drop reports ``written_back`` bytes of dirty pages
+    written back into its ranges and discarded.
     """
 
     def __init__(self) -> None:
@@ -41,12 +42,13 @@ class PageCache:
         #: What happened, in order: ``("dropped", batch size)``; tests add their own events.
         self.events: list[tuple[str, int]] = []
         self.failure: BaseException | None = None
+        self.written_back = 0
         self.entered = threading.Event()
         self._open = threading.Event()
         self._open.set()
         self._lock = threading.Lock()
 
-    def __call__(self, invalidations: Sequence[Invalidation]) -> None:
+    def __call__(self, invalidations: Sequence[Invalidation]) -> int:
         self.entered.set()
         if not self._open.wait(DEADLINE):
             raise TimeoutError("a held cache drop was never released")
@@ -55,6 +57,7 @@ class PageCache:
             self.events.append(("dropped", len(invalidations)))
         if self.failure is not None:
             raise self.failure
+        return self.written_back
 
     def hold(self) -> None:
         """Make drops block until :meth:`release`."""

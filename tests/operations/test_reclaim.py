@@ -320,6 +320,36 @@ def test_purged_ranges_leave_the_cache_in_batches_before_a_waiting_purge_returns
     run(test, capacity_pages=ranges + 8)
 
 
+def test_a_waiting_purge_counts_the_write_back_its_drops_discarded(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def test(core: Core) -> None:
+        ns = core.namespace
+        sparse = open_file(ns, b"sparse", range(4))
+        ns.truncate(sparse, 8 * P)  # pages 4 to 7 only in the kernel's cache, dirty
+        mark(ns, sparse, 0, 8)
+        core.cache.written_back = 3 * P
+        waited = await core.reclaimer.purge(0, PurgeSource.IOCTL, wait=True)
+        assert waited.freed_bytes == 4 * P + 3 * P
+
+        # Pages held and dirty again are freed and discarded both: counted within the range.
+        held = open_file(ns, b"held", range(4))
+        mark(ns, held, 0, 4)
+        waited = await core.reclaimer.purge(0, PurgeSource.IOCTL, wait=True)
+        assert waited.freed_bytes == 4 * P
+
+        # Without waiting, only what the purge took from the store is known when it returns.
+        unwaited = open_file(ns, b"unwaited", range(4))
+        mark(ns, unwaited, 0, 4)
+        assert (await core.reclaimer.purge(0, PurgeSource.PRESSURE)).freed_bytes == 4 * P
+        await wait_until(lambda: len(core.cache.batches) == 3)
+
+    with caplog.at_level(logging.INFO, logger="volfs.core.reclaim"):
+        run(test)
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("purge (")]
+    assert logged[0].startswith(f"purge (ioctl): 1 ranges, {7 * P} bytes freed;")
+
+
 def test_batches_stay_within_the_bound_when_the_order_holds_ended_ranges() -> None:
     async def test(core: Core) -> None:
         ns = core.namespace

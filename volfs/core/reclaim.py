@@ -33,9 +33,10 @@ log = logging.getLogger(__name__)
 #: Purged ranges whose pages leave the kernel's cache in one hand-off to the worker thread.
 DROP_BATCH = 1024
 
-#: Drops byte ranges ``(ino, offset, length)`` from the kernel's page cache; blocks while the
-#: kernel writes dirty pages back, so it is called in a worker thread.
-Invalidate = Callable[[Sequence[Invalidation]], None]
+#: Drops purged byte ranges ``(ino, offset, length)`` from the kernel's page cache; blocks
+#: while the kernel writes dirty pages back, so it is called in a worker thread. Returns the
+#: bytes of those it discarded, being inside the ranges, instead of storing them.
+Invalidate = Callable[[Sequence[Invalidation]], int]
 
 _R = TypeVar("_R")
 
@@ -99,8 +100,10 @@ class Reclaimer:
         Between budgets other requests are served. The inodes a budget purged are noted as
         dropping at once, and their pages leave the kernel's cache in batches of
         :data:`DROP_BATCH` ranges (whatever happens next); with ``wait`` this returns only
-        once they are all gone. The purge is logged with the mount's counters, so a log alone
-        tells what each one did.
+        once they are all gone, and what it freed then includes the dirty pages the kernel
+        wrote back into the purged ranges meanwhile, discarded instead of stored (never more
+        than the purged pages span). The purge is logged with the mount's counters, so a log
+        alone tells what each one did.
 
         Returns:
             What the whole purge did: nothing once :meth:`close` was called.
@@ -114,6 +117,8 @@ class Reclaimer:
         pending: list[Invalidation] = []
         batches: list[trio.Event] = []
         claims: list[Segment] = []
+        discarded: list[int] = []
+        spanned = 0
         try:
             while True:
                 invalidations: list[Invalidation] = []
@@ -126,8 +131,9 @@ class Reclaimer:
                     self._note_dropping(inodes, done)
                     noted |= inodes
                     pending += invalidations
+                    spanned += sum(length for _ino, _offset, length in invalidations)
                     while len(pending) >= DROP_BATCH:
-                        batches.append(self._start_drop(pending[:DROP_BATCH]))
+                        batches.append(self._start_drop(pending[:DROP_BATCH], discarded))
                         del pending[:DROP_BATCH]
                 freed += result.freed_bytes
                 ranges += result.ranges
@@ -136,12 +142,17 @@ class Reclaimer:
                 await trio.sleep(0)
         finally:
             if pending:
-                batches.append(self._start_drop(pending))
+                batches.append(self._start_drop(pending, discarded))
             self._nursery.start_soon(self._end_drop, batches, noted, done, claims)
-        if ranges:
-            self._log_purge(source, ranges, freed)
-        if wait:
-            await done.wait()
+        try:
+            if wait:
+                await done.wait()
+                # Pages the store held and the cache had dirty again are both freed and
+                # discarded: the figure stays within the pages purged.
+                freed += min(sum(discarded), spanned - freed)
+        finally:
+            if ranges:
+                self._log_purge(source, ranges, freed)
         return PurgeResult(freed, ranges)
 
     async def make_room(
@@ -204,13 +215,20 @@ class Reclaimer:
         for ino in inodes:
             self._dropping.setdefault(ino, []).append(done)
 
-    def _start_drop(self, invalidations: list[Invalidation]) -> trio.Event:
-        """Start dropping purged byte ranges from the kernel's cache; return its event."""
+    def _start_drop(self, invalidations: list[Invalidation], discarded: list[int]) -> trio.Event:
+        """Start dropping purged byte ranges from the kernel's cache; return its event.
+
+        The bytes the kernel wrote back into them meanwhile, discarded, go to ``discarded``.
+        """
         dropped = trio.Event()
 
         async def drop() -> None:
             try:
-                await self._cache_dropper.run(functools.partial(self._invalidate, invalidations))
+                discarded.append(
+                    await self._cache_dropper.run(
+                        functools.partial(self._invalidate, invalidations)
+                    )
+                )
             except Exception:
                 # A task of the mount's nursery: what escapes would end the daemon.
                 log.exception("cannot drop purged pages from the kernel's cache")

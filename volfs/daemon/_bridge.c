@@ -22,7 +22,9 @@
  *
  * pyfuse3's own operations are wrapped too (see "contained operations" below), so that a
  * request whose arguments pyfuse3 cannot turn into Python objects (a write's data when the
- * daemon is out of memory) fails alone instead of ending the session.
+ * daemon is out of memory) fails alone instead of ending the session. Its writes pass one
+ * more check first: the kernel's write-back into purged ranges being dropped from its cache
+ * is answered here and discarded (see "write-back into purged ranges").
  */
 #define PY_SSIZE_T_CLEAN
 #define FUSE_USE_VERSION 35
@@ -572,6 +574,142 @@ static void contain_pyfuse3_operations(void) {
     CONTAIN(removexattr) CONTAIN(access) CONTAIN(create) CONTAIN(poll)
 }
 
+/* -- write-back into purged ranges -------------------------------------------------------- */
+
+/*
+ * Dropping a purged range from the kernel's cache (drop_purged_ranges) makes the kernel write
+ * the range's dirty mmap pages back first, from within the notification, which waits for
+ * them: FUSE WRITE requests flagged FUSE_WRITE_CACHE, which libfuse passes on as
+ * fi->writepage. Stored, they would repopulate the purged pages, and only a second purge
+ * would free the memory. So while the kernel drops a purged range, a write-back lying wholly
+ * inside it is answered here as written, its bytes discarded and counted for the purge. Any
+ * other write-back goes to pyfuse3 as every write does and is stored: one reaching outside the
+ * range (a large folio across its end, say), or one at another time (the flusher's, an
+ * fsync's), which repopulates at worst: nothing is lost, only memory not freed.
+ *
+ * Why discarding loses nothing anyone was promised: the pages were purged before the drop
+ * began, so once it is over they read as EIO (SIGBUS through a mapping) whatever the
+ * write-back carried, just as if the purge had come after the write. A program learns that
+ * its range was purged only once the drop is over: a volatility change on an inode being
+ * dropped waits for that (is_dropping/dropped in volfs.core.reclaim), and a purged segment is
+ * published only then. So nothing it wrote after being told can be in the write-back; what is
+ * in it was written to the range while volatile, and the program's next unmark or pin of the
+ * range reports it purged. A write(2) is never a write-back: without a writeback cache it
+ * reaches the daemon directly, without FUSE_WRITE_CACHE, and always repopulates.
+ */
+
+/* One byte range to drop from the kernel's cache. */
+typedef struct {
+    fuse_ino_t ino;
+    off_t offset;
+    off_t length;
+    int error; /* out: 0, or the errno the kernel answered */
+} inval_t;
+
+/* One drop_purged_ranges call under way, and the range it is dropping right now. */
+typedef struct drop {
+    struct drop *next;
+    int dropping; /* the range below is being dropped */
+    fuse_ino_t ino;
+    off_t offset;
+    off_t end;
+    unsigned long long discarded; /* bytes of write-back answered without being stored */
+} drop_t;
+
+static pthread_mutex_t drops_lock = PTHREAD_MUTEX_INITIALIZER;
+/* The calls under way: read by the thread serving requests, changed by the dropping ones. */
+static drop_t *drops;
+
+/*
+ * True if the write-back of bytes [offset, offset + size) of ino lies wholly inside a range
+ * being dropped; its bytes are then counted for the call dropping it.
+ */
+static int discard_writeback(fuse_ino_t ino, off_t offset, size_t size) {
+    if (size == 0 || offset < 0 || size > (size_t)(INT64_MAX - offset)) return 0;
+    off_t end = offset + (off_t)size;
+    int discard = 0;
+    pthread_mutex_lock(&drops_lock);
+    for (drop_t *drop = drops; drop != NULL && !discard; drop = drop->next) {
+        discard = drop->dropping && drop->ino == ino && drop->offset <= offset && end <= drop->end;
+        if (discard) drop->discarded += size;
+    }
+    pthread_mutex_unlock(&drops_lock);
+    return discard;
+}
+
+static void begin_drop(drop_t *drop) {
+    pthread_mutex_lock(&drops_lock);
+    drop->next = drops;
+    drops = drop;
+    pthread_mutex_unlock(&drops_lock);
+}
+
+/* Note the range drop is dropping now; dropping 0: none. */
+static void set_dropping(drop_t *drop, int dropping, const inval_t *range) {
+    pthread_mutex_lock(&drops_lock);
+    drop->dropping = dropping;
+    if (dropping) {
+        drop->ino = range->ino;
+        drop->offset = range->offset;
+        /* Length 0 asks the kernel for everything from offset on. */
+        drop->end = range->length ? range->offset + range->length : INT64_MAX;
+    }
+    pthread_mutex_unlock(&drops_lock);
+}
+
+/* Take drop out of the calls under way; the bytes of write-back it discarded. */
+static unsigned long long end_drop(drop_t *drop) {
+    pthread_mutex_lock(&drops_lock);
+    drop_t **link = &drops;
+    while (*link != drop) link = &(*link)->next;
+    *link = drop->next;
+    unsigned long long discarded = drop->discarded;
+    pthread_mutex_unlock(&drops_lock);
+    return discarded;
+}
+
+/* What libfuse would call for a write: pyfuse3's handlers, contained. */
+static __typeof__(((struct fuse_lowlevel_ops *)0)->write) next_write;
+static __typeof__(((struct fuse_lowlevel_ops *)0)->write_buf) next_write_buf;
+
+static void reply_discarded(fuse_req_t req, size_t size) {
+    int rc = fuse_reply_write(req, size);
+    if (rc != 0)
+        bridge_log(LOG_LEVEL_WARNING, "cannot answer a write-back into purged pages: %s",
+                   strerror(-rc));
+}
+
+static void bridge_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size,
+                         off_t offset, struct fuse_file_info *fi) {
+    if (fi != NULL && fi->writepage && discard_writeback(ino, offset, size))
+        reply_discarded(req, size);
+    else
+        next_write(req, ino, buf, size, offset, fi);
+}
+
+/* The one pyfuse3 gets its writes through: libfuse prefers write_buf when it is set. */
+static void bridge_write_buf(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *bufv,
+                             off_t offset, struct fuse_file_info *fi) {
+    /* Data left unread in a spliced pipe is cleared by libfuse after the call. */
+    size_t size = fuse_buf_size(bufv);
+    if (fi != NULL && fi->writepage && discard_writeback(ino, offset, size))
+        reply_discarded(req, size);
+    else
+        next_write_buf(req, ino, bufv, offset, fi);
+}
+
+/* Route pyfuse3's writes through the check for write-back into purged ranges. */
+static void check_writes(void) {
+    if (bridge_ops.write != NULL) {
+        next_write = bridge_ops.write;
+        bridge_ops.write = bridge_write;
+    }
+    if (bridge_ops.write_buf != NULL) {
+        next_write_buf = bridge_ops.write_buf;
+        bridge_ops.write_buf = bridge_write_buf;
+    }
+}
+
 /* -- the hooks ---------------------------------------------------------------------------- */
 
 /* libfuse >= 3.17 passes the version a program was built against; only handed on here. */
@@ -662,6 +800,7 @@ static const struct fuse_lowlevel_ops *bridge_operations(const struct fuse_lowle
     pyfuse3_init = bridge_ops.init;
     bridge_ops.init = bridge_init;
     contain_pyfuse3_operations();
+    check_writes();
     bridge_ops.ioctl = bridge_ioctl;
     bridge_ops.fallocate = bridge_fallocate;
     bridge_ops.lseek = bridge_lseek;
@@ -773,17 +912,14 @@ static PyObject *bridge_invalidate_range(PyObject *module, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* One byte range to drop from the kernel's cache. */
-typedef struct {
-    fuse_ino_t ino;
-    off_t offset;
-    off_t length;
-    int error; /* out: 0, or the errno the kernel answered */
-} inval_t;
-
-static PyObject *bridge_invalidate_ranges(PyObject *module, PyObject *ranges) {
-    (void)module;
-    PyObject *sequence = PySequence_Fast(ranges, "invalidate_ranges() takes a sequence");
+/*
+ * Drop each (ino, offset, length) of ranges from the kernel's cache, all without the GIL.
+ * With discarded, the ranges were purged: the write-back into each while it is dropped is
+ * discarded (see "write-back into purged ranges"), its bytes summed there. Returns the
+ * (ino, errno) of the ranges the kernel refused, or NULL with an exception set.
+ */
+static PyObject *invalidate(PyObject *ranges, unsigned long long *discarded) {
+    PyObject *sequence = PySequence_Fast(ranges, "ranges must be a sequence");
     if (sequence == NULL) return NULL;
     Py_ssize_t count = PySequence_Fast_GET_SIZE(sequence);
     inval_t *work = PyMem_Calloc(count ? (size_t)count : 1, sizeof *work);
@@ -807,17 +943,26 @@ static PyObject *bridge_invalidate_ranges(PyObject *module, PyObject *ranges) {
         work[i].length = length > (unsigned long long)INT64_MAX - offset ? 0 : (off_t)length;
     }
     Py_DECREF(sequence);
+    drop_t drop = {0};
     /* All of them without the GIL: a loop in Python would take it back between two
      * notifications and hold up the thread serving requests. */
     Py_BEGIN_ALLOW_THREADS
     struct fuse_session *se = use_session(ANY_GENERATION);
+    if (discarded != NULL) begin_drop(&drop);
     for (Py_ssize_t i = 0; i < count; i++) {
-        int rc = se == NULL ? -ENOTCONN
-                            : fuse_lowlevel_notify_inval_inode(se, work[i].ino, work[i].offset,
-                                                               work[i].length);
+        int rc = -ENOTCONN;
+        if (se != NULL) {
+            /* Noted around the notification: the write-back it causes is served, and must be
+             * recognised, while it waits. */
+            if (discarded != NULL) set_dropping(&drop, 1, &work[i]);
+            rc = fuse_lowlevel_notify_inval_inode(se, work[i].ino, work[i].offset,
+                                                  work[i].length);
+            if (discarded != NULL) set_dropping(&drop, 0, NULL);
+        }
         /* ENOENT: the kernel has no such inode cached, so there is nothing to drop. */
         work[i].error = rc == -ENOENT ? 0 : -rc;
     }
+    if (discarded != NULL) *discarded = end_drop(&drop);
     if (se != NULL) release_session();
     Py_END_ALLOW_THREADS
     PyObject *failures = PyList_New(0);
@@ -829,6 +974,19 @@ static PyObject *bridge_invalidate_ranges(PyObject *module, PyObject *ranges) {
     }
     PyMem_Free(work);
     return failures;
+}
+
+static PyObject *bridge_invalidate_ranges(PyObject *module, PyObject *ranges) {
+    (void)module;
+    return invalidate(ranges, NULL);
+}
+
+static PyObject *bridge_drop_purged_ranges(PyObject *module, PyObject *ranges) {
+    (void)module;
+    unsigned long long discarded = 0;
+    PyObject *failures = invalidate(ranges, &discarded);
+    if (failures == NULL) return NULL;
+    return Py_BuildValue("KN", discarded, failures);
 }
 
 static PyObject *bridge_active(PyObject *module, PyObject *unused) {
@@ -868,6 +1026,12 @@ static PyMethodDef bridge_methods[] = {
      "page cache, all without the GIL; a range past the largest offset is taken to the end. "
      "Returns the (ino, errno) of the ranges the kernel refused (ENOTCONN for all once the "
      "session has ended). Blocks as invalidate_range does: call it from a worker thread."},
+    {"drop_purged_ranges", bridge_drop_purged_ranges, METH_O,
+     "drop_purged_ranges(ranges): drop purged (ino, offset, length) byte ranges from the "
+     "kernel's page cache as invalidate_ranges does, discarding instead of storing the dirty "
+     "pages the kernel writes back wholly inside a range while it drops it. Returns (bytes "
+     "discarded, the (ino, errno) of the ranges the kernel refused). Blocks as "
+     "invalidate_range does: call it from a worker thread."},
     {"active", bridge_active, METH_NOARGS,
      "active(): True from the creation of a FUSE session through the bridge until its "
      "unmount or destruction."},

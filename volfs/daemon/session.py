@@ -22,17 +22,23 @@ from volfs.daemon.fs import VolfsOperations
 log = logging.getLogger(__name__)
 
 
-def invalidate(invalidations: Sequence[Invalidation]) -> None:
-    """Drop byte ranges ``(ino, offset, length)`` from the kernel's page cache.
+def invalidate(invalidations: Sequence[Invalidation]) -> int:
+    """Drop purged byte ranges ``(ino, offset, length)`` from the kernel's page cache.
 
     Blocks while the kernel writes dirty pages back through the daemon: call it in a worker
-    thread. A range the kernel refuses is logged.
+    thread. What it writes back inside the ranges meanwhile was purged and is discarded by
+    the bridge, not stored. A range the kernel refuses is logged.
+
+    Returns:
+        The bytes discarded so: memory the purge kept from being taken again.
     """
-    for ino, code in bridge.invalidate_ranges(invalidations):
+    discarded, failures = bridge.drop_purged_ranges(invalidations)
+    for ino, code in failures:
         # Only an unmounted session refuses; its cache is gone with it.
         log.warning(
             "cannot drop inode %d's purged pages from the kernel cache: %s", ino, os.strerror(code)
         )
+    return discarded
 
 
 def _log_unserved_request(operation: str, error: BaseException, code: int) -> None:

@@ -1,0 +1,132 @@
+"""One purge frees volatile data also when its newest bytes sit dirty in the kernel's cache.
+
+Dropping a purged range from the kernel's page cache makes the kernel write the range's dirty
+mmap pages back to the daemon first. That write-back belongs to the purge and is discarded;
+a write(2) after the purge still repopulates.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Mount
+from volfs.client import VRANGE_VOLATILE, fvrange, purge, statistics, vrange_status
+from volfs.ring import Consumer, Producer, RingTimeoutError
+
+PAGE = 4096
+MiB = 1 << 20
+#: Bytes dirtied through the mapping, then marked volatile and purged.
+DIRTY = 8 * MiB
+#: How much the daemon's RSS may grow over a purge: allocator noise, far below DIRTY.
+RSS_SLACK = MiB
+#: What a ring keeps from volatility once its consumer caught up: the segment holding head.
+RING_KEEPS = 64 * 1024
+
+
+@pytest.fixture
+def dirty_mapping(volfs: Mount) -> Iterator[tuple[int, mmap.mmap, bytes]]:
+    """A file of DIRTY bytes and one page more, all written through MAP_SHARED only.
+
+    The first DIRTY bytes are volatile; the last page is not. None of it has reached the
+    daemon yet: the pages are dirty in the kernel's cache.
+    """
+    fd = os.open(volfs.path / "mapped", os.O_RDWR | os.O_CREAT)
+    os.ftruncate(fd, DIRTY + PAGE)
+    view = mmap.mmap(fd, DIRTY + PAGE, mmap.MAP_SHARED)
+    data = os.urandom(DIRTY + PAGE)
+    view[:] = data
+    assert fvrange(fd, 0, DIRTY, VRANGE_VOLATILE) == (DIRTY, False)
+    try:
+        yield fd, view, data
+    finally:
+        view.close()
+        os.close(fd)
+
+
+def test_one_purge_frees_pages_dirtied_through_a_mapping(
+    volfs: Mount, dirty_mapping: tuple[int, mmap.mmap, bytes]
+) -> None:
+    fd, _view, data = dirty_mapping
+    assert statistics(volfs.path)["used_bytes"] == 0  # nothing written back yet
+    rss = volfs.rss_bytes()
+
+    assert purge(volfs.path) == DIRTY  # the write-back the purge caused is counted, not kept
+    assert purge(volfs.path) == 0  # nothing came back to purge again
+    assert vrange_status(fd) == (DIRTY, DIRTY)
+    with pytest.raises(OSError) as caught:
+        os.pread(fd, PAGE, 0)
+    assert caught.value.errno == errno.EIO
+    assert volfs.rss_bytes() - rss < RSS_SLACK
+    assert statistics(volfs.path)["used_bytes"] == 0
+
+    # The dirty page outside the range is written back and stored as always.
+    os.fsync(fd)
+    assert statistics(volfs.path)["used_bytes"] == PAGE
+    assert os.pread(fd, PAGE, DIRTY) == data[DIRTY:]
+
+
+def test_a_write_after_the_purge_still_repopulates(
+    volfs: Mount, dirty_mapping: tuple[int, mmap.mmap, bytes]
+) -> None:
+    fd, _view, _data = dirty_mapping
+    assert purge(volfs.path) == DIRTY
+    os.fsync(fd)  # the dirty page outside the range: stored now, not in the figures below
+    fresh = os.urandom(2 * PAGE)
+    assert os.pwrite(fd, fresh, 4 * PAGE) == len(fresh)
+    assert os.pread(fd, len(fresh), 4 * PAGE) == fresh
+    assert vrange_status(fd) == (DIRTY, DIRTY - len(fresh))
+    assert statistics(volfs.path)["used_bytes"] == PAGE + len(fresh)
+    # The rewritten pages are volatile data again, and the next purge takes them.
+    assert purge(volfs.path) == len(fresh)
+    assert vrange_status(fd) == (DIRTY, DIRTY)
+
+
+def test_an_idle_caught_up_ring_gives_its_memory_back_in_one_purge(volfs: Mount) -> None:
+    ring = volfs.path / "ring"
+    message = os.urandom(64 * 1024 - 8)
+    count = 96  # 6 MiB of records in an 8 MiB ring: nothing waits for room
+    consumed = count * (len(message) + 8)
+    with Producer(ring, capacity=DIRTY) as producer, Consumer(ring) as consumer:
+        for _ in range(count):
+            producer.send(message)
+        for _ in range(count):
+            assert consumer.receive(timeout=10) == message
+        with pytest.raises(RingTimeoutError):
+            consumer.receive(timeout=0.1)  # idle, caught up: what it passed is volatile
+        fd = os.open(ring, os.O_RDONLY)
+        try:
+            assert vrange_status(fd)[0] >= consumed - RING_KEEPS
+            used = statistics(volfs.path)["used_bytes"]
+            rss = volfs.rss_bytes()
+
+            assert purge(volfs.path) >= consumed - RING_KEEPS  # the messages, only in the cache
+            assert purge(volfs.path) == 0
+            assert statistics(volfs.path)["used_bytes"] <= used
+            assert volfs.rss_bytes() - rss < RSS_SLACK
+        finally:
+            os.close(fd)
+        # The ring goes on: the producer takes purged pages back and writes them afresh.
+        producer.send(message)
+        assert consumer.receive(timeout=10) == message
+
+
+def test_write_back_of_an_unpurged_file_is_stored(mnt: Path) -> None:
+    path = mnt / "plain"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        os.ftruncate(fd, 4 * PAGE)
+        with mmap.mmap(fd, 4 * PAGE, mmap.MAP_SHARED) as view:
+            data = os.urandom(4 * PAGE)
+            view[:] = data
+            view.flush()
+        assert statistics(mnt)["used_bytes"] == 4 * PAGE
+        assert purge(mnt) == 0
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == data
