@@ -110,7 +110,9 @@ struct vrange_next {            /* 32 bytes */
  * The table belongs to the file: any descriptor open for writing may obtain it (read-only
  * descriptors obtain it read-only: they see states, never change them), and every holder
  * sees and changes the same words. The file's last close ends it: every word turns
- * VOLFS_SEGMENT_STALE and pin/unpin fail with ESTALE.
+ * VOLFS_SEGMENT_STALE and pin/unpin fail with ESTALE. FUSE delivers that close to the daemon
+ * only after close(2) has returned, so the words turn STALE a moment later, not at once:
+ * whoever relies on it waits for volfs_segment_state() to say VOLFS_SEGMENT_STALE.
  *
  * Getting the table (volfs_segments_open does all of it):
  *  1. VOLFS_IOC_SEGMENTS on a descriptor of the file (open for writing: a read-only one only
@@ -414,7 +416,8 @@ static inline int volfs_segment__changeable(const struct volfs_segment_table *ta
  * Pin a segment: make it non-volatile. *purged (if not NULL) is set to 1 if any of it was
  * purged while it was unpinned (its pages then read as zeros), else 0. Waits while the
  * daemon is purging it. Returns 0, or -1 with errno: ESTALE (the file's volatility ended:
- * last close, unmount, or the daemon is gone), EINVAL (no segment at that index), EBADF (a
+ * last close or unmount; or the daemon died while the pin waited for its purge: a pin that
+ * needs no wait does not notice a dead daemon), EINVAL (no segment at that index), EBADF (a
  * read-only table). No system call unless a purge is under way.
  */
 static inline int volfs_segment_pin(const struct volfs_segment_table *table, __u32 segment,
