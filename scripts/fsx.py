@@ -855,9 +855,10 @@ class Exerciser:
     def learn_purge(self, wanted: int, freed: int) -> None:
         """Find out from VRANGE_STATUS what a purge took; check that it was allowed.
 
-        A purge of everything takes every range that may hold data. Its dirty mmap pages are
-        written back as the purge drops the range from the kernel's cache, which repopulates
-        them: each either survives with the bytes written, or (written back earlier) is lost.
+        A purge of everything takes every range that may hold data. Dirty mmap pages the kernel
+        writes back while the purge drops the range from its cache are discarded with it; one
+        written back otherwise (across the range's end, say) repopulates its page, which then
+        survives with the bytes written.
         """
         found = PurgeFindings()
         for volatile_range in list(self.model.ranges):

@@ -57,6 +57,7 @@ def test_one_purge_frees_pages_dirtied_through_a_mapping(
     rss = volfs.rss_bytes()
 
     assert purge(volfs.path) == DIRTY  # the write-back the purge caused is counted, not kept
+    assert statistics(volfs.path)["purged_bytes"] == DIRTY  # in the counters too
     assert purge(volfs.path) == 0  # nothing came back to purge again
     assert vrange_status(fd) == (DIRTY, DIRTY)
     with pytest.raises(OSError) as caught:

@@ -162,6 +162,10 @@ class Purger:
         """Count one purge request, for the statistics."""
         self._purges[source] += 1
 
+    def count_freed(self, nbytes: int) -> None:
+        """Count memory a purge freed outside the store: dirty cached pages it discarded."""
+        self._purged_bytes += nbytes
+
     def purge(
         self,
         wanted_bytes: int,

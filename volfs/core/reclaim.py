@@ -143,13 +143,20 @@ class Reclaimer:
         finally:
             if pending:
                 batches.append(self._start_drop(pending, discarded))
-            self._nursery.start_soon(self._end_drop, batches, noted, done, claims)
+            written_back: list[int] = []
+
+            def settle() -> None:
+                """Count what the drops discarded, once they are over. Pages the store held
+                and the cache had dirty again are both freed and discarded: the figure stays
+                within the pages purged."""
+                written_back.append(max(min(sum(discarded), spanned - freed), 0))
+                self._purger.count_freed(written_back[0])
+
+            self._nursery.start_soon(self._end_drop, batches, noted, done, claims, settle)
         try:
             if wait:
                 await done.wait()
-                # Pages the store held and the cache had dirty again are both freed and
-                # discarded: the figure stays within the pages purged.
-                freed += min(sum(discarded), spanned - freed)
+                freed += written_back[0]
         finally:
             if ranges:
                 self._log_purge(source, ranges, freed)
@@ -244,13 +251,15 @@ class Reclaimer:
         inodes: set[int],
         done: trio.Event,
         claims: list[Segment],
+        settle: Callable[[], None],
     ) -> None:
-        """Once every batch of a purge left the cache, publish its segments as purged, lift
-        its notes and set ``done``."""
+        """Once every batch of a purge left the cache, ``settle`` its count, publish its
+        segments as purged, lift its notes and set ``done``."""
         try:
             for batch in batches:
                 await batch.wait()
         finally:
+            settle()
             # Only now: a pin told "purged" must not find the old bytes in the cache.
             for segment in claims:
                 segment.table.publish(segment)

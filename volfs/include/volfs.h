@@ -9,8 +9,9 @@
 #define VOLFS_H
 
 /*
- * The segment functions below use Linux interfaces (SO_PEERCRED, futexes, syscall(2)):
- * include this header before any system header, or compile with -D_GNU_SOURCE.
+ * The segment functions below use Linux interfaces (futexes, syscall(2), CLOCK_MONOTONIC):
+ * include this header before any system header, or compile with -D_GNU_SOURCE (gcc's and
+ * clang's default GNU modes need neither).
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE 1
@@ -149,6 +150,20 @@ struct vrange_next {            /* 32 bytes */
 #include <sys/un.h>
 #include <linux/futex.h>
 #include <sys/ioctl.h>
+#ifndef SO_PEERCRED
+#include <asm/socket.h>
+#endif
+
+#if defined(__GLIBC__) && !defined(__USE_MISC) && !defined(__cplusplus)
+#error "volfs.h: include it before any system header, or compile with -D_GNU_SOURCE"
+#endif
+
+/* The credentials SO_PEERCRED answers (struct ucred, which needs _GNU_SOURCE in time). */
+struct volfs__peer_credentials {
+    __s32 pid;
+    __u32 uid;
+    __u32 gid;
+};
 
 #define VOLFS_SEGMENT_FREE      0   /* the slot holds no segment                              */
 #define VOLFS_SEGMENT_PINNED    1   /* non-volatile                                           */
@@ -239,7 +254,7 @@ static inline struct volfs_segment_slot *volfs_segment__slot(
 static inline int volfs_segments__receive(const struct volfs_segments_args *args)
 {
     struct sockaddr_un address;
-    struct ucred peer;
+    struct volfs__peer_credentials peer;
     socklen_t peer_size = sizeof(peer);
     size_t name = strnlen(args->socket, sizeof(args->socket));
     __s32 status = 0;
