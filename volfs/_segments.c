@@ -18,6 +18,8 @@
 
 #define HEADER_BYTES ((Py_ssize_t)sizeof(struct volfs_segment_table_header))
 #define SLOT_BYTES ((Py_ssize_t)sizeof(struct volfs_segment_slot))
+/* claim()'s stamp that matches any. */
+#define ANY_STAMP 0xffffffffffffffffULL
 
 /* The slots a buffer holds. */
 static Py_ssize_t capacity_of(const Py_buffer *view) {
@@ -110,6 +112,23 @@ static PyObject *segments_state(PyObject *module, PyObject *args) {
     return PyLong_FromLong(state);
 }
 
+static PyObject *segments_stamp(PyObject *module, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t index;
+    struct volfs_segment_table table;
+    unsigned long long stamp;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "y*n", &view, &index))
+        return NULL;
+    if (table_of(&view, index, 0, 0, &table) < 0) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    stamp = __atomic_load_n(&slot_at(&view, index)->stamp, __ATOMIC_RELAXED);
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLongLong(stamp);
+}
+
 static PyObject *segments_set(PyObject *module, PyObject *args) {
     Py_buffer view;
     Py_ssize_t index;
@@ -150,7 +169,7 @@ static PyObject *segments_claim(PyObject *module, PyObject *args) {
     state = expected;
     /* Acquire: the stamp read is the one the unpin published with the state. */
     if (__atomic_load_n(&slot->state, __ATOMIC_ACQUIRE) == expected
-            && __atomic_load_n(&slot->stamp, __ATOMIC_RELAXED) == stamp)
+            && (stamp == ANY_STAMP || __atomic_load_n(&slot->stamp, __ATOMIC_RELAXED) == stamp))
         won = __atomic_compare_exchange_n(&slot->state, &state, VOLFS_SEGMENT_PURGING, 0,
                                           __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
     PyBuffer_Release(&view);
@@ -323,11 +342,12 @@ static PyMethodDef segments_methods[] = {
     {"unpin", segments_unpin, METH_VARARGS,
      "unpin(table, index): make a segment volatile (volfs.h's volfs_segment_unpin)."},
     {"state", segments_state, METH_VARARGS, "state(table, index) -> the segment's state word."},
+    {"stamp", segments_stamp, METH_VARARGS, "stamp(table, index) -> the segment's last unpin."},
     {"set", segments_set, METH_VARARGS,
      "set(table, index, state): store a state word and wake the pins waiting on it."},
     {"claim", segments_claim, METH_VARARGS,
      "claim(table, index, expected, stamp) -> won: compare-and-swap expected -> PURGING, "
-     "only if the segment still carries that stamp."},
+     "only if the segment still carries that stamp (2**64 - 1: any)."},
     {"end", segments_end, METH_VARARGS,
      "end(table) -> bytes: turn every state word STALE; the states before, one byte each."},
     {"scan", segments_scan, METH_VARARGS,

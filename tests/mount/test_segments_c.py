@@ -5,11 +5,7 @@ One program (:data:`SOURCE`) is compiled both ways with every warning an error
 Each test runs one of its modes against a fresh volfs and compares what it printed with what a
 user of the header must see through the kernel: which segments a pin reports purged, what
 reading their bytes gives before and after the pin, which calls fail and with which errno.
-Mounts run with ``pressure=off``, so that nothing but the programs' own purges takes anything.
-
-The tests marked ``xfail(strict=True)`` reproduce bugs of the daemon that are reported but not
-fixed yet; each says what goes wrong and where. Once fixed they pass, and the marker must go.
-"""
+Mounts run with ``pressure=off``, so that nothing but the programs' own purges takes anything."""
 
 from __future__ import annotations
 
@@ -945,14 +941,9 @@ def test_errors_of_registering_releasing_and_pinning(vol: Mount, program: str) -
     ]
 
 
-# -- bugs reported, not fixed yet -----------------------------------------------------------
+# -- once bugs: the rest of a partial segment, read-only tables, segments past EOF ----------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="volfs/_segments.c scan() and claim() take UNPINNED segments only: the pages a "
-    "PARTIAL segment keeps after a purge took its tail stay held, volatile and unpurgeable",
-)
 def test_the_rest_of_a_partial_segment_stays_purgeable(vol: Mount, c_program: str) -> None:
     output = run(c_program, "partial-rest", vol.path / "partial.bin")
     assert output[:2] == [f"tail {PAGE}", f"status {SEGMENT} {PAGE}"]
@@ -962,22 +953,11 @@ def test_the_rest_of_a_partial_segment_stays_purgeable(vol: Mount, c_program: st
 
 @pytest.mark.root
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
-@pytest.mark.xfail(
-    strict=True,
-    reason="volfs/daemon/handover.py reopens the table's memfd read-only, but the memfd is "
-    "mode 0777: any holder reopens /proc/self/fd/N read-write and maps the table writable",
-)
 def test_a_read_only_table_cannot_be_reopened_for_writing(vol: Mount, c_program: str) -> None:
     output = run(c_program, "reopen", vol.path / "reopen.bin")
     assert output == ["handed read-only", f"reopen {errno.errorcode[errno.EACCES]}"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="volfs/core/purge.py: an unpinned segment wholly past the end of its file is "
-    "claimed, given back UNPINNED and found again by the next scan; with more of them than "
-    "a purge budget (16) the purge never ends, and the daemon spins",
-)
 def test_segments_past_the_end_of_the_file_do_not_stall_a_purge(vol: Mount, c_program: str) -> None:
     # 64 one-page segments unpinned, then truncated away; one more in another file.
     with subprocess.Popen(

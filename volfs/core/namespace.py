@@ -606,6 +606,8 @@ class Namespace:
         written = contents.write(offset, data)
         if inode.vranges is not None:  # most writes go to files with no ranges: no page math
             inode.vranges.rewritten(*pages_spanned(offset, written))
+        if inode.segments is not None:  # most files have none: no page math
+            self.volatility.refilled(inode, *pages_spanned(offset, written))
         now = time.time_ns()
         inode.mtime_ns = now
         inode.ctime_ns = now
@@ -710,6 +712,7 @@ class Namespace:
                 contents.zero(offset, length)
             if not mode & FALLOC_FL_KEEP_SIZE and end > contents.size:
                 contents.size = end
+            self.volatility.refilled(inode, *pages_spanned(offset, length))
         if ranges is not None:
             # Zeros written, in effect: purged pages in the range are plain holes from now on.
             ranges.rewritten(*zeroed)

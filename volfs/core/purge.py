@@ -270,6 +270,10 @@ class Purger:
         now = time.monotonic_ns()
         found = heapq.merge(
             *(table.oldest(SEGMENT_SCAN, now) for table in self.tables if not table.ended),
+            sorted(
+                (c for t in self.tables if t.refilled for c in t.refilled_candidates(now)),
+                key=lambda candidate: candidate[0],
+            ),
             key=lambda candidate: candidate[0],
         )
         self._candidates.extend(itertools.islice(found, SEGMENT_SCAN))
@@ -290,22 +294,28 @@ class Purger:
         # From here the pins of the segment wait: it must be published whatever happens.
         claims.append(segment)
         assert self._lose is not None and self._forget is not None
-        if segment.unacknowledged:
+        resumed = segment in table.refilled
+        if segment.unacknowledged and not resumed:
             # Unpinned again since its last purge, so pinned in between: reported.
             self._forget(table.ino, segment.first, segment.end)
             table.acknowledge(segment)
         contents = self._contents_of(table.ino)
         first, end = segment.first, min(segment.end, pages_for(contents.size))
         if first >= end:
-            claims.remove(segment)
-            table.unclaim(segment)  # wholly past the end of the file: nothing to purge
-            return None
+            # Wholly past the end of the file: purged as a unit, as a range is, freeing
+            # nothing; the pin reports it.
+            table.refilled.discard(segment)
+            return 0
         if segment.partial and still_wanted is not None:
             first = contents.tail_start(first, end, still_wanted)
         invalidations.append((table.ino, first << PAGE_SHIFT, (end - first) << PAGE_SHIFT))
         freed = contents.release_pages(first, end)
         self._lose(table.ino, first, end)
         table.lost(segment)
+        if first > segment.first:
+            table.refilled.add(segment)  # the head is still there for the next purge
+        else:
+            table.refilled.discard(segment)
         return freed
 
     def statistics(self) -> PurgeStatistics:

@@ -91,6 +91,9 @@ class SegmentTable:
         self.size = segment_table_bytes(capacity)
         self.memfd = os.memfd_create(f"volfs-segments-{ino}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
+            # Its holders reach it through /proc/self/fd too: only its owner may reopen it,
+            # or a read-only holder could reopen it for writing.
+            os.fchmod(self.memfd, 0o600)
             os.ftruncate(self.memfd, self.size)
             # A client holding the memfd must not shrink it under the daemon's mapping (a
             # SIGBUS in the daemon) nor grow it past what is charged.
@@ -112,6 +115,9 @@ class SegmentTable:
         self._free: list[int] = []
         #: Segments with lost pages no pin was seen to report yet.
         self.unacknowledged: set[Segment] = set()
+        #: Purged segments (no pin seen since) holding pages a purge may still take: the
+        #: rest of a PARTIAL one, pages written since.
+        self.refilled: set[Segment] = set()
         #: The file's volatility ended: every word is STALE and nothing is purged.
         self.ended = False
 
@@ -179,6 +185,7 @@ class SegmentTable:
         _segments.set(self.view, segment.index, SEGMENT_FREE)
         segment.released = True
         self.acknowledge(segment)
+        self.refilled.discard(segment)
         del self._segments[segment.index]
         del self._by_first[segment.first]
         self.firsts[segment.index] = self.ends[segment.index] = 0
@@ -208,17 +215,30 @@ class SegmentTable:
                 found.append((stamp, segment))
         return found
 
+    def refilled_candidates(self, now: int) -> list[tuple[int, Segment]]:
+        """The :attr:`refilled` segments still purged, with their stamps (at most ``now``).
+
+        Runtime complexity: O(r) for r refilled segments.
+        """
+        found = []
+        for segment in list(self.refilled):
+            if self.state(segment) != SEGMENT_PURGED:
+                self.refilled.discard(segment)  # pinned since: its next unpin says when
+            else:
+                found.append((min(_segments.stamp(self.view, segment.index), now), segment))
+        return found
+
     def claim(self, segment: Segment, stamp: int) -> bool:
         """Win the segment for a purge (UNPINNED -> PURGING) if it is still unpinned with
-        ``stamp``; a pin then waits until :meth:`publish`."""
+        ``stamp`` or, being :attr:`refilled`, still purged (PURGED -> PURGING); a pin then
+        waits until :meth:`publish`."""
         if self.ended or segment.released:
             return False
+        if segment in self.refilled:
+            if _segments.claim(self.view, segment.index, SEGMENT_PURGED, _ANY_STAMP):
+                return True
+            self.refilled.discard(segment)
         return _segments.claim(self.view, segment.index, SEGMENT_UNPINNED, stamp)
-
-    def unclaim(self, segment: Segment) -> None:
-        """Give a claimed segment back unpurged (UNPINNED), waking the pins waiting on it."""
-        if not (self.ended or segment.released):
-            _segments.set(self.view, segment.index, SEGMENT_UNPINNED)
 
     def publish(self, segment: Segment) -> None:
         """The purge of a claimed segment is over, its pages out of the kernel's cache:
@@ -278,5 +298,7 @@ class SegmentTable:
 
 
 _PURGE_STATES = frozenset((SEGMENT_PURGING, SEGMENT_PURGED))
+#: A stamp :func:`volfs._segments.claim` takes for any.
+_ANY_STAMP = (1 << 64) - 1
 #: Unacknowledged segments few enough to look at all of them rather than at a span's.
 _FEW = 64

@@ -19,6 +19,7 @@ from volfs.abi import (
     NO_PAGE,
     PAGE_SHIFT,
     PAGE_SIZE,
+    SEGMENT_PURGED,
     SEGMENTS_DEFAULT,
     SEGMENTS_PER_FILE_MAX,
     SEGMENTS_PER_MOUNT_MAX,
@@ -275,6 +276,17 @@ class Volatility:
         table.release(segment)
         self._store.uncharge(SEGMENT_RECORD_BYTES)
         return segment
+
+    @staticmethod
+    def refilled(inode: Inode, first: int, end: int) -> None:
+        """Pages [first, end) of the file hold data again: purged segments among them may
+        be purged again. Runtime complexity: O(log n + k) for k segments in the span."""
+        table = inode.segments
+        if table is None:
+            return
+        for segment in table.overlapping(first, end):
+            if table.state(segment) == SEGMENT_PURGED:
+                table.refilled.add(segment)
 
     def acknowledge(self, inode: Inode, first: int, end: int) -> None:
         """Forget the lost pages within [first, end) of segments a pin has reported since."""
