@@ -329,9 +329,13 @@ def test_the_size_cap_purges_unpinned_segments_before_enospc(
             assert statistics(mount.path)["purges_size"] >= 1
             purged = [segment.pin() for segment in segments]
             assert any(purged[:4]) and not any(purged[4:])
+
             # Pinned segments are never purged for room: the cap says no instead.
-            assert os.pwrite(other, bytes(8 * MiB), 3 * MiB) < 8 * MiB
-            assert errno_of(lambda: os.pwrite(other, bytes(MiB), 11 * MiB)) == errno.ENOSPC
+            def fill() -> None:
+                for offset in range(3 * MiB, 16 * MiB, MiB):
+                    os.pwrite(other, bytes(MiB), offset)
+
+            assert errno_of(fill) == errno.ENOSPC
             assert all(segment.pin() is False for segment in segments)
     finally:
         os.close(fd)
