@@ -31,7 +31,18 @@ import pytest
 import volfs_mounts
 
 from tests.conftest import MOUNT_TIMEOUT, Mount, is_mounted, start_volfs, stop_volfs, wait_for
-from volfs.client import VRANGE_NONVOLATILE, VRANGE_VOLATILE, fvrange, purge, vrange_status
+from tests.mount.test_segments import segment_token
+from volfs import client as volfs_client
+from volfs.abi import SEGMENT_PURGED
+from volfs.client import (
+    VRANGE_NONVOLATILE,
+    VRANGE_VOLATILE,
+    Segment,
+    SegmentTable,
+    fvrange,
+    purge,
+    vrange_status,
+)
 
 pytestmark = [
     pytest.mark.root,
@@ -773,3 +784,70 @@ def test_a_users_mount_is_closed_to_root_and_others(mounts: Mounts) -> None:
     assert run_as(BOB, lambda: probe(private)) == denied
     assert run_as(BOB, lambda: probe(with_root)) == denied
     assert probe(with_root) == allowed
+
+
+def test_segments_on_a_shared_mount_stay_with_those_who_may_write(mounts: Mounts) -> None:
+    root = mounts.volfs("alices", "size=64M,allow_other", owner=ALICE)
+    path = root / "bobs"
+    os.chown(root, ALICE.uid, ALICE.gid)
+    os.chmod(root, 0o777)
+
+    def as_bob_unpinning() -> list[int]:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        os.pwrite(fd, b"b" * (4 * PAGE), 0)
+        table = SegmentTable(fd)
+        segments = [table.register(0, 2 * PAGE), table.register(2 * PAGE, 2 * PAGE)]
+        for segment in segments:
+            segment.unpin()
+        table.close()
+        os.close(fd)
+        return [segment.index for segment in segments]
+
+    # The table belongs to the file: it lives while somebody has the file open.
+    run_as(BOB, lambda: path.touch(mode=0o644))
+    keeper = os.open(path, os.O_RDONLY)
+    try:
+        indexes = run_as(BOB, as_bob_unpinning)
+        assert run_as(ALICE, lambda: purge(root)) == 4 * PAGE  # she mounted it
+        assert run_as(CAROL, lambda: attempt(lambda: purge(root))) == "EPERM"
+
+        def as_carol_reading() -> dict[str, object]:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                table = SegmentTable(fd)
+                pid, token, name = segment_token(fd)
+                memfd = volfs_client._receive_table(pid, token, name)
+                try:
+                    reopened = attempt(lambda: os.open(f"/proc/self/fd/{memfd}", os.O_RDWR))
+                finally:
+                    os.close(memfd)
+                seen = Segment(table, indexes[0], 0, 2 * PAGE, False)
+                return {
+                    "writable": table.writable,
+                    "states": [table.state(index) for index in indexes],
+                    "pin": attempt(seen.pin),
+                    "register": attempt(lambda: table.register(0, PAGE)),
+                    "reopen for writing": reopened,
+                }
+            finally:
+                os.close(fd)
+
+        assert run_as(CAROL, as_carol_reading) == {
+            "writable": False,
+            "states": [SEGMENT_PURGED, SEGMENT_PURGED],
+            "pin": "EBADF",
+            "register": "EBADF",
+            "reopen for writing": "EACCES",
+        }
+
+        def as_bob_pinning() -> list[bool]:
+            fd = os.open(path, os.O_RDWR)
+            try:
+                with SegmentTable(fd) as table:
+                    return [Segment(table, index, 0, 2 * PAGE, False).pin() for index in indexes]
+            finally:
+                os.close(fd)
+
+        assert run_as(BOB, as_bob_pinning) == [True, True]
+    finally:
+        os.close(keeper)

@@ -262,7 +262,8 @@ def test_a_read_only_descriptor_sees_states_only(mnt: Path, data_file: tuple[int
             os.close(reader_fd)
 
 
-def _request_token(fd: int) -> tuple[int, bytes, bytes]:
+def segment_token(fd: int) -> tuple[int, bytes, bytes]:
+    """VOLFS_IOC_SEGMENTS by hand: the daemon's pid, a token and the socket's name."""
     buffer = bytearray(abi.VOLFS_SEGMENTS.pack(0, 0, 0, 0, b"", b""))
     fcntl.ioctl(fd, abi.VOLFS_IOC_SEGMENTS, buffer, True)
     _capacity, _flags, pid, _granted, token, name = abi.VOLFS_SEGMENTS.unpack(buffer)
@@ -273,7 +274,7 @@ def test_a_token_is_good_once_and_only_from_the_daemon(
     volfs: Mount, data_file: tuple[int, bytes]
 ) -> None:
     fd, _data = data_file
-    pid, token, name = _request_token(fd)
+    pid, token, name = segment_token(fd)
     assert pid == volfs.pid
     memfd = client._receive_table(pid, token, name)
     os.close(memfd)
@@ -284,7 +285,7 @@ def test_a_token_is_good_once_and_only_from_the_daemon(
         impostor.bind(b"\0volfs-impostor-" + os.urandom(4).hex().encode())
         impostor.listen(1)
         impostor_name = impostor.getsockname()[1:]
-        _pid, token, _name = _request_token(fd)
+        _pid, token, _name = segment_token(fd)
         assert errno_of(lambda: client._receive_table(pid, token, impostor_name)) == errno.EPERM
     # A connection that sends nothing is dropped in time; others are served meanwhile.
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as idle:
