@@ -90,6 +90,8 @@ CLOCK_EVERY = 64
 VERIFY_EVERY = 1024
 #: Payload bytes of each message of the idle-memory run.
 IDLE_MESSAGE = 4000
+#: How long the idle-memory run waits for the daemon's RSS to fall after the purge.
+RSS_SETTLE_SECONDS = 5.0
 
 LENGTH = struct.Struct("=Q")
 
@@ -448,6 +450,10 @@ def idle_memory(mount: volfs_mounts.Mount, settings: Settings) -> IdleMemory:
             file_before, used_before = file_bytes(path), statistics(mount.path)["used_bytes"]
             rss_before = mount.rss_bytes()
             purged = purge(mount.path)
+            # The daemon gives the memory back in a worker thread: let it.
+            deadline = time.monotonic() + RSS_SETTLE_SECONDS
+            while rss_before - mount.rss_bytes() < purged * 0.9 and time.monotonic() < deadline:
+                time.sleep(0.01)
             return IdleMemory(
                 capacity=settings.capacity,
                 segment=producer.segment_size,

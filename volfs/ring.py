@@ -124,7 +124,8 @@ sees:
 - The producer vanished: the same, with :class:`PeerVanishedError`.
 - The consumer closed or vanished while this producer was attached: every send raises
   :class:`RingClosedError` or :class:`PeerVanishedError` until another consumer attaches (a
-  vanished consumer is noticed when the producer enters a new segment or has to wait).
+  vanished consumer is noticed when the producer has to wait, or has written a MiB since it
+  last looked: the lock probe is a system call).
   Messages not received stay in the ring for the next consumer. A consumer that had closed
   before the producer attached does not count: the producer fills the ring for the next one.
 
@@ -202,6 +203,9 @@ _STATE_MASK: Final = 3
 _FLOCK = struct.Struct("hhqqi4x")
 
 _RECORD_HEADER: Final = 8
+#: A producer sending without waiting looks for a vanished consumer (a system call) once it
+#: has written this many bytes since it last looked.
+_PEER_CHECK_BYTES: Final = 1 << 20
 #: A ring has at least this many segments: one the consumer reads, one the producer fills.
 _SEGMENTS_AT_LEAST: Final = 2
 #: A default segment is at most this part of the capacity (and so of the largest message).
@@ -667,6 +671,8 @@ class Producer(_Endpoint):
         # The segment holding head on may or may not be pinned: pin them again (a pin of a
         # pinned segment changes nothing).
         self._pinned = self._head // self.segment_size * self.segment_size
+        #: Where the next send looks for a vanished consumer.
+        self._check_at = self._head
         self._refresh()
         # Ahead of head nothing is written and only a producer pins: what a predecessor that
         # died had pinned there goes back.
@@ -694,7 +700,7 @@ class Producer(_Endpoint):
             RingTimeoutError: no room within the timeout.
             RingClosedError: the consumer closed the ring.
             PeerVanishedError: the consumer went away without closing (noticed when the
-                producer enters a new segment or has to wait).
+                producer has to wait, or has written a MiB since it last looked).
         """
         if timeout is not None and timeout < 0:
             raise ValueError(f"timeout {timeout} must be non-negative or None")
@@ -777,7 +783,10 @@ class Producer(_Endpoint):
         The consumer gave them back (``end <= released + capacity``), so they hold nothing
         it has yet to read; one it unpinned that volfs purged now reads as zeros.
         """
-        self._check_consumer()
+        if end > self._check_at:
+            # Not at every segment: the lock probe costs more than a segment's pin.
+            self._check_consumer()
+            self._check_at = end + _PEER_CHECK_BYTES
         size = self.segment_size
         stop = _round_up(end, size)
         if self.volatile:

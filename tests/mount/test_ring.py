@@ -334,6 +334,12 @@ def test_an_idle_caught_up_ring_gives_its_memory_back_on_purge(
     data = count * (message_size + 8)
     fd = os.open(ring, os.O_RDWR)
     try:
+        # The two ends attached at once to a file nobody had open: one registered the
+        # segments, the other found them.
+        with SegmentTable(fd, create=False) as table:
+            assert sorted((slot.start, slot.length) for slot in table.slots()) == [
+                (PAGE + offset, segment) for offset in range(0, capacity, segment)
+            ]
         # The data went in through the mappings; the kernel writes dirty pages back to the
         # daemon within 30 s on its own, fsync does it now.
         os.fsync(fd)
