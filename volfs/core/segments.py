@@ -116,7 +116,7 @@ class SegmentTable:
         #: Segments with lost pages no pin was seen to report yet.
         self.unacknowledged: set[Segment] = set()
         #: Purged segments (no pin seen since) holding pages a purge may still take: the
-        #: rest of a PARTIAL one, pages written since.
+        #: rest of a PARTIAL one, pages written since (even while a purge held it).
         self.refilled: set[Segment] = set()
         #: The file's volatility ended: every word is STALE and nothing is purged.
         self.ended = False
@@ -222,10 +222,11 @@ class SegmentTable:
         """
         found = []
         for segment in list(self.refilled):
-            if self.state(segment) != SEGMENT_PURGED:
-                self.refilled.discard(segment)  # pinned since: its next unpin says when
-            else:
+            state = self.state(segment)
+            if state == SEGMENT_PURGED:
                 found.append((min(_segments.stamp(self.view, segment.index), now), segment))
+            elif state != SEGMENT_PURGING:  # still claimed: purgeable once published
+                self.refilled.discard(segment)  # pinned since: its next unpin says when
         return found
 
     def claim(self, segment: Segment, stamp: int) -> bool:
@@ -237,7 +238,8 @@ class SegmentTable:
         if segment in self.refilled:
             if _segments.claim(self.view, segment.index, SEGMENT_PURGED, _ANY_STAMP):
                 return True
-            self.refilled.discard(segment)
+            if self.state(segment) != SEGMENT_PURGING:
+                self.refilled.discard(segment)
         return _segments.claim(self.view, segment.index, SEGMENT_UNPINNED, stamp)
 
     def publish(self, segment: Segment) -> None:

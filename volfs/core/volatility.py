@@ -20,6 +20,7 @@ from volfs.abi import (
     PAGE_SHIFT,
     PAGE_SIZE,
     SEGMENT_PURGED,
+    SEGMENT_PURGING,
     SEGMENTS_DEFAULT,
     SEGMENTS_PER_FILE_MAX,
     SEGMENTS_PER_MOUNT_MAX,
@@ -285,7 +286,8 @@ class Volatility:
         if table is None:
             return
         for segment in table.overlapping(first, end):
-            if table.state(segment) == SEGMENT_PURGED:
+            # Written while a purge holds it (PURGING) too: PURGED once published.
+            if table.state(segment) in (SEGMENT_PURGED, SEGMENT_PURGING):
                 table.refilled.add(segment)
 
     def acknowledge(self, inode: Inode, first: int, end: int) -> None:
