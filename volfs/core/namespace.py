@@ -572,15 +572,18 @@ class Namespace:
         """
         contents = inode.contents
         assert contents is not None, "only regular files are opened"
+        # Only what lies before EOF can be lost: a read at or past it is an empty one.
+        within = min(size, contents.size - offset)
+        span = pages_spanned(offset, within) if within > 0 else (0, 0)
         if (
             inode.vranges is not None
             and not self.purged_reads_zero
-            and inode.vranges.is_lost(*pages_spanned(offset, size))
+            and inode.vranges.is_lost(*span)
         ):
             # Lost pages of a segment pinned since read as zeros: the pin reported them.
-            self.volatility.acknowledge(inode, *pages_spanned(offset, size))
+            self.volatility.acknowledge(inode, *span)
             vranges = inode.vranges
-            if vranges is not None and vranges.is_lost(*pages_spanned(offset, size)):
+            if vranges is not None and vranges.is_lost(*span):
                 raise OSError(errno.EIO, "read of purged volatile data")
         data = contents.read(offset, size)
         now = time.time_ns()
