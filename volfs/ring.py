@@ -51,7 +51,7 @@ could unpin under the producer.
 
 The table belongs to the file: every endpoint gets it (``SegmentTable(fd)``) and finds the
 segments in it, and it ends with the file's last close (pins would then fail with ESTALE; a
-ring nobody has open keeps its consumed pages as plain memory until they are reused). The
+ring nobody has open keeps its consumed pages as plain memory until an endpoint comes). The
 endpoints set up their segments one at a time, under an OFD lock on a header byte: each
 looks for a segment spanning each of the data area's segments in the table (any slot, checked
 by its start and length) and registers those it does not find, pinned. An endpoint that
