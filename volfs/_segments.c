@@ -204,7 +204,8 @@ static PyObject *segments_end(PyObject *module, PyObject *args) {
 
 /* A max-heap of (stamp, index) by stamp: the `limit` oldest seen so far. */
 struct candidate {
-    unsigned long long stamp;
+    unsigned long long stamp;  /* as ordered: never past `now`  */
+    unsigned long long seen;   /* as read, for claim() to match */
     Py_ssize_t index;
 };
 
@@ -267,19 +268,20 @@ static PyObject *segments_scan(PyObject *module, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     for (index = 0; index < capacity; index++) {
         const struct volfs_segment_slot *slot = slot_at(&view, index);
-        unsigned long long stamp;
+        unsigned long long stamp, seen;
         if (__atomic_load_n(&slot->state, __ATOMIC_ACQUIRE) != VOLFS_SEGMENT_UNPINNED)
             continue;
-        stamp = __atomic_load_n(&slot->stamp, __ATOMIC_RELAXED);
+        seen = __atomic_load_n(&slot->stamp, __ATOMIC_RELAXED);
         /* Stamps come from clients: one from the future sorts as now, never last. */
-        if (stamp > now)
-            stamp = now;
+        stamp = seen > now ? now : seen;
         if (size < limit) {
             heap[size].stamp = stamp;
+            heap[size].seen = seen;
             heap[size].index = index;
             sift_up(heap, size++);
         } else if (stamp < heap[0].stamp) {
             heap[0].stamp = stamp;
+            heap[0].seen = seen;
             heap[0].index = index;
             sift_down(heap, size, 0);
         }
@@ -289,7 +291,7 @@ static PyObject *segments_scan(PyObject *module, PyObject *args) {
     PyBuffer_Release(&view);
     found = PyList_New(size);
     for (i = 0; found != NULL && i < size; i++) {
-        PyObject *item = Py_BuildValue("(Kn)", heap[i].stamp, heap[i].index);
+        PyObject *item = Py_BuildValue("(KnK)", heap[i].stamp, heap[i].index, heap[i].seen);
         if (item == NULL) {
             Py_CLEAR(found);
             break;
@@ -351,8 +353,9 @@ static PyMethodDef segments_methods[] = {
     {"end", segments_end, METH_VARARGS,
      "end(table) -> bytes: turn every state word STALE; the states before, one byte each."},
     {"scan", segments_scan, METH_VARARGS,
-     "scan(table, limit, now) -> [(stamp, index)]: the `limit` least recently unpinned "
-     "segments, oldest first (stamps past `now` count as `now`). O(n log limit), no GIL."},
+     "scan(table, limit, now) -> [(stamp, index, seen)]: the `limit` least recently unpinned "
+     "segments, oldest first (stamps past `now` count as `now`; `seen` is the stamp as read, "
+     "for claim). O(n log limit), no GIL."},
     {"volatile_pages", segments_volatile_pages, METH_VARARGS,
      "volatile_pages(table, firsts, ends, low, high) -> (pages, segments): the pages in "
      "[low, high) of the unpinned segments, whose pages [firsts[i], ends[i]) (native "

@@ -179,6 +179,10 @@ SEGMENT_TOKEN_BYTES = 16
 SEGMENT_TOKEN_SECONDS = 10
 #: Bytes of the socket name field, its terminating NUL included.
 SEGMENT_SOCKET_NAME_BYTES = 64
+#: How long a client waits for the daemon's socket, in seconds.
+SEGMENT_HANDOVER_SECONDS = 5
+#: What SO_PEERCRED answers (struct ucred): pid, uid, gid.
+PEER_CREDENTIALS = struct.Struct("=iII")
 #: The daemon's answer to a token: ``__s32`` status (0, or an errno), with the table's memfd
 #: attached (SCM_RIGHTS) on success.
 SEGMENT_HANDOVER_STATUS = struct.Struct("=i")

@@ -21,7 +21,6 @@ import fcntl
 import mmap
 import os
 import socket
-import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,7 +30,9 @@ from typing import NamedTuple
 from volfs import _segments
 from volfs.abi import (
     PAGE_SIZE,
+    PEER_CREDENTIALS,
     SEGMENT_FREE,
+    SEGMENT_HANDOVER_SECONDS,
     SEGMENT_HANDOVER_STATUS,
     SEGMENT_SLOT,
     SEGMENT_STALE,
@@ -221,11 +222,6 @@ def pinned(fd: int, start: int, length: int, flags: int = VRANGE_FULL) -> Iterat
         fvrange(fd, start, length, VRANGE_VOLATILE, flags)
 
 
-#: How long getting a table from the daemon may take, in seconds.
-HANDOVER_TIMEOUT = 5.0
-_PEER_CREDENTIALS = struct.Struct("=iII")  # struct ucred: pid, uid, gid
-
-
 class SegmentTable:
     """The segment table of a volfs file, mapped into this process (see volfs.h).
 
@@ -395,12 +391,12 @@ class Segment:
 def _receive_table(pid: int, token: bytes, name: bytes) -> int:
     """Redeem a token at the daemon's socket; return the table's memfd."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-        connection.settimeout(HANDOVER_TIMEOUT)
+        connection.settimeout(SEGMENT_HANDOVER_SECONDS)
         connection.connect(b"\0" + name)
         credentials = connection.getsockopt(
-            socket.SOL_SOCKET, socket.SO_PEERCRED, _PEER_CREDENTIALS.size
+            socket.SOL_SOCKET, socket.SO_PEERCRED, PEER_CREDENTIALS.size
         )
-        peer_pid, _uid, _gid = _PEER_CREDENTIALS.unpack(credentials)
+        peer_pid, _uid, _gid = PEER_CREDENTIALS.unpack(credentials)
         if peer_pid != pid:
             raise OSError(errno.EPERM, "the segment socket is not the daemon's")
         connection.sendall(token)

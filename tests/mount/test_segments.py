@@ -10,6 +10,7 @@ import random
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -435,6 +436,7 @@ def test_segment_header_matches_the_python_abi(tmp_path: Path) -> None:
         "VOLFS_SEGMENT_TOKEN_SECONDS": abi.SEGMENT_TOKEN_SECONDS,
         "VOLFS_SEGMENT_SOCKET_NAME_BYTES": abi.SEGMENT_SOCKET_NAME_BYTES,
         "VOLFS_SEGMENTS_EXISTING": abi.VOLFS_SEGMENTS_EXISTING,
+        "VOLFS_SEGMENT_HANDOVER_SECONDS": abi.SEGMENT_HANDOVER_SECONDS,
     }
     source = tmp_path / "segments_abi.c"
     prints = "\n".join(f'    printf("%llu\\n", (unsigned long long)({name}));' for name in names)
@@ -476,3 +478,52 @@ def test_memory_pressure_purges_unpinned_segments_and_gives_the_memory_back(
             assert os.pread(fd, MiB, 0) == bytes(MiB)
     finally:
         os.close(fd)
+
+
+def test_stamps_from_the_future_neither_stall_a_purge_nor_keep_segments(
+    mnt: Path, data_file: tuple[int, bytes]
+) -> None:
+    fd, _data = data_file
+    (mnt / "other").write_bytes(os.urandom(SEGMENT))
+    other = os.open(mnt / "other", os.O_RDWR)
+    try:
+        with SegmentTable(fd) as table, SegmentTable(other) as theirs:
+            # A clock far ahead (another time namespace, or a client lying): ordered as now.
+            segments = segments_of(table, 16, 16 * PAGE)
+            for segment in segments:
+                segment.unpin()
+                stamp = abi.segment_slot_offset(segment.index) + abi.SEGMENT_STAMP_OFFSET
+                table._map[stamp : stamp + 8] = (1 << 62).to_bytes(8, "little")
+            bystander = theirs.register(0, SEGMENT)
+            bystander.unpin()
+            started = time.monotonic()
+            assert purge(mnt) == MiB + SEGMENT
+            assert time.monotonic() - started < 5
+            assert all(segment.pin() for segment in segments)
+            assert bystander.pin() is True
+    finally:
+        os.close(other)
+
+
+def test_one_user_cannot_take_every_handover_connection(
+    data_file: tuple[int, bytes],
+) -> None:
+    fd, _data = data_file
+    _pid, _token, name = segment_token(fd)
+    hogs = []
+    try:
+        for _ in range(4):
+            hog = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            hog.connect(b"\0" + name)
+            hogs.append(hog)
+        time.sleep(0.2)  # accepted and counted
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as fifth:
+            fifth.settimeout(1)
+            fifth.connect(b"\0" + name)
+            assert fifth.recv(8) == b""  # hung up at once, not after the 2 s allowed
+    finally:
+        for hog in hogs:
+            hog.close()
+    time.sleep(0.2)
+    with SegmentTable(fd) as table:
+        assert table.capacity == abi.SEGMENTS_DEFAULT

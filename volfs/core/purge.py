@@ -26,7 +26,7 @@ from sortedcontainers import SortedDict
 
 from volfs.abi import NO_PAGE, PAGE_SHIFT, U64_MAX, pages_for
 from volfs.core.ranges import RecordLimits, VolatileRange
-from volfs.core.segments import Segment, SegmentTable
+from volfs.core.segments import Candidate, Segment, SegmentTable
 from volfs.core.store import FileContents
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,9 @@ class Purger:
         self._forget = forget
         #: The segment tables of open files.
         self.tables: set[SegmentTable] = set()
-        self._candidates: deque[tuple[int, Segment]] = deque()
+        self._candidates: deque[Candidate] = deque()
+        #: The last scan of this pass won no segment yet.
+        self._fruitless_scan = False
         self._last_stamp = 0
         self._limits = limits or RecordLimits(per_inode=U64_MAX, per_mount=U64_MAX)
         # Keyed by (stamp, start): pieces of one range share its stamp and never a start.
@@ -173,6 +175,7 @@ class Purger:
         claims: list[Segment] | None = None,
         *,
         budget: int = PURGE_BUDGET,
+        new_pass: bool = True,
     ) -> PurgeResult:
         """Purge oldest ranges and segments first until ``wanted_bytes`` are freed (0: all).
 
@@ -187,10 +190,15 @@ class Purger:
                 :meth:`SegmentTable.publish` it once its pages have left the kernel's cache,
                 whatever happens, or its pins wait.
             budget: ranges and segments to look at, at most.
+            new_pass: False when this call goes on with the purge of the call before. A pass
+                scans the tables again only if its last scan won a segment: words clients keep
+                changing cannot keep it going for ever.
 
         Runtime complexity: O(budget log n), plus the pages released, plus one scan of the
         segment tables (O(slots) in C) when no scanned segment is left.
         """
+        if new_pass:
+            self._fruitless_scan = False
         wanted = pages_for(wanted_bytes) if wanted_bytes else None
         freed = 0
         purged = 0
@@ -205,12 +213,12 @@ class Purger:
                     self._scan_segments()
                     scanned = True
                 if candidates and (not order or candidates[0][0] < order.peekitem(0)[0][0]):
-                    stamp, segment = candidates.popleft()
+                    _stamp, segment, seen = candidates.popleft()
                     if claims is None:
                         raise ValueError("a purge of segments needs a list for its claims")
                     taken = self._purge_segment(
-                        stamp,
                         segment,
+                        seen,
                         None if wanted is None else wanted - freed,
                         invalidations,
                         claims,
@@ -266,7 +274,11 @@ class Purger:
         return freed
 
     def _scan_segments(self) -> None:
-        """Collect the :data:`SEGMENT_SCAN` least recently unpinned segments of all tables."""
+        """Collect the :data:`SEGMENT_SCAN` least recently unpinned segments of all tables,
+        unless the pass's last scan won none of those it found."""
+        if self._fruitless_scan:
+            return
+        self._fruitless_scan = True
         now = time.monotonic_ns()
         found = heapq.merge(
             *(table.oldest(SEGMENT_SCAN, now) for table in self.tables if not table.ended),
@@ -280,8 +292,8 @@ class Purger:
 
     def _purge_segment(
         self,
-        stamp: int,
         segment: Segment,
+        seen: int,
         still_wanted: int | None,
         invalidations: list[Invalidation],
         claims: list[Segment],
@@ -289,10 +301,11 @@ class Purger:
         """Purge a segment if it is still unpinned as scanned; return the pages freed, or
         None if a pin (or a newer unpin) got there first."""
         table = segment.table
-        if not table.claim(segment, stamp):
+        if not table.claim(segment, seen):
             return None
         # From here the pins of the segment wait: it must be published whatever happens.
         claims.append(segment)
+        self._fruitless_scan = False
         assert self._lose is not None and self._forget is not None
         resumed = segment in table.refilled
         if segment.unacknowledged and not resumed:

@@ -16,6 +16,7 @@ old bytes from the cache afterwards.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -120,11 +121,14 @@ class Reclaimer:
         discarded: list[int] = []
         spanned = 0
         try:
-            while True:
+            for calls in itertools.count():
                 invalidations: list[Invalidation] = []
                 try:
                     result = self._purger.purge(
-                        wanted - freed if wanted else 0, invalidations, claims
+                        wanted - freed if wanted else 0,
+                        invalidations,
+                        claims,
+                        new_pass=not calls,
                     )
                 finally:
                     inodes = {ino for ino, _offset, _length in invalidations} - noted

@@ -53,6 +53,12 @@ RECORD_ARRAY_BYTES = 16
 #: Bytes charged to ``size=`` for each registered segment's record.
 SEGMENT_RECORD_BYTES = 256
 
+#: A stamp :func:`volfs._segments.claim` takes for any.
+ANY_STAMP = (1 << 64) - 1
+
+#: A segment a scan found: its place in the order, the segment, the stamp it carried then.
+Candidate = tuple[int, "Segment", int]
+
 #: States in which a segment is volatile.
 VOLATILE_STATES = frozenset((SEGMENT_UNPINNED, SEGMENT_PURGING, SEGMENT_PURGED))
 
@@ -203,19 +209,20 @@ class SegmentTable:
         """
         return _segments.volatile_pages(self.view, self.firsts, self.ends, first, end)
 
-    def oldest(self, limit: int, now: int) -> list[tuple[int, Segment]]:
-        """The ``limit`` least recently unpinned segments, oldest first, with their stamps.
+    def oldest(self, limit: int, now: int) -> list[Candidate]:
+        """The ``limit`` least recently unpinned segments, oldest first: ``(stamp, segment,
+        stamp as read)``, a stamp past ``now`` ordered as ``now``.
 
         Runtime complexity: O(capacity log limit) in C, plus O(limit) here.
         """
         found = []
-        for stamp, index in _segments.scan(self.view, limit, now):
+        for stamp, index, seen in _segments.scan(self.view, limit, now):
             segment = self._segments.get(index)
             if segment is not None:  # a word a client set on a free slot means nothing
-                found.append((stamp, segment))
+                found.append((stamp, segment, seen))
         return found
 
-    def refilled_candidates(self, now: int) -> list[tuple[int, Segment]]:
+    def refilled_candidates(self, now: int) -> list[Candidate]:
         """The :attr:`refilled` segments still purged, with their stamps (at most ``now``).
 
         Runtime complexity: O(r) for r refilled segments.
@@ -224,19 +231,21 @@ class SegmentTable:
         for segment in list(self.refilled):
             state = self.state(segment)
             if state == SEGMENT_PURGED:
-                found.append((min(_segments.stamp(self.view, segment.index), now), segment))
+                stamp = min(_segments.stamp(self.view, segment.index), now)
+                found.append((stamp, segment, ANY_STAMP))
             elif state != SEGMENT_PURGING:  # still claimed: purgeable once published
                 self.refilled.discard(segment)  # pinned since: its next unpin says when
         return found
 
     def claim(self, segment: Segment, stamp: int) -> bool:
-        """Win the segment for a purge (UNPINNED -> PURGING) if it is still unpinned with
-        ``stamp`` or, being :attr:`refilled`, still purged (PURGED -> PURGING); a pin then
-        waits until :meth:`publish`."""
+        """Win the segment for a purge if it is still unpinned with the stamp it was scanned
+        with (UNPINNED -> PURGING) or, being :attr:`refilled`, still purged (PURGED ->
+        PURGING); a pin then waits until :meth:`publish`. One unpinned again since it was
+        scanned waits for its new place in the order."""
         if self.ended or segment.released:
             return False
         if segment in self.refilled:
-            if _segments.claim(self.view, segment.index, SEGMENT_PURGED, _ANY_STAMP):
+            if _segments.claim(self.view, segment.index, SEGMENT_PURGED, ANY_STAMP):
                 return True
             if self.state(segment) != SEGMENT_PURGING:
                 self.refilled.discard(segment)
@@ -294,13 +303,19 @@ class SegmentTable:
         return acknowledged
 
     def close(self) -> None:
-        """Let go of the memfd and the mapping (after :meth:`end`)."""
+        """Let go of the memfd, the mapping and the records (after :meth:`end`): what still
+        refers to the table (a token not redeemed, a scanned candidate) holds nothing big."""
         self.view.close()
         os.close(self.memfd)
+        self.firsts = array.array("Q")
+        self.ends = array.array("Q")
+        self._segments.clear()
+        self._by_first.clear()
+        self._free.clear()
+        self.refilled.clear()
 
 
 _PURGE_STATES = frozenset((SEGMENT_PURGING, SEGMENT_PURGED))
-#: A stamp :func:`volfs._segments.claim` takes for any.
-_ANY_STAMP = (1 << 64) - 1
+
 #: Unacknowledged segments few enough to look at all of them rather than at a span's.
 _FEW = 64

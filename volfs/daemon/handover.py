@@ -9,13 +9,15 @@ end, and sends the token; the daemon answers a status and, on success, the memfd
 SCM_RIGHTS (a read-only descriptor's token gets the memfd reopened read-only).
 
 A token proves access to one table, once, for :data:`SEGMENT_TOKEN_SECONDS`. Tokens,
-connections and the time a connection may take are bounded, so that nobody can make the
-daemon hold more than a little for them, nor keep others from being served for long.
+connections (of all users, and of each) and the time a connection may take are bounded, so
+that nobody can make the daemon hold more than a little for them, nor keep others from being
+served for long.
 """
 
 from __future__ import annotations
 
 import array
+import collections
 import errno
 import logging
 import os
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 import trio
 
 from volfs.abi import (
+    PEER_CREDENTIALS,
     SEGMENT_HANDOVER_STATUS,
     SEGMENT_SOCKET_NAME_BYTES,
     SEGMENT_TOKEN_BYTES,
@@ -41,6 +44,8 @@ log = logging.getLogger(__name__)
 GRANTS_MAX = 1024
 #: Connections served at once; more wait in the listen queue.
 CONNECTIONS_MAX = 16
+#: Connections of one user served at once; more are hung up on at once.
+CONNECTIONS_PER_USER = 4
 #: How long one connection may take to send its token.
 CONNECTION_SECONDS = 2.0
 #: The pause after a failed accept.
@@ -63,6 +68,7 @@ class TableHandover:
         assert len(self.name) < SEGMENT_SOCKET_NAME_BYTES
         self._grants: OrderedDict[bytes, _Grant] = OrderedDict()
         self._connections = trio.Semaphore(CONNECTIONS_MAX)
+        self._per_user: collections.Counter[int] = collections.Counter()
 
     def grant(self, table: SegmentTable, *, writable: bool) -> bytes:
         """A one-time token for ``table``, read-only unless ``writable``.
@@ -101,8 +107,19 @@ class TableHandover:
                     nursery.start_soon(self._answer, connection)
 
     async def _answer(self, connection: trio.socket.SocketType) -> None:
-        """Read one token, answer it, hang up; never more than :data:`CONNECTION_SECONDS`."""
+        """Read one token, answer it, hang up; never more than :data:`CONNECTION_SECONDS`,
+        and never more than :data:`CONNECTIONS_PER_USER` of one user's at a time."""
+        uid = None
         try:
+            credentials = connection.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, PEER_CREDENTIALS.size
+            )
+            _pid, uid, _gid = PEER_CREDENTIALS.unpack(credentials)
+            if self._per_user[uid] >= CONNECTIONS_PER_USER:
+                uid = None
+                connection.close()  # one user cannot take every slot from the others
+                return
+            self._per_user[uid] += 1
             with connection, trio.move_on_after(CONNECTION_SECONDS):
                 token = b""
                 while len(token) < SEGMENT_TOKEN_BYTES:
@@ -118,6 +135,10 @@ class TableHandover:
             log.exception("segment table handover failed")
         finally:
             self._connections.release()
+            if uid is not None:
+                self._per_user[uid] -= 1
+                if not self._per_user[uid]:
+                    del self._per_user[uid]
 
     async def _redeem(self, connection: trio.socket.SocketType, token: bytes) -> None:
         grant = self._grants.pop(token, None)

@@ -147,6 +147,7 @@ struct vrange_next {            /* 32 bytes */
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <linux/futex.h>
 #include <sys/ioctl.h>
@@ -180,6 +181,7 @@ struct volfs__peer_credentials {
 #define VOLFS_SEGMENT_TOKEN_BYTES   16
 #define VOLFS_SEGMENT_TOKEN_SECONDS 10
 #define VOLFS_SEGMENT_SOCKET_NAME_BYTES 64
+#define VOLFS_SEGMENT_HANDOVER_SECONDS 5   /* volfs_segments_open waits this long at most */
 
 struct volfs_segment_table_header {  /* 64 bytes, at offset 0 of the table */
     __u32 magic;      /* VOLFS_SEGMENT_TABLE_MAGIC      */
@@ -259,6 +261,7 @@ static inline int volfs_segments__receive(const struct volfs_segments_args *args
     size_t name = strnlen(args->socket, sizeof(args->socket));
     __s32 status = 0;
     union { struct cmsghdr header; char space[CMSG_SPACE(sizeof(int))]; } control;
+    struct timeval patience = {VOLFS_SEGMENT_HANDOVER_SECONDS, 0};
     struct iovec vector;
     struct msghdr message;
     struct cmsghdr *cmsg;
@@ -272,6 +275,10 @@ static inline int volfs_segments__receive(const struct volfs_segments_args *args
     sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (sock < 0)
         return -1;
+    /* A daemon busy with others (or with someone hogging its socket): give up in time. */
+    if (setsockopt(sock, SOL_SOCKET, SO_SNDTIMEO, &patience, sizeof(patience)) < 0
+            || setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &patience, sizeof(patience)) < 0)
+        goto fail;
     memset(&address, 0, sizeof(address));
     address.sun_family = AF_UNIX;
     memcpy(address.sun_path + 1, args->socket, name);
