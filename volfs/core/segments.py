@@ -59,9 +59,6 @@ ANY_STAMP = (1 << 64) - 1
 #: A segment a scan found: its place in the order, the segment, the stamp it carried then.
 Candidate = tuple[int, "Segment", int]
 
-#: States in which a segment is volatile.
-VOLATILE_STATES = frozenset((SEGMENT_UNPINNED, SEGMENT_PURGING, SEGMENT_PURGED))
-
 
 @dataclass(slots=True, eq=False)
 class Segment:
