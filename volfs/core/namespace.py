@@ -572,19 +572,8 @@ class Namespace:
         """
         contents = inode.contents
         assert contents is not None, "only regular files are opened"
-        # Only what lies before EOF can be lost: a read at or past it is an empty one.
-        within = min(size, contents.size - offset)
-        span = pages_spanned(offset, within) if within > 0 else (0, 0)
-        if (
-            inode.vranges is not None
-            and not self.purged_reads_zero
-            and inode.vranges.is_lost(*span)
-        ):
-            # Lost pages of a segment pinned since read as zeros: the pin reported them.
-            self.volatility.acknowledge(inode, *span)
-            vranges = inode.vranges
-            if vranges is not None and vranges.is_lost(*span):
-                raise OSError(errno.EIO, "read of purged volatile data")
+        if inode.vranges is not None and not self.purged_reads_zero:
+            self._check_not_lost(inode, offset, min(size, contents.size - offset))
         data = contents.read(offset, size)
         now = time.time_ns()
         if (
@@ -594,6 +583,18 @@ class Namespace:
         ):
             inode.atime_ns = now
         return data
+
+    def _check_not_lost(self, inode: Inode, offset: int, length: int) -> None:
+        """Raise EIO if bytes [offset, offset+length) touch lost pages; only what lies before
+        EOF (``length`` may be 0 or less: none) can be lost. Lost pages of a segment a pin
+        reported since read as zeros."""
+        if length <= 0 or inode.vranges is None:
+            return
+        span = pages_spanned(offset, length)
+        if inode.vranges.is_lost(*span):
+            self.volatility.acknowledge(inode, *span)
+            if inode.vranges is not None and inode.vranges.is_lost(*span):
+                raise OSError(errno.EIO, "read of purged volatile data")
 
     def write(self, inode: Inode, offset: int, data: bytes | memoryview) -> int:
         """Write to an open regular file; return the bytes written (all of them).
