@@ -2,7 +2,7 @@
 
 Two calling conventions are accepted::
 
-    volfs [-f] [-o OPTIONS] MOUNTPOINT             # by hand, by systemd, by tests
+    volfs [-f|-d] [-o OPTIONS] MOUNTPOINT          # by hand, by systemd, by tests
     volfs SOURCE MOUNTPOINT [-o OPTIONS]           # by mount.fuse3 (mount -t fuse.volfs, fstab)
 
 Without ``-f`` the command returns once the mount is ready and a background process serves it;
@@ -19,7 +19,6 @@ import errno
 import functools
 import gc
 import logging
-import logging.handlers
 import os
 import signal
 import socket
@@ -31,6 +30,7 @@ from typing import NoReturn
 
 import trio
 
+from volfs import __version__
 from volfs.core.namespace import Namespace
 from volfs.core.ranges import RecordLimits
 from volfs.core.reclaim import Reclaimer
@@ -39,7 +39,14 @@ from volfs.core.store import Store
 from volfs.core.worker import WorkerThread
 from volfs.daemon import fs
 from volfs.daemon.handover import TableHandover
-from volfs.daemon.options import MAX_SIZE, MountOptions, OptionError, parse_mount_options
+from volfs.daemon.logs import configure_logging
+from volfs.daemon.options import (
+    MAX_SIZE,
+    MountOptions,
+    OptionError,
+    options_help,
+    parse_mount_options,
+)
 from volfs.daemon.pressure import watch_pressure
 from volfs.daemon.session import Session, invalidate
 
@@ -58,36 +65,43 @@ class MountError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Return the command-line parser."""
+    """Return the command-line parser; its help lists every mount option."""
     parser = argparse.ArgumentParser(
         prog="volfs",
+        usage="%(prog)s [-h] [-V] [-f] [-d] [-o OPTIONS] [SOURCE] MOUNTPOINT",
         description="Mount a volfs: a tmpfs-like filesystem in memory with volatile ranges.",
-        epilog="Options (-o): size=BYTES[K|M|G|T]|N%, nr_inodes=N[K|M|G], mode=OCTAL, uid=N, "
-        "gid=N, max_ranges=N, max_file_ranges=N, "
-        "and FUSE options such as allow_other. Unmount with umount or fusermount3 -u.",
+        epilog=f"{options_help()}\n\nUnmount with umount MOUNTPOINT or fusermount3 -u MOUNTPOINT.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "source",
         nargs="?",
         default="volfs",
+        metavar="SOURCE",
         help="name shown as the filesystem's source (given by mount.fuse3)",
     )
-    parser.add_argument("mountpoint", help="an existing directory")
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
     parser.add_argument(
         "-o",
         dest="options",
         action="append",
         default=[],
         metavar="OPTIONS",
-        help="comma-separated mount options; may be repeated",
+        help="comma-separated mount options (listed below); may be repeated",
     )
     parser.add_argument(
         "-f",
         "--foreground",
         action="store_true",
-        help="serve in the foreground instead of returning once mounted",
+        help="serve in the foreground, logging to stderr, instead of returning once mounted",
     )
-    parser.add_argument("-d", "--debug", action="store_true", help="log every request")
+    parser.add_argument(
+        "-d",
+        "--debug",
+        action="store_true",
+        help="-f with log_level=debug, and libfuse prints every request",
+    )
+    parser.add_argument("-V", "--version", action="version", version=f"volfs {__version__}")
     return parser
 
 
@@ -256,8 +270,9 @@ def _daemonize() -> int | None:
     return None
 
 
-def _report_ready(message: str = "ready") -> None:
-    """Tell a waiting parent that the mount is ready (or why it failed), then detach stdio."""
+def _report_ready(message: str = "ready", *, keep_stderr: bool = False) -> None:
+    """Tell a waiting parent that the mount is ready (or why it failed), then detach stdio
+    (stderr only if the log has nowhere else to go)."""
     fd = os.environ.pop("VOLFS_READY_FD", None)
     if fd is None:
         return
@@ -265,7 +280,7 @@ def _report_ready(message: str = "ready") -> None:
     os.close(int(fd))
     if message == "ready":
         null = os.open(os.devnull, os.O_RDWR)
-        for stream in (0, 1, 2):
+        for stream in (0, 1) if keep_stderr else (0, 1, 2):
             os.dup2(null, stream)
         os.close(null)
 
@@ -296,19 +311,6 @@ def notify_service_manager(*fields: str) -> None:
         log.warning("cannot notify the service manager at %s: %s", address, error.strerror)
 
 
-def _configure_logging(debug: bool, foreground: bool) -> None:
-    handler: logging.Handler
-    if foreground or not os.path.exists("/dev/log"):
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("volfs[%(process)d]: %(levelname)s: %(message)s"))
-    else:
-        handler = logging.handlers.SysLogHandler(address="/dev/log")
-        handler.setFormatter(logging.Formatter("volfs[%(process)d]: %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-
-
 def _fail(message: str, status: int) -> NoReturn:
     if "VOLFS_READY_FD" in os.environ:
         _report_ready(f"volfs: {message}")
@@ -320,6 +322,9 @@ def _fail(message: str, status: int) -> NoReturn:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``volfs`` command."""
     arguments = build_parser().parse_args(argv)
+    if arguments.debug:
+        arguments.foreground = True
+        arguments.options.append("debug,log_level=debug")
     try:
         options = parse_mount_options(arguments.options, source=arguments.source)
         check_mountpoint(arguments.mountpoint)
@@ -334,9 +339,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = _daemonize()
         if status is not None:
             return status
-    _configure_logging(arguments.debug, arguments.foreground)
-
     mountpoint = os.path.abspath(arguments.mountpoint)
+    log_destination = configure_logging(
+        options.log_level, foreground=arguments.foreground, mountpoint=mountpoint
+    )
     # Held until the signal task listens, so that a stop request arriving while mounting still
     # ends in a clean unmount rather than a dead daemon and a stale mountpoint.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
@@ -347,7 +353,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signum, _stopping_already)
     failure = ""
     try:
-        trio.run(run_mount, options, mountpoint, functools.partial(_announce_ready, mountpoint))
+        trio.run(
+            run_mount,
+            options,
+            mountpoint,
+            functools.partial(_announce_ready, mountpoint, keep_stderr=log_destination == "stderr"),
+        )
     except* MountError as errors:
         failure = str(errors.exceptions[0])
     except* Exception:
@@ -363,8 +374,8 @@ def _stopping_already(signum: int, _frame: object) -> None:
     log.info("%s received while unmounting: unmounting goes on", signal.Signals(signum).name)
 
 
-def _announce_ready(mountpoint: str) -> None:
+def _announce_ready(mountpoint: str, *, keep_stderr: bool) -> None:
     """The mount is ready: tell whoever waits for it, and start collecting as a daemon does."""
-    _report_ready()
+    _report_ready(keep_stderr=keep_stderr)
     notify_service_manager("READY=1", f"STATUS=serving {mountpoint}")
     _schedule_garbage_collection()

@@ -7,8 +7,10 @@ option is one row of ``_VALUE_OPTIONS``: the setting it fills and the parser of 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import textwrap
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
@@ -137,6 +139,8 @@ class MountOptions:
     max_file_ranges: int = DEFAULT_MAX_FILE_RANGES
     #: ``pressure=``, ``pressure_stall=``, ``pressure_watermark=``, ``pressure_batch=``.
     pressure: PressureSettings = field(default_factory=PressureSettings)
+    #: ``log_level=``: the least severe messages logged.
+    log_level: int = logging.INFO
 
 
 def parse_size(text: str, *, memory: int, name: str = "size") -> int:
@@ -236,8 +240,23 @@ def _text(_name: str, value: str, _memory: int) -> str:
     return value
 
 
+#: ``log_level=`` values and the logging levels they stand for.
+LOG_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+def _log_level(name: str, value: str, _memory: int) -> int:
+    if value not in LOG_LEVELS:
+        raise OptionError(f"{name}={value}: expected {', '.join(LOG_LEVELS)}")
+    return LOG_LEVELS[value]
+
+
 class _ValueOption(NamedTuple):
-    """What a ``name=value`` option sets, and how its value is read."""
+    """What a ``name=value`` option sets, how its value is read, and how ``--help`` shows it."""
 
     #: Whose setting it is: a MountOptions field, a PressureSettings field, libfuse's
     #: (``fsname``), or nobody's (ignored once parsed).
@@ -246,25 +265,87 @@ class _ValueOption(NamedTuple):
     setting: str
     #: Reads the value; raises OptionError naming the option.
     parse: Callable[[str, str, int], Any]
+    #: The value's form in ``--help`` (``BYTES|N%``); empty for an option not shown there.
+    value: str = ""
+    #: One line for ``--help``: what it does and its default.
+    help: str = ""
 
 
 _VALUE_OPTIONS: dict[str, _ValueOption] = {
-    "size": _ValueOption("mount", "size", _size),
-    "nr_inodes": _ValueOption("mount", "nr_inodes", _count),
-    "mode": _ValueOption("mount", "mode", _mode),
-    "uid": _ValueOption("mount", "uid", _id),
-    "gid": _ValueOption("mount", "gid", _id),
-    "purged": _ValueOption("mount", "purged_reads_zero", _purged_reads_zero),
-    "max_ranges": _ValueOption("mount", "max_ranges", _count),
-    "max_file_ranges": _ValueOption("mount", "max_file_ranges", _count),
-    "pressure": _ValueOption("pressure", "enabled", _on),
-    "pressure_stall": _ValueOption("pressure", "stall_us", _stall_us),
-    "pressure_watermark": _ValueOption("pressure", "watermark", _watermark),
-    "pressure_batch": _ValueOption("pressure", "batch", _batch),
-    "fsname": _ValueOption("fuse", "fsname", _text),
+    "size": _ValueOption(
+        "mount", "size", _size, "BYTES|N%", "memory cap (K/M/G/T suffixes, % of RAM); default 50%"
+    ),
+    "nr_inodes": _ValueOption(
+        "mount", "nr_inodes", _count, "N", "most inodes at once; default half the RAM's pages"
+    ),
+    "mode": _ValueOption("mount", "mode", _mode, "OCTAL", "root directory's mode; default 1777"),
+    "uid": _ValueOption("mount", "uid", _id, "N", "root directory's owner; default the caller"),
+    "gid": _ValueOption("mount", "gid", _id, "N", "root directory's group; default the caller's"),
+    "fsname": _ValueOption(
+        "fuse", "fsname", _text, "NAME", "source shown by mount and df; default the SOURCE"
+    ),
+    "purged": _ValueOption(
+        "mount",
+        "purged_reads_zero",
+        _purged_reads_zero,
+        "eio|zero",
+        "reads of purged volatile data fail (eio, default) or read zeros",
+    ),
+    "pressure": _ValueOption(
+        "pressure", "enabled", _on, "on|off", "purge when the system is short of memory; on"
+    ),
+    "pressure_stall": _ValueOption(
+        "pressure", "stall_us", _stall_us, "MS", "purge when tasks stall MS ms in 2 s; 150"
+    ),
+    "pressure_watermark": _ValueOption(
+        "pressure",
+        "watermark",
+        _watermark,
+        "BYTES|N%",
+        "purge while MemAvailable is below it; 2%, 0 = off",
+    ),
+    "pressure_batch": _ValueOption(
+        "pressure", "batch", _batch, "BYTES", "volatile data one pressure event purges; 64M"
+    ),
+    "max_ranges": _ValueOption(
+        "mount", "max_ranges", _count, "N", f"range records in the mount; {DEFAULT_MAX_RANGES}"
+    ),
+    "max_file_ranges": _ValueOption(
+        "mount",
+        "max_file_ranges",
+        _count,
+        "N",
+        f"range records in one file; {DEFAULT_MAX_FILE_RANGES}",
+    ),
+    "log_level": _ValueOption(
+        "mount", "log_level", _log_level, "LEVEL", "debug, info (default), warning or error"
+    ),
     # mount.fuse3 passes the type's subtype on; it is always volfs.
     "subtype": _ValueOption("ignored", "subtype", _text),
 }
+
+
+def options_help() -> str:
+    """The ``-o`` options as ``volfs --help`` lists them: one a line, then the FUSE flags."""
+    shown = [
+        (f"{name}={option.value}", option.help)
+        for name, option in _VALUE_OPTIONS.items()
+        if option.help
+    ]
+    width = max(len(usage) for usage, _ in shown)
+    flags = ", ".join(sorted(FUSE_FLAG_OPTIONS - {"default_permissions"}))
+    return "\n".join(
+        [
+            "mount options (-o, comma-separated):",
+            *(f"  {usage:<{width}}  {text}" for usage, text in shown),
+            *textwrap.wrap(
+                f"FUSE and mount flags passed on: {flags}.",
+                width=88,
+                initial_indent="  ",
+                subsequent_indent="  ",
+            ),
+        ]
+    )
 
 
 def _is_ignored(name: str, has_value: bool) -> bool:
