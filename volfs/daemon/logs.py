@@ -3,10 +3,11 @@
 In the foreground (``-f``, and so under systemd) the log goes to stderr, which systemd hands to
 the journal. A daemon in the background has no terminal, so its log goes, in this order of
 preference, to the journal (its native socket), to syslog (``/dev/log``), or to a file of its
-own, ``/run/volfs/MOUNT.log`` for root and ``$XDG_RUNTIME_DIR/volfs/MOUNT.log`` for other users
-(MOUNT being the mountpoint with ``/`` turned into ``-``, as ``systemd-escape --path`` writes
-it), kept to :data:`LOG_FILE_BYTES` and one older file. Only when none of them can be opened does
-the log stay on the stderr the command was started with.
+own: ``/run/volfs/MOUNT.log`` for root, ``$XDG_STATE_HOME/volfs/MOUNT.log`` (by default
+``~/.local/state/volfs/MOUNT.log``) for other users, MOUNT being the mountpoint as
+``systemd-escape --path`` writes it (``/mnt/vol``: ``mnt-vol``). A file is kept to
+:data:`LOG_FILE_BYTES` and one older file. Only when none of them can be opened does the log
+stay on the stderr the command was started with.
 """
 
 from __future__ import annotations
@@ -112,10 +113,15 @@ def log_file_path(mountpoint: str) -> str | None:
     if os.geteuid() == 0:
         directory = SYSTEM_LOG_DIRECTORY
     else:
-        runtime = os.environ.get("XDG_RUNTIME_DIR", "")
-        if not runtime.startswith("/"):
+        # The XDG base directory specification's place for logs; relative paths are invalid.
+        state = os.environ.get("XDG_STATE_HOME", "")
+        home = os.environ.get("HOME", "")
+        if state.startswith("/"):
+            directory = os.path.join(state, "volfs")
+        elif home.startswith("/"):
+            directory = os.path.join(home, ".local", "state", "volfs")
+        else:
             return None
-        directory = os.path.join(runtime, "volfs")
     return os.path.join(directory, f"{escaped_mountpoint(mountpoint)}.log")
 
 
