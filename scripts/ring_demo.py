@@ -9,7 +9,8 @@ Each line typed into the producer (without its newline) is one message; the cons
 every message on a line of its own. Ctrl-D at the producer closes the ring and the consumer
 exits 0 once it has printed everything; if either end is killed the other reports it and
 exits 1 (a producer waiting for its next line notices within a fraction of a second). Start a
-new producer or consumer at any time to carry on with the same ring.
+new producer or consumer at any time to carry on with the same ring: a consumer prints what is
+left in it and waits for a producer; a producer sends for whichever consumer comes.
 
 Exit status: 0 at the end of the stream, 1 on an error (one line on stderr), 2 for bad usage,
 130 on Ctrl-C.

@@ -121,13 +121,27 @@ sees:
   :class:`RingClosedError` once (iteration stops); a receive after that waits for the next
   producer to attach. A producer that closed before this consumer attached counts too (its
   messages and its end are still in the ring), unless a consumer already saw its end.
-- The producer vanished: the same, with :class:`PeerVanishedError`.
+- The producer vanished while this consumer was attached: the same, with
+  :class:`PeerVanishedError`. A producer that had vanished before the consumer attached does
+  not count: the consumer receives what it left and waits for the next producer.
 - The consumer closed or vanished while this producer was attached: every send raises
   :class:`RingClosedError` or :class:`PeerVanishedError` until another consumer attaches (a
   vanished consumer is noticed when the producer has to wait, or has written a MiB since it
   last looked: the lock probe is a system call).
   Messages not received stay in the ring for the next consumer. A consumer that had closed
-  before the producer attached does not count: the producer fills the ring for the next one.
+  or vanished before the producer attached does not count: the producer fills the ring for
+  the next one.
+- A producer that closes after a send or ``check_peer`` told it that its consumer had gone,
+  with no consumer attached since, broke its stream off rather than ended it: its state says
+  so (``_LEFT``), and the next consumer receives what is left and waits for the next
+  producer instead of reporting an end.
+
+So either side, started again after the other died (or after the survivor gave up and
+closed), goes on with the same ring: a consumer receives what is left and then waits for a
+producer, a producer goes on from ``head`` for whichever consumer comes. Positions live in
+the header, so no message is lost or received twice: the consumer stores ``tail`` as soon as
+it has copied a message out, and a record the producer had not published when it died was
+never sent.
 
 The ring assumes one thread per endpoint; the endpoint objects are not thread-safe. Both ends
 of a ring on volfs must use segments (``volatile=True``, the default) or both not: a producer
@@ -196,6 +210,9 @@ _SETUP_LOCK_BYTE: Final = 2050
 _NEVER: Final = 0
 _ATTACHED: Final = 1
 _CLOSED: Final = 2
+#: A producer closed after it was told that its consumer had gone, before another consumer
+#: attached: its stream broke off, so a consumer does not take the close for its end.
+_LEFT: Final = 3
 _STATE_BITS: Final = 2
 _STATE_MASK: Final = 3
 
@@ -557,7 +574,7 @@ class _Endpoint:
         status = self._words[line + _STATUS]
         pid = self._words[line]
         session, state = status >> _STATE_BITS, status & _STATE_MASK
-        if session == self._ignored_session or state == _NEVER:
+        if session == self._ignored_session or state in (_NEVER, _LEFT):
             return None
         if state == _CLOSED:
             return RingClosedError, pid, session
@@ -578,8 +595,8 @@ class _Endpoint:
     def _closed_error(self) -> ValueError:
         return ValueError(f"{self.path}: this ring {self._role} is closed")
 
-    def _set_state_closed(self) -> None:
-        self._words[_LINE[self._role] + _STATUS] = self._session << _STATE_BITS | _CLOSED
+    def _set_state_closed(self, state: int = _CLOSED) -> None:
+        self._words[_LINE[self._role] + _STATUS] = self._session << _STATE_BITS | state
 
     def __enter__(self) -> Self:
         return self
@@ -667,6 +684,8 @@ class Producer(_Endpoint):
         end = self._peer_end()
         if end is not None:
             self._ignored_session = end[2]
+        #: The consumer session whose end a send or check_peer raised (see close).
+        self._told: int | None = None
         self._head = self._words[_HEAD]
         # The segment holding head on may or may not be pinned: pin them again (a pin of a
         # pinned segment changes nothing).
@@ -754,6 +773,7 @@ class Producer(_Endpoint):
     def _check_consumer(self) -> None:
         end = self._peer_end()
         if end is not None:
+            self._told = end[2]
             raise self._peer_error(end[0], end[1])
 
     def _wait_for_room(self, end: int, timeout: float | None, block: bool) -> bool:
@@ -800,14 +820,21 @@ class Producer(_Endpoint):
     def close(self) -> None:
         """Detach: the consumer receives what was sent, then :class:`RingClosedError`.
 
+        Unless a send or :meth:`check_peer` raised because the consumer had gone and no
+        consumer attached since: the stream broke off, it did not end. The next consumer then
+        receives what is left in the ring and waits for the next producer.
+
         The segments this producer pinned ahead of ``head`` are unpinned first.
         """
         if self._mm is None:
             return
         try:
+            # No consumer came since this producer was told of the last one's end (a consumer
+            # writes its new session before it receives anything): not the end of the stream.
+            consumer = self._words[_CONSUMER_STATUS] >> _STATE_BITS
             # Closed first: the consumer sees a clean end even if unpinning fails. Nobody else
             # can attach as producer and pin those segments until the lock goes with _detach.
-            self._set_state_closed()
+            self._set_state_closed(_LEFT if consumer == self._told else _CLOSED)
             self._unpin(_round_up(self._head, self.segment_size), self._pinned)
         finally:
             self._detach()
@@ -833,8 +860,14 @@ class Consumer(_Endpoint):
     def _attach(self) -> None:
         super()._attach()
         words = self._words
-        # The end of a producer session that an earlier consumer reported is not news.
+        # The end of a producer session that an earlier consumer reported is not news, nor
+        # is a producer that died before this consumer came: the consumer receives what is
+        # left and waits for the next producer. A producer's clean close is the end of its
+        # stream, which this consumer reports once it has received the rest.
         self._ignored_session = words[_ACKED]
+        end = self._peer_end()
+        if end is not None and end[0] is PeerVanishedError:
+            self._ignored_session = end[2]
         self._tail = words[_TAIL]
         self._released = words[_RELEASED]
         self._head = words[_HEAD]

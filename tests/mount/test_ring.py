@@ -25,7 +25,11 @@ from tests.conftest import REPO_ROOT, Mount, wait_for
 from tests.mount import ring_programs
 from volfs.client import SegmentTable, purge, statistics, vrange_status
 from volfs.ring import (
+    _ATTACHED,
     _HEAD,  # the header's index words (byte offset / 8), to watch the ring from outside
+    _LINE,
+    _STATE_MASK,
+    _STATUS,
     _TAIL,
     Consumer,
     PeerVanishedError,
@@ -600,6 +604,163 @@ def test_demo_reports_a_killed_peer_in_one_line_and_exits_1(
         "went away without closing\n",
         err,
     ), err
+
+
+def test_a_producer_told_its_consumer_went_breaks_the_stream_off_without_ending_it(
+    mnt: Path,
+) -> None:
+    ring = mnt / "ring"
+    with Producer(ring, capacity=64 * KiB) as producer:
+        with Consumer(ring) as consumer:
+            producer.send(b"read")
+            producer.send(b"left")
+            assert consumer.receive(timeout=5) == b"read"
+        with pytest.raises(RingClosedError):
+            producer.send(b"refused")
+    # The producer gave up because its consumer had gone: no end of the stream for the next.
+    with Consumer(ring) as consumer:
+        assert consumer.try_receive() == b"left"
+        assert consumer.try_receive() is None
+        with pytest.raises(RingTimeoutError):
+            consumer.receive(timeout=0.1)
+        with Producer(ring) as producer:
+            producer.send(b"next")
+            assert consumer.receive(timeout=5) == b"next"
+        # Closed without having been told anything: that is the end.
+        with pytest.raises(RingClosedError):
+            consumer.receive(timeout=5)
+
+
+def test_a_producer_that_died_before_the_consumer_came_is_no_news(mnt: Path, spawn: Spawn) -> None:
+    ring = mnt / "ring"
+    producer = spawn(
+        ring_programs.send, ring=ring, messages="numbered", count=2, capacity=64 * KiB, stay=True
+    )
+    assert next_report(producer)["messages"] == 2
+    producer.send_signal(signal.SIGKILL)
+    assert producer.wait(timeout=10) == -signal.SIGKILL
+    with Consumer(ring) as consumer:
+        assert [consumer.receive(timeout=5) for _ in range(2)] == [b"message 0", b"message 1"]
+        consumer.check_peer()
+        with pytest.raises(RingTimeoutError):  # waits for the next producer
+            consumer.receive(timeout=0.2)
+        with Producer(ring) as successor:
+            successor.send(b"from the next producer")
+            assert consumer.receive(timeout=5) == b"from the next producer"
+
+
+def start_demo(role: str, ring: Path, reaper: list[subprocess.Popen[str]]) -> subprocess.Popen[str]:
+    """``ring_demo.py ROLE RING`` with pipes for its stdin, stdout and stderr."""
+    process = subprocess.Popen(
+        [sys.executable, str(DEMO), role, str(ring), "--size", "64K"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    reaper.append(process)
+    return process
+
+
+def header_word(ring: Path, index: int) -> int:
+    """Word ``index`` of the ring's header, read from outside."""
+    fd = os.open(ring, os.O_RDONLY)
+    try:
+        return int.from_bytes(os.pread(fd, 8, 8 * index), sys.byteorder)
+    finally:
+        os.close(fd)
+
+
+def read_output(stream: Any, size: int, timeout: float) -> str:
+    """The next ``size`` bytes a helper writes (ASCII), read from its pipe unbuffered, so
+    that what follows is left in the pipe."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while len(data) < size:
+        ready, _, _ = select.select([stream], [], [], max(0.0, deadline - time.monotonic()))
+        assert ready, f"{data!r} and no more output within {timeout} s"
+        chunk = os.read(stream.fileno(), size - len(data))
+        assert chunk, f"{data!r} and the end of the output"
+        data += chunk
+    return data.decode()
+
+
+def type_line(producer: subprocess.Popen[str], ring: Path, line: str) -> None:
+    """Type ``line`` into a demo producer and wait until the ring has it."""
+    assert producer.stdin is not None
+    head = header_word(ring, _HEAD)
+    producer.stdin.write(line + "\n")
+    producer.stdin.flush()
+    wait_for(lambda: header_word(ring, _HEAD) > head, 10, f"the producer to send {line!r}")
+
+
+def attached_and_waiting(process: subprocess.Popen[str], ring: Path, role: str) -> None:
+    """Assert that a demo ``role`` is attached to the ring and stays, waiting."""
+    line = _LINE[role]
+    wait_for(
+        lambda: (
+            header_word(ring, line) == process.pid
+            and header_word(ring, line + _STATUS) & _STATE_MASK == _ATTACHED
+        ),
+        10,
+        f"the {role} to attach",
+    )
+    # A side that took the other's death for the end of the stream would be gone by now.
+    with pytest.raises(subprocess.TimeoutExpired):
+        process.wait(timeout=0.5)
+
+
+@pytest.mark.parametrize("restarted_first", ["consumer", "producer"])
+@pytest.mark.parametrize("killed", ["producer", "consumer"])
+def test_demo_either_side_started_again_goes_on_with_the_same_ring(
+    mnt: Path, reaper: list[subprocess.Popen[str]], killed: str, restarted_first: str
+) -> None:
+    ring = mnt / "chat"
+    consumer = start_demo("consumer", ring, reaper)
+    wait_for(ring.exists, 10, "the consumer to create the ring")
+    producer = start_demo("producer", ring, reaper)
+    assert consumer.stdout is not None and consumer.stderr is not None
+    type_line(producer, ring, "hello")
+    assert read_line(consumer.stdout, 10) == "hello\n"
+    # Messages the consumer has not received when one side dies.
+    consumer.send_signal(signal.SIGSTOP)
+    type_line(producer, ring, "left 1")
+    type_line(producer, ring, "left 2")
+    victim, survivor = (producer, consumer) if killed == "producer" else (consumer, producer)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait(timeout=10) == -signal.SIGKILL
+    consumer.send_signal(signal.SIGCONT)
+    assert survivor.wait(timeout=10) == 1
+    if killed == "producer":
+        # The running consumer receives what was sent, then says the producer went away.
+        assert consumer.communicate(timeout=10) == (
+            "left 1\nleft 2\n",
+            f"ring_demo: {ring}: the producer (pid {producer.pid}) went away without closing\n",
+        )
+        unreceived = ""
+    else:
+        unreceived = "left 1\nleft 2\n"
+
+    if restarted_first == "consumer":
+        consumer = start_demo("consumer", ring, reaper)
+        assert consumer.stdout is not None
+        assert read_output(consumer.stdout, len(unreceived), 10) == unreceived
+        unreceived = ""
+        attached_and_waiting(consumer, ring, "consumer")
+        producer = start_demo("producer", ring, reaper)
+        type_line(producer, ring, "after")
+    else:
+        producer = start_demo("producer", ring, reaper)
+        type_line(producer, ring, "after")  # the ring keeps it for the next consumer
+        attached_and_waiting(producer, ring, "producer")
+        consumer = start_demo("consumer", ring, reaper)
+    assert producer.stdin is not None
+    producer.stdin.close()  # Ctrl-D: the end of the stream
+    assert producer.wait(timeout=10) == 0
+    out, err = consumer.communicate(timeout=10)
+    assert consumer.returncode == 0, err
+    assert out == unreceived + "after\n"  # nothing lost, nothing twice
+    assert "closed the ring" in err
 
 
 def test_bench_quick_run_prints_figures_for_every_size_and_transport() -> None:
