@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 
+import volfs
 from tests.conftest import MOUNT_TIMEOUT, Mount, force_unmount, is_mounted, wait_for
 from volfs import client
 from volfs.abi import PAGE_SIZE, VRANGE_NONVOLATILE, VRANGE_VOLATILE
+from volfs.daemon import options
 from volfs.daemon.options import OptionError, parse_mount_options, parse_size
 
 MiB = 1024 * 1024
@@ -358,3 +360,45 @@ def test_out_of_memory_fails_one_request_and_the_daemon_serves_on(
         os.close(cache)
     assert mount.process.poll() is None
     assert "write_buf request failed before its handler ran: out of memory" in mount.log()
+
+
+def test_help_lists_every_mount_option_and_version_prints_the_version() -> None:
+    shown = subprocess.run(
+        [sys.executable, "-m", "volfs", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for name, option in options._VALUE_OPTIONS.items():
+        if option.owner != "ignored":
+            assert f"  {name}=" in shown, name
+    for flag in options.FUSE_FLAG_OPTIONS - {"default_permissions"}:
+        assert flag in shown, flag
+    assert "%%" not in shown and "N%" in shown
+    assert "[-f] [-d]" in shown
+    version = subprocess.run(
+        [sys.executable, "-m", "volfs", "--version"], capture_output=True, text=True, check=True
+    )
+    assert version.stdout == f"volfs {volfs.__version__}\n"
+
+
+def test_d_serves_in_the_foreground_with_libfuses_trace_and_debug_log(tmp_path: Path) -> None:
+    mountpoint = tmp_path / "m"
+    mountpoint.mkdir()
+    log = tmp_path / "log"
+    with open(log, "wb") as output:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "volfs", "-d", "-o", "size=16M", str(mountpoint)],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(lambda: is_mounted(mountpoint), MOUNT_TIMEOUT, "the mount")
+        (mountpoint / "f").write_bytes(b"traced")
+        subprocess.run(["fusermount3", "-u", str(mountpoint)], check=True)
+        assert daemon.wait(timeout=30) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        force_unmount(mountpoint)
+    text = log.read_text()
+    assert "opcode: CREATE" in text  # libfuse's trace of each request
+    assert "DEBUG:" in text
