@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from typing import NamedTuple
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
@@ -213,6 +214,42 @@ VOLFS_IOC_SEGMENT_REGISTER = _iowr("v", 0x86, VOLFS_SEGMENT.size)
 #: Release a segment: its volatility ends, its slot is free again.
 VOLFS_IOC_SEGMENT_RELEASE = _iowr("v", 0x87, VOLFS_SEGMENT.size)
 
+#: struct volfs_file_info: size, resident_bytes, volatile_bytes, purged_bytes, openers,
+#: segments, reserved[2] (64 bytes).
+VOLFS_FILE_INFO = struct.Struct("=8Q")
+
+
+class FileInfo(NamedTuple):
+    """What VOLFS_IOC_FILE_INFO tells of one regular file (``struct volfs_file_info``)."""
+
+    #: ``st_size``.
+    size: int
+    #: Bytes of memory the file's data holds: its pages, as ``st_blocks`` counts them.
+    resident_bytes: int
+    #: Volatile bytes: in volatile ranges and unpinned segments (VOLFS_IOC_VRANGE_STATUS).
+    volatile_bytes: int
+    #: Bytes purged and not rewritten or unmarked since (VOLFS_IOC_VRANGE_STATUS).
+    purged_bytes: int
+    #: Open file descriptions of the file, in all processes (the asker's own included).
+    openers: int
+    #: Segments registered in the file's table.
+    segments: int
+
+    def pack(self) -> bytes:
+        """The record VOLFS_IOC_FILE_INFO returns: the fields, then zeros for the reserved."""
+        reserved = VOLFS_FILE_INFO.size // 8 - len(self)
+        return VOLFS_FILE_INFO.pack(*(saturated(value) for value in self), *[0] * reserved)
+
+    @classmethod
+    def unpack(cls, record: bytes | bytearray) -> FileInfo:
+        """The fields of a VOLFS_IOC_FILE_INFO record; the reserved ones are ignored."""
+        return cls(*VOLFS_FILE_INFO.unpack(record)[: len(cls._fields)])
+
+
+#: Size, memory, volatility and openers of a regular file in one round trip (an extension of
+#: the ABI, for listing a mount's files).
+VOLFS_IOC_FILE_INFO = _ior("v", 0x88, VOLFS_FILE_INFO.size)
+
 #: The numbers as published in volfs.h: what C programs were compiled with.
 _PUBLISHED_NUMBERS = (
     (VOLFS_IOC_VRANGE, 0xC0287680),
@@ -223,5 +260,6 @@ _PUBLISHED_NUMBERS = (
     (VOLFS_IOC_SEGMENTS, 0xC0607685),
     (VOLFS_IOC_SEGMENT_REGISTER, 0xC0187686),
     (VOLFS_IOC_SEGMENT_RELEASE, 0xC0187687),
+    (VOLFS_IOC_FILE_INFO, 0x80407688),
 )
 assert all(computed == published for computed, published in _PUBLISHED_NUMBERS)

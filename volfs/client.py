@@ -37,6 +37,8 @@ from volfs.abi import (
     SEGMENT_SLOT,
     SEGMENT_STALE,
     SEGMENT_TABLE_HEADER,
+    VOLFS_FILE_INFO,
+    VOLFS_IOC_FILE_INFO,
     VOLFS_IOC_PURGE,
     VOLFS_IOC_SEGMENT_REGISTER,
     VOLFS_IOC_SEGMENT_RELEASE,
@@ -58,11 +60,13 @@ from volfs.abi import (
     VRANGE_PARTIAL,
     VRANGE_STATUS,
     VRANGE_VOLATILE,
+    FileInfo,
     segment_slot_offset,
 )
 
 __all__ = [
     "PAGE_SIZE",
+    "VOLFS_IOC_FILE_INFO",
     "VOLFS_IOC_PURGE",
     "VOLFS_IOC_VRANGE",
     "VOLFS_IOC_VRANGE_NEXT",
@@ -71,11 +75,13 @@ __all__ = [
     "VRANGE_NONVOLATILE",
     "VRANGE_PARTIAL",
     "VRANGE_VOLATILE",
+    "FileInfo",
     "Pin",
     "Segment",
     "SegmentSlot",
     "SegmentTable",
     "VRange",
+    "file_info",
     "fvrange",
     "pinned",
     "purge",
@@ -162,6 +168,24 @@ def vrange_ranges(fd: int, start: int = 0) -> Iterator[VRange]:
             )
         yield VRange(range_start, range_end, flags, bool(purged))
         start = range_end
+
+
+def file_info(fd: int) -> FileInfo:
+    """Return what a regular file holds: its size, its memory, its volatile and purged bytes
+    (as :func:`vrange_status` counts them), its openers and its segments, in one round trip.
+
+    Args:
+        fd: any descriptor of a regular volfs file, read-only included. It counts among the
+            openers: ``openers == 1`` means nobody else has the file open, so its volatility
+            ends when ``fd`` closes.
+
+    Raises:
+        OSError: EISDIR for a directory, EINVAL for another non-regular file, ENOTTY if the
+            file is not on volfs.
+    """
+    buffer = bytearray(VOLFS_FILE_INFO.size)
+    fcntl.ioctl(fd, VOLFS_IOC_FILE_INFO, buffer, True)
+    return FileInfo.unpack(buffer)
 
 
 def _ioctl_on(path_or_fd: str | os.PathLike[str] | int, cmd: int, buffer: bytearray) -> None:

@@ -375,13 +375,14 @@ def test_header_matches_the_python_abi(tmp_path: Path) -> None:
         #include <stdio.h>
         #include <volfs.h>
         int main(void) {
-            printf("%lu %lu %lu %lu %lu %lu %lu %lu %lu %lu %d %d %d %d\\n",
+            printf("%lu %lu %lu %lu %lu %lu %lu %lu %lu %lu %lu %lu %lu %d %d %d %d\\n",
                    (unsigned long)VOLFS_IOC_VRANGE, (unsigned long)VOLFS_IOC_VRANGE_STATUS,
                    (unsigned long)VOLFS_IOC_PURGE, (unsigned long)VOLFS_IOC_STATS,
-                   (unsigned long)VOLFS_IOC_VRANGE_NEXT,
+                   (unsigned long)VOLFS_IOC_VRANGE_NEXT, (unsigned long)VOLFS_IOC_FILE_INFO,
                    sizeof(struct vrange_args), sizeof(struct vrange_status),
                    sizeof(struct volfs_purge), sizeof(struct volfs_stats),
-                   sizeof(struct vrange_next),
+                   sizeof(struct vrange_next), sizeof(struct volfs_file_info),
+                   offsetof(struct volfs_file_info, segments),
                    VRANGE_VOLATILE, VRANGE_NONVOLATILE, VRANGE_FULL, VRANGE_PARTIAL);
             return 0;
         }
@@ -395,11 +396,14 @@ def test_header_matches_the_python_abi(tmp_path: Path) -> None:
         abi.VOLFS_IOC_PURGE,
         abi.VOLFS_IOC_STATS,
         abi.VOLFS_IOC_VRANGE_NEXT,
+        abi.VOLFS_IOC_FILE_INFO,
         abi.VRANGE_ARGS.size,
         abi.VRANGE_STATUS.size,
         abi.VOLFS_PURGE.size,
         abi.VOLFS_STATS.size,
         abi.VRANGE_NEXT.size,
+        abi.VOLFS_FILE_INFO.size,
+        abi.FileInfo._fields.index("segments") * 8,
         abi.VRANGE_VOLATILE,
         abi.VRANGE_NONVOLATILE,
         abi.VRANGE_FULL,

@@ -17,6 +17,7 @@ import trio
 
 from volfs.abi import (
     PAGE_SHIFT,
+    VOLFS_IOC_FILE_INFO,
     VOLFS_IOC_PURGE,
     VOLFS_IOC_SEGMENT_REGISTER,
     VOLFS_IOC_SEGMENT_RELEASE,
@@ -36,6 +37,7 @@ from volfs.abi import (
     VRANGE_PARTIAL,
     VRANGE_STATUS,
     VRANGE_VOLATILE,
+    FileInfo,
     saturated,
 )
 from volfs.core.inode import Inode
@@ -54,6 +56,7 @@ _VOLATILITY_IOCTLS = (
     VOLFS_IOC_VRANGE_STATUS,
     VOLFS_IOC_VRANGE_NEXT,
     VOLFS_IOC_SEGMENT_RELEASE,
+    VOLFS_IOC_FILE_INFO,
 )
 
 
@@ -65,6 +68,7 @@ _ANSWERED_AT_ONCE = frozenset(
         VOLFS_IOC_SEGMENTS,
         VOLFS_IOC_SEGMENT_REGISTER,
         VOLFS_IOC_SEGMENT_RELEASE,
+        VOLFS_IOC_FILE_INFO,
     )
 )
 
@@ -96,10 +100,10 @@ class Ioctls:
     ) -> None:
         """Answer one ioctl; called by the bridge on the thread serving requests.
 
-        The volatility ioctls (VRANGE, VRANGE_STATUS, VRANGE_NEXT) are answered at once, or
-        once the file's truncation is over and its purged pages have left the kernel's cache;
-        long marks and VOLFS_IOC_PURGE go on in a task. Errors answer the request with their
-        errno, never escape.
+        The volatility ioctls (VRANGE, VRANGE_STATUS, VRANGE_NEXT, FILE_INFO) are answered at
+        once, or once the file's truncation is over and its purged pages have left the kernel's
+        cache; long marks and VOLFS_IOC_PURGE go on in a task. Errors answer the request with
+        their errno, never escape.
         """
         with answering(request, "ioctl(ino=%d, cmd=%#x)", ino, cmd):
             if cmd in _VOLATILITY_IOCTLS and (
@@ -181,6 +185,8 @@ class Ioctls:
             return self._vrange_status(ino, data)
         if cmd == VOLFS_IOC_VRANGE_NEXT:
             return self._vrange_next(ino, data)
+        if cmd == VOLFS_IOC_FILE_INFO:
+            return self._file_info(ino)
         node, open_file = self._open_file(ino, fh, is_dir)
         if cmd == VOLFS_IOC_SEGMENTS:
             return self._segments(node, open_file, data)
@@ -230,6 +236,20 @@ class Ioctls:
         start, length, _volatile, _purged = VRANGE_STATUS.unpack(data)
         volatile, lost = self._namespace.volatility.status(self._namespace.get(ino), start, length)
         return VRANGE_STATUS.pack(start, length, volatile, lost)
+
+    def _file_info(self, ino: int) -> bytes:
+        """VOLFS_IOC_FILE_INFO: size, memory, volatility and openers of a regular file (EISDIR
+        or EINVAL for others, as the status query)."""
+        node = self._namespace.get(ino)
+        volatile, lost = self._namespace.volatility.status(node, 0, 0)
+        return FileInfo(
+            size=node.size,
+            resident_bytes=node.blocks << 9,
+            volatile_bytes=volatile,
+            purged_bytes=lost,
+            openers=node.opens,
+            segments=0 if node.segments is None else len(node.segments),
+        ).pack()
 
     def _vrange_next(self, ino: int, data: bytes) -> bytes:
         start, _range_start, _range_end, _flags, _purged = VRANGE_NEXT.unpack(data)

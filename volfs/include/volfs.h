@@ -95,6 +95,25 @@ struct vrange_next {            /* 32 bytes */
 };
 #define VOLFS_IOC_VRANGE_NEXT    _IOWR('v', 0x84, struct vrange_next)   /* 0xc0207684 */
 
+/*
+ * An extension of the fvrange ABI: what a regular file holds, in one call, for tools that
+ * list a mount's files (vrangectl ls). Any descriptor of the file will do, read-only
+ * included. The counts are of one moment; others may change them right after.
+ * Errors: EISDIR on a directory, EINVAL on another non-regular file; ENOTTY off volfs.
+ */
+struct volfs_file_info {        /* 64 bytes */
+    __u64 size;             /* out: st_size                                              */
+    __u64 resident_bytes;   /* out: memory the file's data holds (st_blocks * 512)       */
+    __u64 volatile_bytes;   /* out: volatile bytes of the whole file, and                */
+    __u64 purged_bytes;     /* out: purged ones: what VOLFS_IOC_VRANGE_STATUS reports    */
+    __u64 openers;          /* out: open file descriptions of the file in all processes, */
+                            /*      the caller's own included (volatility ends with the  */
+                            /*      last of them)                                        */
+    __u64 segments;         /* out: segments registered in the file's table              */
+    __u64 reserved[2];      /* out: 0                                                    */
+};
+#define VOLFS_IOC_FILE_INFO      _IOR('v', 0x88, struct volfs_file_info) /* 0x80407688 */
+
 
 /*
  * Segments: volatility at the cost of an atomic instruction.
