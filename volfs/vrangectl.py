@@ -223,31 +223,40 @@ def cmd_nonvolatile(arguments: argparse.Namespace) -> list[str]:
     return [f"marked={marked} purged={int(purged)}"]
 
 
-def format_ranges(ranges: Sequence[VRange]) -> list[str]:
-    """An aligned table ``START END SIZE FLAGS STATE``, a range a line, numbers in bytes."""
-    rows = [
-        (
-            str(r.start),
-            str(r.end),
-            str(r.end - r.start),
-            "PARTIAL" if r.flags == VRANGE_PARTIAL else "FULL",
-            "purged" if r.purged else "intact",
-        )
-        for r in ranges
-    ]
-    return _aligned(("START", "END", "SIZE", "FLAGS", "STATE"), rows)
+#: A row of a table as ``--json`` prints it: column name (the title in lower case) to value.
+Record = dict[str, int | str | bool]
 
 
-def _aligned(titles: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    """Rows under their titles: numbers right-aligned, then FLAGS padded, then STATE, which
-    ends the line and so needs no padding."""
-    table = [tuple(titles), *rows]
-    numbers = len(titles) - 2
-    widths = [max(len(row[column]) for row in table) for column in range(numbers + 1)]
+def _flags_name(flags: int) -> str:
+    return "PARTIAL" if flags == VRANGE_PARTIAL else "FULL"
+
+
+def range_record(r: VRange) -> Record:
+    """One volatile range: ``start end size flags state`` (bytes, END exclusive)."""
+    return {
+        "start": r.start,
+        "end": r.end,
+        "size": r.end - r.start,
+        "flags": _flags_name(r.flags),
+        "state": "purged" if r.purged else "intact",
+    }
+
+
+def _table(records: Sequence[Record], columns: Sequence[str], text_columns: int = 2) -> list[str]:
+    """``records`` under their ``columns`` titled in upper case: numbers right-aligned, then
+    the last ``text_columns`` columns left-aligned (FLAGS and STATE; PATH), the last of them
+    unpadded since it ends the line."""
+    table = [[column.upper() for column in columns]]
+    table += [[str(record[column]) for column in columns] for record in records]
+    numbers = len(columns) - text_columns
+    widths = [max(len(row[column]) for row in table) for column in range(len(columns) - 1)]
     return [
         "  ".join(
-            [cell.rjust(width) for cell, width in zip(row[:numbers], widths, strict=False)]
-            + [row[numbers].ljust(widths[numbers]), row[numbers + 1]]
+            [
+                cell.rjust(width) if column < numbers else cell.ljust(width)
+                for column, (cell, width) in enumerate(zip(row, widths, strict=False))
+            ]
+            + [row[-1]]
         )
         for row in table
     ]
@@ -263,20 +272,21 @@ SEGMENT_STATE_NAMES = {
 }
 
 
-def format_segments(slots: Sequence[SegmentSlot]) -> list[str]:
-    """An aligned table ``SEGMENT START END SIZE FLAGS STATE``, a segment a line."""
-    rows = [
-        (
-            str(s.slot),
-            str(s.start),
-            str(s.start + s.length),
-            str(s.length),
-            "PARTIAL" if s.flags == VRANGE_PARTIAL else "FULL",
-            SEGMENT_STATE_NAMES.get(s.state, f"garbage({s.state})"),
-        )
-        for s in slots
-    ]
-    return _aligned(("SEGMENT", "START", "END", "SIZE", "FLAGS", "STATE"), rows)
+def segment_record(s: SegmentSlot) -> Record:
+    """One segment: ``segment start end size flags state``."""
+    return {
+        "segment": s.slot,
+        "start": s.start,
+        "end": s.start + s.length,
+        "size": s.length,
+        "flags": _flags_name(s.flags),
+        "state": SEGMENT_STATE_NAMES.get(s.state, f"garbage({s.state})"),
+    }
+
+
+#: The columns of the two tables of ``status --ranges``, and the keys of their ``--json``.
+RANGE_COLUMNS = ("start", "end", "size", "flags", "state")
+SEGMENT_COLUMNS = ("segment", *RANGE_COLUMNS)
 
 
 def _segments_in(fd: int, start: int, end: int) -> list[SegmentSlot]:
@@ -299,22 +309,26 @@ def _ranges_in(fd: int, start: int, end: int) -> list[VRange]:
 
 
 def cmd_status(arguments: argparse.Namespace) -> list[str]:
-    """``status FILE [OFFSET LENGTH] [--ranges]``."""
+    """``status FILE [OFFSET LENGTH] [--ranges] [--json]``."""
     path, offset, length = arguments.file, arguments.offset or 0, arguments.length or 0
     with opened(path, writable=False) as fd:
         volatile, purged = _on_span(
             path, fd, offset, length, lambda: vrange_status(fd, offset, length)
         )
-        lines = [f"volatile={volatile} purged={purged}"]
         if arguments.ranges:
             # The span is valid (the status said so): list every range overlapping it, whole.
             end = offset + length if length else _page_rounded_size(fd)
             ranges = _on_span(path, fd, offset, length, lambda: _ranges_in(fd, offset, end))
-            lines += format_ranges(ranges)
             segments = _on_span(path, fd, offset, length, lambda: _segments_in(fd, offset, end))
-            if segments:
-                lines += format_segments(segments)
-    return lines
+    report: dict[str, object] = {"volatile": volatile, "purged": purged}
+    lines = [f"volatile={volatile} purged={purged}"]
+    if arguments.ranges:
+        report["ranges"] = range_records = [range_record(r) for r in ranges]
+        report["segments"] = segment_records = [segment_record(s) for s in segments]
+        lines += _table(range_records, RANGE_COLUMNS)
+        if segment_records:
+            lines += _table(segment_records, SEGMENT_COLUMNS)
+    return [json.dumps(report, indent=2)] if arguments.json else lines
 
 
 def cmd_purge(arguments: argparse.Namespace) -> list[str]:
@@ -405,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser(
         "status",
-        usage="vrangectl status [-h] [-r] FILE [OFFSET LENGTH]",
+        usage="vrangectl status [-h] [-r] [--json] FILE [OFFSET LENGTH]",
         help="show volatile and purged bytes: prints volatile=BYTES purged=BYTES",
         description=_wrap(
             "Count the volatile bytes of the file (or of [OFFSET, OFFSET+LENGTH)) and "
@@ -432,6 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--ranges",
         action="store_true",
         help="also list the volatile ranges and the segments, one a line",
+    )
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object instead: volatile, purged and, with --ranges, lists of "
+        "ranges and segments with the table's columns as keys",
     )
     status.set_defaults(run=cmd_status, subparser=status)
 

@@ -14,7 +14,15 @@ import pytest
 
 from tests.conftest import Mount, is_mounted
 from volfs.abi import VOLFS_STATS_FIELDS
-from volfs.client import VRANGE_VOLATILE, fvrange, statistics, vrange_status
+from volfs.client import (
+    VRANGE_PARTIAL,
+    VRANGE_VOLATILE,
+    SegmentTable,
+    fvrange,
+    purge,
+    statistics,
+    vrange_status,
+)
 from volfs.vrangectl import main
 
 PAGE = 4096
@@ -112,6 +120,42 @@ def test_sizes_take_suffixes(mnt: Path, held: tuple[Path, int]) -> None:
     assert succeeds("status", path, "0", "1m") == "volatile=991232 purged=0\n"
     assert succeeds("nonvolatile", path, "0", "0") == "marked=1048576 purged=0\n"
     assert vrange_status(fd) == (0, 0)
+
+
+def test_status_json(mnt: Path, held: tuple[Path, int]) -> None:
+    path, fd = held
+    fvrange(fd, 0, 64 * KiB, VRANGE_VOLATILE)
+    fvrange(fd, 128 * KiB, 64 * KiB, VRANGE_VOLATILE, VRANGE_PARTIAL)
+    purge(mnt, 1)
+    assert json.loads(succeeds("status", path, "--json")) == {"volatile": 131072, "purged": 65536}
+    with SegmentTable(fd) as table:
+        table.register(512 * KiB, 64 * KiB).unpin()
+        report = json.loads(succeeds("status", "--json", "--ranges", path))
+    assert report == {
+        "volatile": 196608,
+        "purged": 65536,
+        "ranges": [
+            {"start": 0, "end": 65536, "size": 65536, "flags": "FULL", "state": "purged"},
+            {"start": 131072, "end": 196608, "size": 65536, "flags": "PARTIAL", "state": "intact"},
+        ],
+        "segments": [
+            {
+                "segment": 0,
+                "start": 524288,
+                "end": 589824,
+                "size": 65536,
+                "flags": "FULL",
+                "state": "unpinned",
+            }
+        ],
+    }
+    # A span, as without --json.
+    assert json.loads(succeeds("status", path, "128K", "64K", "-r", "--json")) == {
+        "volatile": 65536,
+        "purged": 0,
+        "ranges": [report["ranges"][1]],
+        "segments": [],
+    }
 
 
 def test_a_bad_size_is_a_usage_error_that_says_why() -> None:
