@@ -10,8 +10,8 @@ Volatility ends with the last close of a file, so a shell keeps the file open it
     vrangectl nonvolatile /dev/fd/3 0 1M     # marked=1048576 purged=1
     exec 3>&-
 
-Output is ``key=value`` words on stdout. A failed operation prints one line naming the file and
-the reason on stderr and exits 1; a usage error exits 2.
+Output is ``key=value`` words, tables or (``--json``) JSON on stdout. A failed operation
+prints one line naming the file and the reason on stderr and exits 1; a usage error exits 2.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import errno
 import fcntl
+import io
 import itertools
 import json
 import os
@@ -28,6 +29,7 @@ import sys
 import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from volfs.abi import (
@@ -45,9 +47,11 @@ from volfs.client import (
     VRANGE_NONVOLATILE,
     VRANGE_PARTIAL,
     VRANGE_VOLATILE,
+    FileInfo,
     SegmentSlot,
     SegmentTable,
     VRange,
+    file_info,
     fvrange,
     purge,
     statistics,
@@ -74,6 +78,10 @@ examples:
                                                  #   START      END     SIZE  FLAGS    STATE
                                                  #       0  1048576  1048576  FULL     purged
                                                  # 1048576  2097152  1048576  PARTIAL  intact
+  vrangectl ls /mnt/vol                          # the files holding volatile or purged data:
+  #    SIZE  RESIDENT  VOLATILE   PURGED  OPENERS  PATH
+  # 2097152   1048576   2097152  1048576        1  /mnt/vol/cache.bin
+  # 2097152   1048576   2097152  1048576        -  TOTAL
   vrangectl nonvolatile /dev/fd/3 0 1M           # marked=1048576 purged=1
   vrangectl stats /mnt/vol                       # capacity_bytes=... one counter a line
   exec 3>&-                                      # the last close ends all volatility
@@ -84,7 +92,8 @@ descriptor closes when it exits, so keep the file open in the shell (exec 3<>FIL
 1024: 64K = 64KiB = 65536); OFFSET and LENGTH must be multiples of 4096, and LENGTH 0 means up
 to the end of the file.
 
-exit status: 0 done, 1 the operation failed (one line on stderr says why), 2 usage error.
+exit status: 0 done (ls's count of what it could not open goes to stderr), 1 the operation
+failed (one line on stderr says why), 2 usage error.
 """
 
 
@@ -108,6 +117,11 @@ def explain(path: str, error: OSError, hint: str = "") -> CommandError:
         if hint:
             reason = f"{reason} ({hint})"
     return CommandError(f"{path}: {reason}")
+
+
+def warn(message: str) -> None:
+    """Print a line on stderr that does not make the command fail."""
+    print(f"vrangectl: {message}", file=sys.stderr)
 
 
 def _inherited_read_only(path: str) -> int | None:
@@ -354,6 +368,221 @@ def cmd_stats(arguments: argparse.Namespace) -> list[str]:
     return [f"{name}={value}" for name, value in values.items()]
 
 
+#: The columns of ``ls``: bytes, the openers, then the path, last so that paths of any length
+#: (and with spaces) leave the numbers aligned, as in fincore and lsof.
+LS_COLUMNS = ("size", "resident", "volatile", "purged", "openers", "path")
+#: What the kernel appends to the path of an unlinked file in /proc/PID/fd.
+_DELETED = " (deleted)"
+
+
+@dataclass(frozen=True, slots=True)
+class ListedFile:
+    """A regular file as ``ls`` shows it."""
+
+    #: Its path; for an unlinked file, the one it had.
+    path: str
+    #: Unlinked, found open through /proc/PID/fd.
+    deleted: bool
+    #: What the daemon said, ``openers`` not counting vrangectl's own.
+    info: FileInfo
+
+    def record(self) -> Record:
+        """The file as ``ls --json`` prints it."""
+        return {
+            "path": self.path,
+            "deleted": self.deleted,
+            "size": self.info.size,
+            "resident": self.info.resident_bytes,
+            "volatile": self.info.volatile_bytes,
+            "purged": self.info.purged_bytes,
+            "openers": self.info.openers,
+            "segments": self.info.segments,
+        }
+
+
+@dataclass(slots=True)
+class Listing:
+    """The regular files ``ls`` found, each once, and how many it could not open."""
+
+    files: list[ListedFile] = field(default_factory=list)
+    skipped: int = 0
+    #: Why they could not be opened (strerror texts).
+    reasons: set[str] = field(default_factory=set)
+    _seen: set[tuple[int, int]] = field(default_factory=set)
+
+    def skip(self, error: OSError) -> None:
+        """Count a file or directory that could not be opened; one removed meanwhile is
+        simply not there."""
+        if error.errno != errno.ENOENT:
+            self.skipped += 1
+            self.reasons.add(os.strerror(error.errno or errno.EIO))
+
+    def first_time(self, seen: os.stat_result) -> bool:
+        """True the first time the file ``seen`` describes comes up: a file with several
+        names (hard links) is listed once."""
+        key = (seen.st_dev, seen.st_ino)
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True
+
+    def add(self, path: str, seen: os.stat_result, opener: str | None = None) -> None:
+        """Ask the daemon about the regular file ``path`` (``lstat`` gave ``seen``) through
+        ``opener`` (a /proc/PID/fd link for an unlinked file), unless listed already."""
+        if not self.first_time(seen):
+            return
+        try:
+            info = _ask(opener or path, seen, follow=opener is not None)
+        except OSError as error:
+            self.skip(error)
+            return
+        if info is not None:
+            self.files.append(ListedFile(path, opener is not None, info))
+
+
+def _ask(path: str, seen: os.stat_result, *, follow: bool) -> FileInfo | None:
+    """Open ``path``, ask VOLFS_IOC_FILE_INFO and close it: one file open at a time, whatever
+    the size of the tree. None if ``path`` is no longer the regular file ``seen`` describes.
+
+    Raises:
+        OSError: the file cannot be opened or asked.
+    """
+    # O_NONBLOCK: a FIFO put in the file's place must not hang the walk.
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+    fd = os.open(path, flags if follow else flags | os.O_NOFOLLOW)
+    try:
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (seen.st_dev, seen.st_ino) or not stat.S_ISREG(now.st_mode):
+            return None
+        info = file_info(fd)
+    finally:
+        os.close(fd)
+    return info._replace(openers=info.openers - 1)
+
+
+def _walk(top: str, device: int, listing: Listing) -> None:
+    """Add the regular files below the directory ``top`` to ``listing``: symlinks are not
+    followed and mounts below (another ``st_dev``) not entered; directories that cannot be
+    read are skipped."""
+    pending = [top]
+    while pending:
+        directory = pending.pop()
+        try:
+            with os.scandir(directory) as listed:
+                # Read whole before going down: one directory open at a time.
+                entries = sorted(listed, key=lambda entry: entry.name)
+        except OSError as error:
+            listing.skip(error)
+            continue
+        below = []
+        for entry in entries:
+            try:
+                seen = entry.stat(follow_symlinks=False)
+            except OSError as error:
+                listing.skip(error)
+                continue
+            if seen.st_dev != device:
+                continue
+            if stat.S_ISDIR(seen.st_mode):
+                below.append(entry.path)
+            elif stat.S_ISREG(seen.st_mode):
+                listing.add(entry.path, seen)
+        pending.extend(reversed(below))
+
+
+def _held_unlinked(devices: set[int]) -> Iterator[tuple[str, str, os.stat_result]]:
+    """The unlinked regular files on ``devices`` that processes the caller may look at hold
+    open, as lsof finds them: ``(a /proc/PID/fd link, the file's former path, its status)``,
+    once per descriptor."""
+    for pid in sorted(filter(str.isdigit, os.listdir("/proc")), key=int):
+        directory = f"/proc/{pid}/fd"
+        try:
+            descriptors = os.listdir(directory)
+        except OSError:
+            continue  # gone, or another user's
+        for descriptor in descriptors:
+            link = f"{directory}/{descriptor}"
+            try:
+                target = os.readlink(link)
+                # Only then stat: it reaches the file's filesystem, which may be any.
+                seen = os.stat(link) if target.endswith(_DELETED) else None
+            except OSError:
+                continue
+            if (
+                seen is not None
+                and seen.st_dev in devices
+                and seen.st_nlink == 0
+                and stat.S_ISREG(seen.st_mode)
+            ):
+                yield link, target.removesuffix(_DELETED), seen
+
+
+def _within(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def _ls_operand(path: str, listing: Listing) -> tuple[int, str | None] | None:
+    """List the operand ``path`` into ``listing``; for a directory return ``(its st_dev,
+    the directory whose unlinked files belong to it, None for the whole mount)``.
+
+    Raises:
+        CommandError: ``path`` is missing, unreadable, or not on a volfs mount.
+    """
+    try:
+        seen = os.stat(path)
+        if stat.S_ISREG(seen.st_mode):
+            info = _ask(path, seen, follow=True)
+            if info is not None and listing.first_time(seen):
+                listing.files.append(ListedFile(path, False, info))
+            return None
+        if not stat.S_ISDIR(seen.st_mode):
+            raise CommandError(f"{path}: not a regular file or directory")
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            statistics(fd)  # ENOTTY off volfs
+        finally:
+            os.close(fd)
+    except OSError as error:
+        raise explain(path, error) from None
+    _walk(path, seen.st_dev, listing)
+    return seen.st_dev, None if os.path.ismount(path) else os.path.realpath(path)
+
+
+def cmd_ls(arguments: argparse.Namespace) -> list[str]:
+    """``ls [--all] [--json] PATH...``."""
+    listing = Listing()
+    directories = [
+        found for path in arguments.paths if (found := _ls_operand(path, listing)) is not None
+    ]
+    if directories:
+        for link, former, seen in _held_unlinked({device for device, _ in directories}):
+            if any(
+                device == seen.st_dev and (top is None or _within(former, top))
+                for device, top in directories
+            ):
+                listing.add(former, seen, opener=link)
+    if listing.skipped:
+        what = "file or directory" if listing.skipped == 1 else "files or directories"
+        warn(
+            f"skipped {listing.skipped} {what} that could not be opened: "
+            + ", ".join(sorted(listing.reasons))
+        )
+    files = sorted(
+        (f for f in listing.files if arguments.all or f.info.volatile_bytes or f.info.purged_bytes),
+        key=lambda f: (f.deleted, f.path),
+    )
+    records = [f.record() for f in files]
+    total: Record = {"files": len(files)}
+    for column in LS_COLUMNS[:4]:  # the bytes
+        total[column] = sum(int(r[column]) for r in records)
+    if arguments.json:
+        return [
+            json.dumps({"files": records, "total": total, "skipped": listing.skipped}, indent=2)
+        ]
+    rows = [{**r, "path": f"{r['path']}{_DELETED}" if r["deleted"] else r["path"]} for r in records]
+    return _table([*rows, {**total, "openers": "-", "path": "TOTAL"}], LS_COLUMNS, 1)
+
+
 def _wrap(text: str) -> str:
     """Fill a help paragraph (the raw formatter keeps the examples' layout, and so this too)."""
     return textwrap.fill(text, 88)
@@ -366,7 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vrangectl",
         description=_wrap(
             "Mark byte ranges of files on a volfs mount volatile (the filesystem may "
-            "drop them under memory pressure) or non-volatile, and inspect and purge them."
+            "drop them under memory pressure) or non-volatile, inspect and purge them, and list "
+            "the files that hold volatile data."
         ),
         epilog=EXAMPLES,
         formatter_class=formatter,
@@ -489,6 +719,39 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("mountpoint", metavar="MOUNTPOINT", help="a volfs mount")
     stats.add_argument("--json", action="store_true", help="print one JSON object instead")
     stats.set_defaults(run=cmd_stats)
+
+    ls = commands.add_parser(
+        "ls",
+        help="list the files holding volatile or purged data, with their bytes",
+        description=_wrap(
+            "List the regular files below each PATH (a volfs mount, or a directory or "
+            "file on one) that hold volatile or purged data, or with --all every regular file, "
+            "a file a line: SIZE, RESIDENT (memory its data holds), VOLATILE and PURGED (bytes, "
+            "as status counts them), OPENERS (open file descriptions of it in all processes, "
+            "vrangectl's own not counted; volatility ends with the last), PATH; then a TOTAL "
+            "line. Symlinks are not followed, mounts below not entered, and a file with several "
+            "names is listed once. Unlinked files still held open, which keep their volatile "
+            "data, are listed as PATH (deleted) if their processes can be looked at "
+            "(/proc/PID/fd), as lsof finds them. Files and directories that cannot be opened "
+            "are skipped, with one line on stderr saying how many; that is not an error. One "
+            "file is open at a time, and only for the query."
+        ),
+        epilog="examples:\n"
+        "  vrangectl ls /mnt/vol                     # the files with volatile or purged data\n"
+        "  vrangectl ls --all --json /mnt/vol/cache  # every file below, as JSON",
+        formatter_class=formatter,
+    )
+    ls.add_argument(
+        "paths", nargs="+", metavar="PATH", help="a volfs mount, or a directory or file on one"
+    )
+    ls.add_argument("-a", "--all", action="store_true", help="list every regular file")
+    ls.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object instead: files (path, deleted, size, resident, volatile, "
+        "purged, openers, segments), total and skipped",
+    )
+    ls.set_defaults(run=cmd_ls)
     return parser
 
 
@@ -504,6 +767,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandError as error:
         print(f"vrangectl: {error}", file=sys.stderr)
         return EXIT_FAILURE
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # Paths are bytes: printed as they are, whatever their encoding, as ls(1) does.
+        sys.stdout.reconfigure(errors="surrogateescape")
     try:
         for line in lines:
             print(line)

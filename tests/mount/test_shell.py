@@ -207,6 +207,7 @@ def test_help_examples_print_what_they_show(mnt: Path) -> None:
         "status",
         "purge",
         "stats",
+        "ls",
     }
     assert sum(len(step.shown) for step in steps) >= 10
     run_example(block, mnt)

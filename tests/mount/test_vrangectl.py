@@ -220,7 +220,7 @@ def test_stats_lists_the_counters(mount_volfs: Callable[..., Mount]) -> None:
 
 def test_help_shows_an_example_for_each_subcommand() -> None:
     overview = succeeds("--help")
-    for command in ("volatile", "nonvolatile", "status", "purge", "stats"):
+    for command in ("volatile", "nonvolatile", "status", "purge", "stats", "ls"):
         assert f"vrangectl {command} " in overview
         text = succeeds(command, "--help")
         assert text.startswith(f"usage: vrangectl {command} ")

@@ -1,8 +1,10 @@
-"""VOLFS_IOC_FILE_INFO on real mounts: which files hold volatile or purged data, and how much."""
+"""``vrangectl ls`` and VOLFS_IOC_FILE_INFO on real mounts: which files hold volatile or purged
+data, and how much, as a user reads it."""
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -11,8 +13,10 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+from volfs_mounts import tmpfs
 
-from tests.conftest import wait_for
+from tests.conftest import Mount, wait_for
+from tests.mount.test_vrangectl import as_nobody, fails, succeeds, vrangectl
 from volfs.client import (
     VRANGE_PARTIAL,
     VRANGE_VOLATILE,
@@ -27,6 +31,7 @@ from volfs.client import (
 PAGE = 4096
 KiB = 1024
 MiB = 1024 * 1024
+HEADER = ("SIZE", "RESIDENT", "VOLATILE", "PURGED", "OPENERS", "PATH")
 
 
 def errno_of(call: Callable[[], object]) -> int | None:
@@ -35,6 +40,24 @@ def errno_of(call: Callable[[], object]) -> int | None:
     except OSError as error:
         return error.errno
     return None
+
+
+def table(stdout: str) -> list[tuple[str, ...]]:
+    """The lines of an ``ls`` table split into their six columns (PATH may hold spaces)."""
+    return [tuple(line.split(maxsplit=5)) for line in stdout.splitlines()]
+
+
+def row(path: Path | str, fd: int, openers: int, *, deleted: bool = False) -> tuple[str, ...]:
+    """The line ``ls`` should print for the file open as ``fd``, from stat and status."""
+    seen = os.fstat(fd)
+    volatile, purged = vrange_status(fd)
+    shown = f"{path} (deleted)" if deleted else str(path)
+    numbers = (seen.st_size, seen.st_blocks * 512, volatile, purged, openers)
+    return (*map(str, numbers), shown)
+
+
+def total(rows: list[tuple[str, ...]]) -> tuple[str, ...]:
+    return (*(str(sum(int(r[column]) for r in rows)) for column in range(4)), "-", "TOTAL")
 
 
 @pytest.fixture
@@ -142,3 +165,168 @@ def test_file_info_errors(mnt: Path, tmp_path: Path) -> None:
     (tmp_path / "plain").write_bytes(b"x")
     with open(tmp_path / "plain", "rb") as plain:
         assert errno_of(lambda: file_info(plain.fileno())) == errno.ENOTTY
+
+
+# -- vrangectl ls -------------------------------------------------------------------------------
+
+
+def test_ls_lists_the_files_with_volatile_or_purged_data(mnt: Path, files: dict[str, int]) -> None:
+    assert succeeds("purge", mnt, "--bytes", "4K") == "purged=524288\n"  # the oldest: hot
+    hot = row(mnt / "hot", files["hot"], 1)
+    spaced = row(mnt / "dir/with space", files["dir/with space"], 1)
+    assert hot[:4] == (str(MiB), str(512 * KiB), str(512 * KiB), str(512 * KiB))
+    assert spaced[:4] == (str(256 * KiB),) * 3 + ("0",)
+    stdout = succeeds("ls", mnt)
+    assert table(stdout) == [HEADER, spaced, hot, total([spaced, hot])]
+    # Aligned under the header, numbers to the right, the path last.
+    lines = stdout.splitlines()
+    assert lines[0] == "   SIZE  RESIDENT  VOLATILE  PURGED  OPENERS  PATH"
+    assert {len(line.rsplit("  ", 1)[0]) for line in lines} == {len(lines[0]) - len("  PATH")}
+    # The same numbers as status gives.
+    assert succeeds("status", mnt / "hot") == f"volatile={hot[2]} purged={hot[3]}\n"
+
+    # --all: every regular file; a directory or file operand lists what is below it.
+    cold = row(mnt / "cold", files["cold"], 1)
+    assert table(succeeds("ls", "--all", mnt)) == [
+        HEADER,
+        cold,
+        spaced,
+        hot,
+        total([cold, spaced, hot]),
+    ]
+    spaced_here = (*spaced[:5], f"{mnt}/dir/with space")
+    assert table(succeeds("ls", mnt / "dir", mnt / "cold")) == [
+        HEADER,
+        spaced_here,
+        total([spaced]),
+    ]
+
+
+def test_ls_lists_purged_data_after_the_last_close(mnt: Path) -> None:
+    """The data purged while a file was volatile stays lost after its last close: ls shows
+    whose, with nobody holding it open."""
+    path = mnt / "stale"
+    path.write_bytes(os.urandom(64 * KiB))
+    with open(path, "r+b") as held:
+        fvrange(held.fileno(), 0, 0, VRANGE_VOLATILE)
+        purge(mnt)
+    wait_for(lambda: "0  " in succeeds("ls", mnt).splitlines()[1], 10, "the close")
+    assert table(succeeds("ls", mnt)) == [
+        HEADER,
+        ("65536", "0", "0", "65536", "0", str(path)),
+        ("65536", "0", "0", "65536", "-", "TOTAL"),
+    ]
+    assert succeeds("status", path) == "volatile=0 purged=65536\n"
+
+
+def test_ls_json(mnt: Path, files: dict[str, int]) -> None:
+    purge(mnt, 1)
+    report = json.loads(succeeds("ls", "--json", "--all", mnt))
+    expected = []
+    for name in ("cold", "dir/with space", "hot"):
+        size, resident, volatile, purged, openers, path = row(mnt / name, files[name], 1)
+        expected.append(
+            {
+                "path": path,
+                "deleted": False,
+                "size": int(size),
+                "resident": int(resident),
+                "volatile": int(volatile),
+                "purged": int(purged),
+                "openers": int(openers),
+                "segments": 0,
+            }
+        )
+    assert report["files"] == expected
+    assert report["total"] == {
+        "files": 3,
+        **{
+            key: sum(f[key] for f in expected) for key in ("size", "resident", "volatile", "purged")
+        },
+    }
+    assert report["skipped"] == 0
+    assert json.loads(succeeds("ls", "--json", mnt / "cold")) == {
+        "files": [],
+        "total": {"files": 0, "size": 0, "resident": 0, "volatile": 0, "purged": 0},
+        "skipped": 0,
+    }
+
+
+def test_ls_lists_unlinked_files_still_held_open(mnt: Path, files: dict[str, int]) -> None:
+    (mnt / "dir/with space").unlink()
+    spaced = row(mnt / "dir/with space", files["dir/with space"], 1, deleted=True)
+    hot = row(mnt / "hot", files["hot"], 1)
+    assert table(succeeds("ls", mnt)) == [HEADER, hot, spaced, total([hot, spaced])]
+    # Below the directory it was in, not below another.
+    assert table(succeeds("ls", mnt / "dir"))[1] == (*spaced[:5], f"{mnt}/dir/with space (deleted)")
+    (mnt / "other").mkdir()
+    assert len(table(succeeds("ls", mnt / "other"))) == 2
+    report = json.loads(succeeds("ls", "--json", mnt))
+    assert [(f["path"], f["deleted"]) for f in report["files"]] == [
+        (str(mnt / "hot"), False),
+        (str(mnt / "dir/with space"), True),
+    ]
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_ls_stays_on_the_mount_and_follows_no_symlinks(
+    mnt: Path, files: dict[str, int], tmp_path: Path
+) -> None:
+    (mnt / "link").symlink_to(mnt / "hot")
+    (mnt / "outside").symlink_to(tmp_path)
+    os.link(mnt / "hot", mnt / "zz hard link")  # one file, listed once
+    (tmp_path / "elsewhere").write_bytes(b"x")
+    with tmpfs(mnt / "below", "1M") as below:
+        (below / "tmpfs-file").write_bytes(b"x")
+        result = vrangectl("ls", "--all", mnt)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert [line[-1] for line in table(result.stdout)] == [
+        "PATH",
+        f"{mnt}/cold",
+        f"{mnt}/dir/with space",
+        f"{mnt}/hot",
+        "TOTAL",
+    ]
+
+
+def test_ls_operands_that_are_not_on_volfs_fail(mnt: Path, tmp_path: Path) -> None:
+    assert fails("ls", mnt, tmp_path) == f"vrangectl: {tmp_path}: not a file on a volfs mount\n"
+    assert (
+        fails("ls", mnt / "absent") == f"vrangectl: {mnt / 'absent'}: No such file or directory\n"
+    )
+    os.mkfifo(mnt / "fifo")
+    assert (
+        fails("ls", mnt / "fifo") == f"vrangectl: {mnt / 'fifo'}: not a regular file or directory\n"
+    )
+    assert vrangectl("ls").returncode == 2
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another user needs root")
+def test_ls_skips_what_the_user_cannot_open(
+    tmp_path: Path, mount_volfs: Callable[..., Mount]
+) -> None:
+    mnt = mount_volfs("size=16M,allow_other").path
+    with ExitStack() as stack:
+        for name, mode in (("public", 0o644), ("private/secret", 0o600), ("locked", 0o600)):
+            (mnt / name).parent.mkdir(mode=0o700, exist_ok=True)
+            (mnt / name).write_bytes(bytes(2 * PAGE))
+            (mnt / name).chmod(mode)
+            fd = os.open(mnt / name, os.O_RDWR)
+            stack.callback(os.close, fd)
+            fvrange(fd, 0, PAGE, VRANGE_VOLATILE)
+        top = os.open(mnt, os.O_RDONLY)  # the user cannot reach the mount's path
+        stack.callback(os.close, top)
+        status, stdout, stderr = as_nobody(tmp_path, ["ls", f"/dev/fd/{top}"], [top])
+    assert status == 0, stderr
+    assert table(stdout) == [
+        HEADER,
+        ("8192", "8192", "4096", "0", "1", f"/dev/fd/{top}/public"),
+        ("8192", "8192", "4096", "0", "-", "TOTAL"),
+    ]
+    # The directory private and the file locked.
+    assert (
+        stderr
+        == "vrangectl: skipped 2 files or directories that could not be opened: Permission denied\n"
+    )
