@@ -24,6 +24,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import stat
 import sys
 import textwrap
@@ -88,12 +89,13 @@ examples:
 
 Volatility lasts while any descriptor of the file is open, in any process: vrangectl's own
 descriptor closes when it exits, so keep the file open in the shell (exec 3<>FILE) and pass
-/dev/fd/3. OFFSET, LENGTH and N are bytes with an optional K, M, G or T suffix (powers of
-1024: 64K = 64KiB = 65536); OFFSET and LENGTH must be multiples of 4096, and LENGTH 0 means up
-to the end of the file.
+/dev/fd/3; given a file nothing else holds open, volatile warns on stderr that the marking
+ended as vrangectl exited (and exits 0: the marking was made). OFFSET, LENGTH and N are bytes
+with an optional K, M, G or T suffix (powers of 1024: 64K = 64KiB = 65536); OFFSET and LENGTH
+must be multiples of 4096, and LENGTH 0 means up to the end of the file.
 
-exit status: 0 done (ls's count of what it could not open goes to stderr), 1 the operation
-failed (one line on stderr says why), 2 usage error.
+exit status: 0 done (warnings and ls's count of what it could not open go to stderr), 1 the
+operation failed (one line on stderr says why), 2 usage error.
 """
 
 
@@ -217,14 +219,33 @@ def _on_span(path: str, fd: int, offset: int, length: int, call: Callable[[], T]
 
 
 def cmd_volatile(arguments: argparse.Namespace) -> list[str]:
-    """``volatile FILE OFFSET LENGTH [--partial]``."""
+    """``volatile FILE OFFSET LENGTH [--partial]``.
+
+    The marking succeeded even if vrangectl held the file's only descriptor, so that case
+    exits 0 too; but the marking ends as vrangectl exits, which a warning says.
+    """
     path, offset, length = arguments.file, arguments.offset, arguments.length
     flags = VRANGE_PARTIAL if arguments.partial else VRANGE_FULL
     with opened(path, writable=True) as fd:
         marked, _purged = _on_span(
             path, fd, offset, length, lambda: fvrange(fd, offset, length, VRANGE_VOLATILE, flags)
         )
+        if _sole_opener(fd):
+            partial = " --partial" if arguments.partial else ""
+            warn(
+                f"warning: {path}: nothing else has the file open, so the marking ended when "
+                f"vrangectl exited; keep it open in the shell: exec 3<>{shlex.quote(path)}; "
+                f"vrangectl volatile /dev/fd/3 {offset} {length}{partial}"
+            )
     return [f"marked={marked} purged=0"]
+
+
+def _sole_opener(fd: int) -> bool:
+    """True if ``fd`` is the only open file description of its file, in any process."""
+    try:
+        return file_info(fd).openers == 1
+    except OSError:
+        return False  # a daemon too old to say: no warning rather than a false one
 
 
 def cmd_nonvolatile(arguments: argparse.Namespace) -> list[str]:

@@ -122,6 +122,44 @@ def test_sizes_take_suffixes(mnt: Path, held: tuple[Path, int]) -> None:
     assert vrange_status(fd) == (0, 0)
 
 
+def test_volatile_warns_when_its_own_descriptor_was_the_only_one(mnt: Path) -> None:
+    path = mnt / "alone.bin"
+    path.write_bytes(bytes(MiB))
+    result = vrangectl("volatile", path, 0, "64K", "--partial")
+    # The marking was made: exit 0 and the usual output; it ended as vrangectl exited.
+    assert (result.returncode, result.stdout) == (0, "marked=65536 purged=0\n")
+    assert result.stderr == (
+        f"vrangectl: warning: {path}: nothing else has the file open, so the marking ended when "
+        f"vrangectl exited; keep it open in the shell: exec 3<>{path}; "
+        "vrangectl volatile /dev/fd/3 0 65536 --partial\n"
+    )
+    assert succeeds("status", path) == "volatile=0 purged=0\n"
+
+
+def test_volatile_does_not_warn_when_the_shell_holds_the_file(mnt: Path) -> None:
+    path = mnt / "held.bin"
+    path.write_bytes(bytes(MiB))
+    result = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f'exec 3<>"$1"; {VRANGECTL} volatile /dev/fd/3 0 1M; {VRANGECTL} ls "$1"',
+            "-",
+            path,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.splitlines()[:3] == [
+        "marked=1048576 purged=0",
+        "   SIZE  RESIDENT  VOLATILE  PURGED  OPENERS  PATH",
+        f"1048576   1048576   1048576       0        1  {path}",
+    ]
+
+
 def test_status_json(mnt: Path, held: tuple[Path, int]) -> None:
     path, fd = held
     fvrange(fd, 0, 64 * KiB, VRANGE_VOLATILE)
