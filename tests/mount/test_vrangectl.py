@@ -8,6 +8,7 @@ import subprocess
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -194,6 +195,10 @@ def test_status_json(mnt: Path, held: tuple[Path, int]) -> None:
         "ranges": [report["ranges"][1]],
         "segments": [],
     }
+
+
+def test_version() -> None:
+    assert succeeds("--version") == f"vrangectl {metadata.version('volfs')}\n"
 
 
 def test_a_bad_size_is_a_usage_error_that_says_why() -> None:
