@@ -123,6 +123,19 @@ def test_sizes_take_suffixes(mnt: Path, held: tuple[Path, int]) -> None:
     assert vrange_status(fd) == (0, 0)
 
 
+def test_sizes_take_the_t_suffix_of_the_size_grammar(held: tuple[Path, int]) -> None:
+    path, _fd = held
+    # The parser takes 1T (and 1TiB): the span is refused by the file, not the parser.
+    for length in ("1T", "1TiB", "1t"):
+        stderr = fails("status", path, 0, length)
+        assert stderr == (
+            f"vrangectl: {path}: Invalid argument "
+            "(the span ends at 1099511627776, past the end of the file at 1048576)\n"
+        )
+    assert "past the end of the file" in fails("volatile", path, "1T", 0)
+    assert succeeds("purge", path, "--bytes", "1T") == "purged=0\n"
+
+
 def test_volatile_warns_when_its_own_descriptor_was_the_only_one(mnt: Path) -> None:
     path = mnt / "alone.bin"
     path.write_bytes(bytes(MiB))
