@@ -202,9 +202,9 @@ def segment_slot_offset(index: int) -> int:
 #: VOLFS_IOC_SEGMENTS flag: only a table the file already has (ENOENT if none); nothing made.
 VOLFS_SEGMENTS_EXISTING = 1
 
-#: struct volfs_segments: capacity, flags, pid, granted, token, socket (96 bytes).
+#: struct volfs_segments_args: capacity, flags, pid, granted, token, socket (96 bytes).
 VOLFS_SEGMENTS = struct.Struct(f"=IIII{SEGMENT_TOKEN_BYTES}s{SEGMENT_SOCKET_NAME_BYTES}s")
-#: struct volfs_segment: start, length, flags, index (24 bytes).
+#: struct volfs_segment_args: start, length, flags, index (24 bytes).
 VOLFS_SEGMENT = struct.Struct("=QQII")
 
 #: A one-time token for a file's segment table (creating it if the file has none).
