@@ -145,7 +145,8 @@ struct volfs_file_info {        /* 64 bytes */
  *     other process can then pose as the daemon), and send the 16 token bytes.
  *  3. Receive a __s32 status (0 or an errno) and, on success, the table's memfd with
  *     SCM_RIGHTS; map it MAP_SHARED over its whole size (PROT_READ only if the token came
- *     from a read-only descriptor).
+ *     from a read-only descriptor). The errors: EACCES for a token that is unknown, used
+ *     already or expired; ESTALE if the file's last close ended the table meanwhile.
  * Registering and releasing segments are ioctls on a descriptor open for writing.
  *
  * The table: a 64-byte header (magic, version, capacity, slot size), then `capacity` slots
