@@ -255,19 +255,25 @@ def test_service_works_with_its_capability_bounding_set(
 #: root's default PATH (Debian's login.defs and systemd's): what mount(8) helpers, fstab and
 #: units find commands on.
 ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: Where scripts/setup.sh installs volfs for every user; /usr/local/bin links into it.
+INSTALL_DIR = Path("/usr/local/lib/volfs")
 
 
 @pytest.mark.parametrize("command", ["volfs", "vrangectl"])
-def test_roots_path_runs_this_checkouts_commands(command: str) -> None:
-    """`mount -t fuse.volfs`, fstab and the unit run `volfs` from root's PATH: this checkout's."""
-    ours = os.path.realpath(Path(sys.prefix) / "bin" / command)
+def test_roots_path_runs_the_commands_installed_from_this_checkout(command: str) -> None:
+    """`mount -t fuse.volfs`, fstab and the unit run `volfs` from root's PATH: the copy
+    scripts/setup.sh installed from this checkout."""
     found = shutil.which(command, path=ROOT_PATH)
     where = found and os.path.realpath(found)
-    assert where == ours, (
-        f"root's PATH runs {found or 'no ' + command} ({where}), not {ours}: see scripts/setup.sh"
+    installed = os.path.realpath(INSTALL_DIR / "bin" / command)
+    assert where == installed, (
+        f"root's PATH runs {found or 'no ' + command} ({where}), not {installed}: "
+        "see scripts/setup.sh"
     )
+    source = (INSTALL_DIR / "volfs-source").read_text().split(" ", 1)[1].strip()
+    assert source == str(REPO_ROOT), f"{INSTALL_DIR} was installed from {source}: run setup.sh"
     if command == "volfs":
-        assert os.path.realpath(INSTALLED_VOLFS) == ours  # the unit's ExecStart
+        assert os.path.realpath(INSTALLED_VOLFS) == installed  # the unit's ExecStart
 
 
 # -- fstab --------------------------------------------------------------------------------------
