@@ -1,13 +1,16 @@
 """volfs under systemd and fstab: the shipped units, sd_notify, and an fstab line via mount(8).
 
 This machine need not run systemd: the units are checked with ``systemd-analyze verify`` where
-it is installed, and the service is run the way systemd would run it (its ExecStartPre and
-ExecStart with ``%f`` and ``${VOLFS_OPTIONS}`` filled in, ``$NOTIFY_SOCKET`` pointing at a
-socket the test owns, its capability bounding set applied with setpriv).
+it is installed, and the service's command lines are run the way systemd would run them:
+``%f``, ``%i``, ``${VOLFS_OPTIONS}`` and ``$$`` expanded, with the environment systemd gives
+each (``$NOTIFY_SOCKET`` pointing at a socket the test owns, ``$RUNTIME_DIRECTORY``,
+``$SERVICE_RESULT`` and ``$EXIT_STATUS`` for ExecStopPost), the capability bounding set applied
+with setpriv.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shlex
@@ -18,6 +21,7 @@ import stat
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,49 +35,143 @@ SERVICE = SYSTEMD_DIR / "volfs@.service"
 MOUNT_UNIT = SYSTEMD_DIR / "mnt-vol.mount"
 INSTALLED_VOLFS = "/usr/local/bin/volfs"
 VENV_BIN = Path(sys.executable).parent
+#: Where scripts/setup.sh installs volfs for every user; /usr/local/bin links into it.
+INSTALL_DIR = Path("/usr/local/lib/volfs")
+#: root's default PATH (Debian's login.defs and systemd's): what mount(8) helpers, fstab and
+#: units find commands on.
+ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: The prefixes an Exec line may start with (``-``: its failure is ignored, and so on).
+EXEC_PREFIXES = "-@:+!"
 
 
 def unit_settings(path: Path) -> dict[str, list[str]]:
-    """Every ``Key=value`` of a unit file, values in file order (sections merged)."""
+    """Every ``Key=value`` of a unit file, values in file order (sections merged).
+
+    A line ending in a backslash goes on on the next line, the backslash read as a space.
+    """
     settings: dict[str, list[str]] = {}
+    pending = ""
     for raw in path.read_text().splitlines():
         line = raw.strip()
-        if line and not line.startswith(("#", ";", "[")):
-            key, _, value = line.partition("=")
-            settings.setdefault(key.strip(), []).append(value.strip())
+        if not pending and (not line or line.startswith(("#", ";", "["))):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        key, _, value = (pending + line).partition("=")
+        settings.setdefault(key.strip(), []).append(value.strip())
+        pending = ""
     return settings
 
 
-def service_command(key: str, mountpoint: Path, options: str) -> list[str]:
-    """The unit's ``key`` (ExecStart, ExecStartPre) as systemd would run it for ``mountpoint``.
+def escape_path(path: Path) -> str:
+    """``systemd-escape --path``: the instance name of a path (``/mnt/vol``: ``mnt-vol``)."""
+    text = "/".join(part for part in str(path).split("/") if part)
+    escaped = ""
+    for i, char in enumerate(text):
+        if char == "/":
+            escaped += "-"
+        elif char.isascii() and (char.isalnum() or char in ":_" or (char == "." and i)):
+            escaped += char
+        else:
+            escaped += "".join(f"\\x{byte:02x}" for byte in char.encode())
+    return escaped or "-"
 
-    ``%f`` is the unescaped instance with its leading slash, i.e. the mountpoint itself; the
-    installed ``volfs`` is replaced by this checkout's.
+
+def exec_command(line: str, mountpoint: Path, env: dict[str, str]) -> list[str]:
+    """An Exec line of the service as systemd runs it for the instance of ``mountpoint``.
+
+    Its prefixes dropped; specifiers (``%f`` the mountpoint, ``%i`` the instance, ``%%``) in
+    the text; split into words as systemd unquotes them; then ``${NAME}`` within a word,
+    ``$NAME`` as a word of its own (split at whitespace) and ``$$`` (a ``$``) from ``env``.
+    The installed ``volfs`` is replaced by this checkout's.
     """
-    [line] = unit_settings(SERVICE)[key]
-    argv = [
-        word.replace("%f", str(mountpoint)).replace("${VOLFS_OPTIONS}", options)
-        for word in shlex.split(line)
-    ]
+    specifiers = {"f": str(mountpoint), "i": escape_path(mountpoint), "%": "%"}
+    text = re.sub(r"%(.)", lambda match: specifiers[match[1]], line.lstrip(EXEC_PREFIXES))
+    argv: list[str] = []
+    for word in shlex.split(text):
+        whole = re.fullmatch(r"\$(\w+)", word)
+        if whole:
+            argv += env.get(whole[1], "").split()
+            continue
+        argv.append(
+            re.sub(
+                r"\$\$|\$\{(\w+)\}",
+                lambda match: "$" if match[0] == "$$" else env.get(match[1], ""),
+                word,
+            )
+        )
     if argv[0] == INSTALLED_VOLFS:
         argv[:1] = [sys.executable, "-m", "volfs"]
     return argv
+
+
+@dataclass
+class ServiceRun:
+    """One run of volfs@.service for ``mountpoint``, its command lines run as systemd would.
+
+    ``prefix`` goes before each command (the unit's confinement, or nothing). The runtime
+    directory (RuntimeDirectory=) is made as systemd makes it, under ``tmp_path``.
+    """
+
+    tmp_path: Path
+    mountpoint: Path
+    prefix: list[str]
+
+    @property
+    def runtime_directory(self) -> Path:
+        [name] = unit_settings(SERVICE)["RuntimeDirectory"]
+        path = self.tmp_path / "run" / name.replace("%i", escape_path(self.mountpoint))
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def environment(self, **extra: str) -> dict[str, str]:
+        """What systemd hands every command of the unit, and ``extra``."""
+        return {"PATH": ROOT_PATH, "RUNTIME_DIRECTORY": str(self.runtime_directory), **extra}
+
+    def run(self, key: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        """Run the unit's ``key`` (ExecStartPre, ExecStartPost, ExecStopPost) to its end.
+
+        Fails the test if it failed, unless the line's ``-`` prefix tells systemd to ignore
+        that; fails it anyway if the filter killed it.
+        """
+        [line] = unit_settings(SERVICE)[key]
+        env = self.environment(**extra)
+        result = subprocess.run(
+            [*self.prefix, *exec_command(line, self.mountpoint, env)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        what = f"{key} exited with {result.returncode}:\n{result.stderr}"
+        assert result.returncode != -signal.SIGSYS, f"a system call outside the filter: {what}"
+        assert result.returncode == 0 or line.startswith("-"), what
+        return result
+
+    def start(self, options: str, env: dict[str, str]) -> Mount:
+        """Start the unit's ExecStart with these options (without waiting for the mount)."""
+        [line] = unit_settings(SERVICE)["ExecStart"]
+        log_path = self.tmp_path / "service.log"
+        command = exec_command(line, self.mountpoint, {"VOLFS_OPTIONS": options})
+        with open(log_path, "wb") as log_file:
+            process = subprocess.Popen(
+                [*self.prefix, *command],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.environment(), "PATH": os.environ["PATH"], **env},
+            )
+        return Mount(self.mountpoint, process, log_path)
 
 
 def start_service(
     tmp_path: Path, mountpoint: Path, env: dict[str, str], prefix: list[str] | None = None
 ) -> Mount:
     """Run the unit's ExecStartPre, then start its ExecStart (without waiting for the mount)."""
-    subprocess.run(service_command("ExecStartPre", mountpoint, ""), check=True)
-    log_path = tmp_path / "service.log"
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [*(prefix or []), *service_command("ExecStart", mountpoint, "size=32M")],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **env},
-        )
-    return Mount(mountpoint, process, log_path)
+    unit = ServiceRun(tmp_path, mountpoint, prefix or [])
+    unit.run("ExecStartPre")
+    return unit.start("size=32M", env)
 
 
 @pytest.fixture
@@ -83,6 +181,18 @@ def services() -> Iterator[list[Mount]]:
     yield started
     for mount in started:
         mount.unmount(report_exit=False)
+
+
+def top_mount_id(path: Path) -> int | None:
+    """The mount ID of the topmost mount on ``path`` (/proc/self/mountinfo), or None."""
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as mounts:
+        for line in mounts:
+            fields = line.split()
+            where = re.sub(r"\\([0-7]{3})", lambda match: chr(int(match[1], 8)), fields[4])
+            if where == str(path):
+                found = int(fields[0])
+    return found
 
 
 # -- the units ----------------------------------------------------------------------------------
@@ -136,6 +246,12 @@ def test_instance_is_the_escaped_mountpoint() -> None:
             check=True,
         ).stdout.strip()
         assert escaped == "volfs@mnt-vol.service"
+        # The tests' own escaping (for %i) agrees, also where it has to escape.
+        awkward = "/mnt/my-vol.d/.x y/\u00e9"
+        systemds = subprocess.run(
+            ["systemd-escape", "--path", awkward], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        assert escape_path(Path(awkward)) == systemds
 
 
 # -- sd_notify ----------------------------------------------------------------------------------
@@ -250,13 +366,76 @@ def test_service_works_with_its_capability_bounding_set(
     assert mount.unmount() == 0
 
 
-# -- the installed commands ---------------------------------------------------------------------
+# -- undoing a mount: only this unit's, only a dead one -----------------------------------------
 
-#: root's default PATH (Debian's login.defs and systemd's): what mount(8) helpers, fstab and
-#: units find commands on.
-ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-#: Where scripts/setup.sh installs volfs for every user; /usr/local/bin links into it.
-INSTALL_DIR = Path("/usr/local/lib/volfs")
+
+def test_a_failed_start_leaves_another_mount_at_the_path_alone(
+    tmp_path: Path, mount_volfs: Callable[..., Mount]
+) -> None:
+    other = mount_volfs("size=16M", name="vol")
+    (other.path / "theirs").write_bytes(b"not the unit's")
+    theirs = top_mount_id(other.path)
+    unit = ServiceRun(tmp_path, other.path, [])
+    unit.run("ExecStartPre")
+    # A typo in VOLFS_OPTIONS: volfs exits 2 before it mounts, so it never sends READY=1 and
+    # systemd runs no ExecStartPost; it does run ExecStopPost.
+    failed = unit.start("size=1G,mdoe=0755", {})
+    assert failed.process.wait(timeout=MOUNT_TIMEOUT) == 2, failed.log()
+    unit.run("ExecStopPost", SERVICE_RESULT="exit-code", EXIT_CODE="exited", EXIT_STATUS="2")
+    assert top_mount_id(other.path) == theirs
+    assert (other.path / "theirs").read_bytes() == b"not the unit's"
+
+
+@pytest.mark.parametrize(
+    ("stop", "result"),
+    [
+        (
+            signal.SIGKILL,
+            {"SERVICE_RESULT": "signal", "EXIT_CODE": "killed", "EXIT_STATUS": "KILL"},
+        ),
+        (signal.SIGTERM, {"SERVICE_RESULT": "success", "EXIT_CODE": "exited", "EXIT_STATUS": "0"}),
+    ],
+    ids=["crash", "clean-stop"],
+)
+def test_only_the_units_own_dead_mount_is_detached(
+    tmp_path: Path, mount_volfs: Callable[..., Mount], stop: signal.Signals, result: dict[str, str]
+) -> None:
+    """The unit's volfs mounted on top of another one: after a crash its dead mount goes and
+    the other stays; after a clean stop there is nothing to undo."""
+    other = mount_volfs("size=16M", name="vol")
+    (other.path / "theirs").write_bytes(b"not the unit's")
+    theirs = top_mount_id(other.path)
+    unit = ServiceRun(tmp_path, other.path, [])
+    listener, address = bind_notify_socket(tmp_path, "path")
+    with listener:
+        unit.run("ExecStartPre")
+        mount = unit.start("size=32M", {"NOTIFY_SOCKET": address})
+        ours = None
+        try:
+            assert "READY=1" in receive(listener, mount, "READY=1")
+            ours = top_mount_id(unit.mountpoint)
+            assert ours not in (None, theirs)
+            unit.run("ExecStartPost", MAINPID=str(mount.pid))
+            assert statistics(unit.mountpoint)["capacity_bytes"] == 32 * MiB  # the unit's
+            mount.process.send_signal(stop)
+            mount.process.wait(timeout=MOUNT_TIMEOUT)
+            if stop == signal.SIGKILL:
+                with pytest.raises(OSError) as dead:
+                    os.statvfs(unit.mountpoint)
+                assert dead.value.errno == errno.ENOTCONN
+                assert top_mount_id(unit.mountpoint) == ours
+            unit.run("ExecStopPost", **result)
+            assert top_mount_id(unit.mountpoint) == theirs
+            assert (other.path / "theirs").read_bytes() == b"not the unit's"
+        finally:
+            if mount.process.poll() is None:
+                mount.process.kill()
+                mount.process.wait()
+            if ours is not None and top_mount_id(unit.mountpoint) == ours:
+                force_unmount(unit.mountpoint)
+
+
+# -- the installed commands ---------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("command", ["volfs", "vrangectl"])
