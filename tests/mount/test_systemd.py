@@ -1,16 +1,24 @@
 """volfs under systemd and fstab: the shipped units, sd_notify, and an fstab line via mount(8).
 
-This machine need not run systemd: the units are checked with ``systemd-analyze verify`` where
-it is installed, and the service's command lines are run the way systemd would run them:
-``%f``, ``%i``, ``${VOLFS_OPTIONS}`` and ``$$`` expanded, with the environment systemd gives
-each (``$NOTIFY_SOCKET`` pointing at a socket the test owns, ``$RUNTIME_DIRECTORY``,
-``$SERVICE_RESULT`` and ``$EXIT_STATUS`` for ExecStopPost), the capability bounding set applied
-with setpriv.
+This machine need not run systemd: the units are checked with ``systemd-analyze verify`` and
+``systemd-analyze security`` where it is installed, and the service's command lines are run the
+way systemd would run them: ``%f``, ``%i``, ``${VOLFS_OPTIONS}`` and ``$$`` expanded, with the
+environment systemd gives each (``$NOTIFY_SOCKET`` pointing at a socket the test owns,
+``$RUNTIME_DIRECTORY``, ``$SERVICE_RESULT`` and ``$EXIT_STATUS`` for ExecStopPost), and where
+it can under the unit's confinement: its capability bounding set and no_new_privs (setpriv),
+and its system call filter, MemoryDenyWriteExecute=, RestrictAddressFamilies= and UMask=
+(a seccomp filter built with libseccomp from ``systemd-analyze syscall-filter``'s sets, which
+kills a process at its first call outside them).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
+import functools
+import json
+import mmap
 import os
 import re
 import shlex
@@ -20,14 +28,14 @@ import socket
 import stat
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import MOUNT_TIMEOUT, REPO_ROOT, Mount, force_unmount, is_mounted
-from volfs.client import statistics
+from tests.conftest import MOUNT_TIMEOUT, REPO_ROOT, Mount, force_unmount, is_mounted, wait_for
+from volfs.client import SegmentTable, purge, statistics
 
 MiB = 1024 * 1024
 SYSTEMD_DIR = REPO_ROOT / "systemd"
@@ -106,6 +114,156 @@ def exec_command(line: str, mountpoint: Path, env: dict[str, str]) -> list[str]:
     return argv
 
 
+# -- the unit's confinement ---------------------------------------------------------------------
+
+#: libseccomp's actions and comparison (seccomp.h).
+SCMP_ACT_ALLOW = 0x7FFF0000
+SCMP_ACT_KILL_PROCESS = 0x80000000
+SCMP_CMP_EQ = 4
+SCMP_CMP_MASKED_EQ = 7
+#: shmat()'s flag for an executable attachment (linux/shm.h).
+SHM_EXEC = 0o100000
+
+
+class ScmpArgCmp(ctypes.Structure):
+    """libseccomp's ``struct scmp_arg_cmp``: an argument, an operator, two operands."""
+
+    _fields_ = (
+        ("arg", ctypes.c_uint),
+        ("op", ctypes.c_int),
+        ("datum_a", ctypes.c_uint64),
+        ("datum_b", ctypes.c_uint64),
+    )
+
+
+@functools.cache
+def syscall_groups() -> dict[str, list[str]]:
+    """``systemd-analyze syscall-filter``: each ``@group`` and what it lists (groups, calls)."""
+    listing = subprocess.run(
+        ["systemd-analyze", "syscall-filter"], capture_output=True, text=True, check=True
+    ).stdout
+    groups: dict[str, list[str]] = {}
+    for line in listing.splitlines():
+        if line.startswith("@"):
+            members = groups.setdefault(line.strip(), [])
+        elif line.strip() and not line.strip().startswith("#"):
+            members.append(line.strip())
+    return groups
+
+
+def expand_syscalls(names: Sequence[str]) -> set[str]:
+    """The system calls that ``names`` (calls and ``@groups``) stand for."""
+    calls: set[str] = set()
+    for name in names:
+        if name.startswith("@"):
+            calls |= expand_syscalls(syscall_groups()[name])
+        else:
+            calls.add(name)
+    return calls
+
+
+def unit_allowed_syscalls() -> list[str]:
+    """What the unit's SystemCallFilter= lines allow: the first an allow list, then ``~`` lists
+    taking calls out of it."""
+    [allowed, *denied] = unit_settings(SERVICE)["SystemCallFilter"]
+    assert not allowed.startswith("~"), "the first SystemCallFilter= is the allow list"
+    calls = expand_syscalls(allowed.split())
+    for entry in denied:
+        assert entry.startswith("~"), entry
+        calls -= expand_syscalls(entry[1:].split())
+    return sorted(calls)
+
+
+def confine_and_exec(argv: list[str]) -> None:
+    """Load a seccomp filter as the unit's settings make systemd load one, then exec.
+
+    ``argv``: a JSON object (``allowed``: system calls; ``mdwe``: MemoryDenyWriteExecute=;
+    ``families``: RestrictAddressFamilies= as numbers; ``umask``), then the command. Any other
+    call kills the process (SIGSYS), where systemd would fail it with EPERM: the point is to
+    see every call made, not only those that would matter.
+    """
+    config, command = json.loads(argv[0]), argv[1:]
+    library = ctypes.CDLL(ctypes.util.find_library("seccomp") or "libseccomp.so.2")
+    library.seccomp_init.restype = ctypes.c_void_p
+    library.seccomp_init.argtypes = [ctypes.c_uint32]
+    library.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    library.seccomp_rule_add_array.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_uint32,
+        ctypes.c_int,
+        ctypes.c_uint,
+        ctypes.POINTER(ScmpArgCmp),
+    ]
+    library.seccomp_load.argtypes = [ctypes.c_void_p]
+    write_exec = mmap.PROT_WRITE | mmap.PROT_EXEC
+    # Calls allowed only with some arguments: each list is one rule's conditions.
+    conditional: dict[str, list[list[tuple[int, int, int, int]]]] = {
+        "socket": [[(0, SCMP_CMP_EQ, family, 0)] for family in config["families"]],
+    }
+    if config["mdwe"]:  # no mapping both writable and executable, now or later
+        conditional["mmap"] = [
+            [(2, SCMP_CMP_MASKED_EQ, write_exec, prot)]
+            for prot in (0, mmap.PROT_WRITE, mmap.PROT_EXEC)
+        ]
+        for name in ("mprotect", "pkey_mprotect"):
+            conditional[name] = [[(2, SCMP_CMP_MASKED_EQ, mmap.PROT_EXEC, 0)]]
+        conditional["shmat"] = [[(2, SCMP_CMP_MASKED_EQ, SHM_EXEC, 0)]]
+    context = library.seccomp_init(SCMP_ACT_KILL_PROCESS)
+    for name in config["allowed"]:
+        number = library.seccomp_syscall_resolve_name(name.encode())
+        if number < 0:
+            continue  # not a call of this architecture
+        for conditions in conditional.get(name, [[]]):
+            array = (ScmpArgCmp * len(conditions))(*(ScmpArgCmp(*c) for c in conditions))
+            result = library.seccomp_rule_add_array(
+                context, SCMP_ACT_ALLOW, number, len(conditions), array
+            )
+            assert result == 0, f"seccomp_rule_add({name}): {-result}"
+    assert library.seccomp_load(context) == 0, "seccomp_load failed"
+    os.umask(config["umask"])
+    os.execvp(command[0], command)
+
+
+def unit_confinement() -> list[str]:
+    """The command prefix that confines what follows as the unit confines its commands.
+
+    Skips the test where that cannot be done: not root, or no setpriv, systemd-analyze or
+    libseccomp.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("the service runs as root")
+    for command in ("setpriv", "systemd-analyze"):
+        if shutil.which(command) is None:
+            pytest.skip(f"{command} is missing")
+    if ctypes.util.find_library("seccomp") is None:
+        pytest.skip("libseccomp is missing")
+    settings = unit_settings(SERVICE)
+    [capabilities] = settings["CapabilityBoundingSet"]
+    assert settings["NoNewPrivileges"] == ["yes"]
+    bounding = ",".join(["-all"] + [f"+{name[4:].lower()}" for name in capabilities.split()])
+    [families] = settings["RestrictAddressFamilies"]
+    config = {
+        "allowed": unit_allowed_syscalls(),
+        "mdwe": settings["MemoryDenyWriteExecute"] == ["yes"],
+        "families": [getattr(socket, family) for family in families.split()],
+        "umask": int(settings["UMask"][0], 8),
+    }
+    launcher = (
+        f"import sys; sys.path.insert(0, {str(REPO_ROOT)!r}); "
+        "from tests.mount.test_systemd import confine_and_exec; confine_and_exec(sys.argv[1:])"
+    )
+    return [
+        "setpriv",
+        f"--bounding-set={bounding}",
+        "--inh-caps=-all",
+        "--no-new-privs",
+        sys.executable,
+        "-c",
+        launcher,
+        json.dumps(config),
+    ]
+
+
 @dataclass
 class ServiceRun:
     """One run of volfs@.service for ``mountpoint``, its command lines run as systemd would.
@@ -165,11 +323,9 @@ class ServiceRun:
         return Mount(self.mountpoint, process, log_path)
 
 
-def start_service(
-    tmp_path: Path, mountpoint: Path, env: dict[str, str], prefix: list[str] | None = None
-) -> Mount:
+def start_service(tmp_path: Path, mountpoint: Path, env: dict[str, str]) -> Mount:
     """Run the unit's ExecStartPre, then start its ExecStart (without waiting for the mount)."""
-    unit = ServiceRun(tmp_path, mountpoint, prefix or [])
+    unit = ServiceRun(tmp_path, mountpoint, [])
     unit.run("ExecStartPre")
     return unit.start("size=32M", env)
 
@@ -254,6 +410,111 @@ def test_instance_is_the_escaped_mountpoint() -> None:
         assert escape_path(Path(awkward)) == systemds
 
 
+#: Settings that give the service a mount namespace of its own, where its mount would stay.
+MOUNT_NAMESPACE_SETTINGS = (
+    "PrivateDevices",
+    "PrivateTmp",
+    "PrivateMounts",
+    "PrivateNetwork",  # newer systemd gives it a mount namespace too
+    "ProtectSystem",
+    "ProtectHome",
+    "ProtectKernelTunables",
+    "ProtectKernelModules",
+    "ProtectKernelLogs",
+    "ProtectControlGroups",
+    "ProtectProc",
+    "ProcSubset",
+    "ReadOnlyPaths",
+    "ReadWritePaths",
+    "InaccessiblePaths",
+    "TemporaryFileSystem",
+    "BindPaths",
+    "RootDirectory",
+    "RootImage",
+)
+
+#: What ``systemd-analyze security`` still flags in the unit, and why the unit cannot take it.
+CANNOT_TAKE = {
+    "User=/DynamicUser=": "mount(2) needs root",
+    "CapabilityBoundingSet=~CAP_SYS_ADMIN": "mount(2) needs it",
+    "SystemCallFilter=~@mount": "mount(2) and umount2(2)",
+    "PrivateUsers=": "CAP_SYS_ADMIN must be the host's",
+    "PrivateNetwork=": "the segment handover's abstract socket is in the host's network namespace",
+    "RestrictAddressFamilies=~AF_UNIX": "sd_notify and the segment handover",
+    "DeviceAllow=": "/dev/fuse (and ProtectClock='s char-rtc r)",
+    **{
+        f"{name}=": "a mount namespace would hide the mount"
+        for name in (
+            "PrivateDevices",
+            "PrivateTmp",
+            "PrivateMounts",
+            "ProtectSystem",
+            "ProtectHome",
+            "ProtectKernelTunables",
+            "ProtectKernelModules",
+            "ProtectKernelLogs",
+            "ProtectControlGroups",
+            "ProtectProc",
+            "ProcSubset",
+        )
+    },
+    "RootDirectory=/RootImage=": "a mount namespace would hide the mount",
+}
+
+
+def test_hardening_keeps_the_mount_on_the_host() -> None:
+    settings = unit_settings(SERVICE)
+    assert not set(MOUNT_NAMESPACE_SETTINGS) & set(settings)
+    assert "PrivateUsers" not in settings
+    for key, value in {
+        "CapabilityBoundingSet": "CAP_SYS_ADMIN",
+        "NoNewPrivileges": "yes",
+        "DevicePolicy": "closed",
+        "DeviceAllow": "/dev/fuse rw",
+        "RestrictAddressFamilies": "AF_UNIX",
+        "IPAddressDeny": "any",
+        "ProtectClock": "yes",
+        "ProtectHostname": "yes",
+        "MemoryDenyWriteExecute": "yes",
+        "UMask": "0077",
+        "SystemCallArchitectures": "native",
+        "SystemCallErrorNumber": "EPERM",
+    }.items():
+        assert settings[key] == [value], key
+    assert settings["SystemCallFilter"] == ["@system-service @mount", "~@privileged @resources"]
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None,
+    reason="systemd-analyze is not installed (scripts/setup.sh installs it where it can)",
+)
+def test_systemd_analyze_security_flags_only_what_the_unit_cannot_take(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    assert analyze is not None
+    if systemd_version(analyze) < 250:
+        pytest.skip("systemd-analyze security --offline needs systemd 250")
+    (tmp_path / SERVICE.name).write_text(
+        SERVICE.read_text().replace(INSTALLED_VOLFS, str(VENV_BIN / "volfs"))
+    )
+    (tmp_path / "volfs@mnt-vol.service").symlink_to(SERVICE.name)
+    result = subprocess.run(
+        [analyze, "security", "--offline=true", str(tmp_path / "volfs@mnt-vol.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    flagged = set(re.findall(r"^✗ (\S+)", result.stdout, re.MULTILINE))
+    assert flagged <= set(CANNOT_TAKE), f"flagged, and maybe possible: {flagged - set(CANNOT_TAKE)}"
+    # 5.3 before the unit took ProtectClock=, ProtectHostname=, IPAddressDeny=, UMask=,
+    # MemoryDenyWriteExecute= and a system call filter and gave up CAP_SYS_RESOURCE; 3.4
+    # after, with systemd 252.
+    overall = re.search(r"Overall exposure level for \S+: ([\d.]+)", result.stdout)
+    assert overall is not None, result.stdout
+    assert float(overall[1]) <= 3.5, result.stdout
+
+
 # -- sd_notify ----------------------------------------------------------------------------------
 
 
@@ -324,36 +585,45 @@ def test_unreachable_notify_socket_is_not_fatal(mount_volfs: Callable[..., Mount
     assert f"cannot notify the service manager at {absent}" in mount.log()
 
 
-@pytest.mark.root
-@pytest.mark.skipif(os.geteuid() != 0, reason="the service runs as root")
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is missing")
-def test_service_works_with_its_capability_bounding_set(
-    tmp_path: Path, services: list[Mount]
-) -> None:
-    settings = unit_settings(SERVICE)
-    [capabilities] = settings["CapabilityBoundingSet"]
-    assert settings["NoNewPrivileges"] == ["yes"]
-    bounding = ",".join(["-all"] + [f"+{name[4:].lower()}" for name in capabilities.split()])
-    mountpoint = tmp_path / "vol"
-    mount = start_service(
-        tmp_path,
-        mountpoint,
-        {},
-        prefix=["setpriv", f"--bounding-set={bounding}", "--inh-caps=-all", "--no-new-privs"],
+def exercise(mountpoint: Path, pressure: Path) -> None:
+    """Use a freshly mounted volfs the ways a daemon's system calls depend on.
+
+    Files, mmap, fallocate, marking and purging (vrangectl), a segment table fetched over the
+    daemon's socket and a pin that finds its segment purged, a purge on a pressure event (a
+    byte into the FIFO the daemon watches), and a file's mode under the caller's umask.
+    """
+    path = mountpoint / "dir" / "f"
+    made = subprocess.run(
+        [
+            "sh",
+            "-c",
+            'umask 022 && mkdir "$1" && head -c 1048576 /dev/zero >"$1/f"',
+            "sh",
+            str(path.parent),
+        ],
+        check=False,
     )
-    services.append(mount)
-    mount.wait_mounted()
-    (mountpoint / "f").write_bytes(os.urandom(MiB))
-    fd = os.open(mountpoint / "f", os.O_RDWR)
+    assert made.returncode == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # the caller's umask, not the daemon's
+    fd = os.open(path, os.O_RDWR)
     try:
-        result = subprocess.run(
-            [VENV_BIN / "vrangectl", "volatile", f"/dev/fd/{fd}", "0", "1M"],
+        with mmap.mmap(fd, MiB) as mapped:
+            mapped[:5] = b"hello"
+            mapped.flush()
+        assert os.pread(fd, 5, 0) == b"hello"
+        os.posix_fallocate(fd, 0, 2 * MiB)
+        punched = subprocess.run(
+            ["fallocate", "-p", "-o", "0", "-l", "64K", str(path)], check=False
+        )
+        assert punched.returncode == 0
+        marked = subprocess.run(
+            [VENV_BIN / "vrangectl", "volatile", f"/dev/fd/{fd}", "1M", "1M"],
             pass_fds=[fd],
             capture_output=True,
             text=True,
             check=True,
         )
-        assert result.stdout == "marked=1048576 purged=0\n"
+        assert marked.stdout == "marked=1048576 purged=0\n"
         purged = subprocess.run(
             [VENV_BIN / "vrangectl", "purge", str(mountpoint)],
             capture_output=True,
@@ -361,9 +631,63 @@ def test_service_works_with_its_capability_bounding_set(
             check=True,
         )
         assert purged.stdout == "purged=1048576\n"
+        with SegmentTable(fd, 4) as table:
+            segment = table.register(256 * 1024, 64 * 1024)
+            segment.unpin()
+            assert purge(mountpoint) == 64 * 1024
+            assert segment.pin()  # it was purged while unpinned
+            segment.unpin()
+            # A pressure event purges what is volatile.
+            writer = os.open(pressure, os.O_WRONLY | os.O_NONBLOCK)
+            try:
+                os.write(writer, b"\n")
+            finally:
+                os.close(writer)
+            wait_for(
+                lambda: statistics(mountpoint)["purges_pressure"] > 0,
+                MOUNT_TIMEOUT,
+                "a purge on the pressure event",
+            )
+            segment.pin()
     finally:
         os.close(fd)
-    assert mount.unmount() == 0
+    os.rename(path, mountpoint / "g")
+    os.truncate(mountpoint / "g", 100)
+    os.setxattr(mountpoint / "g", "user.kept", b"yes")
+    assert os.getxattr(mountpoint / "g", "user.kept") == b"yes"
+    os.rmdir(mountpoint / "dir")
+    os.unlink(mountpoint / "g")
+
+
+@pytest.mark.root
+def test_the_service_works_confined_as_the_unit_confines_it(tmp_path: Path) -> None:
+    """ExecStartPre, ExecStart, ExecStartPost and ExecStopPost under the unit's capability
+    bounding set, no_new_privs, system call filter, MemoryDenyWriteExecute=,
+    RestrictAddressFamilies= and UMask=; any call outside the filter would kill them."""
+    unit = ServiceRun(tmp_path, tmp_path / "mnt" / "vol", unit_confinement())
+    pressure = tmp_path / "pressure"
+    os.mkfifo(pressure)
+    listener, address = bind_notify_socket(tmp_path, "abstract")
+    with listener:
+        unit.run("ExecStartPre")
+        env = {"NOTIFY_SOCKET": address, "MEMORY_PRESSURE_WATCH": str(pressure)}
+        mount = unit.start("size=32M", env)
+        try:
+            assert "READY=1" in receive(listener, mount, "READY=1")
+            status = Path(f"/proc/{mount.pid}/status").read_text()
+            assert re.search(r"^NoNewPrivs:\s+1$", status, re.MULTILINE)
+            assert re.search(r"^Seccomp:\s+2$", status, re.MULTILINE)  # a filter is loaded
+            unit.run("ExecStartPost", MAINPID=str(mount.pid))
+            assert statistics(unit.mountpoint)["capacity_bytes"] == 32 * MiB
+            exercise(unit.mountpoint, pressure)
+            mount.process.send_signal(signal.SIGTERM)  # the daemon unmounts itself
+            assert receive(listener, mount, "STOPPING=1") == ["STOPPING=1"]
+            assert mount.process.wait(timeout=MOUNT_TIMEOUT) == 0, mount.log()
+        finally:
+            mount.unmount(report_exit=False)
+    unit.run("ExecStopPost", SERVICE_RESULT="success", EXIT_CODE="exited", EXIT_STATUS="0")
+    assert not is_mounted(unit.mountpoint)
+    assert "Traceback" not in mount.log()
 
 
 # -- undoing a mount: only this unit's, only a dead one -----------------------------------------
