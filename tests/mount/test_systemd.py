@@ -482,6 +482,9 @@ def test_hardening_keeps_the_mount_on_the_host() -> None:
     }.items():
         assert settings[key] == [value], key
     assert settings["SystemCallFilter"] == ["@system-service @mount", "~@privileged @resources"]
+    # What the unit's own mount needs mounted, and that consumers can order after it.
+    assert settings["RequiresMountsFor"] == ["%f /usr/local/lib/volfs"]
+    assert settings["Before"] == ["remote-fs.target"]
 
 
 @pytest.mark.skipif(
