@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -24,7 +25,7 @@ from volfs.daemon.logs import (
     SYSLOG_SOCKET,
     JournalHandler,
     escaped_mountpoint,
-    log_file_path,
+    log_file_paths,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -43,8 +44,7 @@ def background_mountpoint(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["fusermount3", "-u", str(mountpoint)], check=False)
         wait_for(lambda: not is_mounted(mountpoint), 10, "the unmount")
     force_unmount(mountpoint)
-    path = log_file_path(str(mountpoint))
-    assert path is not None
+    [path] = log_file_paths(str(mountpoint))
     for name in (path, f"{path}.1"):
         if os.path.exists(name):
             os.unlink(name)
@@ -100,7 +100,9 @@ def test_log_level_warning_leaves_out_the_purges(background_mountpoint: Path) ->
     log = Path(f"/run/volfs/{escaped_mountpoint(str(background_mountpoint))}.log")
     subprocess.run(["fusermount3", "-u", str(background_mountpoint)], check=True)
     wait_for(lambda: not is_mounted(background_mountpoint), 10, "the unmount")
-    assert "purge" not in (log.read_text() if log.exists() else "")
+    assert log.exists()
+    text = log.read_text()
+    assert "purge" not in text and "mounted on" not in text
 
 
 def test_a_bad_log_level_is_refused_before_mounting(background_mountpoint: Path) -> None:
@@ -148,7 +150,11 @@ def parse_native(datagram: bytes) -> dict[str, str]:
     return fields
 
 
-def test_mount_names_escape_as_systemd_escape_does() -> None:
-    assert escaped_mountpoint("/mnt/vol") == "mnt-vol"
-    assert escaped_mountpoint("/") == "-"
-    assert escaped_mountpoint("/srv/my-cache dir") == "srv-my\\x2dcache\\x20dir"
+@pytest.mark.parametrize("path", ["/mnt/vol", "/", "/srv/my-cache dir", "/.hidden/x", "/é/a.b"])
+def test_log_files_are_named_as_systemd_escape_names_the_mountpoint(path: str) -> None:
+    if shutil.which("systemd-escape") is None:
+        pytest.skip("systemd-escape is not installed")
+    escaped = subprocess.run(
+        ["systemd-escape", "--path", path], capture_output=True, text=True, check=True
+    )
+    assert escaped_mountpoint(path) == escaped.stdout.strip()

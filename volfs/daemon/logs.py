@@ -4,19 +4,23 @@ In the foreground (``-f``, and so under systemd) the log goes to stderr, which s
 the journal. A daemon in the background has no terminal, so its log goes, in this order of
 preference, to the journal (its native socket), to syslog (``/dev/log``), or to a file of its
 own: ``/run/volfs/MOUNT.log`` for root, ``$XDG_STATE_HOME/volfs/MOUNT.log`` (by default
-``~/.local/state/volfs/MOUNT.log``) for other users, MOUNT being the mountpoint as
-``systemd-escape --path`` writes it (``/mnt/vol``: ``mnt-vol``). A file is kept to
-:data:`LOG_FILE_BYTES` and one older file. Only when none of them can be opened does the log
-stay on the stderr the command was started with.
+``~/.local/state/volfs/MOUNT.log``), else ``/tmp/volfs-UID/MOUNT.log``, for other users, MOUNT
+being the mountpoint as ``systemd-escape --path`` writes it (``/mnt/vol``: ``mnt-vol``). A file
+is kept to :data:`LOG_FILE_BYTES` and one older file, in a directory nobody else may write in.
+When none of them can be opened the log is discarded, and the command says so on stderr: a
+daemon that kept its caller's stderr would keep a pipe to it open for as long as it serves.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import logging.handlers
 import os
 import socket
+import stat
 import struct
+import sys
 
 #: The journal's native protocol socket.
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -91,48 +95,61 @@ def _syslog_handler() -> logging.Handler:
 
 
 def escaped_mountpoint(mountpoint: str) -> str:
-    """``/mnt/vol`` as ``mnt-vol``, as ``systemd-escape --path`` writes it: ``/`` becomes ``-``
-    and every other character but letters, digits, ``_`` and ``.`` a ``\\xNN`` escape."""
+    """``/mnt/vol`` as ``mnt-vol``, as ``systemd-escape --path`` writes it: ``/`` becomes ``-``;
+    every other character but letters, digits, ``_`` and ``.`` (not leading) a ``\\xNN``
+    escape of each of its bytes."""
     path = mountpoint.strip("/")
-    return (
-        "".join(
-            "-"
-            if char == "/"
-            else char
-            if char.isascii() and (char.isalnum() or char in "_.")
-            else "".join(f"\\x{byte:02x}" for byte in char.encode(errors="surrogateescape"))
-            for char in path
-        )
-        or "-"
-    )
+
+    def escaped(index: int, char: str) -> str:
+        if char == "/":
+            return "-"
+        if char.isascii() and (char.isalnum() or char == "_" or (char == "." and index)):
+            return char
+        return "".join(f"\\x{byte:02x}" for byte in char.encode(errors="surrogateescape"))
+
+    return "".join(escaped(index, char) for index, char in enumerate(path)) or "-"
 
 
-def log_file_path(mountpoint: str) -> str | None:
-    """The file a background daemon for ``mountpoint`` logs to when there is no journal or
-    syslog, or None if this user has no place for one."""
-    if os.geteuid() == 0:
-        directory = SYSTEM_LOG_DIRECTORY
+def log_file_paths(mountpoint: str) -> list[str]:
+    """The files a background daemon for ``mountpoint`` may log to when there is no journal or
+    syslog, the preferred first."""
+    euid = os.geteuid()
+    if euid == 0:
+        directories = [SYSTEM_LOG_DIRECTORY]
     else:
         # The XDG base directory specification's place for logs; relative paths are invalid.
         state = os.environ.get("XDG_STATE_HOME", "")
         home = os.environ.get("HOME", "")
+        directories = []
         if state.startswith("/"):
-            directory = os.path.join(state, "volfs")
+            directories.append(os.path.join(state, "volfs"))
         elif home.startswith("/"):
-            directory = os.path.join(home, ".local", "state", "volfs")
-        else:
-            return None
-    return os.path.join(directory, f"{escaped_mountpoint(mountpoint)}.log")
+            directories.append(os.path.join(home, ".local", "state", "volfs"))
+        directories.append(f"/tmp/volfs-{euid}")
+    name = f"{escaped_mountpoint(mountpoint)}.log"
+    return [os.path.join(directory, name) for directory in directories]
+
+
+def _private_directory(directory: str) -> None:
+    """Make ``directory`` (0700) unless it exists, and make sure nobody else can put files in
+    it: the log is opened by name, so a link planted there would redirect it.
+
+    Raises:
+        OSError: it cannot be made, or it belongs to someone else or others may write in it.
+    """
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        raise PermissionError(errno.EPERM, "not a directory of this user's alone", directory)
 
 
 def _file_handler(path: str) -> logging.Handler:
-    """A size-bounded handler appending to ``path``, in a directory only its user may enter."""
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    # Refuse a file planted as a symlink: the log would be written wherever it points.
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600))
+    """A size-bounded handler appending to ``path``, in a directory of this user's alone."""
+    _private_directory(os.path.dirname(path))
     handler = logging.handlers.RotatingFileHandler(
         path, maxBytes=LOG_FILE_BYTES, backupCount=1, encoding="utf-8"
     )
+    os.chmod(path, 0o600)
     handler.setFormatter(logging.Formatter(_FILE_FORMAT))
     return handler
 
@@ -146,33 +163,45 @@ def configure_logging(level: int, *, foreground: bool, mountpoint: str) -> str:
         mountpoint: names the log file, if one is needed.
 
     Returns:
-        Where the log goes: ``stderr``, ``journal``, ``syslog`` or a file's path.
+        Where the log goes: ``stderr``, ``journal``, ``syslog``, a file's path, or ``""`` if
+        nowhere (a warning on stderr says so, while the command's caller still sees it).
     """
     handler: logging.Handler | None = None
     where = "stderr"
     if not foreground:
-        for name, make, text in (
-            ("journal", JournalHandler, "%(message)s"),
-            ("syslog", _syslog_handler, "volfs[%(process)d]: %(message)s"),
-        ):
-            try:
-                handler = make()
-            except OSError:
-                continue
-            handler.setFormatter(logging.Formatter(text))
-            where = name
-            break
-        path = log_file_path(mountpoint)
-        if handler is None and path is not None:
-            try:
-                handler = _file_handler(path)
-                where = path
-            except OSError:
-                handler = None
-    if handler is None:
+        handler, where = _background_handler(mountpoint)
+    if handler is None and foreground:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter(_FOREGROUND_FORMAT))
     root = logging.getLogger()
-    root.addHandler(handler)
+    root.addHandler(handler or logging.NullHandler())
     root.setLevel(level)
     return where
+
+
+def _background_handler(mountpoint: str) -> tuple[logging.Handler | None, str]:
+    """The first of the journal, syslog and a log file that can be opened, and its name."""
+    for name, make, text in (
+        ("journal", JournalHandler, "%(message)s"),
+        ("syslog", _syslog_handler, "volfs[%(process)d]: %(message)s"),
+    ):
+        try:
+            handler = make()
+        except OSError:
+            continue
+        handler.setFormatter(logging.Formatter(text))
+        return handler, name
+    reasons = []
+    for path in log_file_paths(mountpoint):
+        try:
+            return _file_handler(path), path
+        except OSError as error:
+            reasons.append(f"{error.filename}: {error.strerror}")
+    # The daemon leaves its caller's stderr once mounted (holding it would keep a pipe open),
+    # so this is the last the caller hears.
+    print(
+        "volfs: warning: no journal, no syslog and no place for a log file "
+        f"({'; '.join(reasons)}): the daemon's log is discarded; -f keeps it on stderr",
+        file=sys.stderr,
+    )
+    return None, ""

@@ -270,9 +270,8 @@ def _daemonize() -> int | None:
     return None
 
 
-def _report_ready(message: str = "ready", *, keep_stderr: bool = False) -> None:
-    """Tell a waiting parent that the mount is ready (or why it failed), then detach stdio
-    (stderr only if the log has nowhere else to go)."""
+def _report_ready(message: str = "ready") -> None:
+    """Tell a waiting parent that the mount is ready (or why it failed), then detach stdio."""
     fd = os.environ.pop("VOLFS_READY_FD", None)
     if fd is None:
         return
@@ -280,7 +279,7 @@ def _report_ready(message: str = "ready", *, keep_stderr: bool = False) -> None:
     os.close(int(fd))
     if message == "ready":
         null = os.open(os.devnull, os.O_RDWR)
-        for stream in (0, 1) if keep_stderr else (0, 1, 2):
+        for stream in (0, 1, 2):
             os.dup2(null, stream)
         os.close(null)
 
@@ -340,9 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if status is not None:
             return status
     mountpoint = os.path.abspath(arguments.mountpoint)
-    log_destination = configure_logging(
-        options.log_level, foreground=arguments.foreground, mountpoint=mountpoint
-    )
+    configure_logging(options.log_level, foreground=arguments.foreground, mountpoint=mountpoint)
     # Held until the signal task listens, so that a stop request arriving while mounting still
     # ends in a clean unmount rather than a dead daemon and a stale mountpoint.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
@@ -357,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_mount,
             options,
             mountpoint,
-            functools.partial(_announce_ready, mountpoint, keep_stderr=log_destination == "stderr"),
+            functools.partial(_announce_ready, mountpoint),
         )
     except* MountError as errors:
         failure = str(errors.exceptions[0])
@@ -374,8 +371,8 @@ def _stopping_already(signum: int, _frame: object) -> None:
     log.info("%s received while unmounting: unmounting goes on", signal.Signals(signum).name)
 
 
-def _announce_ready(mountpoint: str, *, keep_stderr: bool) -> None:
+def _announce_ready(mountpoint: str) -> None:
     """The mount is ready: tell whoever waits for it, and start collecting as a daemon does."""
-    _report_ready(keep_stderr=keep_stderr)
+    _report_ready()
     notify_service_manager("READY=1", f"STATUS=serving {mountpoint}")
     _schedule_garbage_collection()
