@@ -39,13 +39,16 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-# systemd-analyze lets the tests check the shipped units; optional, so failing here only warns.
-if ! command -v systemd-analyze >/dev/null; then
+# systemd-analyze lets the tests check the shipped units; optional, so failing here only warns,
+# once: a later run does not try again.
+no_systemd=$installed/systemd-analyze-unavailable
+if ! command -v systemd-analyze >/dev/null && [ ! -e "$no_systemd" ]; then
     if apt-get update -qq && apt-cache show systemd >/dev/null 2>&1 \
         && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; then
         say "installed systemd for systemd-analyze"
     else
         say "systemd-analyze is unavailable; the unit checks will be skipped"
+        mkdir -p "$installed" && touch "$no_systemd"
     fi
 fi
 
@@ -53,8 +56,11 @@ fi
 [ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true
 [ -e /dev/fuse ] || { say "/dev/fuse is missing; FUSE is not available"; exit 1; }
 if [ "$(stat -c %a /dev/fuse)" != 666 ]; then
-    chmod 0666 /dev/fuse
-    say "/dev/fuse made usable by every user (mode 0666, as Debian's udev rules make it)"
+    if chmod 0666 /dev/fuse 2>/dev/null; then
+        say "/dev/fuse made usable by every user (mode 0666, as Debian's udev rules make it)"
+    else
+        say "cannot make /dev/fuse usable by every user (mode 0666): only root can mount"
+    fi
 fi
 
 # The digest of what a build of volfs is made from, to tell whether an install is current.
@@ -67,11 +73,14 @@ digest=$(source_digest)
 
 # volfs for every user, in a virtualenv of the system's python3 outside any home directory.
 stamp=$installed/volfs-source
-if [ "$(cat "$stamp" 2>/dev/null)" != "$digest $repo" ]; then
+# -I: the installed volfs, whatever the current directory holds.
+if [ "$(cat "$stamp" 2>/dev/null)" != "$digest $repo" ] \
+    || ! "$installed/bin/python" -I -c 'import volfs.daemon.main' 2>/dev/null; then
     if [ -s "$stamp" ] && [ "$(cut -d' ' -f2- "$stamp")" != "$repo" ]; then
         say "replacing the volfs in $installed, built from $(cut -d' ' -f2- "$stamp"), with $repo's"
     fi
-    [ -x "$installed/bin/python" ] || /usr/bin/python3 -m venv "$installed"
+    # --clear: a virtualenv a failed run or a newer python3 left broken is made anew.
+    /usr/bin/python3 -m venv --clear "$installed"
     "$installed/bin/python" -m pip install -q --no-warn-script-location "$repo"
     echo "$digest $repo" >"$stamp"
 fi
@@ -98,8 +107,8 @@ place_file() {
 for command in volfs vrangectl; do
     place_link "$installed/bin/$command" "$prefix/bin/$command"
 done
-package=$("$installed/bin/python" -c 'import os, volfs; print(os.path.dirname(volfs.__file__))')
-version=$("$installed/bin/python" -c 'import volfs; print(volfs.__version__)')
+package=$("$installed/bin/python" -I -c 'import os, volfs; print(os.path.dirname(volfs.__file__))')
+version=$("$installed/bin/python" -I -c 'import volfs; print(volfs.__version__)')
 place_file "$package/include/volfs.h" "$prefix/include/volfs.h"
 shopt -s nullglob
 for page in "$package"/man/*.[0-9]; do
@@ -113,20 +122,21 @@ includedir=\${prefix}/include
 Name: volfs
 Description: volfs's ioctl ABI and segment tables for C (header only)
 Version: $version
-# volfs.h needs the GNU extensions of the C library (memfd, SCM_RIGHTS, struct ucred).
-Cflags: -D_GNU_SOURCE -I\${includedir}
+Cflags: -I\${includedir}
 EOF
 place_file "$pc" "$prefix/share/pkgconfig/volfs.pc"
 rm -f "$pc"
 
 # The development virtualenv: editable, so a change to the Python sources needs nothing; the C
 # sources and the dependencies are built in again when they change.
-build_digest=$(cd "$repo" && cat pyproject.toml setup.py volfs/*.c volfs/daemon/*.c \
-    volfs/include/*.h | sha256sum | cut -d' ' -f1)
+build_digest=$(cd "$repo" && cat pyproject.toml setup.py volfs/__init__.py volfs/*.c \
+    volfs/daemon/*.c volfs/include/*.h | sha256sum | cut -d' ' -f1)
 if [ ! -x "$venv/bin/python" ]; then
     "${PYTHON:-python3}" -m venv "$venv"
 fi
-if [ "$(cat "$venv/volfs-build" 2>/dev/null)" != "$build_digest" ]; then
+if [ "$(cat "$venv/volfs-build" 2>/dev/null)" != "$build_digest" ] \
+    || ! "$venv/bin/python" -I -c 'import volfs._segments, volfs.daemon._bridge, pytest' 2>/dev/null
+then
     "$venv/bin/python" -m pip install -q -e "$repo[test]"
     echo "$build_digest" >"$venv/volfs-build"
 fi

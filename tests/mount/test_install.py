@@ -11,7 +11,6 @@ import pwd
 import shutil
 import subprocess
 import sys
-import textwrap
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,9 +32,8 @@ USER_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 def run(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     """Run ``command``, capturing its output as text; never raises for its exit status."""
-    return subprocess.run(
-        command, capture_output=True, text=True, timeout=300, check=False, **kwargs
-    )
+    kwargs.setdefault("timeout", 300)
+    return subprocess.run(command, capture_output=True, text=True, check=False, **kwargs)
 
 
 @pytest.mark.slow
@@ -76,40 +74,50 @@ def test_man_finds_the_pages(section: str, page: str) -> None:
     assert shown.returncode == 0 and page in shown.stdout.lower()
 
 
-def test_pkg_config_gives_what_a_c_program_needs_to_use_volfs_h(tmp_path: Path, mnt: Path) -> None:
-    """Strict C99 included: the flags carry what the header needs from the C library."""
+STATUS_PROGRAM = """\
+{first}
+#include <stdio.h>
+#include <fcntl.h>
+#include <sys/ioctl.h>
+{last}
+
+int main(int argc, char **argv) {{
+    struct vrange_status status = {{0}};
+    int fd = open(argv[1], O_RDONLY);
+    if (argc != 2 || fd < 0 || ioctl(fd, VOLFS_IOC_VRANGE_STATUS, &status) != 0) {{
+        perror("status");
+        return 1;
+    }}
+    printf("%#lx volatile=%llu\\n", (unsigned long)VOLFS_IOC_VRANGE_STATUS,
+           (unsigned long long)status.volatile_bytes);
+    return 0;
+}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("standard", "first", "last"),
+    [
+        # The compiler's default (GNU C), the header after the system's.
+        ("", "", "#include <volfs.h>"),
+        # Strict C99: the header first, as it documents, so that it can ask for what it needs.
+        ("-std=c99", "#include <volfs.h>", ""),
+    ],
+)
+def test_pkg_config_gives_what_a_c_program_needs_to_use_volfs_h(
+    tmp_path: Path, mnt: Path, standard: str, first: str, last: str
+) -> None:
     cflags = run(["pkg-config", "--cflags", "volfs"])
     assert cflags.returncode == 0, cflags.stderr
     assert run(["pkg-config", "--modversion", "volfs"]).stdout == f"{__version__}\n"
     source = tmp_path / "status.c"
-    source.write_text(
-        textwrap.dedent(
-            """\
-            #include <stdio.h>
-            #include <fcntl.h>
-            #include <sys/ioctl.h>
-            #include <volfs.h>
-
-            int main(int argc, char **argv) {
-                struct vrange_status status = {0};
-                int fd = open(argv[1], O_RDONLY);
-                if (argc != 2 || fd < 0 || ioctl(fd, VOLFS_IOC_VRANGE_STATUS, &status) != 0) {
-                    perror("status");
-                    return 1;
-                }
-                printf("%#lx volatile=%llu\\n", (unsigned long)VOLFS_IOC_VRANGE_STATUS,
-                       (unsigned long long)status.volatile_bytes);
-                return 0;
-            }
-            """
-        )
-    )
+    source.write_text(STATUS_PROGRAM.format(first=first, last=last))
     program = tmp_path / "status"
     compiled = run(
         [
             "sh",
             "-c",
-            f'cc -std=c99 -Wall -Werror $(pkg-config --cflags volfs) "{source}" -o "{program}"',
+            f'cc {standard} -Wall -Werror $(pkg-config --cflags volfs) "{source}" -o "{program}"',
         ]
     )
     assert compiled.returncode == 0, compiled.stderr
@@ -277,3 +285,42 @@ def test_a_fresh_virtualenv_installs_volfs_from_the_sdist_and_mounts(tmp_path: P
         assert run(["fusermount3", "-u", str(mountpoint)]).returncode == 0
         if is_mounted(mountpoint):
             force_unmount(mountpoint)
+
+
+def test_a_daemon_with_nowhere_to_log_says_so_and_leaves_its_callers_output(
+    created_user: pwd.struct_passwd,
+) -> None:
+    """No journal, no syslog, no HOME and a /tmp/volfs-UID that is not the user's: the
+    command warns and returns; the daemon keeps no pipe of its caller open while it serves."""
+    if os.path.exists("/dev/log") or os.path.exists("/run/systemd/journal/socket"):
+        pytest.skip("a journal or syslog takes the log here")
+    squatted = Path(f"/tmp/volfs-{created_user.pw_uid}")
+    squatted.mkdir(mode=0o755)
+    mountpoint = Path(created_user.pw_dir) / "mnt"
+    mountpoint.mkdir()
+    os.chown(mountpoint, created_user.pw_uid, created_user.pw_gid)
+    try:
+        # capture_output: a daemon holding the pipe would make this wait until the unmount.
+        done = run(
+            [
+                "setpriv",
+                f"--reuid={created_user.pw_uid}",
+                f"--regid={created_user.pw_gid}",
+                "--init-groups",
+                "env",
+                "-i",
+                f"PATH={USER_PATH}",
+                "volfs",
+                "-o",
+                "size=16M",
+                str(mountpoint),
+            ],
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "the daemon's log is discarded" in done.stderr
+        assert is_mounted(mountpoint)
+    finally:
+        if is_mounted(mountpoint):
+            assert as_user(created_user, "fusermount3 -u mnt").returncode == 0
+        squatted.rmdir()
