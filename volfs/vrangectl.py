@@ -31,9 +31,9 @@ import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import TypeVar
 
+from volfs import __version__
 from volfs.abi import (
     PAGE_SIZE,
     SEGMENT_PINNED,
@@ -610,30 +610,6 @@ def _wrap(text: str) -> str:
     return textwrap.fill(text, 88)
 
 
-class _Version(argparse.Action):
-    """``--version``: the installed volfs's version, looked up only when asked (reading the
-    package's metadata takes time every other command would spend for nothing)."""
-
-    def __init__(self, option_strings: Sequence[str], dest: str, **_: object) -> None:
-        super().__init__(
-            option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="print the version"
-        )
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: object,
-        option_string: str | None = None,
-    ) -> None:
-        try:
-            version = metadata.version("volfs")
-        except metadata.PackageNotFoundError:
-            version = "unknown (not installed)"
-        print(f"vrangectl {version}")
-        parser.exit()
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Return the command-line parser, one subcommand per operation."""
     formatter = argparse.RawDescriptionHelpFormatter
@@ -647,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=formatter,
     )
-    parser.add_argument("--version", action=_Version)
+    parser.add_argument("-V", "--version", action="version", version=f"vrangectl {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def span_arguments(command: argparse.ArgumentParser, *, optional: bool = False) -> None:
