@@ -180,8 +180,8 @@ def file_info(fd: int) -> FileInfo:
             ends when ``fd`` closes.
 
     Raises:
-        OSError: EISDIR for a directory, EINVAL for another non-regular file, ENOTTY if the
-            file is not on volfs.
+        OSError: EISDIR for a directory, ENOTTY for a FIFO or device node (the kernel answers
+            their ioctls itself) or a file not on volfs.
     """
     buffer = bytearray(VOLFS_FILE_INFO.size)
     fcntl.ioctl(fd, VOLFS_IOC_FILE_INFO, buffer, True)

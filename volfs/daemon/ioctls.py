@@ -239,7 +239,7 @@ class Ioctls:
 
     def _file_info(self, ino: int) -> bytes:
         """VOLFS_IOC_FILE_INFO: size, memory, volatility and openers of a regular file (EISDIR
-        or EINVAL for others, as the status query)."""
+        for a directory; the kernel answers other files' ioctls itself)."""
         node = self._namespace.get(ino)
         volatile, lost = self._namespace.volatility.status(node, 0, 0)
         return FileInfo(

@@ -99,7 +99,8 @@ struct vrange_next {            /* 32 bytes */
  * An extension of the fvrange ABI: what a regular file holds, in one call, for tools that
  * list a mount's files (vrangectl ls). Any descriptor of the file will do, read-only
  * included. The counts are of one moment; others may change them right after.
- * Errors: EISDIR on a directory, EINVAL on another non-regular file; ENOTTY off volfs.
+ * Errors: EISDIR on a directory; ENOTTY on a FIFO or device node (the kernel answers their
+ * ioctls itself) and off volfs.
  */
 struct volfs_file_info {        /* 64 bytes */
     __u64 size;             /* out: st_size                                              */
