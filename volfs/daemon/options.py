@@ -37,6 +37,14 @@ PSI_WINDOW_US = 2_000_000
 MIN_STALL_MS = 1
 MAX_STALL_MS = PSI_WINDOW_US // 1000
 
+#: Defaults: the size cap and the ``MemAvailable`` watermark in percent of RAM, the root
+#: directory's mode, the PSI stall threshold (ms) and a pressure event's purge.
+DEFAULT_SIZE_PERCENT = 50
+DEFAULT_WATERMARK_PERCENT = 2
+DEFAULT_MODE = 0o1777
+DEFAULT_STALL_MS = 150
+DEFAULT_BATCH = 64 << 20
+
 #: ``(uid_t)-1`` tells the kernel "no id": ids stop below it.
 NO_ID = 0xFFFFFFFF
 
@@ -107,14 +115,14 @@ class PressureSettings:
 
     enabled: bool = True
     #: PSI trigger: purge when "some" tasks stall this long (µs) within a window.
-    stall_us: int = 150_000
+    stall_us: int = DEFAULT_STALL_MS * 1000
     window_us: int = PSI_WINDOW_US
     #: Purge while MemAvailable is below this many bytes (0: no watermark).
     watermark: int = 0
     #: Seconds between watermark samples.
     interval: float = 1.0
     #: Bytes purged per batch.
-    batch: int = 64 << 20
+    batch: int = DEFAULT_BATCH
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,12 +281,18 @@ class _ValueOption(NamedTuple):
 
 _VALUE_OPTIONS: dict[str, _ValueOption] = {
     "size": _ValueOption(
-        "mount", "size", _size, "BYTES|N%", "memory cap (K/M/G/T suffixes, % of RAM); default 50%"
+        "mount",
+        "size",
+        _size,
+        "BYTES|N%",
+        f"memory cap (K/M/G/T suffixes, % of RAM); default {DEFAULT_SIZE_PERCENT}%",
     ),
     "nr_inodes": _ValueOption(
         "mount", "nr_inodes", _count, "N", "most inodes at once; default half the RAM's pages"
     ),
-    "mode": _ValueOption("mount", "mode", _mode, "OCTAL", "root directory's mode; default 1777"),
+    "mode": _ValueOption(
+        "mount", "mode", _mode, "OCTAL", f"root directory's mode; default {DEFAULT_MODE:o}"
+    ),
     "uid": _ValueOption("mount", "uid", _id, "N", "root directory's owner; default the caller"),
     "gid": _ValueOption("mount", "gid", _id, "N", "root directory's group; default the caller's"),
     "fsname": _ValueOption(
@@ -295,17 +309,25 @@ _VALUE_OPTIONS: dict[str, _ValueOption] = {
         "pressure", "enabled", _on, "on|off", "purge when the system is short of memory; on"
     ),
     "pressure_stall": _ValueOption(
-        "pressure", "stall_us", _stall_us, "MS", "purge when tasks stall MS ms in 2 s; 150"
+        "pressure",
+        "stall_us",
+        _stall_us,
+        "MS",
+        f"purge when tasks stall MS ms in {PSI_WINDOW_US // 1_000_000} s; {DEFAULT_STALL_MS}",
     ),
     "pressure_watermark": _ValueOption(
         "pressure",
         "watermark",
         _watermark,
         "BYTES|N%",
-        "purge while MemAvailable is below it; 2%, 0 = off",
+        f"purge while MemAvailable is below it; {DEFAULT_WATERMARK_PERCENT}%, 0 = off",
     ),
     "pressure_batch": _ValueOption(
-        "pressure", "batch", _batch, "BYTES", "volatile data one pressure event purges; 64M"
+        "pressure",
+        "batch",
+        _batch,
+        "BYTES",
+        f"volatile data one pressure event purges; {DEFAULT_BATCH >> 20}M",
     ),
     "max_ranges": _ValueOption(
         "mount", "max_ranges", _count, "N", f"range records in the mount; {DEFAULT_MAX_RANGES}"
@@ -357,13 +379,13 @@ def _defaults(memory: int, source: str) -> dict[str, dict[str, Any]]:
     """The settings without options, by owner (see :class:`_ValueOption`), for ``memory``."""
     return {
         "mount": {
-            "size": memory // 2 // PAGE_SIZE * PAGE_SIZE,
+            "size": memory * DEFAULT_SIZE_PERCENT // 100 // PAGE_SIZE * PAGE_SIZE,
             "nr_inodes": memory // PAGE_SIZE // 2,
-            "mode": 0o1777,
+            "mode": DEFAULT_MODE,
             "uid": os.getuid(),
             "gid": os.getgid(),
         },
-        "pressure": {"watermark": memory // 50},
+        "pressure": {"watermark": memory * DEFAULT_WATERMARK_PERCENT // 100},
         "fuse": {"fsname": source},
         "ignored": {},
     }
