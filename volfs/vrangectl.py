@@ -512,10 +512,40 @@ def _walk(top: str, device: int, listing: Listing) -> None:
         pending.extend(reversed(below))
 
 
+def _mount_ids(devices: set[int]) -> set[int]:
+    """The ids of this namespace's mounts of the filesystems ``devices`` (bind mounts too)."""
+    ids = set()
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            major, minor = map(int, fields[2].split(":"))
+            if os.makedev(major, minor) in devices:
+                ids.add(int(fields[0]))
+    return ids
+
+
+def _mount_id(fdinfo: str) -> int | None:
+    """The ``mnt_id`` a ``/proc/PID/fdinfo/N`` file names, None if it cannot be read."""
+    try:
+        with open(fdinfo) as lines:
+            for line in lines:
+                if line.startswith("mnt_id:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def _held_unlinked(devices: set[int]) -> Iterator[tuple[str, str, os.stat_result]]:
     """The unlinked regular files on ``devices`` that processes the caller may look at hold
     open, as lsof finds them: ``(a /proc/PID/fd link, the file's former path, its status)``,
-    once per descriptor."""
+    once per descriptor.
+
+    Only descriptors on one of those mounts (``mnt_id`` in fdinfo, which reaches no
+    filesystem) are looked at further: a stat reaches the file's filesystem, and one of
+    another mount may hang (a dead NFS server, a stuck FUSE daemon).
+    """
+    mounts = _mount_ids(devices)
     for pid in sorted(filter(str.isdigit, os.listdir("/proc")), key=int):
         directory = f"/proc/{pid}/fd"
         try:
@@ -523,10 +553,11 @@ def _held_unlinked(devices: set[int]) -> Iterator[tuple[str, str, os.stat_result
         except OSError:
             continue  # gone, or another user's
         for descriptor in descriptors:
+            if _mount_id(f"/proc/{pid}/fdinfo/{descriptor}") not in mounts:
+                continue
             link = f"{directory}/{descriptor}"
             try:
                 target = os.readlink(link)
-                # Only then stat: it reaches the file's filesystem, which may be any.
                 seen = os.stat(link) if target.endswith(_DELETED) else None
             except OSError:
                 continue
