@@ -31,6 +31,8 @@ from volfs_mounts import (
     wait_for,
 )
 
+from volfs.daemon.logs import SYSTEM_LOG_DIRECTORY, escaped_mountpoint
+
 __all__ = [
     "MOUNT_TIMEOUT",
     "REPO_ROOT",
@@ -98,3 +100,14 @@ def mount_tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
             )
 
         yield factory
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_log_files_of_test_mounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Background daemons of the tests log to /run/volfs (no journal or syslog here): their
+    files go with the session's temporary directories."""
+    yield
+    prefix = escaped_mountpoint(str(tmp_path_factory.getbasetemp()))
+    for log in Path(SYSTEM_LOG_DIRECTORY).glob("*.log*"):
+        if log.name.startswith(prefix):
+            log.unlink(missing_ok=True)
