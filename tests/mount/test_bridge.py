@@ -373,6 +373,7 @@ typedef struct fuse_session *(*versioned_fn)(struct fuse_args *,
                                              const struct fuse_lowlevel_ops *, size_t,
                                              struct libfuse_version *, void *);
 typedef void (*end_fn)(struct fuse_session *);
+typedef int (*mount_fn)(struct fuse_session *, const char *);
 
 int fake_compat_calls, fake_versioned_calls, fake_unmount_calls, fake_destroy_calls;
 const void *fake_last_ops, *fake_last_version;
@@ -401,6 +402,10 @@ struct fuse_session *fuse_session_new(struct fuse_args *args,
     return versioned(args, op, op_size, (struct libfuse_version *)unknown, userdata);
 }
 
+int fuse_session_mount(struct fuse_session *se, const char *mountpoint) {
+    return ((mount_fn)real("fuse_session_mount"))(se, mountpoint);
+}
+
 void fuse_session_unmount(struct fuse_session *se) {
     fake_unmount_calls++;
     ((end_fn)real("fuse_session_unmount"))(se);
@@ -416,6 +421,7 @@ FAKE_LIBFUSE_VERSIONS = """
 FUSE_3.0 {
     global:
         fuse_session_new;
+        fuse_session_mount;
         fuse_session_unmount;
         fuse_session_destroy;
         fake_*;

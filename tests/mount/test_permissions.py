@@ -133,6 +133,18 @@ def write_some(path: Path, data: bytes = b"x") -> None:
         os.close(fd)
 
 
+O_TRUNCATE = os.O_WRONLY | os.O_TRUNC
+
+
+def with_descriptor(path: Path, call: Callable[..., object], *args: int) -> None:
+    """``call(fd, *args)`` on a descriptor of ``path`` open for writing."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        call(fd, *args)
+    finally:
+        os.close(fd)
+
+
 def append_some(path: Path) -> None:
     """Append a byte through O_APPEND."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND)
@@ -507,6 +519,46 @@ def test_setuid_and_setgid_bits_are_cleared_on_write_by_others(mounts: Mounts) -
     assert seen["owner sets g+s in the group"] == ("ok", "2755")
 
 
+def test_setuid_and_setgid_are_cleared_by_every_kind_of_write_by_others(mounts: Mounts) -> None:
+    """volfs removes the bits itself when the kernel asks (FUSE_HANDLE_KILLPRIV_V2): on an
+    open with O_TRUNC, a truncation through a descriptor, fallocate, and again after the
+    bits were set once more."""
+    roots = mounts.both()
+
+    def scenario(root: Path) -> dict[str, tuple[str, str]]:
+        results: dict[str, tuple[str, str]] = {}
+
+        def record(name: str, user: User, call: Callable[[Path], object]) -> None:
+            path = root / name
+            path.write_bytes(b"#" * 100)
+            os.chown(path, ALICE.uid, SHARED_GID)
+            os.chmod(path, 0o6777)
+            outcome = run_as(user, lambda: attempt(lambda: call(path)))
+            results[name] = (outcome, mode_of(path))
+
+        record("bob opens with O_TRUNC", BOB, lambda p: os.close(os.open(p, O_TRUNCATE)))
+        record("bob ftruncates", BOB, lambda p: with_descriptor(p, os.ftruncate, 10))
+        record("bob fallocates", BOB, lambda p: with_descriptor(p, os.posix_fallocate, 0, 8192))
+        record("root fallocates", ROOT, lambda p: with_descriptor(p, os.posix_fallocate, 0, 8192))
+        # The first write leaves the kernel believing the file has nothing to remove; setting
+        # the bits again must make the next write remove them again.
+        record("bob writes", BOB, write_some)
+        os.chmod(root / "bob writes", 0o6777)
+        record_again = run_as(BOB, lambda: attempt(lambda: write_some(root / "bob writes")))
+        results["bob writes after u+s again"] = (record_again, mode_of(root / "bob writes"))
+        return results
+
+    seen = assert_same(on_both(roots, scenario))
+    assert seen == {
+        "bob opens with O_TRUNC": ("ok", "0777"),
+        "bob ftruncates": ("ok", "0777"),
+        "bob fallocates": ("ok", "0777"),
+        "root fallocates": ("ok", "6777"),
+        "bob writes": ("ok", "0777"),
+        "bob writes after u+s again": ("ok", "0777"),
+    }
+
+
 def test_a_setgid_directory_hands_down_its_group(mounts: Mounts) -> None:
     """A setgid directory hands its group down, and its bit to subdirectories.
 
@@ -851,3 +903,26 @@ def test_segments_on_a_shared_mount_stay_with_those_who_may_write(mounts: Mounts
         assert run_as(BOB, as_bob_pinning) == [True, True]
     finally:
         os.close(keeper)
+
+
+@pytest.mark.skipif(shutil.which("setcap") is None, reason="setcap (libcap2-bin) is not installed")
+def test_a_write_removes_file_capabilities_as_on_tmpfs(mounts: Mounts) -> None:
+    roots = mounts.both()
+
+    def scenario(root: Path) -> dict[str, str]:
+        results = {}
+        for name, user in (("bob-writes", BOB), ("root-writes", ROOT)):
+            path = root / name
+            path.write_bytes(b"#" * 100)
+            os.chmod(path, 0o777)
+            subprocess.run(["setcap", "cap_net_raw+ep", str(path)], check=True)
+            before = "security.capability" in os.listxattr(path)
+            outcome = run_as(user, lambda path=path: attempt(lambda: write_some(path)))
+            after = "security.capability" in os.listxattr(path)
+            results[name] = f"{outcome} {before}->{after}"
+        return results
+
+    assert assert_same(on_both(roots, scenario)) == {
+        "bob-writes": "ok True->False",
+        "root-writes": "ok True->False",
+    }

@@ -657,6 +657,28 @@ class Namespace:
             inode.mtime_ns = changes.mtime_ns
         inode.touch(ctime=True)
 
+    def kill_privileges(self, inode: Inode) -> bool:
+        """Remove what a write, truncation or chown by someone without CAP_FSETID removes, as
+        the kernel's file_remove_privs does: setuid, setgid if the group may execute (without
+        that it marks mandatory locking, not privilege), and security.capability.
+
+        Returns:
+            Whether anything was removed (ctime is then set).
+        """
+        if inode.is_dir():
+            return False
+        mode = inode.mode & ~stat.S_ISUID
+        if mode & stat.S_IXGRP:
+            mode &= ~stat.S_ISGID
+        changed = mode != inode.mode
+        inode.mode = mode
+        if SECURITY_CAPABILITY in inode.xattrs:
+            self.removexattr(inode, SECURITY_CAPABILITY)
+            changed = True
+        if changed:
+            inode.touch(ctime=True)
+        return changed
+
     def truncate(self, inode: Inode, size: int) -> None:
         """Set a regular file's size in one go; see :meth:`truncate_steps`."""
         for _step in self.truncate_steps(inode, size):
@@ -791,6 +813,10 @@ class Namespace:
         self.store.uncharge(_xattr_charge(name, value))
         inode.xattr_list_bytes -= len(name) + 1
         inode.touch(ctime=True)
+
+
+#: The extended attribute holding a file's capabilities, which a write removes.
+SECURITY_CAPABILITY = b"security.capability"
 
 
 def _check_rename_target_name(name: bytes) -> None:

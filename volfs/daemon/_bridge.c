@@ -35,6 +35,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <fuse_lowlevel.h>
+#include <linux/fuse.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -48,6 +49,7 @@ static void (*pyfuse3_init)(void *, struct fuse_conn_info *);
 static PyObject *ioctl_handler;
 static PyObject *fallocate_handler;
 static PyObject *lseek_handler;
+static PyObject *kill_privileges_handler;
 
 /*
  * Log a message on the "volfs.daemon.bridge" logger, from any thread, keeping any exception
@@ -354,6 +356,8 @@ static void bridge_init(void *userdata, struct fuse_conn_info *conn) {
     if (pyfuse3_init != NULL) pyfuse3_init(userdata, conn);
     /* VOLFS_IOC_PURGE works on directories too. */
     if (conn->capable & FUSE_CAP_IOCTL_DIR) conn->want |= FUSE_CAP_IOCTL_DIR;
+    /* Requests read by splicing would bypass killpriv_read. */
+    conn->want &= ~FUSE_CAP_SPLICE_READ;
 }
 
 /* A Request for req with the caller's credentials, or NULL (req answered ENOMEM). */
@@ -710,6 +714,96 @@ static void check_writes(void) {
     }
 }
 
+/* -- privileges killed by the daemon (FUSE_HANDLE_KILLPRIV_V2) -------------------------- */
+
+/*
+ * Before every write(2) to a file system that keeps its own setuid, setgid and
+ * security.capability, the kernel asks whether the write must remove them: a GETXATTR of
+ * security.capability per write, unless the superblock is SB_NOSEC, which FUSE sets only when
+ * the daemon handles the removal itself (FUSE_HANDLE_KILLPRIV_V2). The kernel then tells the
+ * daemon when to remove them: FUSE_WRITE_KILL_SUIDGID on a WRITE, FUSE_OPEN_KILL_SUIDGID on an
+ * OPEN with O_TRUNC, FATTR_KILL_SUIDGID on a SETATTR (a truncation, a chown), each only when
+ * the caller lacks CAP_FSETID (a chown always).
+ *
+ * libfuse before 3.17 can neither ask for FUSE_HANDLE_KILLPRIV_V2 nor hand those flags on, and
+ * pyfuse3 hands on none. So once mounted, the session reads and writes /dev/fuse through the
+ * functions here (fuse_session_custom_io): the read sees every request's header and arguments
+ * first, and passes the inode of each request that asks for a kill to the Python handler,
+ * before the request is processed; the write adds the flag to the INIT reply if the kernel
+ * offered it. A daemon without the handler does not ask for the flag.
+ */
+static uint64_t init_unique;    /* the INIT request's, while its reply is due */
+static int kernel_offers_killpriv_v2;
+
+/* The request's kill flag: the inode whose privileges it asks to remove, or 0. */
+static uint64_t kill_requested(const char *buffer, size_t size) {
+    const struct fuse_in_header *header = (const void *)buffer;
+    const char *argument = buffer + sizeof *header;
+    size_t available = size - sizeof *header;
+    switch (header->opcode) {
+    case FUSE_WRITE:
+        if (available >= sizeof(struct fuse_write_in) &&
+            ((const struct fuse_write_in *)argument)->write_flags & FUSE_WRITE_KILL_SUIDGID)
+            return header->nodeid;
+        break;
+    case FUSE_OPEN:
+        if (available >= sizeof(struct fuse_open_in) &&
+            ((const struct fuse_open_in *)argument)->open_flags & FUSE_OPEN_KILL_SUIDGID)
+            return header->nodeid;
+        break;
+    case FUSE_SETATTR:
+        if (available >= sizeof(struct fuse_setattr_in) &&
+            ((const struct fuse_setattr_in *)argument)->valid & FATTR_KILL_SUIDGID)
+            return header->nodeid;
+        break;
+    case FUSE_INIT:
+        if (available >= 2 * sizeof(uint32_t)) {
+            init_unique = header->unique;
+            kernel_offers_killpriv_v2 =
+                (((const struct fuse_init_in *)argument)->flags & FUSE_HANDLE_KILLPRIV_V2) != 0;
+        }
+        break;
+    }
+    return 0;
+}
+
+static ssize_t killpriv_read(int fd, void *buffer, size_t size, void *userdata) {
+    (void)userdata;
+    ssize_t got = read(fd, buffer, size);
+    if (got < (ssize_t)sizeof(struct fuse_in_header)) return got;
+    uint64_t ino = kill_requested(buffer, (size_t)got);
+    if (ino != 0) {
+        PyGILState_STATE gil = PyGILState_Ensure();
+        if (kill_privileges_handler != NULL) {
+            PyObject *result = PyObject_CallFunction(kill_privileges_handler, "K",
+                                                     (unsigned long long)ino);
+            /* Logged by the handler's caller's rules: a failure here fails nothing else. */
+            if (result == NULL) PyErr_WriteUnraisable(kill_privileges_handler);
+            Py_XDECREF(result);
+        }
+        PyGILState_Release(gil);
+    }
+    return got;
+}
+
+static ssize_t killpriv_writev(int fd, struct iovec *iov, int count, void *userdata) {
+    (void)userdata;
+    if (init_unique != 0 && count >= 2 && iov[0].iov_len >= sizeof(struct fuse_out_header) &&
+        ((struct fuse_out_header *)iov[0].iov_base)->unique == init_unique) {
+        struct fuse_out_header *header = iov[0].iov_base;
+        if (header->error == 0 && kernel_offers_killpriv_v2 && kill_privileges_handler != NULL &&
+            iov[1].iov_len >= 3 * sizeof(uint32_t))
+            ((struct fuse_init_out *)iov[1].iov_base)->flags |= FUSE_HANDLE_KILLPRIV_V2;
+        init_unique = 0;
+    }
+    return writev(fd, iov, count);
+}
+
+static const struct fuse_custom_io killpriv_io = {
+    .writev = killpriv_writev,
+    .read = killpriv_read,
+};
+
 /* -- the hooks ---------------------------------------------------------------------------- */
 
 /* libfuse >= 3.17 passes the version a program was built against; only handed on here. */
@@ -730,6 +824,8 @@ typedef struct fuse_session *(*session_new_versioned_fn)(struct fuse_args *,
                                                           size_t, struct libfuse_version *,
                                                           void *);
 typedef void (*session_end_fn)(struct fuse_session *);
+typedef int (*session_mount_fn)(struct fuse_session *, const char *);
+typedef int (*session_custom_io_fn)(struct fuse_session *, const struct fuse_custom_io *, int);
 
 /* libfuse's own functions, found by find_libfuse() when the module is loaded. */
 static struct {
@@ -738,6 +834,8 @@ static struct {
     session_new_versioned_fn session_new_versioned; /* fuse_session_new_versioned@FUSE_3.17 */
     session_end_fn session_unmount;
     session_end_fn session_destroy;
+    session_mount_fn session_mount;
+    session_custom_io_fn session_custom_io; /* NULL before libfuse 3.12: no killpriv here */
 } libfuse;
 
 /*
@@ -766,13 +864,17 @@ static int find_libfuse(void) {
             (session_end_fn)dlvsym(handle, "fuse_session_unmount", "FUSE_3.0");
         libfuse.session_destroy =
             (session_end_fn)dlvsym(handle, "fuse_session_destroy", "FUSE_3.0");
+        libfuse.session_mount =
+            (session_mount_fn)dlvsym(handle, "fuse_session_mount", "FUSE_3.0");
+        libfuse.session_custom_io = (session_custom_io_fn)dlsym(handle, "fuse_session_custom_io");
         /* The handle stays open: the functions are used as long as the process lives. */
         if ((libfuse.session_new == NULL && libfuse.session_new_versioned == NULL) ||
-            libfuse.session_unmount == NULL || libfuse.session_destroy == NULL) {
+            libfuse.session_unmount == NULL || libfuse.session_destroy == NULL ||
+            libfuse.session_mount == NULL) {
             PyErr_Format(PyExc_ImportError,
                          "volfs.daemon._bridge: %s lacks fuse_session_new@FUSE_3.0 or "
-                         "fuse_session_new_versioned@FUSE_3.17, fuse_session_unmount or "
-                         "fuse_session_destroy",
+                         "fuse_session_new_versioned@FUSE_3.17, fuse_session_mount, "
+                         "fuse_session_unmount or fuse_session_destroy",
                          sonames[i]);
             return -1;
         }
@@ -837,6 +939,16 @@ struct fuse_session *fuse_session_new_versioned(struct fuse_args *args,
     return begin_session(se);
 }
 
+int fuse_session_mount(struct fuse_session *se, const char *mountpoint) {
+    int rc = libfuse.session_mount(se, mountpoint);
+    /* From now on /dev/fuse is read and written through the killpriv functions. */
+    if (rc == 0 && libfuse.session_custom_io != NULL &&
+        libfuse.session_custom_io(se, &killpriv_io, fuse_session_fd(se)) != 0)
+        bridge_log(LOG_LEVEL_WARNING, "cannot read /dev/fuse through the bridge: each write "
+                                      "will cost the kernel a security.capability lookup");
+    return rc;
+}
+
 void fuse_session_unmount(struct fuse_session *se) {
     /* Ended before the unmount closes the device: a reply could otherwise reach a reused fd. */
     end_session(se);
@@ -862,15 +974,17 @@ static int replace_handler(PyObject **slot, PyObject *handler) {
 
 static PyObject *bridge_set_handlers(PyObject *module, PyObject *args, PyObject *kwargs) {
     (void)module;
-    static char *keywords[] = {"ioctl", "fallocate", "lseek", "failure", NULL};
-    PyObject *ioctl = Py_None, *fallocate = Py_None, *lseek = Py_None, *failure = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$OOOO", keywords, &ioctl, &fallocate,
-                                     &lseek, &failure))
+    static char *keywords[] = {"ioctl", "fallocate", "lseek", "failure", "kill_privileges", NULL};
+    PyObject *ioctl = Py_None, *fallocate = Py_None, *lseek = Py_None, *failure = Py_None,
+             *kill_privileges = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$OOOOO", keywords, &ioctl, &fallocate,
+                                     &lseek, &failure, &kill_privileges))
         return NULL;
     if (replace_handler(&ioctl_handler, ioctl) < 0 ||
         replace_handler(&fallocate_handler, fallocate) < 0 ||
         replace_handler(&lseek_handler, lseek) < 0 ||
-        replace_handler(&failure_handler, failure) < 0)
+        replace_handler(&failure_handler, failure) < 0 ||
+        replace_handler(&kill_privileges_handler, kill_privileges) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -886,6 +1000,7 @@ static PyObject *bridge_close(PyObject *module, PyObject *unused) {
     Py_CLEAR(fallocate_handler);
     Py_CLEAR(lseek_handler);
     Py_CLEAR(failure_handler);
+    Py_CLEAR(kill_privileges_handler);
     Py_RETURN_NONE;
 }
 

@@ -42,6 +42,22 @@ CACHE_TIMEOUT = 1.0
 _R = TypeVar("_R")
 
 
+#: The capability that lets a writer keep a file's setuid and setgid (linux/capability.h).
+CAP_FSETID = 4
+
+
+def _has_cap_fsetid(pid: int) -> bool:
+    """Whether process ``pid`` has CAP_FSETID in effect; False if that cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_FSETID & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 class VolfsOperations(pyfuse3.Operations):
     """pyfuse3 handlers for one mount."""
 
@@ -374,6 +390,10 @@ class VolfsOperations(pyfuse3.Operations):
         with answering(request, "fallocate(fh=%d, mode=%#x)", fh, mode):
             node = self._files[fh].inode
             await self._truncations.wait(node.ino)
+            # The kernel asks for no removal on fallocate (it does on writes): done here, as
+            # the kernel's file_modified() would.
+            if node.mode & (stat.S_ISUID | stat.S_ISGID) and not _has_cap_fsetid(request.pid):
+                self.kill_privileges(node.ino)
             try:
                 self.namespace.fallocate(node, mode, offset, length)
             except CapacityError:
@@ -384,6 +404,21 @@ class VolfsOperations(pyfuse3.Operations):
                     lambda: self.namespace.fallocate(node, mode, offset, length),
                 )
             request.reply_ok()
+
+    def kill_privileges(self, ino: int) -> None:
+        """Remove setuid, setgid and security.capability as the kernel asks before a write, a
+        truncation or a chown (FUSE_HANDLE_KILLPRIV_V2); called by the bridge before the
+        request that asks is processed, on the thread serving requests.
+
+        The kernel keeps the mode it had cached, so its attributes are invalidated when
+        something was removed.
+        """
+        try:
+            if self.namespace.kill_privileges(self.namespace.get(ino)):
+                bridge.invalidate_range(ino, -1, 0)  # attributes only
+        except Exception:
+            # The request itself goes on; only the removal is lost, and logged.
+            log.exception("cannot remove the privileges of inode %d", ino)
 
     def lseek(self, request: bridge.Request, ino: int, fh: int, offset: int, whence: int) -> None:
         """Answer SEEK_DATA and SEEK_HOLE; the kernel handles the other kinds of lseek."""

@@ -89,6 +89,7 @@ class Session:
             fallocate=operations.fallocate,
             lseek=operations.lseek,
             failure=_log_unserved_request,
+            kill_privileges=operations.kill_privileges,
         )
         self.mounted = True
 
