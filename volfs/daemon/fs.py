@@ -35,9 +35,11 @@ from volfs.daemon.replies import answering, fuse_errors
 
 log = logging.getLogger(__name__)
 
-#: Seconds the kernel may trust names and attributes without asking again. Every change goes
-#: through this kernel, which updates its own caches, so only a short bound is kept for safety.
-CACHE_TIMEOUT = 1.0
+#: Seconds the kernel may trust names (present or absent) and attributes without asking
+#: again. Every change goes through this kernel, which updates its own caches, and what the
+#: daemon changes itself it invalidates (purged pages and st_blocks, removed privileges): the
+#: bound only limits how long a missed invalidation could show.
+CACHE_TIMEOUT = 3600.0
 
 _R = TypeVar("_R")
 
@@ -137,7 +139,17 @@ class VolfsOperations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return self._attributes(self.namespace.lookup(parent_inode, name))
+        try:
+            return self._attributes(self.namespace.lookup(parent_inode, name))
+        except OSError as error:
+            if error.errno != errno.ENOENT:
+                raise
+        # A name that does not exist: the kernel remembers that too (st_ino 0), until the
+        # name is made, which it sees, or the timeout ends.
+        absent = pyfuse3.EntryAttributes()
+        absent.st_ino = 0
+        absent.entry_timeout = CACHE_TIMEOUT
+        return absent
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # FORGET has no reply, so nothing may escape from here.
@@ -291,9 +303,6 @@ class VolfsOperations(pyfuse3.Operations):
         except Exception:
             log.exception("write(fh=%d, off=%d, len=%d) failed; answering EIO", fh, off, len(buf))
             raise pyfuse3.FUSEError(errno.EIO) from None
-
-    async def flush(self, fh: int) -> None:
-        pass  # nothing is buffered: data is in the store once WRITE is answered
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         pass
