@@ -51,34 +51,34 @@ def random_page(rng: random.Random) -> int:
     return rng.randrange(FILE_SIZE // PAGE) * PAGE
 
 
-def job_randwrite(mountpoint: Path, ops: int, rng: random.Random) -> None:
+def job_randwrite(mountpoint: Path, ops: int, rng: random.Random, trace: Trace) -> None:
     fd = prepare_file(mountpoint)
     block = os.urandom(PAGE)
-    mark = _mark()
+    trace.start()
     for _ in range(ops):
         os.pwrite(fd, block, random_page(rng))
-    mark.end()
+    trace.stop()
     os.close(fd)
 
 
-def job_randread(mountpoint: Path, ops: int, rng: random.Random) -> None:
+def job_randread(mountpoint: Path, ops: int, rng: random.Random, trace: Trace) -> None:
     fd = prepare_file(mountpoint)
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     # Random reads: the kernel's readahead would otherwise fetch neighbours.
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-    mark = _mark()
+    trace.start()
     for _ in range(ops):
         os.pread(fd, PAGE, random_page(rng))
-    mark.end()
+    trace.stop()
     os.close(fd)
 
 
-def job_mmap(mountpoint: Path, ops: int, rng: random.Random) -> None:
+def job_mmap(mountpoint: Path, ops: int, rng: random.Random, trace: Trace) -> None:
     fd = prepare_file(mountpoint)
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     with mmap.mmap(fd, FILE_SIZE) as mapping:
         mapping.madvise(mmap.MADV_RANDOM)
-        mark = _mark()
+        trace.start()
         for index in range(ops):
             offset = random_page(rng)
             if index % 2:
@@ -86,21 +86,21 @@ def job_mmap(mountpoint: Path, ops: int, rng: random.Random) -> None:
             else:
                 _ = mapping[offset : offset + 8]
         mapping.flush()
-        mark.end()
+        trace.stop()
     os.close(fd)
 
 
-def job_metadata(mountpoint: Path, ops: int, _rng: random.Random) -> None:
+def job_metadata(mountpoint: Path, ops: int, _rng: random.Random, trace: Trace) -> None:
     paths = [mountpoint / f"meta-{i}" for i in range(ops)]
-    mark = _mark()
+    trace.start()
     for path in paths:
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
         os.stat(path)
         os.unlink(path)
-    mark.end()
+    trace.stop()
 
 
-JOBS: dict[str, Callable[[Path, int, random.Random], None]] = {
+JOBS: dict[str, Callable[[Path, int, random.Random, Trace], None]] = {
     "randwrite": job_randwrite,
     "randread": job_randread,
     "mmap": job_mmap,
@@ -108,37 +108,28 @@ JOBS: dict[str, Callable[[Path, int, random.Random], None]] = {
 }
 
 
-class _Span:
-    """Where in the daemon's trace a job's operations begin and end."""
+class Trace:
+    """The daemon's trace (its log), and where in it the measured operations begin and end."""
 
-    log: Path
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self.begin = self.end = 0
 
-    def __init__(self) -> None:
-        self.start = self.log.stat().st_size
-        self.stop = self.start
+    def start(self) -> None:
+        self.begin = self.log.stat().st_size
 
-    def end(self) -> None:
-        # The trace is written as requests are answered; the last answer is in once the
-        # operations returned, but stdio may still hold it.
+    def stop(self) -> None:
+        # The last request is answered once the operations returned, but its trace line may
+        # still be in the daemon's stdio buffer.
         time.sleep(0.5)
-        self.stop = self.log.stat().st_size
+        self.end = self.log.stat().st_size
 
-
-_spans: list[_Span] = []
-
-
-def _mark() -> _Span:
-    span = _Span()
-    _spans.append(span)
-    return span
-
-
-def count(log: Path, span: _Span) -> collections.Counter[str]:
-    """The requests of each kind the trace shows within ``span``."""
-    with open(log, "rb") as trace:
-        trace.seek(span.start)
-        text = trace.read(span.stop - span.start)
-    return collections.Counter(match.decode() for match in _REQUEST.findall(text))
+    def requests(self) -> collections.Counter[str]:
+        """The requests of each kind the trace shows between start and stop."""
+        with open(self.log, "rb") as trace:
+            trace.seek(self.begin)
+            text = trace.read(self.end - self.begin)
+        return collections.Counter(match.decode() for match in _REQUEST.findall(text))
 
 
 def daemon_command(target: str, mountpoint: Path) -> list[str]:
@@ -148,29 +139,29 @@ def daemon_command(target: str, mountpoint: Path) -> list[str]:
     return [sys.executable, str(CEILING_SCRIPT), str(mountpoint), "--debug"]
 
 
+def measure(job: str, ops: int, workdir: Path, target: str = "volfs") -> collections.Counter[str]:
+    """Mount ``target`` with its trace in ``workdir``, run ``ops`` of ``job`` and return the
+    requests they cost, by kind."""
+    mountpoint = workdir / job
+    mountpoint.mkdir()
+    trace = Trace(workdir / f"{job}.log")
+    with volfs_mounts.mounted(
+        daemon_command(target, mountpoint), mountpoint, trace.log, name=target, fstype=None
+    ):
+        JOBS[job](mountpoint, ops, random.Random(1), trace)
+    return trace.requests()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", choices=("volfs", "ceiling"), default="volfs")
     parser.add_argument("--ops", type=int, default=2000, help="operations per job")
     parser.add_argument("--jobs", default=",".join(JOBS), help="comma-separated jobs")
     arguments = parser.parse_args(argv)
-    rng = random.Random(1)
     rows = []
     with tempfile.TemporaryDirectory(prefix="count-requests-") as workdir:
         for job in arguments.jobs.split(","):
-            mountpoint = Path(workdir) / job
-            mountpoint.mkdir()
-            log = Path(workdir) / f"{job}.log"
-            _Span.log = log
-            with volfs_mounts.mounted(
-                daemon_command(arguments.target, mountpoint),
-                mountpoint,
-                log,
-                name=arguments.target,
-                fstype=None,
-            ):
-                JOBS[job](mountpoint, arguments.ops, rng)
-                requests = count(log, _spans[-1])
+            requests = measure(job, arguments.ops, Path(workdir), arguments.target)
             total = sum(requests.values())
             breakdown = ", ".join(
                 f"{name} {number / arguments.ops:.2f}" for name, number in requests.most_common()
