@@ -9,6 +9,8 @@ from pathlib import Path
 import count_requests
 import pytest
 
+from tests.conftest import Mount, wait_for
+
 OPERATIONS = 50
 
 
@@ -51,3 +53,12 @@ def test_absent_names_are_cached_and_made_names_seen(mnt: Path) -> None:
     assert gone.value.errno == errno.ENOENT
     os.mkdir(missing)
     assert os.path.isdir(missing)
+
+
+@pytest.mark.root
+def test_a_mount_reads_ahead_a_mebibyte(volfs: Mount) -> None:
+    """Sequential reads come in 1 MiB requests: the daemon sets its backing device's readahead
+    once the kernel has settled it at INIT (128 KiB)."""
+    device = volfs.path.stat().st_dev
+    setting = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+    wait_for(lambda: setting.read_text() == "1024\n", 10, "the readahead")

@@ -48,7 +48,7 @@ from volfs.daemon.options import (
     parse_mount_options,
 )
 from volfs.daemon.pressure import watch_pressure
-from volfs.daemon.session import Session, invalidate
+from volfs.daemon.session import Session, invalidate, raise_readahead
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +199,7 @@ async def run_mount(
             session.mount(operations, mountpoint, set(options.fuse_options))
         except RuntimeError as error:
             raise MountError(f"cannot mount on {mountpoint}: {error}") from None
+        nursery.start_soon(raise_readahead, mountpoint, name="readahead")
         log.info("mounted on %s (size cap %d bytes)", mountpoint, store.capacity_bytes)
         on_ready()
         try:
