@@ -358,6 +358,12 @@ static void bridge_init(void *userdata, struct fuse_conn_info *conn) {
     if (conn->capable & FUSE_CAP_IOCTL_DIR) conn->want |= FUSE_CAP_IOCTL_DIR;
     /* Requests read by splicing would bypass killpriv_read. */
     conn->want &= ~FUSE_CAP_SPLICE_READ;
+    /* The kernel's cached pages change only through the kernel, or by purges, which drop
+     * them explicitly: an mtime change seen in an attribute reply need not drop them all. */
+    if (conn->capable & FUSE_CAP_EXPLICIT_INVAL_DATA) {
+        conn->want &= ~FUSE_CAP_AUTO_INVAL_DATA;
+        conn->want |= FUSE_CAP_EXPLICIT_INVAL_DATA;
+    }
 }
 
 /* A Request for req with the caller's credentials, or NULL (req answered ENOMEM). */
