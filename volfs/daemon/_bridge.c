@@ -38,6 +38,7 @@
 #include <linux/fuse.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -763,7 +764,7 @@ static uint64_t kill_requested(const char *buffer, size_t size) {
             return header->nodeid;
         break;
     case FUSE_INIT:
-        if (available >= 2 * sizeof(uint32_t)) {
+        if (available >= offsetof(struct fuse_init_in, flags) + sizeof(uint32_t)) {
             init_unique = header->unique;
             kernel_offers_killpriv_v2 =
                 (((const struct fuse_init_in *)argument)->flags & FUSE_HANDLE_KILLPRIV_V2) != 0;
@@ -798,7 +799,7 @@ static ssize_t killpriv_writev(int fd, struct iovec *iov, int count, void *userd
         ((struct fuse_out_header *)iov[0].iov_base)->unique == init_unique) {
         struct fuse_out_header *header = iov[0].iov_base;
         if (header->error == 0 && kernel_offers_killpriv_v2 && kill_privileges_handler != NULL &&
-            iov[1].iov_len >= 3 * sizeof(uint32_t))
+            iov[1].iov_len >= offsetof(struct fuse_init_out, flags) + sizeof(uint32_t))
             ((struct fuse_init_out *)iov[1].iov_base)->flags |= FUSE_HANDLE_KILLPRIV_V2;
         init_unique = 0;
     }
