@@ -1,14 +1,19 @@
-"""I/O benchmark for volfs against the pyfuse3 ceiling and tmpfs.
+"""I/O benchmark for volfs against the pyfuse3 ceiling, a C libfuse reference and tmpfs.
 
 Mounts each target in its own temporary directory, runs the same jobs on it and prints one row
-per job with the value for every target and the ratios volfs/ceiling and volfs/tmpfs.
+per job with the value for every target and the ratios volfs/ceiling, volfs/c-ref and
+volfs/tmpfs.
 
 Targets:
   volfs    ``<python> -m volfs -f -o size=4G MOUNTPOINT`` (the filesystem under test)
   ceiling  ``<python> scripts/ceiling_fs.py MOUNTPOINT``: the thinnest pyfuse3 in-memory
            filesystem with the same FUSE settings as volfs, i.e. the best any pyfuse3 daemon
            can do on this machine
-  ceiling-noxattr  the same without extended attributes (not run by default): the kernel then
+  c-ref    ``ref_memfs MOUNTPOINT``: scripts/ref_memfs.c, the thinnest multi-threaded C libfuse
+           in-memory filesystem with the same FUSE settings as the ceiling, i.e. the fastest a
+           C libfuse daemon does these jobs on this machine; compiled at the start of the run
+           into the work directory with ``$CC`` (default ``cc``) and ``pkg-config fuse3``
+  ceiling-noxattr  ceiling without extended attributes (not run by default): the kernel then
            skips the GETXATTR(security.capability) it sends before every write(2) to a
            filesystem with xattrs, which shows what xattr support costs small writes
   tmpfs    ``mount -t tmpfs -o size=4G tmpfs MOUNTPOINT`` (the in-kernel reference)
@@ -26,11 +31,13 @@ seqwrite writes a new file; the other fio jobs reuse it (laid out first if seqwr
 selected). Results are the median of ``--repeat`` runs, each on a fresh mount, the targets
 taking turns (reversed every other repeat); a ratio is the median of the repeats' ratios.
 
-Needs root (tmpfs mount, drop_caches), fio and fusermount3.
+Needs root (tmpfs mount, drop_caches), fio and fusermount3; c-ref also a C compiler, pkg-config
+and the libfuse 3 headers (Debian: gcc, pkg-config, libfuse3-dev).
 
 Usage:
   python scripts/bench_io.py                                    # all targets, full run
   python scripts/bench_io.py --targets ceiling,tmpfs --quick    # smoke test
+  python scripts/bench_io.py --targets volfs,c-ref --jobs randwrite,metadata  # against C
   python scripts/bench_io.py --repeat 3 --runtime 20 --size 2G  # median of 3 runs
   python scripts/bench_io.py --jobs seqwrite,metadata --json > result.json
 """
@@ -42,6 +49,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -63,10 +71,24 @@ from volfs.sizes import size_argument  # noqa: E402
 log = logging.getLogger("bench_io")
 
 CEILING_SCRIPT = Path(__file__).resolve().parent / "ceiling_fs.py"
+REF_SOURCE = Path(__file__).resolve().parent / "ref_memfs.c"
+#: The name of the compiled c-ref daemon in the work directory.
+REF_BINARY = "ref_memfs"
+#: c-ref is compiled with ``$CC REF_CFLAGS -o BINARY SOURCE $(pkg-config --cflags --libs fuse3)
+#: REF_LIBS``, ``$CC`` being ``cc`` unless set.
+REF_CFLAGS = ("-O2", "-Wall", "-Wextra")
+REF_LIBS = ("-lpthread",)
 
-TARGETS = ("volfs", "ceiling", "tmpfs", "ceiling-noxattr")
-DEFAULT_TARGETS = ("volfs", "ceiling", "tmpfs")
-FUSE_TARGETS = ("volfs", "ceiling", "ceiling-noxattr")
+TARGETS = ("volfs", "ceiling", "c-ref", "tmpfs", "ceiling-noxattr")
+DEFAULT_TARGETS = ("volfs", "ceiling", "c-ref", "tmpfs")
+FUSE_TARGETS = ("volfs", "ceiling", "c-ref", "ceiling-noxattr")
+#: The type /proc/self/mounts shows for each FUSE target.
+FUSE_TYPES = {
+    "volfs": "fuse.volfs",
+    "ceiling": "fuse.ceiling",
+    "c-ref": "fuse.ref_memfs",
+    "ceiling-noxattr": "fuse.ceiling",
+}
 MIB = 1 << 20
 #: Figures this large are shown without decimals, which would only be noise.
 WHOLE_FIGURES_FROM = 100
@@ -161,9 +183,72 @@ def drop_caches() -> None:
 # -- mounting ----------------------------------------------------------------------------------
 
 
+def compiler() -> list[str]:
+    """The C compiler's command: ``$CC`` if set, else ``cc``."""
+    return shlex.split(os.environ.get("CC", "").strip() or "cc")
+
+
+def check_ref_toolchain() -> None:
+    """Raise BenchError unless c-ref can be compiled here."""
+    if not REF_SOURCE.is_file():
+        raise BenchError(f"{REF_SOURCE} not found")
+    missing = [tool for tool in (compiler()[0], "pkg-config") if not shutil.which(tool)]
+    if missing:
+        raise BenchError(
+            f"c-ref needs a C compiler and pkg-config; missing: {', '.join(missing)} "
+            "(Debian: apt-get install gcc pkg-config libfuse3-dev)"
+        )
+    result = subprocess.run(
+        ["pkg-config", "--exists", "fuse3"], check=False, stdin=subprocess.DEVNULL
+    )
+    if result.returncode != 0:
+        raise BenchError(
+            "c-ref needs the libfuse 3 headers, which pkg-config does not find as fuse3 "
+            "(Debian: apt-get install libfuse3-dev)"
+        )
+
+
+def build_ref(workdir: Path) -> Path:
+    """Compile scripts/ref_memfs.c into *workdir*; return the program's path."""
+    flags = subprocess.run(
+        ["pkg-config", "--cflags", "--libs", "fuse3"],
+        check=False,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+    )
+    if flags.returncode != 0:
+        raise BenchError(f"pkg-config --cflags --libs fuse3 failed:\n{flags.stderr.strip()}")
+    binary = workdir / REF_BINARY
+    cmd = [
+        *compiler(),
+        *REF_CFLAGS,
+        "-o",
+        str(binary),
+        str(REF_SOURCE),
+        *flags.stdout.split(),
+        *REF_LIBS,
+    ]
+    log.info("compiling %s", REF_SOURCE.name)
+    log.debug("running %s", " ".join(cmd))
+    result = subprocess.run(
+        cmd, check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise BenchError(
+            f"compiling {REF_SOURCE} failed (status {result.returncode}):\n"
+            f"{' '.join(cmd)}\n{result.stderr.strip()}"
+        )
+    if result.stderr.strip():
+        log.warning("compiling %s:\n%s", REF_SOURCE.name, result.stderr.strip())
+    return binary
+
+
 def daemon_command(target: str, settings: Settings, mountpoint: Path) -> list[str]:
     if target == "volfs":
         return volfs_mounts.volfs_command(mountpoint, f"size={settings.fs_size}", settings.python)
+    if target == "c-ref":
+        return [str(settings.workdir / REF_BINARY), str(mountpoint)]
     extra = ["--no-xattr"] if target == "ceiling-noxattr" else []
     return [settings.python, str(CEILING_SCRIPT), str(mountpoint), *extra]
 
@@ -182,7 +267,7 @@ def mounted(target: str, settings: Settings) -> Iterator[Path]:
                     mountpoint,
                     settings.workdir / f"{mountpoint.name}.log",
                     name=target,
-                    fstype="fuse.volfs" if target == "volfs" else "fuse.ceiling",
+                    fstype=FUSE_TYPES[target],
                     timeout=settings.mount_timeout,
                 )
             )
@@ -340,7 +425,7 @@ def paired_ratio(runs: dict[str, list[float]], num: str, den: str) -> float | No
 def ratio_columns(targets: Sequence[str]) -> list[tuple[str, str]]:
     return [
         ("volfs", other)
-        for other in ("ceiling", "tmpfs")
+        for other in ("ceiling", "c-ref", "tmpfs")
         if "volfs" in targets and other in targets
     ]
 
@@ -469,8 +554,10 @@ def preflight(targets: Sequence[str], jobs: Sequence[str]) -> None:
         raise BenchError(f"missing tools: {', '.join(missing)}")
     if os.geteuid() != 0 and ("tmpfs" in targets or {"seqread", "randread"} & set(jobs)):
         raise BenchError("must run as root (tmpfs mount and drop_caches)")
-    if "ceiling" in targets and not CEILING_SCRIPT.is_file():
+    if {"ceiling", "ceiling-noxattr"} & set(targets) and not CEILING_SCRIPT.is_file():
         raise BenchError(f"{CEILING_SCRIPT} not found")
+    if "c-ref" in targets:
+        check_ref_toolchain()
 
 
 def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, dict[str, list[float]]]:
@@ -483,6 +570,8 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict[str, dict[str, li
         mount_timeout=args.mount_timeout,
         workdir=workdir,
     )
+    if "c-ref" in args.targets:
+        build_ref(workdir)
     runs: dict[str, dict[str, list[float]]] = {job: {} for job in args.jobs}
     for rep in range(args.repeat):
         # Every other repeat in reverse order, so that no target always runs first or last.
