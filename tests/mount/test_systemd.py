@@ -444,19 +444,8 @@ CANNOT_TAKE = {
     "DeviceAllow=": "/dev/fuse (and ProtectClock='s char-rtc r)",
     **{
         f"{name}=": "a mount namespace would hide the mount"
-        for name in (
-            "PrivateDevices",
-            "PrivateTmp",
-            "PrivateMounts",
-            "ProtectSystem",
-            "ProtectHome",
-            "ProtectKernelTunables",
-            "ProtectKernelModules",
-            "ProtectKernelLogs",
-            "ProtectControlGroups",
-            "ProtectProc",
-            "ProcSubset",
-        )
+        for name in MOUNT_NAMESPACE_SETTINGS
+        if name != "PrivateNetwork"
     },
     "RootDirectory=/RootImage=": "a mount namespace would hide the mount",
 }
