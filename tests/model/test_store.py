@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 import trio
 
-from volfs.core.store import PAGE_SIZE, Arena, FileContents, Store
+from volfs.core.store import PAGE_SIZE, Arena, FileContents, Store, coalesced
 
 
 def check_all(store: Store, files: list[FileContents]) -> None:
@@ -159,6 +159,32 @@ def test_freed_pages_come_back_zeroed() -> None:
     other.write(7 * PAGE_SIZE - 1, b"y")
     assert bytes(contents.read(0, 8 * PAGE_SIZE)) == b"\xff" * 10 + bytes(8 * PAGE_SIZE - 10)
     assert bytes(other.read(1, 7 * PAGE_SIZE - 2)) == bytes(7 * PAGE_SIZE - 2)
+
+
+def test_runs_that_touch_are_punched_as_one() -> None:
+    assert coalesced([]) == []
+    assert coalesced([(0, 4), (4, 2), (8, 1), (9, 3), (5, 1), (20, 1)]) == [
+        (0, 6),
+        (8, 4),
+        (5, 1),
+        (20, 1),
+    ]
+
+
+def test_pages_released_range_by_range_come_back_zeroed_in_one_punch() -> None:
+    arena = Arena(64)
+    contents = FileContents(arena)
+    contents.write(0, b"\xff" * 64 * PAGE_SIZE)
+    arena.on_release = lambda: None  # held back, as the reclaimer does, then punched at once
+    for first in range(0, 64, 4):
+        contents.release_pages(first, first + 4)
+    runs = arena.take_dirty()
+    assert len(runs) == 16 and coalesced(runs) == [(0, 64)]
+    arena.punch(runs)
+    arena.give_back(runs)
+    arena._check()
+    assert arena.free_pages == 64 and arena.punching_pages == 0
+    assert bytes(arena.view) == bytes(64 * PAGE_SIZE)
 
 
 def test_background_reclaim_returns_pages_and_write_waits_for_them() -> None:

@@ -56,6 +56,23 @@ _ZEROS_PAGES = 256
 _ZEROS = memoryview(bytes(_ZEROS_PAGES << PAGE_SHIFT))
 
 
+def coalesced(runs: list[Run]) -> list[Run]:
+    """``runs`` with each run that starts where the one before it ends merged into it.
+
+    A purge releases a file's ranges one after another, so what it hands over is mostly one run
+    of the arena per file, in pieces. Punched as one, the run costs one system call, one unmap
+    from the daemon's mapping and one flush of the other CPUs' TLBs instead of one a range:
+    1 GiB purged in 1 MiB ranges is back with the system about 0.05 s sooner (issue 16).
+    """
+    merged: list[Run] = []
+    for start, count in runs:
+        if merged and merged[-1][0] + merged[-1][1] == start:
+            merged[-1] = (merged[-1][0], merged[-1][1] + count)
+        else:
+            merged.append((start, count))
+    return merged
+
+
 class CapacityError(OSError):
     """ENOSPC: the size cap has no room for the pages asked for; purging may make some."""
 
@@ -227,7 +244,7 @@ class Arena:
         that free pages still read as zeros; their memory then stays with the daemon (logged).
         """
         refused = 0
-        for start, count in runs:
+        for start, count in coalesced(runs):
             if (
                 _libc.fallocate(
                     self._fd,
