@@ -5,7 +5,7 @@ Mounts a volfs whose pressure source is a FIFO this script owns, fills a file wi
 or systemd's memory-pressure socket does — and polls the daemon's RSS until the data's memory
 is gone. It reports that time and the throughput, then does the same through VOLFS_IOC_PURGE.
 
-The same run measures the kernel primitive volfs is held to (issue 16: within 1.2 times it): a
+The same run measures the kernel primitive a purge is compared with, a
 file of ``--size`` on a kernel tmpfs (mounted in a temporary directory with room for twice
 that, root only, unmounted afterwards), filled the same way, then punched whole with
 fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE), timed until Shmem in /proc/meminfo has
