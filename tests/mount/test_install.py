@@ -21,6 +21,7 @@ import pytest
 from tests.conftest import REPO_ROOT, force_unmount, is_mounted
 from volfs import __version__
 from volfs.abi import VOLFS_IOC_VRANGE_STATUS
+from volfs.daemon.logs import escaped_mountpoint
 
 pytestmark = pytest.mark.root
 
@@ -204,7 +205,7 @@ def test_a_user_mounts_writes_marks_purges_and_unmounts_a_volfs_of_its_own(
         log = (
             Path(created_user.pw_dir)
             / ".local/state/volfs"
-            / (created_user.pw_dir.strip("/").replace("-", "\\x2d").replace("/", "-") + "-mnt.log")
+            / f"{escaped_mountpoint(created_user.pw_dir + '/mnt')}.log"
         )
         assert "purge (ioctl): 1 ranges, 65536 bytes freed" in log.read_text()
         assert log.stat().st_uid == created_user.pw_uid

@@ -150,7 +150,9 @@ def parse_native(datagram: bytes) -> dict[str, str]:
     return fields
 
 
-@pytest.mark.parametrize("path", ["/mnt/vol", "/", "/srv/my-cache dir", "/.hidden/x", "/é/a.b"])
+@pytest.mark.parametrize(
+    "path", ["/mnt/vol", "/", "/srv/my-cache dir", "/.hidden/x", "/é/a.b", "/srv/a:b"]
+)
 def test_log_files_are_named_as_systemd_escape_names_the_mountpoint(path: str) -> None:
     if shutil.which("systemd-escape") is None:
         pytest.skip("systemd-escape is not installed")

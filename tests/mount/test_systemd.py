@@ -36,6 +36,7 @@ import pytest
 
 from tests.conftest import MOUNT_TIMEOUT, REPO_ROOT, Mount, force_unmount, is_mounted, wait_for
 from volfs.client import SegmentTable, purge, statistics
+from volfs.daemon.logs import escaped_mountpoint
 
 MiB = 1024 * 1024
 SYSTEMD_DIR = REPO_ROOT / "systemd"
@@ -72,20 +73,6 @@ def unit_settings(path: Path) -> dict[str, list[str]]:
     return settings
 
 
-def escape_path(path: Path) -> str:
-    """``systemd-escape --path``: the instance name of a path (``/mnt/vol``: ``mnt-vol``)."""
-    text = "/".join(part for part in str(path).split("/") if part)
-    escaped = ""
-    for i, char in enumerate(text):
-        if char == "/":
-            escaped += "-"
-        elif char.isascii() and (char.isalnum() or char in ":_" or (char == "." and i)):
-            escaped += char
-        else:
-            escaped += "".join(f"\\x{byte:02x}" for byte in char.encode())
-    return escaped or "-"
-
-
 def exec_command(line: str, mountpoint: Path, env: dict[str, str]) -> list[str]:
     """An Exec line of the service as systemd runs it for the instance of ``mountpoint``.
 
@@ -94,7 +81,7 @@ def exec_command(line: str, mountpoint: Path, env: dict[str, str]) -> list[str]:
     ``$NAME`` as a word of its own (split at whitespace) and ``$$`` (a ``$``) from ``env``.
     The installed ``volfs`` is replaced by this checkout's.
     """
-    specifiers = {"f": str(mountpoint), "i": escape_path(mountpoint), "%": "%"}
+    specifiers = {"f": str(mountpoint), "i": escaped_mountpoint(str(mountpoint)), "%": "%"}
     text = re.sub(r"%(.)", lambda match: specifiers[match[1]], line.lstrip(EXEC_PREFIXES))
     argv: list[str] = []
     for word in shlex.split(text):
@@ -279,7 +266,7 @@ class ServiceRun:
     @property
     def runtime_directory(self) -> Path:
         [name] = unit_settings(SERVICE)["RuntimeDirectory"]
-        path = self.tmp_path / "run" / name.replace("%i", escape_path(self.mountpoint))
+        path = self.tmp_path / "run" / name.replace("%i", escaped_mountpoint(str(self.mountpoint)))
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -402,12 +389,12 @@ def test_instance_is_the_escaped_mountpoint() -> None:
             check=True,
         ).stdout.strip()
         assert escaped == "volfs@mnt-vol.service"
-        # The tests' own escaping (for %i) agrees, also where it has to escape.
+        # volfs's escaping (log names, and %i here) agrees, also where it has to escape.
         awkward = "/mnt/my-vol.d/.x y/\u00e9"
         systemds = subprocess.run(
             ["systemd-escape", "--path", awkward], capture_output=True, text=True, check=True
         ).stdout.strip()
-        assert escape_path(Path(awkward)) == systemds
+        assert escaped_mountpoint(awkward) == systemds
 
 
 #: Settings that give the service a mount namespace of its own, where its mount would stay.

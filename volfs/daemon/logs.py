@@ -96,14 +96,14 @@ def _syslog_handler() -> logging.Handler:
 
 def escaped_mountpoint(mountpoint: str) -> str:
     """``/mnt/vol`` as ``mnt-vol``, as ``systemd-escape --path`` writes it: ``/`` becomes ``-``;
-    every other character but letters, digits, ``_`` and ``.`` (not leading) a ``\\xNN``
-    escape of each of its bytes."""
+    every other character but letters, digits, ``:``, ``_`` and ``.`` (not leading) a
+    ``\\xNN`` escape of each of its bytes."""
     path = mountpoint.strip("/")
 
     def escaped(index: int, char: str) -> str:
         if char == "/":
             return "-"
-        if char.isascii() and (char.isalnum() or char == "_" or (char == "." and index)):
+        if char.isascii() and (char.isalnum() or char in ":_" or (char == "." and index)):
             return char
         return "".join(f"\\x{byte:02x}" for byte in char.encode(errors="surrogateescape"))
 
