@@ -67,6 +67,21 @@ def reaper() -> Iterator[list[subprocess.Popen[str]]]:
                 stream.close()
 
 
+def piped(argv: list[str], reaper: list[subprocess.Popen[str]]) -> subprocess.Popen[str]:
+    """Start ``argv`` in the repository with pipes for its stdin, stdout and stderr; the
+    reaper kills it afterwards if it still runs."""
+    process = subprocess.Popen(
+        argv,
+        cwd=REPO_ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    reaper.append(process)
+    return process
+
+
 @pytest.fixture
 def spawn(reaper: list[subprocess.Popen[str]]) -> Spawn:
     """``spawn(ring_programs.send, ring=path, ...)`` runs that program in a process of its own.
@@ -76,22 +91,11 @@ def spawn(reaper: list[subprocess.Popen[str]]) -> Spawn:
     """
 
     def start(program: Callable[..., None], **arguments: object) -> subprocess.Popen[str]:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                ring_programs.__name__,
-                program.__name__,
-                json.dumps(arguments, default=str),
-            ],
-            cwd=REPO_ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        module = ring_programs.__name__
+        return piped(
+            [sys.executable, "-m", module, program.__name__, json.dumps(arguments, default=str)],
+            reaper,
         )
-        reaper.append(process)
-        return process
 
     return start
 
@@ -651,15 +655,7 @@ def test_a_producer_that_died_before_the_consumer_came_is_no_news(mnt: Path, spa
 
 def start_demo(role: str, ring: Path, reaper: list[subprocess.Popen[str]]) -> subprocess.Popen[str]:
     """``ring_demo.py ROLE RING`` with pipes for its stdin, stdout and stderr."""
-    process = subprocess.Popen(
-        [sys.executable, str(DEMO), role, str(ring), "--size", "64K"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    reaper.append(process)
-    return process
+    return piped([sys.executable, str(DEMO), role, str(ring), "--size", "64K"], reaper)
 
 
 def header_word(ring: Path, index: int) -> int:

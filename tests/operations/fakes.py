@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -155,3 +155,13 @@ async def wait_until(condition: Callable[[], bool], deadline: float = DEADLINE) 
     with trio.fail_after(deadline):
         while not condition():
             await trio.sleep(0)
+
+
+def run_core(test: Callable[[Core], Awaitable[None]], capacity_pages: int = 64) -> None:
+    """Run ``test`` on a fresh core of ``capacity_pages`` inside its own event loop."""
+
+    async def main() -> None:
+        async with serving(capacity_pages) as core:
+            await test(core)
+
+    trio.run(main)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import errno
 import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 
 import pytest
 import trio
 import trio.testing
 
-from tests.operations.fakes import DEADLINE, Core, open_file, page, serving, wait_until
+from tests.operations.fakes import DEADLINE, Core, open_file, page, run_core, wait_until
 from volfs.abi import PAGE_SIZE, VRANGE_PARTIAL, VRANGE_VOLATILE, pages_for
 from volfs.core.inode import Inode
 from volfs.core.namespace import Namespace
@@ -24,16 +24,6 @@ from volfs.core.purge import PURGE_BUDGET, PurgeSource
 from volfs.core.reclaim import DROP_BATCH
 
 P = PAGE_SIZE
-
-
-def run(test: Callable[[Core], Awaitable[None]], capacity_pages: int = 64) -> None:
-    """Run ``test`` on a fresh core of ``capacity_pages`` inside its own event loop."""
-
-    async def main() -> None:
-        async with serving(capacity_pages) as core:
-            await test(core)
-
-    trio.run(main)
 
 
 def mark(namespace: Namespace, inode: Inode, first: int, pages: int, flags: int = 0) -> None:
@@ -104,7 +94,7 @@ def test_a_write_over_the_cap_purges_the_oldest_ranges_of_any_file_first() -> No
         )
         assert ns.statistics().purges_size == 1
 
-    run(test)
+    run_core(test)
 
 
 def test_enospc_comes_only_once_no_volatile_data_is_left() -> None:
@@ -128,7 +118,7 @@ def test_enospc_comes_only_once_no_volatile_data_is_left() -> None:
         assert bytes(ns.read(new, 0, 32 * P)) == b"".join(page(i) * 8 for i in range(0, 32, 8))
         assert ns.statistics().purgeable_ranges == 0
 
-    run(test)
+    run_core(test)
 
 
 def test_a_span_larger_than_the_whole_store_fails_without_purging() -> None:
@@ -145,7 +135,7 @@ def test_a_span_larger_than_the_whole_store_fails_without_purging() -> None:
         assert core.cache.batches == []
         assert ns.statistics().purged_bytes == 0
 
-    run(test)
+    run_core(test)
 
 
 def test_a_partial_range_gives_up_only_the_pages_wanted_from_its_end() -> None:
@@ -159,7 +149,7 @@ def test_a_partial_range_gives_up_only_the_pages_wanted_from_its_end() -> None:
         assert readable(ns, cache, 59) == page(59)
         assert ns.volatility.status(cache, 0, 0) == (64 * P, 4 * P)
 
-    run(test)
+    run_core(test)
 
 
 def test_memory_on_its_way_back_is_neither_purged_for_again_nor_reported_as_full() -> None:
@@ -197,7 +187,7 @@ def test_memory_on_its_way_back_is_neither_purged_for_again_nor_reported_as_full
         assert ns.statistics().purged_bytes == 700 * P
         assert lost_pages(ns, cache) == list(range(700))
 
-    run(test, capacity_pages=2048)
+    run_core(test, capacity_pages=2048)
 
 
 # -- purges racing writes -------------------------------------------------------------------
@@ -219,7 +209,7 @@ def test_a_write_into_the_range_purged_to_make_room_for_it_keeps_its_pages() -> 
         # Still volatile, all of it; purged and not rewritten: the other 14 pages.
         assert ns.volatility.status(sparse, 0, 0) == (16 * P, 14 * P)
 
-    run(test)
+    run_core(test)
 
 
 def test_a_write_between_the_budgets_of_a_purge_is_kept_or_reported_lost() -> None:
@@ -257,7 +247,7 @@ def test_a_write_between_the_budgets_of_a_purge_is_kept_or_reported_lost() -> No
         assert contents.count(None) in (wanted, wanted - 1)
         assert ns.statistics().purges_ioctl == 1
 
-    run(test, capacity_pages=256)
+    run_core(test, capacity_pages=256)
 
 
 # -- cache drops ----------------------------------------------------------------------------
@@ -292,7 +282,7 @@ def test_an_inode_is_dropping_until_its_purged_pages_left_the_cache() -> None:
         assert not core.reclaimer.is_dropping(cache.ino)
         await core.reclaimer.dropped(untouched.ino)  # nothing to wait for
 
-    run(test)
+    run_core(test)
 
 
 def test_purged_ranges_leave_the_cache_in_batches_before_a_waiting_purge_returns() -> None:
@@ -317,7 +307,7 @@ def test_purged_ranges_leave_the_cache_in_batches_before_a_waiting_purge_returns
         assert sorted(core.cache.ranges) == sorted(expected)
         assert not any(core.reclaimer.is_dropping(inode.ino) for inode in files)
 
-    run(test, capacity_pages=ranges + 8)
+    run_core(test, capacity_pages=ranges + 8)
 
 
 def test_a_waiting_purge_counts_the_write_back_its_drops_discarded(
@@ -345,7 +335,7 @@ def test_a_waiting_purge_counts_the_write_back_its_drops_discarded(
         await wait_until(lambda: len(core.cache.batches) == 3)
 
     with caplog.at_level(logging.INFO, logger="volfs.core.reclaim"):
-        run(test)
+        run_core(test)
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("purge (")]
     assert logged[0].startswith(f"purge (ioctl): 1 ranges, {7 * P} bytes freed;")
 
@@ -365,7 +355,7 @@ def test_batches_stay_within_the_bound_when_the_order_holds_ended_ranges() -> No
         assert result.ranges == DROP_BATCH + 100
         assert max(len(batch) for batch in core.cache.batches) <= DROP_BATCH
 
-    run(test, capacity_pages=2048)
+    run_core(test, capacity_pages=2048)
 
 
 def test_a_failing_drop_is_logged_and_purging_goes_on(caplog: pytest.LogCaptureFixture) -> None:
@@ -385,7 +375,7 @@ def test_a_failing_drop_is_logged_and_purging_goes_on(caplog: pytest.LogCaptureF
         assert lost_pages(ns, cache) == list(range(8))
 
     with caplog.at_level(logging.ERROR, logger="volfs.core.reclaim"):
-        run(test)
+        run_core(test)
     failures = [r for r in caplog.records if "cannot drop purged pages" in r.getMessage()]
     assert len(failures) == 1
     assert failures[0].exc_info is not None
@@ -417,7 +407,7 @@ def test_purges_are_counted_by_what_asked_for_them() -> None:
         assert statistics.used_bytes == 56 * P
         assert lost_pages(ns, cache) == list(range(32))
 
-    run(test)
+    run_core(test)
 
 
 def test_relieving_pressure_returns_the_bytes_freed_once_they_are_back() -> None:
@@ -436,7 +426,7 @@ def test_relieving_pressure_returns_the_bytes_freed_once_they_are_back() -> None
         assert await core.reclaimer.relieve_pressure(P) == 256 * P
         assert await core.reclaimer.relieve_pressure(P) == 0
 
-    run(test, capacity_pages=1024)
+    run_core(test, capacity_pages=1024)
 
 
 @pytest.mark.parametrize("failure", [RuntimeError("a bug"), MemoryError()])
@@ -460,7 +450,7 @@ def test_relieving_pressure_never_raises(
         assert lost_pages(ns, cache) == list(range(8))
 
     with caplog.at_level(logging.ERROR, logger="volfs.core.reclaim"):
-        run(test)
+        run_core(test)
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
         "purging for memory pressure failed"
     ]

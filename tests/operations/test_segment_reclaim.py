@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Awaitable, Callable
 
 import trio
 
-from tests.operations.fakes import Core, open_file, page, serving, wait_until
+from tests.operations.fakes import Core, open_file, page, run_core, wait_until
 from volfs import _segments
 from volfs.abi import (
     PAGE_SIZE,
@@ -24,14 +23,6 @@ from volfs.core.purge import PurgeSource
 from volfs.core.segments import Segment, SegmentTable
 
 P = PAGE_SIZE
-
-
-def run(test: Callable[[Core], Awaitable[None]], capacity_pages: int = 64) -> None:
-    async def main() -> None:
-        async with serving(capacity_pages) as core:
-            await test(core)
-
-    trio.run(main)
 
 
 class Client:
@@ -78,7 +69,7 @@ def test_a_claimed_segment_is_published_only_after_its_drop() -> None:
         assert bytes(core.namespace.read(inode, 0, 4 * P)) == bytes(4 * P)  # told: zeros
         assert bytes(core.namespace.read(inode, 4 * P, P)) == page(4)
 
-    run(test)
+    run_core(test)
 
 
 def test_a_failed_drop_still_publishes_so_no_pin_waits_for_ever() -> None:
@@ -90,7 +81,7 @@ def test_a_failed_drop_still_publishes_so_no_pin_waits_for_ever() -> None:
         assert client.state(segment) == SEGMENT_PURGED
         assert client.pin(segment) is True
 
-    run(test)
+    run_core(test)
 
 
 def test_a_pinned_segment_is_never_claimed_and_the_last_close_ends_the_table() -> None:
@@ -108,4 +99,4 @@ def test_a_pinned_segment_is_never_claimed_and_the_last_close_ends_the_table() -
         assert client.state(kept) == SEGMENT_STALE
         del gone
 
-    run(test)
+    run_core(test)
