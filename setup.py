@@ -17,6 +17,14 @@ setup(
                 "-Wno-missing-field-initializers",
             ],
         ),
+        # Page maps of regular files, shared by the store (Python) and the bridge's threads.
+        Extension(
+            "volfs.core._pagemap",
+            sources=["volfs/core/_pagemap.c"],
+            depends=["volfs/core/pagemap.h"],
+            include_dirs=["volfs/core"],
+            extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror"],
+        ),
         # Atomic operations on segment tables, built on volfs.h's own functions.
         Extension(
             "volfs._segments",

@@ -131,7 +131,7 @@ def test_sequential_writes_stay_one_run_and_read_without_copy() -> None:
     contents = store.new_file()
     for block in range(64):
         contents.write(block * 8192, bytes([block]) * 8192)
-    assert len(contents._extents) == 1
+    assert len(contents.map) == 1
     assert isinstance(contents.read(8192 * 3, 8192 * 5), memoryview)
     assert store.used_bytes == 64 * 8192
 

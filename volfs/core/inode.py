@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from sortedcontainers import SortedDict
 
 from volfs.abi import PAGE_SHIFT
+from volfs.core._pagemap import PageMap
 from volfs.core.ranges import InodeRanges
 from volfs.core.segments import SegmentTable
-from volfs.core.store import FileContents
+from volfs.core.store import HOLD_SEGMENTS, HOLD_VOLATILE, FileContents
 
 
 class DirectoryEntries:
@@ -84,6 +85,15 @@ class DirectoryEntries:
             serial += 1
 
 
+@dataclass(slots=True)
+class Timestamps:
+    """The timestamps of an inode that is not a regular file, in ns since the epoch."""
+
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+
+
 @dataclass(slots=True, eq=False)
 class Inode:
     """One file, directory, symlink or special file."""
@@ -92,22 +102,18 @@ class Inode:
     mode: int
     uid: int
     gid: int
-    atime_ns: int
-    mtime_ns: int
-    ctime_ns: int
+    #: A regular file's are its page map's, which the bridge's request threads update too.
+    times: Timestamps | PageMap
     nlink: int = 0
     rdev: int = 0
     lookups: int = 0
     opens: int = 0
     #: False once no entry and no handle remain; only the kernel's lookups keep it then.
     alive: bool = True
-    #: Regular files only.
+    #: Regular files only (see :meth:`set_contents`).
     contents: FileContents | None = None
-    #: Regular files with volatile ranges or lost pages only. The last close ends the ranges
-    #: and leaves a set of the lost pages alone, if there are any.
-    vranges: InodeRanges | None = None
-    #: Regular files whose segment table was asked for, until their last close.
-    segments: SegmentTable | None = None
+    _vranges: InodeRanges | None = None
+    _segments: SegmentTable | None = None
     #: Directories only.
     entries: DirectoryEntries | None = None
     #: Directories only: the directory holding this one (itself for the root).
@@ -117,6 +123,64 @@ class Inode:
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     #: Bytes of the attribute names, a NUL each: what listxattr(2) returns.
     xattr_list_bytes: int = 0
+
+    def set_contents(self, contents: FileContents) -> None:
+        """Make this a regular file holding ``contents``, which keep its timestamps from now."""
+        self.contents = contents
+        self.times = contents.map
+
+    @property
+    def vranges(self) -> InodeRanges | None:
+        """Regular files with volatile ranges or lost pages only. The last close ends the
+        ranges and leaves a set of the lost pages alone, if there are any."""
+        return self._vranges
+
+    @vranges.setter
+    def vranges(self, ranges: InodeRanges | None) -> None:
+        self._vranges = ranges
+        self._hold(HOLD_VOLATILE, ranges is not None)
+
+    @property
+    def segments(self) -> SegmentTable | None:
+        """Regular files whose segment table was asked for, until their last close."""
+        return self._segments
+
+    @segments.setter
+    def segments(self, table: SegmentTable | None) -> None:
+        self._segments = table
+        self._hold(HOLD_SEGMENTS, table is not None)
+
+    def _hold(self, bit: int, on: bool) -> None:
+        contents = self.contents
+        if contents is not None and bool(contents.map.holds & bit) != on:
+            contents.map.set_hold(bit, on)
+
+    @property
+    def atime_ns(self) -> int:
+        """Last access."""
+        return self.times.atime_ns
+
+    @atime_ns.setter
+    def atime_ns(self, value: int) -> None:
+        self.times.atime_ns = value
+
+    @property
+    def mtime_ns(self) -> int:
+        """Last modification of the contents."""
+        return self.times.mtime_ns
+
+    @mtime_ns.setter
+    def mtime_ns(self, value: int) -> None:
+        self.times.mtime_ns = value
+
+    @property
+    def ctime_ns(self) -> int:
+        """Last change of the inode."""
+        return self.times.ctime_ns
+
+    @ctime_ns.setter
+    def ctime_ns(self, value: int) -> None:
+        self.times.ctime_ns = value
 
     @property
     def size(self) -> int:
@@ -141,9 +205,10 @@ class Inode:
     def touch(self, *, atime: bool = False, mtime: bool = False, ctime: bool = False) -> None:
         """Set the chosen timestamps to now."""
         now = time.time_ns()
+        times = self.times
         if atime:
-            self.atime_ns = now
+            times.atime_ns = now
         if mtime:
-            self.mtime_ns = now
+            times.mtime_ns = now
         if ctime:
-            self.ctime_ns = now
+            times.ctime_ns = now

@@ -38,7 +38,7 @@ from volfs.abi import (
     pages_for,
     pages_spanned,
 )
-from volfs.core.inode import DirectoryEntries, Inode
+from volfs.core.inode import DirectoryEntries, Inode, Timestamps
 from volfs.core.purge import Purger, PurgeSource
 from volfs.core.ranges import InodeRanges, RecordLimits
 from volfs.core.store import FileContents, Store
@@ -130,9 +130,7 @@ class Namespace:
             mode=mode,
             uid=uid,
             gid=gid,
-            atime_ns=now,
-            mtime_ns=now,
-            ctime_ns=now,
+            times=Timestamps(atime_ns=now, mtime_ns=now, ctime_ns=now),
         )
         self._next_ino += 1
         self._inodes[inode.ino] = inode
@@ -193,6 +191,7 @@ class Namespace:
             inode.xattr_list_bytes = 0
         if not inode.lookups and inode is not self.root:
             del self._inodes[inode.ino]
+            self.store.forget_file(inode.ino)
 
     def forget(self, ino: int, count: int) -> None:
         """The kernel dropped ``count`` references to ``ino``."""
@@ -358,7 +357,7 @@ class Namespace:
             raise OSError(errno.EINVAL, "cannot create this file type with mknod")
         inode = self._link_new(parent_ino, name, mode, uid, gid)
         if stat.S_ISREG(mode):
-            inode.contents = self.store.new_file()
+            inode.set_contents(self.store.new_file(inode.ino, inode.times))
         elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
             inode.rdev = rdev
         return inode
@@ -736,8 +735,8 @@ class Namespace:
             contents.allocate(offset, length)
             if mode & FALLOC_FL_ZERO_RANGE:
                 contents.zero(offset, length)
-            if not mode & FALLOC_FL_KEEP_SIZE and end > contents.size:
-                contents.size = end
+            if not mode & FALLOC_FL_KEEP_SIZE:
+                contents.grow(end)
             self.volatility.refilled(inode, *pages_spanned(offset, length))
         if ranges is not None:
             # Zeros written, in effect: purged pages in the range are plain holes from now on.

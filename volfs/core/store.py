@@ -24,6 +24,7 @@ import logging
 import mmap
 import os
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import trio
 from sortedcontainers import SortedDict
@@ -38,6 +39,7 @@ from volfs.abi import (
     pages_for,
     pages_spanned,
 )
+from volfs.core._pagemap import PageMap, PageTable
 from volfs.core.intervals import add_interval, clip, remove_interval
 from volfs.core.worker import WorkerThread
 
@@ -50,6 +52,21 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c
 INLINE_PUNCH_PAGES = 256
 
 Run = tuple[int, int]
+
+#: Reasons a file is served by Python alone: bits of its page map's holds (the bridge's
+#: request threads serve a file's reads and writes only while none is set).
+HOLD_RESERVED = 1  # fallocate reserved pages SEEK_DATA must skip until written
+HOLD_VOLATILE = 2  # volatile ranges or lost pages: reads may fail, writes repopulate
+HOLD_SEGMENTS = 4  # a segment table: writes refill segments
+
+
+class Times(Protocol):
+    """An inode's timestamps, in nanoseconds since the epoch."""
+
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+
 
 #: Zeros written over pages the kernel would not punch, allocated while memory is plentiful.
 _ZEROS_PAGES = 256
@@ -302,50 +319,57 @@ class Arena:
         assert 0 <= self.reserved_pages <= self.free_pages, "reserved pages that are not free"
 
 
-_NO_EXTENTS: SortedDict[int, tuple[int, int]] = SortedDict()
-
-
 class FileContents:
     """The bytes of one regular file: a logical size and a sparse map of its pages.
 
-    ``_extents`` maps the first file page of each run to ``(arena page, page count)``;
-    runs never overlap, and runs adjacent in both the file and the arena are merged, so a
-    file written sequentially is one run however large. Lookups cost O(log e) in the number
-    of runs e; a request touching k runs costs O(k) more.
+    The facts (where each run of pages is in the arena, the size, the timestamps) live in a
+    :class:`~volfs.core._pagemap.PageMap`, which the bridge's request threads read and write
+    without Python; this class keeps the logic. Every change of the runs or the size holds
+    the map's lock throughout (``with self.map``), so a request thread never sees half of one.
+    Lookups cost O(log e) in the number of runs e; a request touching k runs costs O(k) more.
     """
 
-    __slots__ = ("_arena", "_extents", "_unwritten", "pages", "size")
+    __slots__ = ("_arena", "_unwritten", "map")
 
-    def __init__(self, arena: Arena) -> None:
+    def __init__(self, arena: Arena, times: Times | None = None) -> None:
         self._arena = arena
-        # Shared and never mutated while the file holds no page: most files created are
-        # small or empty, and a SortedDict costs more to build than the rest of an inode.
-        self._extents: SortedDict[int, tuple[int, int]] = _NO_EXTENTS
-        #: Logical size in bytes (may extend past the last held page: a sparse tail).
-        self.size = 0
-        #: Pages held in the arena: what the file really costs in memory.
-        self.pages = 0
+        #: The file's runs, size and timestamps (see the class docstring).
+        self.map = (
+            PageMap()
+            if times is None
+            else PageMap(atime_ns=times.atime_ns, mtime_ns=times.mtime_ns, ctime_ns=times.ctime_ns)
+        )
         #: Pages reserved by fallocate and not written since: zeros that, as on tmpfs,
         #: SEEK_DATA counts as holes. None until the first fallocate.
         self._unwritten: SortedDict[int, int] | None = None
 
-    def _runs(self, first: int, end: int) -> Iterator[tuple[int, int, int]]:
-        """Yield ``(file page, arena page, count)`` for the held runs overlapping [first, end).
+    @property
+    def size(self) -> int:
+        """Logical size in bytes (may extend past the last held page: a sparse tail)."""
+        return self.map.size
 
-        Runs are yielded whole (they may start before ``first`` or end after ``end``).
+    @property
+    def pages(self) -> int:
+        """Pages held in the arena: what the file really costs in memory."""
+        return self.map.pages
+
+    def grow(self, size: int) -> None:
+        """Make the size at least ``size`` bytes."""
+        with self.map:
+            self.map.size = max(self.map.size, size)
+
+    def _note_unwritten(self) -> None:
+        """Keep request threads off the file while fallocate's reserved pages are tracked."""
+        reserved = bool(self._unwritten)
+        if reserved != bool(self.map.holds & HOLD_RESERVED):
+            self.map.set_hold(HOLD_RESERVED, reserved)
+
+    def _runs(self, first: int, end: int) -> list[tuple[int, int, int]]:
+        """The ``(file page, arena page, count)`` of the held runs overlapping [first, end).
+
+        Runs are whole (they may start before ``first`` or end after ``end``).
         """
-        extents = self._extents
-        index = extents.bisect_right(first) - 1
-        index = max(index, 0)
-        keys = extents.keys()
-        values = extents.values()
-        for i in range(index, len(keys)):
-            page = keys[i]
-            if page >= end:
-                return
-            arena_page, count = values[i]
-            if page + count > first:
-                yield page, arena_page, count
+        return self.map.runs(first, end)
 
     def read(self, offset: int, length: int) -> memoryview | bytes | bytearray:
         """Return up to ``length`` bytes at ``offset``; holes read as zeros, EOF shortens.
@@ -361,10 +385,9 @@ class FileContents:
         length = min(length, size - offset)
         end = offset + length
         first, end_page = pages_spanned(offset, length)
-        extents = self._extents
-        index = extents.bisect_right(first) - 1
-        if index >= 0:
-            page, (arena_page, count) = extents.peekitem(index)
+        run = self.map.floor(first)
+        if run is not None:
+            page, arena_page, count = run
             if (page + count) << PAGE_SHIFT >= end:
                 start = (arena_page << PAGE_SHIFT) + offset - (page << PAGE_SHIFT)
                 return self._arena.view[start : start + length]
@@ -396,30 +419,28 @@ class FileContents:
         if end > MAX_FILE_SIZE:
             raise OSError(errno.EFBIG, "write past the largest file size")
         first, end_page = pages_spanned(offset, length)
-        extents = self._extents
-        index = extents.bisect_right(first) - 1
-        page = arena_page = count = 0
-        if index >= 0:
-            page, (arena_page, count) = extents.peekitem(index)
-        if index < 0 or page + count < end_page:
-            self._allocate(first, end_page)
-            extents = self._extents
-            index = extents.bisect_right(first) - 1
-            page, (arena_page, count) = extents.peekitem(index)
-        view = self._arena.view
-        if page + count >= end_page:
-            start = (arena_page << PAGE_SHIFT) + offset - (page << PAGE_SHIFT)
-            view[start : start + length] = data
-        else:
-            source = memoryview(data)
-            for page, arena_page, count in self._runs(first, end_page):
-                lo = max(offset, page << PAGE_SHIFT)
-                hi = min(end, (page + count) << PAGE_SHIFT)
-                target = (arena_page << PAGE_SHIFT) + lo - (page << PAGE_SHIFT)
-                view[target : target + hi - lo] = source[lo - offset : hi - offset]
-        if self._unwritten:
-            remove_interval(self._unwritten, first, end_page)
-        self.size = max(self.size, end)
+        with self.map:
+            run = self.map.floor(first)
+            if run is None or run[0] + run[2] < end_page:
+                self._allocate(first, end_page)
+                run = self.map.floor(first)
+                assert run is not None
+            page, arena_page, count = run
+            view = self._arena.view
+            if page + count >= end_page:
+                start = (arena_page << PAGE_SHIFT) + offset - (page << PAGE_SHIFT)
+                view[start : start + length] = data
+            else:
+                source = memoryview(data)
+                for page, arena_page, count in self._runs(first, end_page):
+                    lo = max(offset, page << PAGE_SHIFT)
+                    hi = min(end, (page + count) << PAGE_SHIFT)
+                    target = (arena_page << PAGE_SHIFT) + lo - (page << PAGE_SHIFT)
+                    view[target : target + hi - lo] = source[lo - offset : hi - offset]
+            if self._unwritten:
+                remove_interval(self._unwritten, first, end_page)
+                self._note_unwritten()
+            self.map.size = max(self.map.size, end)
         return length
 
     def holes(self, first: int, end: int) -> list[tuple[int, int]]:
@@ -438,38 +459,19 @@ class FileContents:
         return holes
 
     def _allocate(self, first: int, end: int) -> None:
-        """Give every hole of [first, end) arena pages, all or nothing."""
+        """Give every hole of [first, end) arena pages, all or nothing. Holding the lock."""
         holes = self.holes(first, end)
         needed = sum(count for _page, count in holes)
         self._arena.ensure_free(needed)
         for page, count in holes:
             hint = None
-            previous = self._extents.bisect_right(page) - 1
-            if previous >= 0:
-                prev_page, (prev_arena, prev_count) = self._extents.peekitem(previous)
-                if prev_page + prev_count == page:
-                    hint = prev_arena + prev_count
+            previous = self.map.floor(page - 1) if page else None
+            if previous is not None and previous[0] + previous[2] == page:
+                hint = previous[1] + previous[2]
             target = page
             for arena_page, run in self._arena.allocate(count, hint):
-                self._insert(target, arena_page, run)
+                self.map.insert(target, arena_page, run)
                 target += run
-        self.pages += needed
-
-    def _insert(self, page: int, arena_page: int, count: int) -> None:
-        """Record a new run for a hole, merging with neighbours contiguous in both spaces."""
-        extents = self._extents
-        if extents is _NO_EXTENTS:
-            self._extents = extents = SortedDict()
-        index = extents.bisect_right(page) - 1
-        if index >= 0:
-            prev_page, (prev_arena, prev_count) = extents.peekitem(index)
-            if prev_page + prev_count == page and prev_arena + prev_count == arena_page:
-                page, arena_page, count = prev_page, prev_arena, prev_count + count
-        following = extents.get(page + count)
-        if following is not None and following[0] == arena_page + count:
-            del extents[page + count]
-            count += following[1]
-        extents[page] = (arena_page, count)
 
     def release_pages(self, first: int, end: int) -> int:
         """Free every held page in [first, end), splitting runs at the edges.
@@ -480,20 +482,13 @@ class FileContents:
         Runtime complexity: O(log e + k) for k runs touched, plus the kernel's work.
         """
         freed = 0
-        extents = self._extents
-        for page, arena_page, count in list(self._runs(first, end)):
-            del extents[page]
-            lo = max(page, first)
-            hi = min(page + count, end)
-            if page < lo:
-                extents[page] = (arena_page, lo - page)
-            if hi < page + count:
-                extents[hi] = (arena_page + hi - page, page + count - hi)
-            self._arena.release(arena_page + lo - page, hi - lo)
-            freed += hi - lo
-        self.pages -= freed
-        if self._unwritten:
-            remove_interval(self._unwritten, first, end)
+        with self.map:
+            for arena_page, count in self.map.remove(first, end):
+                self._arena.release(arena_page, count)
+                freed += count
+            if self._unwritten:
+                remove_interval(self._unwritten, first, end)
+                self._note_unwritten()
         return freed
 
     def allocate(self, offset: int, length: int) -> None:
@@ -505,24 +500,27 @@ class FileContents:
         if offset + length > MAX_FILE_SIZE:
             raise OSError(errno.EFBIG, "range past the largest file size")
         first, end = pages_spanned(offset, length)
-        holes = self.holes(first, end)
-        self._allocate(first, end)
-        if self._unwritten is None:
-            self._unwritten = SortedDict()
-        for page, count in holes:
-            add_interval(self._unwritten, page, page + count)
+        with self.map:
+            holes = self.holes(first, end)
+            self._allocate(first, end)
+            if self._unwritten is None:
+                self._unwritten = SortedDict()
+            for page, count in holes:
+                add_interval(self._unwritten, page, page + count)
+            self._note_unwritten()
 
     def punch(self, offset: int, length: int) -> None:
         """Make a byte range read as zeros, freeing the pages it covers whole."""
         end = offset + length
         first_whole = pages_for(offset)
         end_whole = end >> PAGE_SHIFT
-        if first_whole < end_whole:
-            self.release_pages(first_whole, end_whole)
-            self.zero(offset, (first_whole << PAGE_SHIFT) - offset)
-            self.zero(end_whole << PAGE_SHIFT, end - (end_whole << PAGE_SHIFT))
-        else:
-            self.zero(offset, length)
+        with self.map:
+            if first_whole < end_whole:
+                self.release_pages(first_whole, end_whole)
+                self.zero(offset, (first_whole << PAGE_SHIFT) - offset)
+                self.zero(end_whole << PAGE_SHIFT, end - (end_whole << PAGE_SHIFT))
+            else:
+                self.zero(offset, length)
 
     def _data(self, first: int) -> Iterator[tuple[int, int]]:
         """Yield the page intervals from ``first`` on that hold written data, in order."""
@@ -571,21 +569,19 @@ class FileContents:
         If all of [first, end) holds fewer, return ``first``. Used to purge a PARTIAL range
         from its end, only as much as needed.
 
-        Runtime complexity: O(log e + k) for the k runs from ``end`` back to where the
+        Runtime complexity: O(k log e) for the k runs from ``end`` back to where the
         wanted pages are found (not all the runs of the interval).
         """
-        extents = self._extents
-        keys, values = extents.keys(), extents.values()
-        index = extents.bisect_left(end) - 1
-        while index >= 0:
-            page, (_arena_page, count) = keys[index], values[index]
+        run = self.map.floor(end - 1)
+        while run is not None:
+            page, _arena_page, count = run
             if page + count <= first:
                 break
             lo, hi = max(page, first), min(page + count, end)
             if hi - lo >= wanted:
                 return hi - wanted
             wanted -= hi - lo
-            index -= 1
+            run = self.map.floor(page - 1) if page else None
         return first
 
     def zero(self, offset: int, length: int) -> None:
@@ -593,11 +589,12 @@ class FileContents:
         end = offset + length
         view = self._arena.view
         first, end_page = pages_spanned(offset, length)
-        for page, arena_page, count in self._runs(first, end_page):
-            lo = max(offset, page << PAGE_SHIFT)
-            hi = min(end, (page + count) << PAGE_SHIFT)
-            target = (arena_page << PAGE_SHIFT) + lo - (page << PAGE_SHIFT)
-            view[target : target + hi - lo] = bytes(hi - lo)
+        with self.map:
+            for page, arena_page, count in self._runs(first, end_page):
+                lo = max(offset, page << PAGE_SHIFT)
+                hi = min(end, (page + count) << PAGE_SHIFT)
+                target = (arena_page << PAGE_SHIFT) + lo - (page << PAGE_SHIFT)
+                view[target : target + hi - lo] = bytes(hi - lo)
 
     def truncate(self, size: int) -> None:
         """Set the logical size; shrinking frees the pages past it and zeros the tail page.
@@ -609,14 +606,16 @@ class FileContents:
         """
         if size > MAX_FILE_SIZE or size < 0:
             raise OSError(errno.EFBIG, "size past the largest file size")
-        if size < self.size:
-            keep = pages_for(size)
-            # To the end of the map, not of the old size: fallocate may have left pages past EOF.
-            self.release_pages(keep, NO_PAGE)
-            if size & (PAGE_SIZE - 1):
-                # The kept part of the last page must read as zeros if the file grows again.
-                self.zero(size, PAGE_SIZE - (size & (PAGE_SIZE - 1)))
-        self.size = size
+        with self.map:
+            if size < self.size:
+                keep = pages_for(size)
+                # To the end of the map, not of the old size: fallocate may have left pages
+                # past EOF.
+                self.release_pages(keep, NO_PAGE)
+                if size & (PAGE_SIZE - 1):
+                    # The kept part of the last page must read as zeros if the file grows.
+                    self.zero(size, PAGE_SIZE - (size & (PAGE_SIZE - 1)))
+            self.map.size = size
 
     def clear(self) -> None:
         """Free every page and set the size to zero."""
@@ -624,10 +623,9 @@ class FileContents:
 
     def _check(self) -> None:
         """Assert the run map's invariants. Runtime complexity: O(e)."""
-        assert not _NO_EXTENTS, "the shared empty run map was written to"
         previous: tuple[int, int, int] | None = None
         total = 0
-        for page, (arena_page, count) in self._extents.items():
+        for page, arena_page, count in self.map.items():
             assert count > 0
             assert arena_page >= 0 and arena_page + count <= self._arena.capacity_pages
             if previous is not None:
@@ -641,6 +639,7 @@ class FileContents:
         assert total == self.pages, (total, self.pages)
         for lo, hi in (self._unwritten or {}).items():
             assert not self.holes(lo, hi), "reserved pages that are not held"
+        assert bool(self.map.holds & HOLD_RESERVED) == bool(self._unwritten)
 
 
 class Store:
@@ -655,6 +654,8 @@ class Store:
     def __init__(self, capacity_bytes: int) -> None:
         """Create a store holding at most ``capacity_bytes`` (rounded down to pages)."""
         self.arena = Arena(capacity_bytes >> PAGE_SHIFT)
+        #: The page maps of the files the bridge's request threads may serve, by inode.
+        self.table = PageTable()
         #: Bytes held outside the arena and charged to the cap (symlink targets, attributes).
         self.charged_bytes = 0
         self._wakeup = trio.Event()
@@ -681,9 +682,20 @@ class Store:
         if surplus > 0:
             self.arena.unreserve(surplus)
 
-    def new_file(self) -> FileContents:
-        """Return empty contents for a new regular file."""
-        return FileContents(self.arena)
+    def new_file(self, ino: int | None = None, times: Times | None = None) -> FileContents:
+        """Return empty contents for a new regular file, its timestamps from ``times``.
+
+        With ``ino``, the bridge's request threads may serve the file's reads and writes
+        (see :attr:`table`) until the contents are freed or :meth:`forget_file` is called.
+        """
+        contents = FileContents(self.arena, times)
+        if ino is not None:
+            self.table.add(ino, contents.map)
+        return contents
+
+    def forget_file(self, ino: int) -> None:
+        """Serve no more requests for ``ino`` outside Python."""
+        self.table.discard(ino)
 
     @property
     def capacity_bytes(self) -> int:

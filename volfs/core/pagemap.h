@@ -1,0 +1,68 @@
+/*
+ * The page map of one regular file, shared by volfs.core._pagemap (which Python drives) and
+ * the bridge's request threads (volfs.daemon._bridge), which serve reads and writes of
+ * ordinary pages without Python.
+ *
+ * A map is the one record of where a file's pages are in the store's arena, of its size and
+ * of its timestamps. Its runs are sorted by file page, never overlap, and runs adjacent in
+ * both the file and the arena are merged.
+ *
+ * Locking: whoever changes the runs or the size holds the map's lock for the whole change,
+ * so a reader holding it never sees a half-made change. The size, the page count and the
+ * timestamps are also atomics, so Python may read them without the lock.
+ *
+ * holds: a map with any bit set is served by Python alone (volatile ranges, a segment table,
+ * pages reserved by fallocate). Bits are set and cleared under the lock, so once a bit is set
+ * no request thread is still using the map.
+ */
+#ifndef VOLFS_PAGEMAP_H
+#define VOLFS_PAGEMAP_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define VOLFS_PAGEMAP_CAPSULE "volfs.core._pagemap._C_API"
+
+typedef struct {
+    int64_t page;  /* first file page */
+    int64_t arena; /* its arena page */
+    int64_t count; /* pages */
+} vf_run_t;
+
+typedef struct vf_pagemap {
+    pthread_mutex_t lock;
+    atomic_long refs; /* the Python object's, a table's, a request thread's */
+    vf_run_t *runs;
+    size_t len, cap;
+    _Atomic int64_t size; /* bytes */
+    _Atomic int64_t pages; /* pages held: the sum of the runs' counts */
+    _Atomic int64_t atime_ns, mtime_ns, ctime_ns;
+    _Atomic unsigned holds;
+} vf_pagemap_t;
+
+/* What volfs.core._pagemap exports to the bridge through its capsule. */
+typedef struct {
+    /* The map registered for ino in the table, with a reference taken; NULL if none. */
+    vf_pagemap_t *(*lookup)(void *table, uint64_t ino);
+    /* Drop a reference taken by lookup. */
+    void (*unref)(vf_pagemap_t *map);
+    /* The table a PageTable object holds; NULL with TypeError set for another object. */
+    void *(*table_of)(PyObject *object);
+} vf_pagemap_api_t;
+
+/* Index of the last run starting at or before page, or -1. O(log n). Under the lock. */
+static inline ptrdiff_t vf_floor(const vf_pagemap_t *map, int64_t page) {
+    ptrdiff_t lo = 0, hi = (ptrdiff_t)map->len;
+    while (lo < hi) {
+        ptrdiff_t mid = lo + (hi - lo) / 2;
+        if (map->runs[mid].page <= page)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo - 1;
+}
+
+#endif
