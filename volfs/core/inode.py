@@ -3,6 +3,7 @@ entries."""
 
 from __future__ import annotations
 
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -13,7 +14,10 @@ from volfs.abi import PAGE_SHIFT
 from volfs.core._pagemap import PageMap
 from volfs.core.ranges import InodeRanges
 from volfs.core.segments import SegmentTable
-from volfs.core.store import HOLD_SEGMENTS, HOLD_VOLATILE, FileContents
+from volfs.core.store import HOLD_PRIVILEGED, HOLD_SEGMENTS, HOLD_VOLATILE, FileContents
+
+#: The extended attribute holding a file's capabilities, which a write removes.
+SECURITY_CAPABILITY = b"security.capability"
 
 
 class DirectoryEntries:
@@ -128,6 +132,18 @@ class Inode:
         """Make this a regular file holding ``contents``, which keep its timestamps from now."""
         self.contents = contents
         self.times = contents.map
+        self.note_privileges()
+
+    def note_privileges(self) -> None:
+        """Keep the bridge's request threads off a file a write may have to strip (called
+        after each change of the mode or the extended attributes)."""
+        mode = self.mode
+        privileged = bool(
+            mode & stat.S_ISUID
+            or (mode & stat.S_ISGID and mode & stat.S_IXGRP)
+            or SECURITY_CAPABILITY in self.xattrs
+        )
+        self._hold(HOLD_PRIVILEGED, privileged)
 
     @property
     def vranges(self) -> InodeRanges | None:

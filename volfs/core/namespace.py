@@ -38,7 +38,7 @@ from volfs.abi import (
     pages_for,
     pages_spanned,
 )
-from volfs.core.inode import DirectoryEntries, Inode, Timestamps
+from volfs.core.inode import SECURITY_CAPABILITY, DirectoryEntries, Inode, Timestamps
 from volfs.core.purge import Purger, PurgeSource
 from volfs.core.ranges import InodeRanges, RecordLimits
 from volfs.core.store import FileContents, Store
@@ -189,6 +189,7 @@ class Namespace:
             )
             inode.xattrs.clear()
             inode.xattr_list_bytes = 0
+            inode.note_privileges()
         if not inode.lookups and inode is not self.root:
             del self._inodes[inode.ino]
             self.store.forget_file(inode.ino)
@@ -646,6 +647,7 @@ class Namespace:
             inode.touch(mtime=True)
         if changes.mode is not None:
             inode.mode = stat.S_IFMT(inode.mode) | stat.S_IMODE(changes.mode)
+            inode.note_privileges()
         if changes.uid is not None:
             inode.uid = changes.uid
         if changes.gid is not None:
@@ -671,6 +673,7 @@ class Namespace:
             mode &= ~stat.S_ISGID
         changed = mode != inode.mode
         inode.mode = mode
+        inode.note_privileges()
         if SECURITY_CAPABILITY in inode.xattrs:
             self.removexattr(inode, SECURITY_CAPABILITY)
             changed = True
@@ -791,6 +794,7 @@ class Namespace:
             self.store.uncharge(-growth)
         inode.xattrs[name] = value
         inode.xattr_list_bytes = list_bytes
+        inode.note_privileges()
         inode.touch(ctime=True)
 
     @staticmethod
@@ -811,11 +815,8 @@ class Namespace:
             raise OSError(errno.ENODATA, "no such attribute") from None
         self.store.uncharge(_xattr_charge(name, value))
         inode.xattr_list_bytes -= len(name) + 1
+        inode.note_privileges()
         inode.touch(ctime=True)
-
-
-#: The extended attribute holding a file's capabilities, which a write removes.
-SECURITY_CAPABILITY = b"security.capability"
 
 
 def _check_rename_target_name(name: bytes) -> None:

@@ -58,6 +58,7 @@ Run = tuple[int, int]
 HOLD_RESERVED = 1  # fallocate reserved pages SEEK_DATA must skip until written
 HOLD_VOLATILE = 2  # volatile ranges or lost pages: reads may fail, writes repopulate
 HOLD_SEGMENTS = 4  # a segment table: writes refill segments
+HOLD_PRIVILEGED = 8  # setuid, setgid or capabilities a write by another user removes
 
 
 class Times(Protocol):
