@@ -8,7 +8,8 @@ setup(
         Extension(
             "volfs.daemon._bridge",
             sources=["volfs/daemon/_bridge.c"],
-            include_dirs=["/usr/include/fuse3"],
+            depends=["volfs/core/pagemap.h"],
+            include_dirs=["/usr/include/fuse3", "volfs/core"],
             libraries=["fuse3", "dl"],
             extra_compile_args=[
                 "-std=gnu11",

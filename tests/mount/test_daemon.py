@@ -319,10 +319,12 @@ def test_out_of_memory_fails_one_request_and_the_daemon_serves_on(
 ) -> None:
     mount = mount_volfs("size=256M")
     kept = os.urandom(MiB)
-    (mount.path / "kept").write_bytes(kept)
     (mount.path / "small").write_bytes(b"before")
+    # In small writes: the daemon's allocator keeps no 1 MiB block free for later.
+    with open(mount.path / "kept", "wb") as kept_file:
+        for start in range(0, MiB, 64 * 1024):
+            kept_file.write(kept[start : start + 64 * 1024])
     with open(mount.path / "cache", "wb") as cache_file:
-        # In small writes: the daemon's allocator keeps no 1 MiB block free for later.
         for _ in range(64):
             cache_file.write(os.urandom(64 * 1024))
     cache = os.open(mount.path / "cache", os.O_RDWR)

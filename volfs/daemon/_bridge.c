@@ -39,8 +39,17 @@
 #include <pthread.h>
 #include <stdarg.h>
 #include <stddef.h>
+#include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sys/epoll.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "pagemap.h"
 
 /* logging.WARNING, for bridge_log. */
 #define LOG_LEVEL_WARNING 30
@@ -774,11 +783,10 @@ static uint64_t kill_requested(const char *buffer, size_t size) {
     return 0;
 }
 
-static ssize_t killpriv_read(int fd, void *buffer, size_t size, void *userdata) {
-    (void)userdata;
-    ssize_t got = read(fd, buffer, size);
-    if (got < (ssize_t)sizeof(struct fuse_in_header)) return got;
-    uint64_t ino = kill_requested(buffer, (size_t)got);
+/* Remove the privileges a request read for libfuse asks to remove, before it is processed. */
+static void kill_privileges(const void *buffer, size_t size) {
+    if (size < sizeof(struct fuse_in_header)) return;
+    uint64_t ino = kill_requested(buffer, size);
     if (ino != 0) {
         PyGILState_STATE gil = PyGILState_Ensure();
         if (kill_privileges_handler != NULL) {
@@ -790,8 +798,17 @@ static ssize_t killpriv_read(int fd, void *buffer, size_t size, void *userdata) 
         }
         PyGILState_Release(gil);
     }
+}
+
+static ssize_t killpriv_read(int fd, void *buffer, size_t size, void *userdata) {
+    (void)userdata;
+    ssize_t got = read(fd, buffer, size);
+    if (got > 0) kill_privileges(buffer, (size_t)got);
     return got;
 }
+
+/* /dev/fuse while request threads read it (the session's own descriptor is then theirs). */
+static int device_fd = -1;
 
 static ssize_t killpriv_writev(int fd, struct iovec *iov, int count, void *userdata) {
     (void)userdata;
@@ -803,7 +820,7 @@ static ssize_t killpriv_writev(int fd, struct iovec *iov, int count, void *userd
             ((struct fuse_init_out *)iov[1].iov_base)->flags |= FUSE_HANDLE_KILLPRIV_V2;
         init_unique = 0;
     }
-    return writev(fd, iov, count);
+    return writev(device_fd >= 0 ? device_fd : fd, iov, count);
 }
 
 static const struct fuse_custom_io killpriv_io = {
@@ -893,6 +910,523 @@ static int find_libfuse(void) {
     return -1;
 }
 
+/* -- request threads: ordinary pages served without Python -------------------------------- */
+
+/*
+ * With serve_pages(), a READ or WRITE of a regular file whose page map (volfs.core._pagemap)
+ * has no hold bit set is served in C, from and into the store's arena:
+ *   - a READ is answered straight from the arena's pages (holes from pages of zeros), the
+ *     kernel copying them from the mapping; atime follows relatime;
+ *   - a WRITE is served when every page it touches is held already: copied into them, the
+ *     size grown, mtime and ctime set. One that needs new pages (the size cap, purging to
+ *     make room) goes to Python; so does one to a file with privileges to remove, which
+ *     has a hold bit.
+ *
+ * Who reads /dev/fuse depends on what comes:
+ *   - by default pyfuse3's loop does (reading without blocking, as it always did): it serves
+ *     the pages requests it reads in C on the spot, and passes the others to libfuse;
+ *   - once it has read READ_BY_THREADS_AFTER pages requests in a row, the request threads
+ *     take over, each blocking in its own read of /dev/fuse (a read and a writev a request: no
+ *     event loop, no GIL, several at once). They hand every other request to pyfuse3: queued,
+ *     with a byte in a pipe pyfuse3's loop waits for; libfuse's read takes the oldest;
+ *   - once they have handed READ_BY_LOOP_AFTER requests in a row to pyfuse3, the loop reads
+ *     again: a hand-over wakes a second thread, which a stream of requests for Python (a
+ *     metadata loop) pays on every request.
+ * The session's descriptor, which pyfuse3 waits on, is an epoll set of the pipe and, while
+ * the loop reads, /dev/fuse; /dev/fuse is non-blocking exactly then. Replies, from either
+ * side, go to /dev/fuse.
+ *
+ * A map's lock is held from the lookup of a request's pages until its reply is written, so
+ * a change Python makes to the runs (a truncation, a purge, a hole punched) comes wholly
+ * before or wholly after it, and a page is never read or written after Python freed it.
+ */
+
+#define REQUEST_THREADS_MAX 16
+/* What libfuse reads at most: FUSE_MAX_MAX_PAGES pages and a header page. */
+#define REQUEST_BUFFER_BYTES ((256 + 1) * 4096)
+#define PAGE_BYTES 4096
+#define LARGEST_OFFSET INT64_MAX
+
+/* Pages requests the loop serves in a row before the threads read; requests the threads hand
+ * to pyfuse3 in a row before the loop reads again. */
+#define READ_BY_THREADS_AFTER 4
+#define READ_BY_LOOP_AFTER 8
+
+enum { READ_BY_LOOP, READ_BY_THREADS };
+
+/* A request read by a thread for pyfuse3. */
+typedef struct handed {
+    struct handed *next;
+    size_t size;
+    char data[];
+} handed_t;
+
+static struct {
+    const vf_pagemap_api_t *api;
+    PyObject *table_object;
+    void *table;
+    Py_buffer arena;      /* the store's mapping; arena.obj is NULL when not configured */
+    int64_t arena_pages;
+    int64_t relatime_ns;
+    int threads_wanted;
+    pthread_t threads[REQUEST_THREADS_MAX];
+    int threads_running;
+    int session_fd;       /* the epoll set libfuse takes as the session's descriptor */
+    int wake_fd;          /* the pipe's read end, in that set */
+    int signal_fd;        /* its write end */
+    pthread_mutex_t mode_lock;
+    pthread_cond_t mode_changed;
+    atomic_int mode;      /* READ_BY_LOOP or READ_BY_THREADS */
+    int served_in_a_row;  /* by the loop */
+    atomic_int handed_in_a_row; /* by the threads */
+    unsigned proto_minor; /* from INIT */
+    pthread_mutex_t queue_lock;
+    handed_t *head, **tail;
+    int waiting;          /* requests in the queue */
+    int ended;            /* errno that ended the reading, 0 while it goes on */
+    atomic_ullong reads, writes, handed;
+} pages = {.session_fd = -1,
+             .wake_fd = -1,
+             .signal_fd = -1,
+             .mode_lock = PTHREAD_MUTEX_INITIALIZER,
+             .mode_changed = PTHREAD_COND_INITIALIZER,
+             .queue_lock = PTHREAD_MUTEX_INITIALIZER,
+             .tail = &pages.head};
+
+/* Never written: what holes read as. */
+static char zero_pages[REQUEST_BUFFER_BYTES];
+
+static int64_t now_ns(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    return (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
+}
+
+static void read_by_loop(void);
+
+/*
+ * The pipe holds one byte exactly while requests wait or the reading has ended: written by
+ * whoever makes the queue non-empty, read by whoever empties it, both under queue_lock. A
+ * pipe rather than an eventfd: its writer's wakeup is synchronous, so the scheduler runs
+ * pyfuse3's thread where the handing thread was, instead of waking another CPU.
+ */
+static void signal_waiting(void) {
+    if (pages.head != NULL || pages.ended) return;
+    char byte = 0;
+    if (write(pages.signal_fd, &byte, 1) < 0) { /* cannot fill: one byte at most */
+    }
+}
+
+static void hand_over(const char *buffer, size_t size) {
+    handed_t *request = malloc(sizeof *request + size);
+    if (request == NULL) {
+        /* Nothing to hand over: answered here rather than left hanging. */
+        const struct fuse_in_header *in = (const void *)buffer;
+        struct fuse_out_header out = {.len = sizeof out, .error = -ENOMEM, .unique = in->unique};
+        if (in->opcode != FUSE_FORGET && in->opcode != FUSE_BATCH_FORGET &&
+            write(device_fd, &out, sizeof out) < 0) { /* the kernel has gone: nothing to do */
+        }
+        return;
+    }
+    request->next = NULL;
+    request->size = size;
+    memcpy(request->data, buffer, size);
+    pthread_mutex_lock(&pages.queue_lock);
+    signal_waiting();
+    *pages.tail = request;
+    pages.tail = &request->next;
+    int waiting = ++pages.waiting;
+    pthread_mutex_unlock(&pages.queue_lock);
+    atomic_fetch_add(&pages.handed, 1);
+    /* What waits for pyfuse3 stays in the kernel, not here, once pyfuse3 falls behind: the
+     * daemon holds at most READ_BY_LOOP_AFTER requests and the threads' own. */
+    if (waiting >= READ_BY_LOOP_AFTER) read_by_loop();
+}
+
+static void reply(const struct fuse_in_header *in, struct iovec *iov, int count, size_t bytes) {
+    struct fuse_out_header out = {.len = (uint32_t)(sizeof out + bytes), .unique = in->unique};
+    iov[0] = (struct iovec){.iov_base = &out, .iov_len = sizeof out};
+    /* ENOENT: the request was interrupted and answered meanwhile; nothing else can fail
+     * that a reply could mend. */
+    if (writev(device_fd, iov, count) < 0) { /* nothing to do */
+    }
+}
+
+/* The map of a regular file the threads may serve, locked, or NULL. */
+static vf_pagemap_t *lock_map(uint64_t ino) {
+    vf_pagemap_t *map = pages.api->lookup(pages.table, ino);
+    if (map == NULL) return NULL;
+    pthread_mutex_lock(&map->lock);
+    if (atomic_load(&map->holds) == 0) return map;
+    pthread_mutex_unlock(&map->lock);
+    pages.api->unref(map);
+    return NULL;
+}
+
+static void unlock_map(vf_pagemap_t *map) {
+    pthread_mutex_unlock(&map->lock);
+    pages.api->unref(map);
+}
+
+/* Pointer to arena page arena_page of a run, or NULL if the run leaves the arena. */
+static char *arena_at(const vf_run_t *run) {
+    if (run->arena < 0 || run->count > pages.arena_pages - run->arena) return NULL;
+    return (char *)pages.arena.buf + run->arena * PAGE_BYTES;
+}
+
+/* Serve a READ; 0 if it must go to Python. */
+static int serve_read(const struct fuse_in_header *in, const struct fuse_read_in *arg) {
+    if (arg->size > sizeof zero_pages || arg->offset > (uint64_t)LARGEST_OFFSET) return 0;
+    vf_pagemap_t *map = lock_map(in->nodeid);
+    if (map == NULL) return 0;
+    /* Unsigned: the end of a run at the last page (2**51 pages) is 2**63 bytes. */
+    uint64_t offset = arg->offset, size = (uint64_t)atomic_load(&map->size);
+    uint64_t length = offset < size ? size - offset : 0;
+    if (length > arg->size) length = arg->size;
+    uint64_t end = offset + length;
+    /* A header, then at most one piece of data and one of zeros a page. */
+    struct iovec iov[2 * (REQUEST_BUFFER_BYTES / PAGE_BYTES) + 3];
+    int count = 1;
+    uint64_t cursor = offset;
+    ptrdiff_t index = vf_floor(map, (int64_t)(offset / PAGE_BYTES));
+    if (index < 0) index = 0;
+    for (size_t i = (size_t)index; cursor < end && i < map->len; i++) {
+        const vf_run_t *run = &map->runs[i];
+        uint64_t lo = (uint64_t)run->page * PAGE_BYTES;
+        uint64_t hi = (uint64_t)(run->page + run->count) * PAGE_BYTES;
+        if (hi <= cursor) continue;
+        if (lo >= end) break;
+        char *base = arena_at(run);
+        if (base == NULL) {
+            unlock_map(map);
+            return 0;
+        }
+        if (lo > cursor) {
+            iov[count++] = (struct iovec){.iov_base = zero_pages, .iov_len = (size_t)(lo - cursor)};
+            cursor = lo;
+        }
+        uint64_t stop = hi < end ? hi : end;
+        iov[count++] = (struct iovec){.iov_base = base + (cursor - lo),
+                                      .iov_len = (size_t)(stop - cursor)};
+        cursor = stop;
+    }
+    if (cursor < end)
+        iov[count++] = (struct iovec){.iov_base = zero_pages, .iov_len = (size_t)(end - cursor)};
+    if (length > 0) {
+        int64_t now = now_ns(), atime = atomic_load(&map->atime_ns);
+        if (now - atime > pages.relatime_ns || atime <= atomic_load(&map->mtime_ns) ||
+            atime <= atomic_load(&map->ctime_ns))
+            atomic_store(&map->atime_ns, now);
+    }
+    reply(in, iov, count, (size_t)length);
+    unlock_map(map);
+    atomic_fetch_add(&pages.reads, 1);
+    return 1;
+}
+
+/* Serve a WRITE into pages already held; 0 if it must go to Python. */
+static int serve_write(const struct fuse_in_header *in, const struct fuse_write_in *arg,
+                       const char *data, size_t available) {
+    /* FUSE_WRITE_KILL_SUIDGID comes with every write by a caller without CAP_FSETID: a file
+     * with privileges to remove has a hold bit, so here there is none (ctime is set anyway). */
+    if (arg->size == 0 || arg->size > available ||
+        arg->offset > (uint64_t)(LARGEST_OFFSET - arg->size))
+        return 0;
+    struct iovec iov[2];
+    struct fuse_write_out out = {.size = arg->size};
+    iov[1] = (struct iovec){.iov_base = &out, .iov_len = sizeof out};
+    if (arg->write_flags & FUSE_WRITE_CACHE && discard_writeback(in->nodeid, (off_t)arg->offset,
+                                                                 arg->size)) {
+        reply(in, iov, 2, sizeof out);
+        return 1;
+    }
+    vf_pagemap_t *map = lock_map(in->nodeid);
+    if (map == NULL) return 0;
+    /* Unsigned: the end of a run at the last page (2**51 pages) is 2**63 bytes. */
+    uint64_t offset = arg->offset, end = offset + arg->size;
+    int64_t first = (int64_t)(offset / PAGE_BYTES);
+    int64_t end_page = (int64_t)(end / PAGE_BYTES + (end % PAGE_BYTES != 0));
+    /* Every page held: the runs from first on must follow each other up to end_page. */
+    ptrdiff_t index = vf_floor(map, first);
+    int64_t covered = first;
+    for (size_t i = index < 0 ? map->len : (size_t)index; i < map->len && covered < end_page;
+         i++) {
+        const vf_run_t *run = &map->runs[i];
+        if (run->page > covered || arena_at(run) == NULL) break;
+        covered = run->page + run->count;
+    }
+    if (covered < end_page) {
+        unlock_map(map);
+        return 0;
+    }
+    uint64_t cursor = offset;
+    for (size_t i = (size_t)index; cursor < end; i++) {
+        const vf_run_t *run = &map->runs[i];
+        uint64_t lo = (uint64_t)run->page * PAGE_BYTES;
+        uint64_t hi = (uint64_t)(run->page + run->count) * PAGE_BYTES;
+        uint64_t stop = hi < end ? hi : end;
+        memcpy(arena_at(run) + (cursor - lo), data + (cursor - offset), (size_t)(stop - cursor));
+        cursor = stop;
+    }
+    if ((int64_t)end > atomic_load(&map->size)) atomic_store(&map->size, (int64_t)end);
+    int64_t now = now_ns();
+    atomic_store(&map->mtime_ns, now);
+    atomic_store(&map->ctime_ns, now);
+    unlock_map(map);
+    reply(in, iov, 2, sizeof out);
+    atomic_fetch_add(&pages.writes, 1);
+    return 1;
+}
+
+/* Serve the request in buffer if it is an ordinary READ or WRITE; 0 if Python must. */
+static int serve(const char *buffer, size_t size) {
+    const struct fuse_in_header *in = (const void *)buffer;
+    const char *argument = buffer + sizeof *in;
+    size_t available = size - sizeof *in;
+    switch (in->opcode) {
+    case FUSE_INIT:
+        if (available >= offsetof(struct fuse_init_in, flags))
+            pages.proto_minor = ((const struct fuse_init_in *)argument)->minor;
+        return 0;
+    case FUSE_READ:
+        return available >= offsetof(struct fuse_read_in, read_flags) &&
+               serve_read(in, (const void *)argument);
+    case FUSE_WRITE:
+        /* Before 7.9 the arguments were shorter: never served here. */
+        return pages.proto_minor >= 9 && available >= sizeof(struct fuse_write_in) &&
+               serve_write(in, (const void *)argument, argument + sizeof(struct fuse_write_in),
+                           available - sizeof(struct fuse_write_in));
+    }
+    return 0;
+}
+
+/* /dev/fuse blocking or not; 0, or -1 with errno. */
+static int set_blocking(int blocking) {
+    int flags = fcntl(device_fd, F_GETFL);
+    if (flags < 0) return -1;
+    return fcntl(device_fd, F_SETFL, blocking ? flags & ~O_NONBLOCK : flags | O_NONBLOCK);
+}
+
+/* Called by pyfuse3's loop: the threads read from now on. */
+static void read_by_threads(void) {
+    /* The loop no longer reads (so nothing blocks it), then the threads may block. */
+    pthread_mutex_lock(&pages.mode_lock);
+    atomic_store(&pages.mode, READ_BY_THREADS);
+    atomic_store(&pages.handed_in_a_row, 0);
+    epoll_ctl(pages.session_fd, EPOLL_CTL_DEL, device_fd, NULL);
+    if (set_blocking(1) == 0) {
+        pthread_cond_broadcast(&pages.mode_changed);
+    } else { /* threads reading a non-blocking /dev/fuse would spin: the loop goes on */
+        atomic_store(&pages.mode, READ_BY_LOOP);
+        struct epoll_event event = {.events = EPOLLIN, .data.fd = device_fd};
+        epoll_ctl(pages.session_fd, EPOLL_CTL_ADD, device_fd, &event);
+    }
+    pthread_mutex_unlock(&pages.mode_lock);
+}
+
+/* Called by a thread: pyfuse3's loop reads from now on. A thread blocked in its read already
+ * takes one more request before it waits. */
+static void read_by_loop(void) {
+    pthread_mutex_lock(&pages.mode_lock);
+    struct epoll_event event = {.events = EPOLLIN, .data.fd = device_fd};
+    /* Non-blocking before the loop may read; the loop stays out while that fails. */
+    if (atomic_load(&pages.mode) == READ_BY_THREADS && set_blocking(0) == 0 &&
+        epoll_ctl(pages.session_fd, EPOLL_CTL_ADD, device_fd, &event) == 0) {
+        pages.served_in_a_row = 0;
+        atomic_store(&pages.mode, READ_BY_LOOP);
+    }
+    pthread_mutex_unlock(&pages.mode_lock);
+}
+
+static void unlock_mode(void *unused) {
+    (void)unused;
+    pthread_mutex_unlock(&pages.mode_lock);
+}
+
+/* Wait until the threads read; the thread may be stopped (pthread_cancel) meanwhile. */
+static void wait_for_reading(void) {
+    pthread_mutex_lock(&pages.mode_lock);
+    pthread_cleanup_push(unlock_mode, NULL);
+    pthread_setcancelstate(PTHREAD_CANCEL_ENABLE, NULL);
+    while (atomic_load(&pages.mode) != READ_BY_THREADS)
+        pthread_cond_wait(&pages.mode_changed, &pages.mode_lock);
+    pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, NULL);
+    pthread_cleanup_pop(1);
+}
+
+/* The request threads' work: read, serve or hand over, until the connection ends. */
+static void *request_thread(void *unused) {
+    (void)unused;
+    pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, NULL);
+    char *buffer = malloc(REQUEST_BUFFER_BYTES);
+    int error = buffer == NULL ? ENOMEM : 0;
+    while (error == 0) {
+        wait_for_reading();
+        /* Stopped (pthread_cancel) only while waiting for a request. */
+        pthread_setcancelstate(PTHREAD_CANCEL_ENABLE, NULL);
+        ssize_t got = read(device_fd, buffer, REQUEST_BUFFER_BYTES);
+        pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, NULL);
+        if (got < 0) {
+            /* ENOENT: the request was interrupted before it was read; EAGAIN: the loop reads
+             * now. */
+            if (errno != EINTR && errno != EAGAIN && errno != ENOENT) error = errno;
+        } else if ((size_t)got < sizeof(struct fuse_in_header)) {
+            error = EIO;
+        } else if (serve(buffer, (size_t)got)) {
+            atomic_store(&pages.handed_in_a_row, 0);
+        } else {
+            hand_over(buffer, (size_t)got);
+            if (atomic_fetch_add(&pages.handed_in_a_row, 1) + 1 >= READ_BY_LOOP_AFTER)
+                read_by_loop();
+        }
+    }
+    free(buffer);
+    /* The first thread to stop ends pyfuse3's loop (ENODEV on unmount). */
+    pthread_mutex_lock(&pages.queue_lock);
+    if (pages.ended == 0) {
+        signal_waiting();
+        pages.ended = error;
+    }
+    pthread_mutex_unlock(&pages.queue_lock);
+    return NULL;
+}
+
+/* The oldest request handed over, or NULL; *ended set to the errno that ended the threads'
+ * reading, if it has. */
+static handed_t *take_handed(int *ended) {
+    pthread_mutex_lock(&pages.queue_lock);
+    handed_t *request = pages.head;
+    if (request != NULL) {
+        pages.waiting--;
+        pages.head = request->next;
+        if (pages.head == NULL) {
+            pages.tail = &pages.head;
+            /* The byte stays once the reading has ended: every later read ends too. */
+            char byte;
+            if (!pages.ended && read(pages.wake_fd, &byte, 1) < 0) { /* cannot fail */
+            }
+        }
+    }
+    *ended = pages.ended;
+    pthread_mutex_unlock(&pages.queue_lock);
+    return request;
+}
+
+/*
+ * libfuse's read for pyfuse3's loop: a request handed over by the threads, else (while the
+ * loop reads) one from /dev/fuse, pages requests served on the way. Never blocks: EINTR makes
+ * pyfuse3 wait again; ENODEV makes libfuse end the session, as a read of /dev/fuse would.
+ */
+static ssize_t session_read(int fd, void *buffer, size_t size, void *userdata) {
+    (void)fd;
+    (void)userdata;
+    int ended;
+    handed_t *request = take_handed(&ended);
+    if (request != NULL) {
+        size_t got = request->size < size ? request->size : size;
+        memcpy(buffer, request->data, got);
+        free(request);
+        kill_privileges(buffer, got);
+        return (ssize_t)got;
+    }
+    if (ended) {
+        errno = ended;
+        return -1;
+    }
+    /* A bounded burst: the loop's other tasks wait meanwhile. */
+    for (int burst = 0; burst < 64 && atomic_load(&pages.mode) == READ_BY_LOOP; burst++) {
+        ssize_t got = read(device_fd, buffer, size);
+        if (got < 0) {
+            if (errno == EAGAIN || errno == ENOENT) errno = EINTR;
+            return -1;
+        }
+        if ((size_t)got >= sizeof(struct fuse_in_header) && serve(buffer, (size_t)got)) {
+            if (++pages.served_in_a_row >= READ_BY_THREADS_AFTER) read_by_threads();
+            continue;
+        }
+        pages.served_in_a_row = 0;
+        kill_privileges(buffer, (size_t)got);
+        return got;
+    }
+    errno = EINTR;
+    return -1;
+}
+
+static const struct fuse_custom_io session_io = {
+    .writev = killpriv_writev,
+    .read = session_read,
+};
+
+static void stop_request_threads(struct fuse_session *se);
+
+/* Start the threads on a mounted session: 0, or -1 leaving the session as it was. */
+static int start_request_threads(struct fuse_session *se) {
+    int pipe_fds[2];
+    if (pipe2(pipe_fds, O_CLOEXEC | O_NONBLOCK) < 0) return -1;
+    pages.wake_fd = pipe_fds[0];
+    pages.signal_fd = pipe_fds[1];
+    pages.ended = 0;
+    pages.served_in_a_row = 0;
+    atomic_store(&pages.mode, READ_BY_LOOP);
+    device_fd = fuse_session_fd(se);
+    pages.session_fd = epoll_create1(EPOLL_CLOEXEC);
+    struct epoll_event wake = {.events = EPOLLIN, .data.fd = pages.wake_fd};
+    struct epoll_event device = {.events = EPOLLIN, .data.fd = device_fd};
+    if (pages.session_fd < 0 || set_blocking(0) < 0 ||
+        epoll_ctl(pages.session_fd, EPOLL_CTL_ADD, pages.wake_fd, &wake) < 0 ||
+        epoll_ctl(pages.session_fd, EPOLL_CTL_ADD, device_fd, &device) < 0) {
+        stop_request_threads(NULL);
+        return -1;
+    }
+    for (int i = 0; i < pages.threads_wanted; i++) {
+        if (pthread_create(&pages.threads[i], NULL, request_thread, NULL) != 0) break;
+        pthread_setname_np(pages.threads[i], "volfs-requests");
+        pages.threads_running++;
+    }
+    if (pages.threads_running > 0 &&
+        libfuse.session_custom_io(se, &session_io, pages.session_fd) == 0)
+        return 0;
+    stop_request_threads(NULL);
+    return -1;
+}
+
+/* Stop the threads; with se, give libfuse back /dev/fuse (blocking again) as the session's
+ * descriptor. */
+static void stop_request_threads(struct fuse_session *se) {
+    if (pages.wake_fd < 0) return;
+    PyThreadState *saved = PyGILState_Check() ? PyEval_SaveThread() : NULL;
+    for (int i = 0; i < pages.threads_running; i++) pthread_cancel(pages.threads[i]);
+    for (int i = 0; i < pages.threads_running; i++) pthread_join(pages.threads[i], NULL);
+    if (saved != NULL) PyEval_RestoreThread(saved);
+    pages.threads_running = 0;
+    set_blocking(1);
+    /* libfuse closes the descriptor it has (the epoll set) on unmount or destruction; given
+     * /dev/fuse back, it closes that instead. */
+    if ((se == NULL || libfuse.session_custom_io(se, &killpriv_io, device_fd) == 0) &&
+        pages.session_fd >= 0)
+        close(pages.session_fd);
+    close(pages.wake_fd);
+    close(pages.signal_fd);
+    pages.session_fd = pages.wake_fd = pages.signal_fd = -1;
+    pages.ended = 0;
+    device_fd = -1;
+    for (handed_t *request = pages.head, *next; request != NULL; request = next) {
+        next = request->next;
+        free(request);
+    }
+    pages.head = NULL;
+    pages.tail = &pages.head;
+    pages.waiting = 0;
+}
+
+static void forget_pages(void) {
+    Py_CLEAR(pages.table_object);
+    pages.table = NULL;
+    if (pages.arena.obj != NULL) PyBuffer_Release(&pages.arena);
+    pages.arena.obj = NULL;
+    pages.threads_wanted = 0;
+}
+
 /* Refuse to create a session libfuse cannot create through this entry point. */
 static int missing(const void *function, const char *name) {
     if (function != NULL) return 0;
@@ -948,9 +1482,14 @@ struct fuse_session *fuse_session_new_versioned(struct fuse_args *args,
 
 int fuse_session_mount(struct fuse_session *se, const char *mountpoint) {
     int rc = libfuse.session_mount(se, mountpoint);
-    /* From now on /dev/fuse is read and written through the killpriv functions. */
-    if (rc == 0 && libfuse.session_custom_io != NULL &&
-        libfuse.session_custom_io(se, &killpriv_io, fuse_session_fd(se)) != 0)
+    if (rc != 0 || libfuse.session_custom_io == NULL) return rc;
+    /* From now on /dev/fuse is read by the request threads, or by libfuse through the
+     * killpriv functions. */
+    if (pages.threads_wanted > 0 && start_request_threads(se) == 0) return rc;
+    if (pages.threads_wanted > 0)
+        bridge_log(LOG_LEVEL_WARNING, "cannot start the request threads: every request "
+                                      "will be served by Python");
+    if (libfuse.session_custom_io(se, &killpriv_io, fuse_session_fd(se)) != 0)
         bridge_log(LOG_LEVEL_WARNING, "cannot read /dev/fuse through the bridge: each write "
                                       "will cost the kernel a security.capability lookup");
     return rc;
@@ -959,12 +1498,14 @@ int fuse_session_mount(struct fuse_session *se, const char *mountpoint) {
 void fuse_session_unmount(struct fuse_session *se) {
     /* Ended before the unmount closes the device: a reply could otherwise reach a reused fd. */
     end_session(se);
+    stop_request_threads(se);
     libfuse.session_unmount(se);
 }
 
 void fuse_session_destroy(struct fuse_session *se) {
     /* Ended here too for pyfuse3.close(unmount=False), which skips the unmount. */
     end_session(se);
+    stop_request_threads(se);
     libfuse.session_destroy(se);
 }
 
@@ -1003,6 +1544,8 @@ static PyObject *bridge_close(PyObject *module, PyObject *unused) {
     struct fuse_session *se = bridge_session;
     pthread_mutex_unlock(&session_lock);
     end_session(se);
+    stop_request_threads(se);
+    forget_pages();
     Py_CLEAR(ioctl_handler);
     Py_CLEAR(fallocate_handler);
     Py_CLEAR(lseek_handler);
@@ -1111,6 +1654,57 @@ static PyObject *bridge_drop_purged_ranges(PyObject *module, PyObject *ranges) {
     return Py_BuildValue("KN", discarded, failures);
 }
 
+static PyObject *bridge_serve_pages(PyObject *module, PyObject *args, PyObject *kwargs) {
+    (void)module;
+    static char *keywords[] = {"table", "arena", "threads", "relatime_ns", NULL};
+    PyObject *table;
+    Py_buffer arena;
+    int threads;
+    long long relatime_ns;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Ow*$iL", keywords, &table, &arena,
+                                     &threads, &relatime_ns))
+        return NULL;
+    const char *refusal = NULL;
+    if (threads < 1 || threads > REQUEST_THREADS_MAX)
+        refusal = "threads must be between 1 and 16";
+    else if (arena.len % PAGE_BYTES != 0)
+        refusal = "the arena must be whole pages";
+    else if (bridge_session != NULL)
+        refusal = "the session is mounted already";
+    if (refusal != NULL) {
+        PyBuffer_Release(&arena);
+        PyErr_SetString(PyExc_ValueError, refusal);
+        return NULL;
+    }
+    if (pages.api == NULL) {
+        pages.api = PyCapsule_Import(VOLFS_PAGEMAP_CAPSULE, 0);
+        if (pages.api == NULL) {
+            PyBuffer_Release(&arena);
+            return NULL;
+        }
+    }
+    void *opaque = pages.api->table_of(table);
+    if (opaque == NULL) {
+        PyBuffer_Release(&arena);
+        return NULL;
+    }
+    forget_pages();
+    pages.table_object = Py_NewRef(table);
+    pages.table = opaque;
+    pages.arena = arena;
+    pages.arena_pages = arena.len / PAGE_BYTES;
+    pages.relatime_ns = relatime_ns;
+    pages.threads_wanted = threads;
+    Py_RETURN_NONE;
+}
+
+static PyObject *bridge_served(PyObject *module, PyObject *unused) {
+    (void)module;
+    (void)unused;
+    return Py_BuildValue("KKKi", atomic_load(&pages.reads), atomic_load(&pages.writes),
+                         atomic_load(&pages.handed), pages.threads_running);
+}
+
 static PyObject *bridge_active(PyObject *module, PyObject *unused) {
     (void)module;
     (void)unused;
@@ -1154,6 +1748,15 @@ static PyMethodDef bridge_methods[] = {
      "pages the kernel writes back wholly inside a range while it drops it. Returns (bytes "
      "discarded, the (ino, errno) of the ranges the kernel refused). Blocks as "
      "invalidate_range does: call it from a worker thread."},
+    {"serve_pages", (PyCFunction)(void (*)(void))bridge_serve_pages,
+     METH_VARARGS | METH_KEYWORDS,
+     "serve_pages(table, arena, *, threads, relatime_ns): before the mount, have the session "
+     "read by that many request threads, which serve the reads and writes of the files in "
+     "table (a volfs.core._pagemap.PageTable) from arena (the store's writable mapping) and "
+     "hand everything else to pyfuse3. Kept until close()."},
+    {"served", bridge_served, METH_NOARGS,
+     "served(): (reads, writes) served in C, the requests the threads handed to pyfuse3, "
+     "and how many threads run."},
     {"active", bridge_active, METH_NOARGS,
      "active(): True from the creation of a FUSE session through the bridge until its "
      "unmount or destruction."},

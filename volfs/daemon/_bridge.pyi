@@ -2,6 +2,8 @@
 
 from collections.abc import Callable, Sequence
 
+from volfs.core._pagemap import PageTable
+
 class Request:
     """A FUSE request awaiting exactly one reply.
 
@@ -39,5 +41,7 @@ def invalidate_ranges(ranges: Sequence[tuple[int, int, int]]) -> list[tuple[int,
 def drop_purged_ranges(
     ranges: Sequence[tuple[int, int, int]],
 ) -> tuple[int, list[tuple[int, int]]]: ...
+def serve_pages(table: PageTable, arena: memoryview, *, threads: int, relatime_ns: int) -> None: ...
+def served() -> tuple[int, int, int, int]: ...
 def active() -> bool: ...
 def libfuse() -> str: ...

@@ -61,6 +61,8 @@ try:
         invalidate_range,
         invalidate_ranges,
         libfuse,
+        serve_pages,
+        served,
         set_handlers,
     )
 finally:
@@ -76,5 +78,7 @@ __all__ = [
     "invalidate_range",
     "invalidate_ranges",
     "libfuse",
+    "serve_pages",
+    "served",
     "set_handlers",
 ]

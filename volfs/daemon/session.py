@@ -17,10 +17,15 @@ from volfs.daemon import bridge  # binds ahead of pyfuse3: see volfs.daemon.brid
 import pyfuse3
 import trio
 
+from volfs.core.namespace import RELATIME_INTERVAL_NS
 from volfs.core.purge import Invalidation
 from volfs.daemon.fs import VolfsOperations
 
 log = logging.getLogger(__name__)
+
+#: Threads reading requests: each serves reads and writes of ordinary pages on its own and
+#: hands the rest to the event loop; more than the CPUs only add switching.
+REQUEST_THREADS = max(2, min(8, os.cpu_count() or 2))
 
 
 def invalidate(invalidations: Sequence[Invalidation]) -> int:
@@ -71,8 +76,16 @@ class Session:
     def __exit__(self, *exc_info: object) -> None:
         if self.mounted:
             self.mounted = False
+            reads, writes, handed, _threads = bridge.served()
             bridge.close()
             pyfuse3.close(unmount=True)
+            log.debug(
+                "served %d reads and %d writes in C; the request threads handed %d requests "
+                "to Python",
+                reads,
+                writes,
+                handed,
+            )
 
     def mount(self, operations: VolfsOperations, mountpoint: str, options: set[str]) -> None:
         """Mount ``operations`` on ``mountpoint``; returns once the kernel knows the mount.
@@ -81,10 +94,23 @@ class Session:
             RuntimeError: libfuse could not mount (it has printed why), or the bridge is not
                 active, so ioctls would not reach the daemon.
         """
-        pyfuse3.init(operations, mountpoint, options)
-        if not bridge.active():
-            pyfuse3.close(unmount=True)
-            raise RuntimeError("the ioctl bridge did not take hold of the FUSE session")
+        if "debug" not in options:
+            # libfuse's trace of every request would miss those the threads serve.
+            store = operations.namespace.store
+            bridge.serve_pages(
+                store.table,
+                store.arena.view,
+                threads=REQUEST_THREADS,
+                relatime_ns=RELATIME_INTERVAL_NS,
+            )
+        try:
+            pyfuse3.init(operations, mountpoint, options)
+            if not bridge.active():
+                pyfuse3.close(unmount=True)
+                raise RuntimeError("the ioctl bridge did not take hold of the FUSE session")
+        except BaseException:
+            bridge.close()  # lets go of the store's memory
+            raise
         bridge.set_handlers(
             ioctl=operations.ioctls.answer,
             fallocate=operations.fallocate,
