@@ -130,8 +130,11 @@ class FileModel:
     held: set[int]
     #: Pages purged and not reported, rewritten or truncated: True if they must fail reads
     #: with EIO, False if they may (a scribbled table may have made the daemon take garbage
-    #: for a pin that reported them).
+    #: for a pin that reported them, or for no pin after one that did).
     lost: dict[int, bool] = field(default_factory=dict)
+    #: Pages a pin reported purged (zeros since), which the daemon keeps lost until it looks
+    #: at the pin's word: a scribble before then may hide the pin from it for good.
+    reported: set[int] = field(default_factory=set)
     opens: int = 0
     table: TableModel | None = None
     #: Tables ended by a last close, whose mappings the client still has.
@@ -248,7 +251,8 @@ class SegmentsMachine(RuleBasedStateMachine):
             assert owner is not None
             f = owner[0]
             for page in range(model.first, model.end):
-                f.lost.pop(page, None)  # reported: zeros from now on
+                if f.lost.pop(page, None) is not None:  # reported: zeros from now on
+                    f.reported.add(page)
 
     def _resume_pins(self) -> None:
         """Pins waiting on a word that is no longer PURGING go on."""
@@ -469,6 +473,7 @@ class SegmentsMachine(RuleBasedStateMachine):
         for written in range(first, end_page):
             f.held.add(written)
             f.lost.pop(written, None)  # rewritten: data again
+            f.reported.discard(written)
 
     @rule(
         pick=files,
@@ -484,6 +489,7 @@ class SegmentsMachine(RuleBasedStateMachine):
             keep = pages_for(size)
             f.held = {page for page in f.held if page < keep}
             f.lost = {page: sure for page, sure in f.lost.items() if page < keep}
+            f.reported = {page for page in f.reported if page < keep}
         else:
             f.content.extend(bytes(size - len(f.content)))
 
@@ -786,9 +792,13 @@ class ScribbledSegmentsMachine(SegmentsMachine):
         if not table.scribbled:
             table.scribbled = True
             # Lost pages of its segments: the daemon may take garbage for a reporting pin.
+            # Pages a pin reported that the daemon has not looked at yet (it still keeps them
+            # lost): it may take garbage (PURGING, PURGED) for no pin, and keep them lost.
+            ranges = f.inode.vranges
+            unseen = {p for p in f.reported if ranges is not None and ranges.is_lost(p, p + 1)}
             for s in table.segments.values():
                 for page in range(s.first, s.end):
-                    if page in f.lost:
+                    if page in f.lost or page in unseen:
                         f.lost[page] = False
         self._resume_pins()
 
