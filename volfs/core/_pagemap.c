@@ -23,19 +23,18 @@
 static vf_pagemap_t *map_new(void) {
     vf_pagemap_t *map = calloc(1, sizeof *map);
     if (map == NULL) return NULL;
-    pthread_mutexattr_t attributes;
-    pthread_mutexattr_init(&attributes);
-    /* Python's helpers nest (a write allocating, say); a request thread locks once. */
-    pthread_mutexattr_settype(&attributes, PTHREAD_MUTEX_RECURSIVE);
-    pthread_mutex_init(&map->lock, &attributes);
-    pthread_mutexattr_destroy(&attributes);
+    pthread_rwlockattr_t attributes;
+    pthread_rwlockattr_init(&attributes);
+    pthread_rwlockattr_setkind_np(&attributes, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&map->lock, &attributes);
+    pthread_rwlockattr_destroy(&attributes);
     atomic_init(&map->refs, 1);
     return map;
 }
 
 static void map_unref(vf_pagemap_t *map) {
     if (atomic_fetch_sub(&map->refs, 1) != 1) return;
-    pthread_mutex_destroy(&map->lock);
+    pthread_rwlock_destroy(&map->lock);
     free(map->runs);
     free(map);
 }
@@ -61,7 +60,7 @@ typedef struct entry {
 } entry_t;
 
 typedef struct {
-    pthread_mutex_t lock;
+    pthread_rwlock_t lock; /* shared by lookups */
     entry_t **buckets;
     size_t nbuckets; /* a power of two */
     size_t count;
@@ -101,7 +100,7 @@ static void table_grow(table_t *table) {
 
 /* Take map out of the table if it is what ino names there. */
 static void table_remove(table_t *table, uint64_t ino, const vf_pagemap_t *only) {
-    pthread_mutex_lock(&table->lock);
+    pthread_rwlock_wrlock(&table->lock);
     entry_t **link = table_slot(table, ino);
     entry_t *entry = *link;
     if (entry != NULL && (only == NULL || entry->map == only)) {
@@ -110,7 +109,7 @@ static void table_remove(table_t *table, uint64_t ino, const vf_pagemap_t *only)
     } else {
         entry = NULL;
     }
-    pthread_mutex_unlock(&table->lock);
+    pthread_rwlock_unlock(&table->lock);
     if (entry != NULL) {
         map_unref(entry->map);
         free(entry);
@@ -119,11 +118,11 @@ static void table_remove(table_t *table, uint64_t ino, const vf_pagemap_t *only)
 
 static vf_pagemap_t *api_lookup(void *opaque, uint64_t ino) {
     table_t *table = opaque;
-    pthread_mutex_lock(&table->lock);
+    pthread_rwlock_rdlock(&table->lock);
     entry_t *entry = *table_slot(table, ino);
     vf_pagemap_t *map = entry != NULL ? entry->map : NULL;
     if (map != NULL) atomic_fetch_add(&map->refs, 1);
-    pthread_mutex_unlock(&table->lock);
+    pthread_rwlock_unlock(&table->lock);
     return map;
 }
 
@@ -134,6 +133,10 @@ typedef struct {
     vf_pagemap_t *map;
     PyObject *table; /* the PageTable it was added to, or NULL */
     uint64_t ino;
+    /* Python's helpers nest (a write allocating, say): the thread holding the lock
+     * exclusively and how many times it took it. Guarded by the GIL. */
+    unsigned long owner;
+    unsigned depth;
 } PageMapObject;
 
 typedef struct {
@@ -171,20 +174,40 @@ static void pagemap_dealloc(PageMapObject *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* Lock the map, letting other Python threads run if a request thread holds it. */
-static PyObject *pagemap_enter(PageMapObject *self, PyObject *unused) {
-    (void)unused;
-    if (pthread_mutex_trylock(&self->map->lock) != 0) {
+/* Lock the map exclusively (again, from the thread holding it), letting other Python
+ * threads run while request threads finish. */
+static void lock_exclusive(PageMapObject *self) {
+    unsigned long me = PyThread_get_thread_ident();
+    if (self->depth > 0 && self->owner == me) {
+        self->depth++;
+        return;
+    }
+    if (pthread_rwlock_trywrlock(&self->map->lock) != 0) {
         Py_BEGIN_ALLOW_THREADS
-        pthread_mutex_lock(&self->map->lock);
+        pthread_rwlock_wrlock(&self->map->lock);
         Py_END_ALLOW_THREADS
     }
+    self->owner = me;
+    self->depth = 1;
+}
+
+static void unlock_exclusive(PageMapObject *self) {
+    if (--self->depth == 0) pthread_rwlock_unlock(&self->map->lock);
+}
+
+static PyObject *pagemap_enter(PageMapObject *self, PyObject *unused) {
+    (void)unused;
+    lock_exclusive(self);
     return Py_NewRef(self);
 }
 
 static PyObject *pagemap_exit(PageMapObject *self, PyObject *args) {
     (void)args;
-    pthread_mutex_unlock(&self->map->lock);
+    if (self->depth == 0 || self->owner != PyThread_get_thread_ident()) {
+        PyErr_SetString(PyExc_RuntimeError, "the page map is not locked by this thread");
+        return NULL;
+    }
+    unlock_exclusive(self);
     Py_RETURN_FALSE;
 }
 
@@ -326,16 +349,12 @@ static PyObject *pagemap_set_hold(PageMapObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "Ip", &bit, &on)) return NULL;
     vf_pagemap_t *map = self->map;
     /* Under the lock: once set, no request thread is still inside the map. */
-    if (pthread_mutex_trylock(&map->lock) != 0) {
-        Py_BEGIN_ALLOW_THREADS
-        pthread_mutex_lock(&map->lock);
-        Py_END_ALLOW_THREADS
-    }
+    lock_exclusive(self);
     if (on)
         atomic_fetch_or(&map->holds, bit);
     else
         atomic_fetch_and(&map->holds, ~bit);
-    pthread_mutex_unlock(&map->lock);
+    unlock_exclusive(self);
     Py_RETURN_NONE;
 }
 
@@ -380,7 +399,8 @@ static PyGetSetDef pagemap_getset[] = {
 
 static PyMethodDef pagemap_methods[] = {
     {"__enter__", (PyCFunction)pagemap_enter, METH_NOARGS,
-     "Lock the map (recursive): request threads wait until __exit__."},
+     "Lock the map exclusively (again, from the thread holding it): request threads wait "
+     "until the matching __exit__."},
     {"__exit__", (PyCFunction)pagemap_exit, METH_VARARGS, "Unlock the map."},
     {"floor", (PyCFunction)pagemap_floor, METH_O,
      "floor(page): the run (page, arena, count) starting at or before page, or None. "
@@ -426,7 +446,7 @@ static PyObject *pagetable_new(PyTypeObject *type, PyObject *args, PyObject *kwa
     }
     PageTableObject *self = (PageTableObject *)type->tp_alloc(type, 0);
     if (self == NULL) return NULL;
-    pthread_mutex_init(&self->table.lock, NULL);
+    pthread_rwlock_init(&self->table.lock, NULL);
     self->table.nbuckets = 64;
     self->table.buckets = calloc(self->table.nbuckets, sizeof(entry_t *));
     if (self->table.buckets == NULL) {
@@ -439,7 +459,7 @@ static PyObject *pagetable_new(PyTypeObject *type, PyObject *args, PyObject *kwa
 static void pagetable_dealloc(PageTableObject *self) {
     /* Every map added holds a reference to the table: none is left in it now. */
     free(self->table.buckets);
-    pthread_mutex_destroy(&self->table.lock);
+    pthread_rwlock_destroy(&self->table.lock);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -455,7 +475,7 @@ static PyObject *pagetable_add(PageTableObject *self, PyObject *args) {
     if (entry == NULL) return PyErr_NoMemory();
     table_t *table = &self->table;
     atomic_fetch_add(&map->map->refs, 1);
-    pthread_mutex_lock(&table->lock);
+    pthread_rwlock_wrlock(&table->lock);
     entry_t **link = table_slot(table, ino);
     entry_t *replaced = *link;
     if (replaced != NULL) {
@@ -469,7 +489,7 @@ static PyObject *pagetable_add(PageTableObject *self, PyObject *args) {
     *head = entry;
     table->count++;
     table_grow(table);
-    pthread_mutex_unlock(&table->lock);
+    pthread_rwlock_unlock(&table->lock);
     if (replaced != NULL) {
         map_unref(replaced->map);
         free(replaced);
@@ -495,9 +515,9 @@ static PyObject *pagetable_contains_ino(PageTableObject *self, PyObject *arg) {
 }
 
 static Py_ssize_t pagetable_length(PageTableObject *self) {
-    pthread_mutex_lock(&self->table.lock);
+    pthread_rwlock_rdlock(&self->table.lock);
     size_t count = self->table.count;
-    pthread_mutex_unlock(&self->table.lock);
+    pthread_rwlock_unlock(&self->table.lock);
     return (Py_ssize_t)count;
 }
 

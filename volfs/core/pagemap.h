@@ -7,9 +7,10 @@
  * of its timestamps. Its runs are sorted by file page, never overlap, and runs adjacent in
  * both the file and the arena are merged.
  *
- * Locking: whoever changes the runs or the size holds the map's lock for the whole change,
- * so a reader holding it never sees a half-made change. The size, the page count and the
- * timestamps are also atomics, so Python may read them without the lock.
+ * Locking: Python changes the runs holding the map's lock exclusively for the whole change,
+ * so a request thread, which holds it shared from its lookup until its reply is written, never
+ * sees half of one. Request threads change only the data, the size (growing it, an atomic
+ * maximum) and the timestamps, all atomics, which Python may read without the lock.
  *
  * holds: a map with any bit set is served by Python alone (volatile ranges, a segment table,
  * pages reserved by fallocate). Bits are set and cleared under the lock, so once a bit is set
@@ -32,7 +33,7 @@ typedef struct {
 } vf_run_t;
 
 typedef struct vf_pagemap {
-    pthread_mutex_t lock;
+    pthread_rwlock_t lock; /* prefers writers: Python is never starved by request threads */
     atomic_long refs; /* the Python object's, a table's, a request thread's */
     vf_run_t *runs;
     size_t len, cap;
@@ -51,6 +52,13 @@ typedef struct {
     /* The table a PageTable object holds; NULL with TypeError set for another object. */
     void *(*table_of)(PyObject *object);
 } vf_pagemap_api_t;
+
+/* Grow the size to at least size. */
+static inline void vf_grow(vf_pagemap_t *map, int64_t size) {
+    int64_t seen = atomic_load(&map->size);
+    while (seen < size && !atomic_compare_exchange_weak(&map->size, &seen, size)) {
+    }
+}
 
 /* Index of the last run starting at or before page, or -1. O(log n). Under the lock. */
 static inline ptrdiff_t vf_floor(const vf_pagemap_t *map, int64_t page) {

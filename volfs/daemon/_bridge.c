@@ -936,9 +936,10 @@ static int find_libfuse(void) {
  * the loop reads, /dev/fuse; /dev/fuse is non-blocking exactly then. Replies, from either
  * side, go to /dev/fuse.
  *
- * A map's lock is held from the lookup of a request's pages until its reply is written, so
- * a change Python makes to the runs (a truncation, a purge, a hole punched) comes wholly
- * before or wholly after it, and a page is never read or written after Python freed it.
+ * A map's lock is held, shared, from the lookup of a request's pages until its reply is
+ * written, so a change Python makes to the runs (a truncation, a purge, a hole punched; it
+ * holds the lock exclusively) comes wholly before or wholly after it, and a page is never
+ * read or written after Python freed it.
  */
 
 #define REQUEST_THREADS_MAX 16
@@ -1052,19 +1053,19 @@ static void reply(const struct fuse_in_header *in, struct iovec *iov, int count,
     }
 }
 
-/* The map of a regular file the threads may serve, locked, or NULL. */
+/* The map of a regular file C may serve, locked (shared), or NULL. */
 static vf_pagemap_t *lock_map(uint64_t ino) {
     vf_pagemap_t *map = pages.api->lookup(pages.table, ino);
     if (map == NULL) return NULL;
-    pthread_mutex_lock(&map->lock);
+    pthread_rwlock_rdlock(&map->lock);
     if (atomic_load(&map->holds) == 0) return map;
-    pthread_mutex_unlock(&map->lock);
+    pthread_rwlock_unlock(&map->lock);
     pages.api->unref(map);
     return NULL;
 }
 
 static void unlock_map(vf_pagemap_t *map) {
-    pthread_mutex_unlock(&map->lock);
+    pthread_rwlock_unlock(&map->lock);
     pages.api->unref(map);
 }
 
@@ -1112,12 +1113,11 @@ static int serve_read(const struct fuse_in_header *in, const struct fuse_read_in
     }
     if (cursor < end)
         iov[count++] = (struct iovec){.iov_base = zero_pages, .iov_len = (size_t)(end - cursor)};
-    if (length > 0) {
-        int64_t now = now_ns(), atime = atomic_load(&map->atime_ns);
-        if (now - atime > pages.relatime_ns || atime <= atomic_load(&map->mtime_ns) ||
-            atime <= atomic_load(&map->ctime_ns))
-            atomic_store(&map->atime_ns, now);
-    }
+    /* relatime, as Python's reads keep it. */
+    int64_t now = now_ns(), atime = atomic_load(&map->atime_ns);
+    if (now - atime > pages.relatime_ns || atime <= atomic_load(&map->mtime_ns) ||
+        atime <= atomic_load(&map->ctime_ns))
+        atomic_store(&map->atime_ns, now);
     reply(in, iov, count, (size_t)length);
     unlock_map(map);
     atomic_fetch_add(&pages.reads, 1);
@@ -1168,7 +1168,7 @@ static int serve_write(const struct fuse_in_header *in, const struct fuse_write_
         memcpy(arena_at(run) + (cursor - lo), data + (cursor - offset), (size_t)(stop - cursor));
         cursor = stop;
     }
-    if ((int64_t)end > atomic_load(&map->size)) atomic_store(&map->size, (int64_t)end);
+    vf_grow(map, (int64_t)end);
     int64_t now = now_ns();
     atomic_store(&map->mtime_ns, now);
     atomic_store(&map->ctime_ns, now);
