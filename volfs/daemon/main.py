@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-d",
         "--debug",
         action="store_true",
-        help="-f with log_level=debug, and libfuse prints every request",
+        help="-f with log_level=debug, and libfuse prints every request (all served by Python)",
     )
     parser.add_argument("-V", "--version", action="version", version=f"volfs {__version__}")
     return parser
