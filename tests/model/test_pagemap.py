@@ -119,3 +119,26 @@ def test_a_table_forgets_a_map_once_it_is_freed_or_replaced() -> None:
     for ino, page_map in enumerate(many, start=10):
         table.add(ino, page_map)
     assert len(table) == 1000 and all(table.serves(ino) for ino in range(10, 1010))
+
+
+def test_timestamps_of_any_time_t_round_trip_exactly() -> None:
+    """tmpfs keeps years past 2262 and before 1677, which 64-bit nanoseconds cannot hold."""
+    year_2300 = 10_413_792_000 * 10**9 + 123
+    year_1500 = -14_831_769_600 * 10**9 + 500_000_000
+    page_map = PageMap(atime_ns=year_2300, mtime_ns=year_1500, ctime_ns=-1)
+    assert (page_map.atime_ns, page_map.mtime_ns, page_map.ctime_ns) == (year_2300, year_1500, -1)
+    page_map.mtime_ns = 2**62
+    assert page_map.mtime_ns == 2**62
+    with pytest.raises(OverflowError):
+        page_map.atime_ns = 2**200
+
+
+def test_runs_can_be_fetched_a_few_at_a_time() -> None:
+    page_map = PageMap()
+    with page_map:
+        for page in range(0, 100, 2):
+            page_map.insert(page, 1000 + 3 * page, 2)  # contiguous in the file, not the arena
+    assert len(page_map) == 50
+    assert page_map.runs(0, 200, 3) == [(0, 1000, 2), (2, 1006, 2), (4, 1012, 2)]
+    assert page_map.runs(7, 200, 1) == [(6, 1018, 2)]
+    assert len(page_map.runs(0, 200)) == 50

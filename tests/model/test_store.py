@@ -210,3 +210,18 @@ def test_background_reclaim_returns_pages_and_write_waits_for_them() -> None:
     store.arena._check()
     assert bytes(big.read(0, 3)) == b"xxx" and bytes(other.read(0, 2)) == b"yy"
     assert store.arena.dirty_pages == store.arena.punching_pages == 0
+
+
+def test_seeking_crosses_more_runs_than_are_fetched_at_once() -> None:
+    store = Store(4096 * PAGE_SIZE)
+    contents, spacer = store.new_file(), store.new_file()
+    for page in range(100):
+        contents.write(page * PAGE_SIZE, b"d" * PAGE_SIZE)
+        spacer.write(page * PAGE_SIZE, b"s" * PAGE_SIZE)  # keeps the file's runs apart
+    contents.truncate(110 * PAGE_SIZE)
+    contents.write(105 * PAGE_SIZE, b"e")
+    assert len(contents.map) == 101
+    assert contents.seek_hole(0) == 100 * PAGE_SIZE
+    assert contents.seek_data(100 * PAGE_SIZE) == 105 * PAGE_SIZE
+    assert contents.seek_hole(105 * PAGE_SIZE) == 106 * PAGE_SIZE
+    assert contents.seek_data(50 * PAGE_SIZE + 7) == 50 * PAGE_SIZE + 7

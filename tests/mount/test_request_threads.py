@@ -232,3 +232,16 @@ def test_writes_in_c_racing_truncation_never_reach_freed_pages(
     assert set(uncached_read(victim, 16 * PAGE, 0)) <= {0, ord("A")}
     _reads, writes = served(mount)
     assert writes > 100, writes
+
+
+def test_timestamps_past_2262_stay_exact_as_on_tmpfs(mnt: Path) -> None:
+    """A regular file's times live where C updates them, and still hold any time_t."""
+    path = mnt / "dated"
+    path.write_bytes(b"x" * PAGE)
+    year_2300 = 10_413_792_000 * 10**9 + 5
+    year_1500 = -14_831_769_600 * 10**9
+    os.utime(path, ns=(year_1500, year_2300))
+    status = os.stat(path)
+    assert (status.st_atime_ns, status.st_mtime_ns) == (year_1500, year_2300)
+    assert uncached_read(path, PAGE, 0) == b"x" * PAGE  # relatime: an atime before mtime moves
+    assert os.stat(path).st_atime_ns > year_1500

@@ -28,6 +28,7 @@ static vf_pagemap_t *map_new(void) {
     pthread_rwlockattr_setkind_np(&attributes, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
     pthread_rwlock_init(&map->lock, &attributes);
     pthread_rwlockattr_destroy(&attributes);
+    pthread_mutex_init(&map->times_lock, NULL);
     atomic_init(&map->refs, 1);
     return map;
 }
@@ -35,6 +36,7 @@ static vf_pagemap_t *map_new(void) {
 static void map_unref(vf_pagemap_t *map) {
     if (atomic_fetch_sub(&map->refs, 1) != 1) return;
     pthread_rwlock_destroy(&map->lock);
+    pthread_mutex_destroy(&map->times_lock);
     free(map->runs);
     free(map);
 }
@@ -147,10 +149,13 @@ typedef struct {
 static PyTypeObject PageMapType;
 static PyTypeObject PageTableType;
 
+static int set_time(PageMapObject *self, PyObject *value, void *closure);
+
 static PyObject *pagemap_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
     static char *keywords[] = {"atime_ns", "mtime_ns", "ctime_ns", NULL};
-    long long atime = 0, mtime = 0, ctime = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$LLL", keywords, &atime, &mtime, &ctime))
+    PyObject *times[3] = {NULL, NULL, NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$OOO", keywords, &times[0], &times[1],
+                                     &times[2]))
         return NULL;
     PageMapObject *self = (PageMapObject *)type->tp_alloc(type, 0);
     if (self == NULL) return NULL;
@@ -159,9 +164,15 @@ static PyObject *pagemap_new(PyTypeObject *type, PyObject *args, PyObject *kwarg
         Py_DECREF(self);
         return PyErr_NoMemory();
     }
-    atomic_store(&self->map->atime_ns, atime);
-    atomic_store(&self->map->mtime_ns, mtime);
-    atomic_store(&self->map->ctime_ns, ctime);
+    static const size_t fields[3] = {offsetof(vf_pagemap_t, atime),
+                                     offsetof(vf_pagemap_t, mtime),
+                                     offsetof(vf_pagemap_t, ctime)};
+    for (int i = 0; i < 3; i++) {
+        if (times[i] != NULL && set_time(self, times[i], (void *)fields[i]) < 0) {
+            Py_DECREF(self);
+            return NULL;
+        }
+    }
     return (PyObject *)self;
 }
 
@@ -224,12 +235,14 @@ static PyObject *pagemap_floor(PageMapObject *self, PyObject *arg) {
     return run_tuple(&self->map->runs[index]);
 }
 
-/* The runs of map overlapping [first, end), whole, in order. */
-static PyObject *runs_between(const vf_pagemap_t *map, int64_t first, int64_t end) {
+/* The runs of map overlapping [first, end), whole, in order; at most limit of them. */
+static PyObject *runs_between(const vf_pagemap_t *map, int64_t first, int64_t end,
+                              Py_ssize_t limit) {
     ptrdiff_t index = vf_floor(map, first);
     if (index < 0) index = 0;
     PyObject *list = PyList_New(0);
-    for (size_t i = (size_t)index; list != NULL && i < map->len && map->runs[i].page < end;
+    for (size_t i = (size_t)index;
+         list != NULL && i < map->len && map->runs[i].page < end && PyList_GET_SIZE(list) < limit;
          i++) {
         if (map->runs[i].page + map->runs[i].count <= first) continue;
         PyObject *run = run_tuple(&map->runs[i]);
@@ -241,13 +254,14 @@ static PyObject *runs_between(const vf_pagemap_t *map, int64_t first, int64_t en
 
 static PyObject *pagemap_runs(PageMapObject *self, PyObject *args) {
     long long first, end;
-    if (!PyArg_ParseTuple(args, "LL", &first, &end)) return NULL;
-    return runs_between(self->map, first, end);
+    Py_ssize_t limit = PY_SSIZE_T_MAX;
+    if (!PyArg_ParseTuple(args, "LL|n", &first, &end, &limit)) return NULL;
+    return runs_between(self->map, first, end, limit);
 }
 
 static PyObject *pagemap_items(PageMapObject *self, PyObject *unused) {
     (void)unused;
-    return runs_between(self->map, INT64_MIN, INT64_MAX);
+    return runs_between(self->map, INT64_MIN, INT64_MAX, PY_SSIZE_T_MAX);
 }
 
 static PyObject *pagemap_insert(PageMapObject *self, PyObject *args) {
@@ -378,6 +392,44 @@ static int set_atomic(PageMapObject *self, PyObject *value, void *closure) {
     return 0;
 }
 
+/* The timestamps, by offset in vf_pagemap_t, in ns since the epoch as Python ints. */
+static PyObject *get_time(PageMapObject *self, void *closure) {
+    vf_time_t *field = (vf_time_t *)((char *)self->map + (size_t)closure);
+    pthread_mutex_lock(&self->map->times_lock);
+    vf_time_t time = *field;
+    pthread_mutex_unlock(&self->map->times_lock);
+    PyObject *seconds = PyLong_FromLongLong(time.sec);
+    PyObject *billion = PyLong_FromLong(1000000000L);
+    PyObject *scaled = seconds && billion ? PyNumber_Multiply(seconds, billion) : NULL;
+    PyObject *nanoseconds = PyLong_FromLongLong(time.nsec);
+    PyObject *result = scaled && nanoseconds ? PyNumber_Add(scaled, nanoseconds) : NULL;
+    Py_XDECREF(seconds);
+    Py_XDECREF(billion);
+    Py_XDECREF(scaled);
+    Py_XDECREF(nanoseconds);
+    return result;
+}
+
+static int set_time(PageMapObject *self, PyObject *value, void *closure) {
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete a page map's fields");
+        return -1;
+    }
+    PyObject *billion = PyLong_FromLong(1000000000L);
+    PyObject *parts = billion ? PyNumber_Divmod(value, billion) : NULL;
+    Py_XDECREF(billion);
+    if (parts == NULL) return -1;
+    long long sec = PyLong_AsLongLong(PyTuple_GET_ITEM(parts, 0));
+    long long nsec = PyLong_AsLongLong(PyTuple_GET_ITEM(parts, 1));
+    Py_DECREF(parts);
+    if (PyErr_Occurred()) return -1;
+    vf_time_t *field = (vf_time_t *)((char *)self->map + (size_t)closure);
+    pthread_mutex_lock(&self->map->times_lock);
+    *field = (vf_time_t){.sec = sec, .nsec = nsec};
+    pthread_mutex_unlock(&self->map->times_lock);
+    return 0;
+}
+
 static PyObject *get_holds(PageMapObject *self, void *closure) {
     (void)closure;
     return PyLong_FromUnsignedLong(atomic_load(&self->map->holds));
@@ -388,9 +440,12 @@ static PyObject *get_holds(PageMapObject *self, void *closure) {
 
 static PyGetSetDef pagemap_getset[] = {
     ATOMIC(size, "the file's size in bytes (set it holding the lock)"),
-    ATOMIC(atime_ns, "last access, ns since the epoch"),
-    ATOMIC(mtime_ns, "last modification, ns since the epoch"),
-    ATOMIC(ctime_ns, "last status change, ns since the epoch"),
+    {"atime_ns", (getter)get_time, (setter)set_time, "last access, ns since the epoch",
+     (void *)offsetof(vf_pagemap_t, atime)},
+    {"mtime_ns", (getter)get_time, (setter)set_time, "last modification, ns since the epoch",
+     (void *)offsetof(vf_pagemap_t, mtime)},
+    {"ctime_ns", (getter)get_time, (setter)set_time, "last status change, ns since the epoch",
+     (void *)offsetof(vf_pagemap_t, ctime)},
     {"pages", (getter)get_atomic, NULL, "pages held: the sum of the runs' counts",
      (void *)offsetof(vf_pagemap_t, pages)},
     {"holds", (getter)get_holds, NULL, "the hold bits set (see set_hold)", NULL},
@@ -406,8 +461,8 @@ static PyMethodDef pagemap_methods[] = {
      "floor(page): the run (page, arena, count) starting at or before page, or None. "
      "O(log n)."},
     {"runs", (PyCFunction)pagemap_runs, METH_VARARGS,
-     "runs(first, end): the runs overlapping pages [first, end), whole, in order. "
-     "O(log n + k)."},
+     "runs(first, end, limit=None): the runs overlapping pages [first, end), whole, in "
+     "order; the first limit of them. O(log n + k)."},
     {"items", (PyCFunction)pagemap_items, METH_NOARGS, "items(): every run, in order."},
     {"insert", (PyCFunction)pagemap_insert, METH_VARARGS,
      "insert(page, arena, count): add a run over pages that hold none (ValueError "

@@ -10,7 +10,8 @@
  * Locking: Python changes the runs holding the map's lock exclusively for the whole change,
  * so a request thread, which holds it shared from its lookup until its reply is written, never
  * sees half of one. Request threads change only the data, the size (growing it, an atomic
- * maximum) and the timestamps, all atomics, which Python may read without the lock.
+ * maximum) and the timestamps (under their own small lock), which Python may read without
+ * the map's lock.
  *
  * holds: a map with any bit set is served by Python alone (volatile ranges, a segment table,
  * pages reserved by fallocate). Bits are set and cleared under the lock, so once a bit is set
@@ -32,6 +33,12 @@ typedef struct {
     int64_t count; /* pages */
 } vf_run_t;
 
+/* A timestamp: any time_t, as tmpfs keeps it (64-bit nanoseconds end in 2262). */
+typedef struct {
+    int64_t sec;
+    int64_t nsec; /* 0 to 999999999 */
+} vf_time_t;
+
 typedef struct vf_pagemap {
     pthread_rwlock_t lock; /* prefers writers: Python is never starved by request threads */
     atomic_long refs; /* the Python object's, a table's, a request thread's */
@@ -39,7 +46,8 @@ typedef struct vf_pagemap {
     size_t len, cap;
     _Atomic int64_t size; /* bytes */
     _Atomic int64_t pages; /* pages held: the sum of the runs' counts */
-    _Atomic int64_t atime_ns, mtime_ns, ctime_ns;
+    pthread_mutex_t times_lock; /* the timestamps', held only to read or set them */
+    vf_time_t atime, mtime, ctime;
     _Atomic unsigned holds;
 } vf_pagemap_t;
 
@@ -52,6 +60,11 @@ typedef struct {
     /* The table a PageTable object holds; NULL with TypeError set for another object. */
     void *(*table_of)(PyObject *object);
 } vf_pagemap_api_t;
+
+/* a < b */
+static inline int vf_time_before(vf_time_t a, vf_time_t b) {
+    return a.sec < b.sec || (a.sec == b.sec && a.nsec < b.nsec);
+}
 
 /* Grow the size to at least size. */
 static inline void vf_grow(vf_pagemap_t *map, int64_t size) {

@@ -943,9 +943,11 @@ static int find_libfuse(void) {
  */
 
 #define REQUEST_THREADS_MAX 16
-/* What libfuse reads at most: FUSE_MAX_MAX_PAGES pages and a header page. */
-#define REQUEST_BUFFER_BYTES ((256 + 1) * 4096)
+/* The store's pages (volfs.abi.PAGE_SIZE), whatever the system's. */
 #define PAGE_BYTES 4096
+/* The largest READ served in C: 1 MiB, the most the kernel asks with 4 KiB system pages; its
+ * pieces (data and holes alternating) stay far below the kernel's limit on iovecs. */
+#define READ_MAX_BYTES (256 * PAGE_BYTES)
 #define LARGEST_OFFSET INT64_MAX
 
 /* Pages requests the loop serves in a row before the threads read; requests the threads hand
@@ -968,7 +970,7 @@ static struct {
     void *table;
     Py_buffer arena;      /* the store's mapping; arena.obj is NULL when not configured */
     int64_t arena_pages;
-    int64_t relatime_ns;
+    vf_time_t relatime; /* how old atime may grow while later than mtime and ctime */
     int threads_wanted;
     pthread_t threads[REQUEST_THREADS_MAX];
     int threads_running;
@@ -980,6 +982,7 @@ static struct {
     atomic_int mode;      /* READ_BY_LOOP or READ_BY_THREADS */
     int served_in_a_row;  /* by the loop */
     atomic_int handed_in_a_row; /* by the threads */
+    atomic_int threads_alive;   /* threads still reading, or waiting to */
     unsigned proto_minor; /* from INIT */
     pthread_mutex_t queue_lock;
     handed_t *head, **tail;
@@ -995,12 +998,18 @@ static struct {
              .tail = &pages.head};
 
 /* Never written: what holes read as. */
-static char zero_pages[REQUEST_BUFFER_BYTES];
+static char zero_pages[READ_MAX_BYTES];
 
-static int64_t now_ns(void) {
+/* What libfuse reads at most, so what the kernel may send: FUSE_MAX_MAX_PAGES system pages
+ * and a header page. */
+static size_t request_buffer_bytes(void) {
+    return (size_t)(256 + 1) * (size_t)sysconf(_SC_PAGESIZE);
+}
+
+static vf_time_t now(void) {
     struct timespec now;
     clock_gettime(CLOCK_REALTIME, &now);
-    return (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
+    return (vf_time_t){.sec = now.tv_sec, .nsec = now.tv_nsec};
 }
 
 static void read_by_loop(void);
@@ -1021,7 +1030,9 @@ static void signal_waiting(void) {
 static void hand_over(const char *buffer, size_t size) {
     handed_t *request = malloc(sizeof *request + size);
     if (request == NULL) {
-        /* Nothing to hand over: answered here rather than left hanging. */
+        /* Nothing to hand over: answered here rather than left hanging, and the loop, which
+         * needs no copy, reads from now on. */
+        read_by_loop();
         const struct fuse_in_header *in = (const void *)buffer;
         struct fuse_out_header out = {.len = sizeof out, .error = -ENOMEM, .unique = in->unique};
         if (in->opcode != FUSE_FORGET && in->opcode != FUSE_BATCH_FORGET &&
@@ -1057,9 +1068,13 @@ static void reply(const struct fuse_in_header *in, struct iovec *iov, int count,
 static vf_pagemap_t *lock_map(uint64_t ino) {
     vf_pagemap_t *map = pages.api->lookup(pages.table, ino);
     if (map == NULL) return NULL;
-    pthread_rwlock_rdlock(&map->lock);
-    if (atomic_load(&map->holds) == 0) return map;
-    pthread_rwlock_unlock(&map->lock);
+    /* From pyfuse3's loop this waits holding the GIL: only that thread ever locks a map
+     * exclusively, and never while it reads requests, so nothing holding the lock needs the
+     * GIL. A failure (EDEADLK) leaves the request to Python. */
+    if (pthread_rwlock_rdlock(&map->lock) == 0) {
+        if (atomic_load(&map->holds) == 0) return map;
+        pthread_rwlock_unlock(&map->lock);
+    }
     pages.api->unref(map);
     return NULL;
 }
@@ -1086,7 +1101,7 @@ static int serve_read(const struct fuse_in_header *in, const struct fuse_read_in
     if (length > arg->size) length = arg->size;
     uint64_t end = offset + length;
     /* A header, then at most one piece of data and one of zeros a page. */
-    struct iovec iov[2 * (REQUEST_BUFFER_BYTES / PAGE_BYTES) + 3];
+    struct iovec iov[2 * (READ_MAX_BYTES / PAGE_BYTES) + 3];
     int count = 1;
     uint64_t cursor = offset;
     ptrdiff_t index = vf_floor(map, (int64_t)(offset / PAGE_BYTES));
@@ -1114,10 +1129,17 @@ static int serve_read(const struct fuse_in_header *in, const struct fuse_read_in
     if (cursor < end)
         iov[count++] = (struct iovec){.iov_base = zero_pages, .iov_len = (size_t)(end - cursor)};
     /* relatime, as Python's reads keep it. */
-    int64_t now = now_ns(), atime = atomic_load(&map->atime_ns);
-    if (now - atime > pages.relatime_ns || atime <= atomic_load(&map->mtime_ns) ||
-        atime <= atomic_load(&map->ctime_ns))
-        atomic_store(&map->atime_ns, now);
+    vf_time_t time = now();
+    vf_time_t stale = {.sec = time.sec - pages.relatime.sec, .nsec = time.nsec - pages.relatime.nsec};
+    if (stale.nsec < 0) {
+        stale.sec--;
+        stale.nsec += 1000000000;
+    }
+    pthread_mutex_lock(&map->times_lock);
+    if (vf_time_before(map->atime, stale) || !vf_time_before(map->mtime, map->atime) ||
+        !vf_time_before(map->ctime, map->atime))
+        map->atime = time;
+    pthread_mutex_unlock(&map->times_lock);
     reply(in, iov, count, (size_t)length);
     unlock_map(map);
     atomic_fetch_add(&pages.reads, 1);
@@ -1169,9 +1191,10 @@ static int serve_write(const struct fuse_in_header *in, const struct fuse_write_
         cursor = stop;
     }
     vf_grow(map, (int64_t)end);
-    int64_t now = now_ns();
-    atomic_store(&map->mtime_ns, now);
-    atomic_store(&map->ctime_ns, now);
+    vf_time_t time = now();
+    pthread_mutex_lock(&map->times_lock);
+    map->mtime = map->ctime = time;
+    pthread_mutex_unlock(&map->times_lock);
     unlock_map(map);
     reply(in, iov, 2, sizeof out);
     atomic_fetch_add(&pages.writes, 1);
@@ -1209,6 +1232,7 @@ static int set_blocking(int blocking) {
 
 /* Called by pyfuse3's loop: the threads read from now on. */
 static void read_by_threads(void) {
+    if (atomic_load(&pages.threads_alive) == 0) return;
     /* The loop no longer reads (so nothing blocks it), then the threads may block. */
     pthread_mutex_lock(&pages.mode_lock);
     atomic_store(&pages.mode, READ_BY_THREADS);
@@ -1230,10 +1254,13 @@ static void read_by_loop(void) {
     pthread_mutex_lock(&pages.mode_lock);
     struct epoll_event event = {.events = EPOLLIN, .data.fd = device_fd};
     /* Non-blocking before the loop may read; the loop stays out while that fails. */
-    if (atomic_load(&pages.mode) == READ_BY_THREADS && set_blocking(0) == 0 &&
-        epoll_ctl(pages.session_fd, EPOLL_CTL_ADD, device_fd, &event) == 0) {
-        pages.served_in_a_row = 0;
-        atomic_store(&pages.mode, READ_BY_LOOP);
+    if (atomic_load(&pages.mode) == READ_BY_THREADS && set_blocking(0) == 0) {
+        if (epoll_ctl(pages.session_fd, EPOLL_CTL_ADD, device_fd, &event) == 0) {
+            pages.served_in_a_row = 0;
+            atomic_store(&pages.mode, READ_BY_LOOP);
+        } else {
+            set_blocking(1); /* the threads read on, waiting as before */
+        }
     }
     pthread_mutex_unlock(&pages.mode_lock);
 }
@@ -1254,17 +1281,23 @@ static void wait_for_reading(void) {
     pthread_cleanup_pop(1);
 }
 
-/* The request threads' work: read, serve or hand over, until the connection ends. */
-static void *request_thread(void *unused) {
-    (void)unused;
+static void free_buffer(void *buffer) { free(buffer); }
+
+/*
+ * The request threads' work: read, serve or hand over, until the connection ends (ENODEV on
+ * unmount ends pyfuse3's loop too). A thread failing otherwise leaves the reading to the
+ * others, or to the loop once it is the last.
+ */
+static void *request_thread(void *buffer) {
     pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, NULL);
-    char *buffer = malloc(REQUEST_BUFFER_BYTES);
-    int error = buffer == NULL ? ENOMEM : 0;
+    size_t size = request_buffer_bytes();
+    int error = 0;
+    pthread_cleanup_push(free_buffer, buffer);
     while (error == 0) {
         wait_for_reading();
         /* Stopped (pthread_cancel) only while waiting for a request. */
         pthread_setcancelstate(PTHREAD_CANCEL_ENABLE, NULL);
-        ssize_t got = read(device_fd, buffer, REQUEST_BUFFER_BYTES);
+        ssize_t got = read(device_fd, buffer, size);
         pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, NULL);
         if (got < 0) {
             /* ENOENT: the request was interrupted before it was read; EAGAIN: the loop reads
@@ -1280,14 +1313,16 @@ static void *request_thread(void *unused) {
                 read_by_loop();
         }
     }
-    free(buffer);
-    /* The first thread to stop ends pyfuse3's loop (ENODEV on unmount). */
-    pthread_mutex_lock(&pages.queue_lock);
-    if (pages.ended == 0) {
-        signal_waiting();
-        pages.ended = error;
+    if (atomic_fetch_sub(&pages.threads_alive, 1) == 1 || error != ENODEV) read_by_loop();
+    if (error == ENODEV) {
+        pthread_mutex_lock(&pages.queue_lock);
+        if (pages.ended == 0) {
+            signal_waiting();
+            pages.ended = error;
+        }
+        pthread_mutex_unlock(&pages.queue_lock);
     }
-    pthread_mutex_unlock(&pages.queue_lock);
+    pthread_cleanup_pop(1);
     return NULL;
 }
 
@@ -1378,8 +1413,17 @@ static int start_request_threads(struct fuse_session *se) {
         stop_request_threads(NULL);
         return -1;
     }
+    atomic_store(&pages.threads_alive, 0);
     for (int i = 0; i < pages.threads_wanted; i++) {
-        if (pthread_create(&pages.threads[i], NULL, request_thread, NULL) != 0) break;
+        /* Each thread's buffer before it starts: a thread never fails for want of one. */
+        char *buffer = malloc(request_buffer_bytes());
+        if (buffer == NULL) break;
+        atomic_fetch_add(&pages.threads_alive, 1);
+        if (pthread_create(&pages.threads[i], NULL, request_thread, buffer) != 0) {
+            atomic_fetch_sub(&pages.threads_alive, 1);
+            free(buffer);
+            break;
+        }
         pthread_setname_np(pages.threads[i], "volfs-requests");
         pages.threads_running++;
     }
@@ -1693,7 +1737,8 @@ static PyObject *bridge_serve_pages(PyObject *module, PyObject *args, PyObject *
     pages.table = opaque;
     pages.arena = arena;
     pages.arena_pages = arena.len / PAGE_BYTES;
-    pages.relatime_ns = relatime_ns;
+    pages.relatime = (vf_time_t){.sec = relatime_ns / 1000000000,
+                                 .nsec = relatime_ns % 1000000000};
     pages.threads_wanted = threads;
     Py_RETURN_NONE;
 }
