@@ -366,8 +366,10 @@ static void bridge_init(void *userdata, struct fuse_conn_info *conn) {
     if (pyfuse3_init != NULL) pyfuse3_init(userdata, conn);
     /* VOLFS_IOC_PURGE works on directories too. */
     if (conn->capable & FUSE_CAP_IOCTL_DIR) conn->want |= FUSE_CAP_IOCTL_DIR;
-    /* Requests read by splicing would bypass killpriv_read. */
-    conn->want &= ~FUSE_CAP_SPLICE_READ;
+    /* Requests read by splicing would bypass killpriv_read; replies spliced would bypass the
+     * bridge's writev, and its descriptor (the session's, an epoll set while the request
+     * threads run) is not /dev/fuse. */
+    conn->want &= ~(FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE);
     /* The kernel's cached pages change only through the kernel, or by purges, which drop
      * them explicitly: an mtime change seen in an attribute reply need not drop them all. */
     if (conn->capable & FUSE_CAP_EXPLICIT_INVAL_DATA) {
