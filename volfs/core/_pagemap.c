@@ -362,6 +362,8 @@ static PyObject *pagemap_set_hold(PageMapObject *self, PyObject *args) {
     int on;
     if (!PyArg_ParseTuple(args, "Ip", &bit, &on)) return NULL;
     vf_pagemap_t *map = self->map;
+    /* Each bit has one owner, on one thread: unchanged, it needs no lock. */
+    if (((atomic_load(&map->holds) & bit) != 0) == (on != 0)) Py_RETURN_NONE;
     /* Under the lock: once set, no request thread is still inside the map. */
     lock_exclusive(self);
     if (on)
@@ -398,6 +400,9 @@ static PyObject *get_time(PageMapObject *self, void *closure) {
     pthread_mutex_lock(&self->map->times_lock);
     vf_time_t time = *field;
     pthread_mutex_unlock(&self->map->times_lock);
+    /* Every time between 1677 and 2262 fits 64-bit nanoseconds: no arithmetic on objects. */
+    if (time.sec > INT64_MIN / 1000000000 && time.sec < INT64_MAX / 1000000000)
+        return PyLong_FromLongLong(time.sec * 1000000000 + time.nsec);
     PyObject *seconds = PyLong_FromLongLong(time.sec);
     PyObject *billion = PyLong_FromLong(1000000000L);
     PyObject *scaled = seconds && billion ? PyNumber_Multiply(seconds, billion) : NULL;
@@ -472,7 +477,7 @@ static PyMethodDef pagemap_methods[] = {
      "the (arena page, count) runs they held. Holding the lock."},
     {"set_hold", (PyCFunction)pagemap_set_hold, METH_VARARGS,
      "set_hold(bit, on): set or clear a hold bit; while any is set only Python serves the "
-     "file. Takes the lock."},
+     "file. Takes the lock when the bit changes."},
     {NULL, NULL, 0, NULL},
 };
 

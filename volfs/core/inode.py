@@ -167,9 +167,8 @@ class Inode:
         self._hold(HOLD_SEGMENTS, table is not None)
 
     def _hold(self, bit: int, on: bool) -> None:
-        contents = self.contents
-        if contents is not None and bool(contents.map.holds & bit) != on:
-            contents.map.set_hold(bit, on)
+        if self.contents is not None:
+            self.contents.map.set_hold(bit, on)
 
     @property
     def atime_ns(self) -> int:

@@ -365,9 +365,7 @@ class FileContents:
 
     def _note_unwritten(self) -> None:
         """Keep request threads off the file while fallocate's reserved pages are tracked."""
-        reserved = bool(self._unwritten)
-        if reserved != bool(self.map.holds & HOLD_RESERVED):
-            self.map.set_hold(HOLD_RESERVED, reserved)
+        self.map.set_hold(HOLD_RESERVED, bool(self._unwritten))
 
     def _runs(self, first: int, end: int) -> list[tuple[int, int, int]]:
         """The ``(file page, arena page, count)`` of the held runs overlapping [first, end).

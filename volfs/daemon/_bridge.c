@@ -1748,8 +1748,8 @@ static PyObject *bridge_serve_pages(PyObject *module, PyObject *args, PyObject *
 static PyObject *bridge_served(PyObject *module, PyObject *unused) {
     (void)module;
     (void)unused;
-    return Py_BuildValue("KKKi", atomic_load(&pages.reads), atomic_load(&pages.writes),
-                         atomic_load(&pages.handed), pages.threads_running);
+    return Py_BuildValue("KKK", atomic_load(&pages.reads), atomic_load(&pages.writes),
+                         atomic_load(&pages.handed));
 }
 
 static PyObject *bridge_active(PyObject *module, PyObject *unused) {
@@ -1802,8 +1802,8 @@ static PyMethodDef bridge_methods[] = {
      "table (a volfs.core._pagemap.PageTable) from arena (the store's writable mapping) and "
      "hand everything else to pyfuse3. Kept until close()."},
     {"served", bridge_served, METH_NOARGS,
-     "served(): (reads, writes) served in C, the requests the threads handed to pyfuse3, "
-     "and how many threads run."},
+     "served(): (reads, writes) served in C, and the requests the threads handed to "
+     "pyfuse3."},
     {"active", bridge_active, METH_NOARGS,
      "active(): True from the creation of a FUSE session through the bridge until its "
      "unmount or destruction."},

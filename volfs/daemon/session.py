@@ -76,7 +76,7 @@ class Session:
     def __exit__(self, *exc_info: object) -> None:
         if self.mounted:
             self.mounted = False
-            reads, writes, handed, _threads = bridge.served()
+            reads, writes, handed = bridge.served()
             bridge.close()
             pyfuse3.close(unmount=True)
             log.debug(
