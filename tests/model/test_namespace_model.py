@@ -122,11 +122,13 @@ class Model:
         return sum(len(node.pages) for node in self.nodes.values())
 
     def release(self, node: Node) -> None:
-        """What the namespace does once nothing but the kernel refers to an inode."""
+        """What the namespace does once no name and no handle refers to an inode (its slot
+        goes), and once the kernel does not either (its contents go)."""
         if node.links or node.opens:
             return
         node.alive = False
-        node.pages.clear()
+        if not node.lookups:
+            node.pages.clear()
 
     @staticmethod
     def directory_error(node: Node) -> int | None:

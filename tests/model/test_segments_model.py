@@ -735,6 +735,8 @@ class SegmentsMachine(RuleBasedStateMachine):
             assert self.store.charged_bytes == 0
             for f in self.files:
                 self.namespace.unlink(ROOT_INODE, f.name)
+                # As the kernel does once a file without names is not in use.
+                self.namespace.forget(f.inode.ino, f.inode.lookups)
             assert self.store.used_bytes == 0
             assert self.namespace.purger.limits.records == 0
         finally:

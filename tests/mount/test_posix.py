@@ -174,6 +174,32 @@ def test_unlinked_open_file_lives_until_last_close(mnt: Path) -> None:
     assert statvfs.f_blocks == statvfs.f_bfree, "the unlinked file's pages were not freed"
 
 
+def test_a_file_reached_before_its_last_name_went_still_opens_whole(mnt: Path) -> None:
+    """As on tmpfs: what a path walk found (here an O_PATH descriptor) opens with its data
+    after an unlink or a rename over it, and its memory goes once nothing refers to it."""
+    for replace in (Path.unlink, (mnt / "newer").replace):
+        path = mnt / "victim"
+        data = os.urandom(40_000)
+        path.write_bytes(data)
+        (mnt / "newer").write_bytes(b"newer")
+        found = os.open(path, os.O_PATH)
+        try:
+            replace(path)
+            fd = os.open(f"/proc/self/fd/{found}", os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # from the daemon
+                assert os.fstat(fd).st_size == len(data)
+                assert os.pread(fd, len(data) + 1, 0) == data
+            finally:
+                os.close(fd)
+        finally:
+            os.close(found)
+        (mnt / "newer").unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+    statvfs = os.statvfs(mnt)
+    assert statvfs.f_blocks == statvfs.f_bfree, "the files' pages were not freed"
+
+
 def test_rename_replaces_moves_and_keeps_inode(mnt: Path) -> None:
     (mnt / "a").write_bytes(b"A")
     (mnt / "b").write_bytes(b"B")

@@ -168,16 +168,23 @@ class Namespace:
         self.volatility.forget_lost(self._inodes[ino], first, end)
 
     def _release_if_unused(self, inode: Inode) -> None:
-        """Free what nobody can reach any more: contents first, then the inode itself."""
+        """Free what nobody can reach any more: the inode's slot once no name and no handle
+        is left; its contents and attributes, then the inode itself, once the kernel has
+        forgotten it too.
+
+        Until then the kernel may still open it, as on tmpfs: a path walk that found it
+        before its last name went (a rename over it, an unlink racing the open), or an
+        O_PATH descriptor through /proc/self/fd. The kernel forgets an inode without names
+        as soon as nothing of it is in use.
+        """
         if inode.nlink or inode.opens:
             return
         if inode.alive:
             inode.alive = False
             self.live_inodes -= 1
             self.store.uncharge(_symlink_charge(inode.target))
-        # Every time, not only the first: an inode nobody can name may still be reached
-        # (reopened through /proc/self/fd, given attributes through a removed directory held
-        # open), and what it gained since must go too.
+        if inode.lookups:
+            return
         if inode.contents is not None:
             inode.contents.clear()
         if inode.vranges is not None:
@@ -190,9 +197,8 @@ class Namespace:
             inode.xattrs.clear()
             inode.xattr_list_bytes = 0
             inode.note_privileges()
-        if not inode.lookups and inode is not self.root:
-            del self._inodes[inode.ino]
-            self.store.forget_file(inode.ino)
+        del self._inodes[inode.ino]
+        self.store.forget_file(inode.ino)
 
     def forget(self, ino: int, count: int) -> None:
         """The kernel dropped ``count`` references to ``ino``."""
