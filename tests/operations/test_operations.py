@@ -43,7 +43,7 @@ from volfs.abi import (
 from volfs.core.namespace import ROOT_INODE
 from volfs.core.ranges import RecordLimits
 from volfs.core.volatility import VRANGE_STEP
-from volfs.daemon import bridge, session
+from volfs.daemon import bridge, session, wire
 from volfs.daemon.handover import TableHandover
 
 P = PAGE_SIZE
@@ -620,6 +620,127 @@ def test_a_bug_answers_eio_for_its_request_only(
     assert "answering EIO" in logged[0].getMessage()
     assert logged[0].exc_info is not None
     assert str(logged[0].exc_info[1]) == "a bug"
+
+
+# -- requests answered at once (the bridge passes them undecoded) ----------------------------
+
+
+def _stat_of(attr: tuple[int, ...]) -> tuple[int, ...]:
+    """A decoded ``struct fuse_attr`` as stat(2) would show it, times in nanoseconds."""
+    ino, size, blocks, atime, mtime, ctime, atime_ns, mtime_ns, ctime_ns, *rest = attr
+    mode, nlink, uid, gid, rdev, blksize, flags = rest
+    assert (
+        flags == 0
+        and min(atime_ns, mtime_ns, ctime_ns) >= 0
+        and max(atime_ns, mtime_ns, ctime_ns) < 10**9
+    )
+    times = (atime * 10**9 + atime_ns, mtime * 10**9 + mtime_ns, ctime * 10**9 + ctime_ns)
+    return (ino, size, blocks, *times, mode, nlink, uid, gid, rdev, blksize)
+
+
+def _stat_from(attributes: pyfuse3.EntryAttributes) -> tuple[int, ...]:
+    """The same of pyfuse3's attributes."""
+    a = attributes
+    return (
+        a.st_ino, a.st_size, a.st_blocks, a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns,
+        a.st_mode, a.st_nlink, a.st_uid, a.st_gid, a.st_rdev, a.st_blksize,
+    )  # fmt: skip
+
+
+def _create_at_once(
+    ops: fs.VolfsOperations, name: bytes, uid: int, gid: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """CREATE ``name`` (0640) in the root as the bridge would; the decoded entry and open."""
+    argument = wire.CREATE_IN.pack(os.O_RDWR, 0o100640, 0o022, 0) + name + b"\0"
+    reply = ops.answer_at_once(wire.FUSE_CREATE, ROOT_INODE, uid, gid, argument)
+    assert isinstance(reply, bytes)
+    assert len(reply) == wire.ENTRY_OUT.size + wire.OPEN_OUT.size
+    return wire.ENTRY_OUT.unpack_from(reply), wire.OPEN_OUT.unpack_from(reply, wire.ENTRY_OUT.size)
+
+
+def test_requests_answered_at_once_reply_what_pyfuse3_would() -> None:
+    seconds, nanoseconds = int(fs.CACHE_TIMEOUT), 0
+    valid = (seconds, seconds, nanoseconds, nanoseconds)  # entry, then attributes
+
+    async def test(mount: Mount) -> None:
+        ops = mount.ops
+        entry, (fh, open_flags, _backing) = _create_at_once(ops, b"made", 41001, 41002)
+        assert open_flags == wire.FOPEN_KEEP_CACHE
+        assert await ops.write(fh, 0, pages(1) + b"x") == P + 1
+        # Times before 1970 too: seconds are signed, nanoseconds not.
+        mount.core.namespace.get(entry[0]).mtime_ns = -1_500_000_000_123
+        looked_up = await ops.lookup(ROOT_INODE, b"made", CTX)
+        assert (looked_up.st_uid, looked_up.st_gid, looked_up.st_mode) == (41001, 41002, 0o100640)
+        lookup = ops.answer_at_once(wire.FUSE_LOOKUP, ROOT_INODE, 0, 0, b"made\0")
+        assert isinstance(lookup, bytes)
+        decoded = wire.ENTRY_OUT.unpack(lookup)
+        assert decoded[:6] == (looked_up.st_ino, 0, *valid)
+        assert _stat_of(decoded[6:]) == _stat_from(looked_up)
+        assert decoded[6 + 4] == -1501  # mtime's seconds: before 1970, rounded down
+        getattr_reply = ops.answer_at_once(wire.FUSE_GETATTR, entry[0], 0, 0, bytes(16))
+        assert isinstance(getattr_reply, bytes)
+        attributes = await ops.getattr(entry[0], CTX)
+        decoded = wire.ATTR_OUT.unpack(getattr_reply)
+        assert decoded[:3] == (seconds, nanoseconds, 0)
+        assert _stat_of(decoded[3:]) == _stat_from(attributes)
+        absent = ops.answer_at_once(wire.FUSE_LOOKUP, ROOT_INODE, 0, 0, b"absent\0")
+        assert isinstance(absent, bytes)
+        assert wire.ENTRY_OUT.unpack(absent)[:6] == (0, 0, *valid)
+        # Requests it does not answer go to pyfuse3.
+        assert ops.answer_at_once(16, entry[0], 0, 0, b"") is None
+
+    run(test)
+
+
+def test_files_opened_released_and_forgotten_at_once_live_as_through_pyfuse3() -> None:
+    async def test(mount: Mount) -> None:
+        ops = mount.ops
+        entry, (fh, _open_flags, _backing) = _create_at_once(ops, b"made", 0, 0)
+        assert await ops.write(fh, 0, pages(1) + b"x") == P + 1
+        # An open that must truncate goes through pyfuse3, having done nothing.
+        truncating = wire.OPEN_IN.pack(os.O_WRONLY | os.O_TRUNC, 0)
+        assert ops.answer_at_once(wire.FUSE_OPEN, entry[0], 0, 0, truncating) is None
+        assert (await ops.getattr(entry[0], CTX)).st_size == P + 1
+        reader = ops.answer_at_once(wire.FUSE_OPEN, entry[0], 0, 0, wire.OPEN_IN.pack(0, 0))
+        assert isinstance(reader, bytes)
+        (reader_fh, _flags, _backing) = wire.OPEN_OUT.unpack(reader)
+        assert await mount.read(reader_fh, 0, 2) == page(1)[:2]
+        assert ops.answer_at_once(wire.FUSE_UNLINK, ROOT_INODE, 0, 0, b"made\0") == b""
+        assert ops.answer_at_once(wire.FUSE_UNLINK, ROOT_INODE, 0, 0, b"made\0") == errno.ENOENT
+        release = wire.RELEASE_IN.pack(fh, 0, 0, 0)
+        assert ops.answer_at_once(wire.FUSE_RELEASE, entry[0], 0, 0, release) == b""
+        assert await mount.read(reader_fh, 0, 2) == page(1)[:2]  # open, though unlinked
+        release = wire.RELEASE_IN.pack(reader_fh, 0, 0, 0)
+        assert ops.answer_at_once(wire.FUSE_RELEASE, entry[0], 0, 0, release) == b""
+        # Looked up by CREATE: the kernel may open it until it forgets it.
+        assert (await ops.statfs(CTX)).f_bfree == 62
+        forget = wire.BATCH_FORGET_IN.pack(1, 0) + wire.FORGET_ONE.pack(entry[0], 1)
+        assert ops.answer_at_once(wire.FUSE_BATCH_FORGET, 0, 0, 0, forget) == b""
+        with pytest.raises(OSError) as gone:
+            mount.core.namespace.get(entry[0])
+        assert gone.value.errno == errno.ENOENT
+        assert (await ops.statfs(CTX)).f_bfree == 64
+
+    run(test)
+
+
+def test_a_malformed_request_answered_at_once_fails_alone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def test(mount: Mount) -> None:
+        ops = mount.ops
+        assert ops.answer_at_once(wire.FUSE_CREATE, ROOT_INODE, 0, 0, b"\0\0") == errno.EIO
+        assert ops.answer_at_once(
+            wire.FUSE_RELEASE, 1, 0, 0, wire.RELEASE_IN.pack(99, 0, 0, 0)
+        ) == (errno.EIO)
+        created = wire.CREATE_IN.pack(os.O_RDWR, 0o100600, 0, 0) + b"f\0"
+        assert isinstance(ops.answer_at_once(wire.FUSE_CREATE, ROOT_INODE, 0, 0, created), bytes)
+        assert ops.answer_at_once(wire.FUSE_CREATE, ROOT_INODE, 0, 0, created) == errno.EEXIST
+
+    with caplog.at_level(logging.ERROR):
+        run(test)
+    logged = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert len(logged) == 2 and all("answering EIO" in message for message in logged)
 
 
 # -- the session ------------------------------------------------------------------------------

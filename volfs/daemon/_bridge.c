@@ -60,6 +60,7 @@ static PyObject *ioctl_handler;
 static PyObject *fallocate_handler;
 static PyObject *lseek_handler;
 static PyObject *kill_privileges_handler;
+static PyObject *at_once_handler;
 
 /*
  * Log a message on the "volfs.daemon.bridge" logger, from any thread, keeping any exception
@@ -926,7 +927,9 @@ static int find_libfuse(void) {
  *
  * Who reads /dev/fuse depends on what comes:
  *   - by default pyfuse3's loop does (reading without blocking, as it always did): it serves
- *     the pages requests it reads in C on the spot, and passes the others to libfuse;
+ *     the pages requests it reads in C on the spot, has Python answer the namespace's most
+ *     frequent requests on the spot too (see "requests answered at once"), and passes the
+ *     others to libfuse;
  *   - once it has read READ_BY_THREADS_AFTER pages requests in a row, the request threads
  *     take over, each blocking in its own read of /dev/fuse (a read and a writev a request: no
  *     event loop, no GIL, several at once). They hand every other request to pyfuse3: queued,
@@ -986,11 +989,13 @@ static struct {
     atomic_int handed_in_a_row; /* by the threads */
     atomic_int threads_alive;   /* threads still reading, or waiting to */
     unsigned proto_minor; /* from INIT */
+    int deny_others;      /* allow_root: only the daemon's user and root are served */
+    uid_t owner;
     pthread_mutex_t queue_lock;
     handed_t *head, **tail;
     int waiting;          /* requests in the queue */
     int ended;            /* errno that ended the reading, 0 while it goes on */
-    atomic_ullong reads, writes, handed;
+    atomic_ullong reads, writes, handed, at_once;
 } pages = {.session_fd = -1,
              .wake_fd = -1,
              .signal_fd = -1,
@@ -1349,39 +1354,116 @@ static handed_t *take_handed(int *ended) {
     return request;
 }
 
+/* -- requests answered at once ---------------------------------------------------------- */
+
+/*
+ * The namespace's most frequent requests (a create+stat+unlink is six of them) go to Python
+ * as the kernel sent them, from libfuse's read on pyfuse3's loop, and the bytes Python
+ * returns are the reply: no decoding and encoding by libfuse, no coroutine of pyfuse3's, no
+ * turn of the event loop before the next request is read. Python answers them between two
+ * awaits of every task, so with the namespace as consistent as any handler finds it; a
+ * request it must wait for (an open that truncates) it declines, and pyfuse3 gets it.
+ * Requires protocol 7.12 (struct fuse_create_in as volfs.daemon.wire has it).
+ */
+static int answers_at_once(uint32_t opcode) {
+    switch (opcode) {
+    case FUSE_LOOKUP:
+    case FUSE_FORGET:
+    case FUSE_GETATTR:
+    case FUSE_UNLINK:
+    case FUSE_OPEN:
+    case FUSE_RELEASE:
+    case FUSE_CREATE:
+    case FUSE_BATCH_FORGET:
+        return 1;
+    }
+    return 0;
+}
+
+/* Have Python answer the request in buffer if it is one of those; 0 if libfuse must. */
+static int answer_at_once(const char *buffer, size_t size) {
+    const struct fuse_in_header *in = (const void *)buffer;
+    if (at_once_handler == NULL || pages.proto_minor < 12 || !answers_at_once(in->opcode))
+        return 0;
+    /* libfuse refuses the others' requests (but RELEASE) itself: it gets them. */
+    if (pages.deny_others && in->uid != pages.owner && in->uid != 0 && in->opcode != FUSE_RELEASE)
+        return 0;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject *result = PyObject_CallFunction(
+        at_once_handler, "IKIIy#", in->opcode, (unsigned long long)in->nodeid, in->uid,
+        in->gid, buffer + sizeof *in, (Py_ssize_t)(size - sizeof *in));
+    int answered = result != Py_None;
+    int error = 0;
+    Py_buffer reply = {0};
+    if (result == NULL) {
+        /* The handler contains its own failures: this is the call itself (no memory). */
+        PyErr_WriteUnraisable(at_once_handler);
+        error = EIO;
+    } else if (PyLong_Check(result)) {
+        long code = PyLong_AsLong(result);
+        error = code > 0 && code < 4096 ? (int)code : EIO;
+        PyErr_Clear();
+    } else if (answered && PyObject_GetBuffer(result, &reply, PyBUF_SIMPLE) < 0) {
+        PyErr_WriteUnraisable(at_once_handler);
+        error = EIO;
+    }
+    if (answered && in->opcode != FUSE_FORGET && in->opcode != FUSE_BATCH_FORGET) {
+        struct iovec iov[2];
+        struct fuse_out_header out = {.len = sizeof out, .error = -error, .unique = in->unique};
+        iov[0] = (struct iovec){.iov_base = &out, .iov_len = sizeof out};
+        int count = 1;
+        if (error == 0 && reply.len > 0) {
+            iov[count++] = (struct iovec){.iov_base = reply.buf, .iov_len = (size_t)reply.len};
+            out.len += (uint32_t)reply.len;
+        }
+        /* ENOENT: the request was interrupted and answered meanwhile. */
+        if (writev(device_fd, iov, count) < 0) { /* nothing to do */
+        }
+    }
+    if (reply.obj != NULL) PyBuffer_Release(&reply);
+    Py_XDECREF(result);
+    PyGILState_Release(gil);
+    if (answered) atomic_fetch_add(&pages.at_once, 1);
+    return answered;
+}
+
 /*
  * libfuse's read for pyfuse3's loop: a request handed over by the threads, else (while the
- * loop reads) one from /dev/fuse, pages requests served on the way. Never blocks: EINTR makes
- * pyfuse3 wait again; ENODEV makes libfuse end the session, as a read of /dev/fuse would.
+ * loop reads) one from /dev/fuse, pages requests served and requests answered at once on the
+ * way. Never blocks: EINTR makes pyfuse3 wait again; ENODEV makes libfuse end the session, as
+ * a read of /dev/fuse would.
  */
 static ssize_t session_read(int fd, void *buffer, size_t size, void *userdata) {
     (void)fd;
     (void)userdata;
-    int ended;
-    handed_t *request = take_handed(&ended);
-    if (request != NULL) {
-        size_t got = request->size < size ? request->size : size;
-        memcpy(buffer, request->data, got);
-        free(request);
-        kill_privileges(buffer, got);
-        return (ssize_t)got;
-    }
-    if (ended) {
-        errno = ended;
-        return -1;
-    }
     /* A bounded burst: the loop's other tasks wait meanwhile. */
-    for (int burst = 0; burst < 64 && atomic_load(&pages.mode) == READ_BY_LOOP; burst++) {
-        ssize_t got = read(device_fd, buffer, size);
-        if (got < 0) {
-            if (errno == EAGAIN || errno == ENOENT) errno = EINTR;
+    for (int burst = 0; burst < 64; burst++) {
+        int ended;
+        ssize_t got;
+        handed_t *request = take_handed(&ended);
+        if (request != NULL) {
+            got = (ssize_t)(request->size < size ? request->size : size);
+            memcpy(buffer, request->data, (size_t)got);
+            free(request);
+        } else if (ended) {
+            errno = ended;
             return -1;
+        } else if (atomic_load(&pages.mode) != READ_BY_LOOP) {
+            break;
+        } else {
+            got = read(device_fd, buffer, size);
+            if (got < 0) {
+                if (errno == EAGAIN || errno == ENOENT) errno = EINTR;
+                return -1;
+            }
+            if ((size_t)got >= sizeof(struct fuse_in_header) && serve(buffer, (size_t)got)) {
+                if (++pages.served_in_a_row >= READ_BY_THREADS_AFTER) read_by_threads();
+                continue;
+            }
+            pages.served_in_a_row = 0;
         }
-        if ((size_t)got >= sizeof(struct fuse_in_header) && serve(buffer, (size_t)got)) {
-            if (++pages.served_in_a_row >= READ_BY_THREADS_AFTER) read_by_threads();
+        if ((size_t)got >= sizeof(struct fuse_in_header) && answer_at_once(buffer, (size_t)got))
             continue;
-        }
-        pages.served_in_a_row = 0;
         kill_privileges(buffer, (size_t)got);
         return got;
     }
@@ -1568,17 +1650,19 @@ static int replace_handler(PyObject **slot, PyObject *handler) {
 
 static PyObject *bridge_set_handlers(PyObject *module, PyObject *args, PyObject *kwargs) {
     (void)module;
-    static char *keywords[] = {"ioctl", "fallocate", "lseek", "failure", "kill_privileges", NULL};
+    static char *keywords[] = {"ioctl",           "fallocate", "lseek", "failure",
+                               "kill_privileges", "at_once",   NULL};
     PyObject *ioctl = Py_None, *fallocate = Py_None, *lseek = Py_None, *failure = Py_None,
-             *kill_privileges = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$OOOOO", keywords, &ioctl, &fallocate,
-                                     &lseek, &failure, &kill_privileges))
+             *kill_privileges = Py_None, *at_once = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$OOOOOO", keywords, &ioctl, &fallocate,
+                                     &lseek, &failure, &kill_privileges, &at_once))
         return NULL;
     if (replace_handler(&ioctl_handler, ioctl) < 0 ||
         replace_handler(&fallocate_handler, fallocate) < 0 ||
         replace_handler(&lseek_handler, lseek) < 0 ||
         replace_handler(&failure_handler, failure) < 0 ||
-        replace_handler(&kill_privileges_handler, kill_privileges) < 0)
+        replace_handler(&kill_privileges_handler, kill_privileges) < 0 ||
+        replace_handler(&at_once_handler, at_once) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -1597,6 +1681,7 @@ static PyObject *bridge_close(PyObject *module, PyObject *unused) {
     Py_CLEAR(lseek_handler);
     Py_CLEAR(failure_handler);
     Py_CLEAR(kill_privileges_handler);
+    Py_CLEAR(at_once_handler);
     Py_RETURN_NONE;
 }
 
@@ -1702,13 +1787,14 @@ static PyObject *bridge_drop_purged_ranges(PyObject *module, PyObject *ranges) {
 
 static PyObject *bridge_serve_pages(PyObject *module, PyObject *args, PyObject *kwargs) {
     (void)module;
-    static char *keywords[] = {"table", "arena", "threads", "relatime_ns", NULL};
+    static char *keywords[] = {"table", "arena", "threads", "relatime_ns", "deny_others", NULL};
     PyObject *table;
     Py_buffer arena;
     int threads;
     long long relatime_ns;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Ow*$iL", keywords, &table, &arena,
-                                     &threads, &relatime_ns))
+    int deny_others;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Ow*$iLp", keywords, &table, &arena,
+                                     &threads, &relatime_ns, &deny_others))
         return NULL;
     const char *refusal = NULL;
     if (threads < 1 || threads > REQUEST_THREADS_MAX)
@@ -1742,14 +1828,16 @@ static PyObject *bridge_serve_pages(PyObject *module, PyObject *args, PyObject *
     pages.relatime = (vf_time_t){.sec = relatime_ns / 1000000000,
                                  .nsec = relatime_ns % 1000000000};
     pages.threads_wanted = threads;
+    pages.deny_others = deny_others;
+    pages.owner = getuid(); /* as libfuse's session takes it */
     Py_RETURN_NONE;
 }
 
 static PyObject *bridge_served(PyObject *module, PyObject *unused) {
     (void)module;
     (void)unused;
-    return Py_BuildValue("KKK", atomic_load(&pages.reads), atomic_load(&pages.writes),
-                         atomic_load(&pages.handed));
+    return Py_BuildValue("KKKK", atomic_load(&pages.reads), atomic_load(&pages.writes),
+                         atomic_load(&pages.handed), atomic_load(&pages.at_once));
 }
 
 static PyObject *bridge_active(PyObject *module, PyObject *unused) {
@@ -1770,12 +1858,17 @@ static PyObject *bridge_libfuse(PyObject *module, PyObject *unused) {
 static PyMethodDef bridge_methods[] = {
     {"set_handlers", (PyCFunction)(void (*)(void))bridge_set_handlers,
      METH_VARARGS | METH_KEYWORDS,
-     "set_handlers(*, ioctl=None, fallocate=None, lseek=None, failure=None): the Python "
-     "callables for these requests: ioctl(request, ino, cmd, fh, is_dir, data), "
-     "fallocate(request, ino, fh, mode, offset, length), lseek(request, ino, fh, offset, "
-     "whence). Each must answer its request once; a missing handler answers ENOTTY, "
-     "EOPNOTSUPP and ENOSYS respectively. failure(operation, exception, errno) is told of "
-     "a request pyfuse3 could not hand to its handler (answered with that errno)."},
+     "set_handlers(*, ioctl=None, fallocate=None, lseek=None, failure=None, "
+     "kill_privileges=None, at_once=None): the Python callables for these requests: "
+     "ioctl(request, ino, cmd, fh, is_dir, data), fallocate(request, ino, fh, mode, offset, "
+     "length), lseek(request, ino, fh, offset, whence). Each must answer its request once; a "
+     "missing handler answers ENOTTY, EOPNOTSUPP and ENOSYS respectively. failure(operation, "
+     "exception, errno) is told of a request pyfuse3 could not hand to its handler (answered "
+     "with that errno); kill_privileges(ino) of a request asking to remove setuid, setgid and "
+     "security.capability, before it is processed. With serve_pages(), at_once(opcode, "
+     "nodeid, uid, gid, argument) is given LOOKUP, FORGET, GETATTR, UNLINK, OPEN, RELEASE, "
+     "CREATE and BATCH_FORGET as the kernel sent them and returns the reply's bytes, an errno, "
+     "or None to have pyfuse3 answer the request instead."},
     {"close", bridge_close, METH_NOARGS,
      "close(): end the bridge's session (new requests and invalidations get ENOTCONN; "
      "returns once the calls using it have finished) and drop the handlers."},
@@ -1797,13 +1890,15 @@ static PyMethodDef bridge_methods[] = {
      "invalidate_range does: call it from a worker thread."},
     {"serve_pages", (PyCFunction)(void (*)(void))bridge_serve_pages,
      METH_VARARGS | METH_KEYWORDS,
-     "serve_pages(table, arena, *, threads, relatime_ns): before the mount, have the session "
-     "read by that many request threads, which serve the reads and writes of the files in "
-     "table (a volfs.core._pagemap.PageTable) from arena (the store's writable mapping) and "
-     "hand everything else to pyfuse3. Kept until close()."},
+     "serve_pages(table, arena, *, threads, relatime_ns, deny_others): before the "
+     "mount, have the session read by that many request threads, which serve the reads and "
+     "writes of the files in table (a volfs.core._pagemap.PageTable) from arena (the store's "
+     "writable mapping) and hand everything else to pyfuse3. deny_others, for allow_root: "
+     "requests of users other than this process's and root go to libfuse, which refuses "
+     "them. Kept until close()."},
     {"served", bridge_served, METH_NOARGS,
-     "served(): (reads, writes) served in C, and the requests the threads handed to "
-     "pyfuse3."},
+     "served(): (reads, writes) served in C, the requests the threads handed to pyfuse3, and "
+     "the requests at_once answered."},
     {"active", bridge_active, METH_NOARGS,
      "active(): True from the creation of a FUSE session through the bridge until its "
      "unmount or destruction."},

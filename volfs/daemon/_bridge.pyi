@@ -24,6 +24,9 @@ class Request:
 IoctlHandler = Callable[[Request, int, int, int, bool, bytes], None]
 FallocateHandler = Callable[[Request, int, int, int, int, int], None]
 LseekHandler = Callable[[Request, int, int, int, int], None]
+#: Answers a request as the kernel sent it: opcode, nodeid, uid, gid, argument; returns the
+#: reply's bytes, an errno, or None for pyfuse3 to answer it.
+AtOnceHandler = Callable[[int, int, int, int, bytes], bytes | int | None]
 #: Told of a request pyfuse3 could not hand to its handler: operation, exception, errno sent.
 FailureHandler = Callable[[str, BaseException, int], None]
 
@@ -34,6 +37,7 @@ def set_handlers(
     lseek: LseekHandler | None = None,
     failure: FailureHandler | None = None,
     kill_privileges: Callable[[int], None] | None = None,
+    at_once: AtOnceHandler | None = None,
 ) -> None: ...
 def close() -> None: ...
 def invalidate_range(ino: int, offset: int, length: int) -> None: ...
@@ -41,7 +45,14 @@ def invalidate_ranges(ranges: Sequence[tuple[int, int, int]]) -> list[tuple[int,
 def drop_purged_ranges(
     ranges: Sequence[tuple[int, int, int]],
 ) -> tuple[int, list[tuple[int, int]]]: ...
-def serve_pages(table: PageTable, arena: memoryview, *, threads: int, relatime_ns: int) -> None: ...
-def served() -> tuple[int, int, int]: ...
+def serve_pages(
+    table: PageTable,
+    arena: memoryview,
+    *,
+    threads: int,
+    relatime_ns: int,
+    deny_others: bool,
+) -> None: ...
+def served() -> tuple[int, int, int, int]: ...
 def active() -> bool: ...
 def libfuse() -> str: ...

@@ -16,7 +16,7 @@ import stat
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from volfs.daemon import bridge  # binds ahead of pyfuse3: see volfs.daemon.bridge
+from volfs.daemon import bridge, wire  # binds ahead of pyfuse3: see volfs.daemon.bridge
 
 # isort: split
 import pyfuse3
@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 #: daemon changes itself it invalidates (purged pages and st_blocks, removed privileges): the
 #: bound only limits how long a missed invalidation could show.
 CACHE_TIMEOUT = 3600.0
+_CACHE_VALID = wire.seconds_and_nanoseconds(CACHE_TIMEOUT)
+
+#: Open files keep the kernel's page cache: every change passes through this kernel, so its
+#: cache stays valid across opens; dropping it at each open would cost a re-read for nothing.
+KEEP_CACHE = True
 
 _R = TypeVar("_R")
 
@@ -92,6 +97,17 @@ class VolfsOperations(pyfuse3.Operations):
         #: kernel passes back, so a handle holds nothing of the directory.
         self._directories: dict[int, Inode] = {}
         self._directory_handles = itertools.count(1)
+        #: The requests :meth:`answer_at_once` answers, by opcode.
+        self._answers_at_once: dict[int, Callable[[int, int, int, bytes], bytes | None]] = {
+            wire.FUSE_LOOKUP: self._lookup_at_once,
+            wire.FUSE_GETATTR: self._getattr_at_once,
+            wire.FUSE_CREATE: self._create_at_once,
+            wire.FUSE_OPEN: self._open_at_once,
+            wire.FUSE_RELEASE: self._release_at_once,
+            wire.FUSE_UNLINK: self._unlink_at_once,
+            wire.FUSE_FORGET: self._forget_at_once,
+            wire.FUSE_BATCH_FORGET: self._batch_forget_at_once,
+        }
         #: The bridge's handler of ioctls.
         self.ioctls = Ioctls(
             namespace,
@@ -124,6 +140,39 @@ class VolfsOperations(pyfuse3.Operations):
         attributes.st_ctime_ns = inode.ctime_ns
         return attributes
 
+    @staticmethod
+    def _attribute_fields(inode: Inode) -> tuple[int, ...]:
+        """What :meth:`_attributes` holds, in the order of the kernel's ``struct fuse_attr``."""
+        atime, atime_ns = divmod(inode.atime_ns, 1_000_000_000)
+        mtime, mtime_ns = divmod(inode.mtime_ns, 1_000_000_000)
+        ctime, ctime_ns = divmod(inode.ctime_ns, 1_000_000_000)
+        return (
+            inode.ino,
+            inode.size,
+            inode.blocks,
+            atime,
+            mtime,
+            ctime,
+            atime_ns,
+            mtime_ns,
+            ctime_ns,
+            inode.mode,
+            inode.nlink,
+            inode.uid,
+            inode.gid,
+            inode.rdev & 0xFFFFFFFF,  # the kernel's new_encode_dev() form, as libfuse sends it
+            PAGE_SIZE,
+            0,
+        )
+
+    @classmethod
+    def _entry(cls, inode: Inode) -> bytes:
+        """``inode`` as the kernel's ``struct fuse_entry_out``."""
+        seconds, nanoseconds = _CACHE_VALID
+        return wire.ENTRY_OUT.pack(
+            inode.ino, 0, seconds, seconds, nanoseconds, nanoseconds, *cls._attribute_fields(inode)
+        )
+
     async def _make_room(
         self, node: Inode, offset: int, length: int, attempt: Callable[[], _R]
     ) -> _R:
@@ -135,29 +184,41 @@ class VolfsOperations(pyfuse3.Operations):
 
     # -- names ------------------------------------------------------------------------------
 
+    def _lookup(self, parent_inode: int, name: bytes) -> Inode | None:
+        """The inode ``name`` in ``parent_inode`` names, None if the name does not exist.
+
+        The kernel remembers an absent name too (an entry of inode 0), until the name is
+        made, which it sees, or the timeout ends.
+        """
+        try:
+            return self.namespace.lookup(parent_inode, name)
+        except OSError as error:
+            if error.errno != errno.ENOENT:
+                raise
+        return None
+
     @fuse_errors
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        try:
-            return self._attributes(self.namespace.lookup(parent_inode, name))
-        except OSError as error:
-            if error.errno != errno.ENOENT:
-                raise
-        # A name that does not exist: the kernel remembers that too (st_ino 0), until the
-        # name is made, which it sees, or the timeout ends.
+        node = self._lookup(parent_inode, name)
+        if node is not None:
+            return self._attributes(node)
         absent = pyfuse3.EntryAttributes()
         absent.st_ino = 0
         absent.entry_timeout = CACHE_TIMEOUT
         return absent
 
-    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+    def _forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # FORGET has no reply, so nothing may escape from here.
         for ino, count in inode_list:
             try:
                 self.namespace.forget(ino, count)
             except Exception:
                 log.exception("forget(%d, %d) failed", ino, count)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        self._forget(inode_list)
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         # Among the most frequent requests: no decorator frame (nothing else here can fail).
@@ -244,17 +305,33 @@ class VolfsOperations(pyfuse3.Operations):
 
     # -- files ------------------------------------------------------------------------------
 
+    def _open_now(self, node: Inode, flags: int) -> int | None:
+        """Open ``node`` and return the handle; None, having done nothing, if the open
+        must truncate, which goes a step at a time (:meth:`_open`)."""
+        truncate = bool(flags & os.O_TRUNC)
+        if truncate and (
+            node.ino in self._truncations or (node.contents is not None and node.contents.size)
+        ):
+            return None
+        for _step in self.namespace.open_steps(node, truncate=truncate):
+            pass
+        return self._files.add(node, flags)
+
     async def _open(self, node: Inode, flags: int) -> pyfuse3.FileInfo:
-        steps = self.namespace.open_steps(node, truncate=bool(flags & os.O_TRUNC))
-        if flags & os.O_TRUNC:
-            await self._truncations.run(node.ino, steps)
-        else:
-            for _step in steps:
-                pass
-        handle = self._files.add(node, flags)
-        # keep_cache: every change passes through this kernel, so its page cache stays valid
-        # across opens; dropping it at each open would cost a re-read for nothing.
-        return pyfuse3.FileInfo(fh=handle, keep_cache=True)
+        handle = self._open_now(node, flags)
+        if handle is None:
+            await self._truncations.run(node.ino, self.namespace.open_steps(node, truncate=True))
+            handle = self._files.add(node, flags)
+        return pyfuse3.FileInfo(fh=handle, keep_cache=KEEP_CACHE)
+
+    def _create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, uid: int, gid: int
+    ) -> tuple[Inode, int]:
+        """Make a regular file and open it; return it and the handle."""
+        node = self.namespace.mknod(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid)
+        handle = self._open_now(node, flags)
+        assert handle is not None, "a new file has nothing to truncate"
+        return node, handle
 
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -269,10 +346,8 @@ class VolfsOperations(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        node = self.namespace.mknod(
-            parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx.uid, ctx.gid
-        )
-        return await self._open(node, flags), self._attributes(node)
+        node, handle = self._create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
+        return pyfuse3.FileInfo(fh=handle, keep_cache=KEEP_CACHE), self._attributes(node)
 
     async def read(self, fh: int, off: int, size: int) -> Any:
         # The hot path: no decorator frame, and the reply is a view of the arena, not a copy.
@@ -307,10 +382,13 @@ class VolfsOperations(pyfuse3.Operations):
     async def fsync(self, fh: int, datasync: bool) -> None:
         pass
 
-    @fuse_errors
-    async def release(self, fh: int) -> None:
+    def _release(self, fh: int) -> None:
         if self.namespace.close(self._files.pop(fh).inode):
             self._discards.wake()
+
+    @fuse_errors
+    async def release(self, fh: int) -> None:
+        self._release(fh)
 
     # -- directories ------------------------------------------------------------------------
 
@@ -385,6 +463,76 @@ class VolfsOperations(pyfuse3.Operations):
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self.namespace.removexattr(self.namespace.get(inode), name)
 
+    # -- requests answered at once (through the bridge) -------------------------------------
+
+    def answer_at_once(
+        self, opcode: int, nodeid: int, uid: int, gid: int, argument: bytes
+    ) -> bytes | int | None:
+        """Answer one of the namespace's frequent requests as the kernel sent it (see
+        :mod:`volfs.daemon.wire`); called by the bridge on the thread serving requests as it
+        reads the request, so between two awaits of every task. The same calls on the
+        namespace as the pyfuse3 handlers above, without pyfuse3.
+
+        Returns:
+            The reply's bytes (those of a FORGET are not sent), an errno to answer with, or
+            None, having done nothing, for a request to go through pyfuse3 (an open that must
+            truncate, which goes a step at a time).
+        """
+        answer = self._answers_at_once.get(opcode)
+        if answer is None:
+            return None
+        try:
+            return answer(nodeid, uid, gid, argument)
+        except OSError as error:
+            return error.errno or errno.EIO
+        except MemoryError:
+            log.error("request %d: out of memory", opcode)
+            return errno.ENOMEM
+        except Exception:
+            log.exception("request %d on inode %d failed; answering EIO", opcode, nodeid)
+            return errno.EIO
+
+    def _lookup_at_once(self, parent: int, uid: int, gid: int, argument: bytes) -> bytes:
+        node = self._lookup(parent, wire.name_of(argument))
+        return _ABSENT_ENTRY if node is None else self._entry(node)
+
+    def _getattr_at_once(self, ino: int, uid: int, gid: int, argument: bytes) -> bytes:
+        seconds, nanoseconds = _CACHE_VALID
+        fields = self._attribute_fields(self.namespace.get(ino))
+        return wire.ATTR_OUT.pack(seconds, nanoseconds, 0, *fields)
+
+    def _create_at_once(self, parent: int, uid: int, gid: int, argument: bytes) -> bytes:
+        flags, mode, _umask, _open_flags = wire.CREATE_IN.unpack_from(argument)
+        name = wire.name_of(argument, wire.CREATE_IN.size)
+        node, handle = self._create(parent, name, mode, flags, uid, gid)
+        return self._entry(node) + _open_out(handle)
+
+    def _open_at_once(self, ino: int, uid: int, gid: int, argument: bytes) -> bytes | None:
+        flags, _open_flags = wire.OPEN_IN.unpack_from(argument)
+        handle = self._open_now(self.namespace.get(ino), flags)
+        return None if handle is None else _open_out(handle)
+
+    def _release_at_once(self, ino: int, uid: int, gid: int, argument: bytes) -> bytes:
+        fh, _flags, _release_flags, _lock_owner = wire.RELEASE_IN.unpack_from(argument)
+        self._release(fh)
+        return b""
+
+    def _unlink_at_once(self, parent: int, uid: int, gid: int, argument: bytes) -> bytes:
+        self.namespace.unlink(parent, wire.name_of(argument))
+        return b""
+
+    def _forget_at_once(self, ino: int, uid: int, gid: int, argument: bytes) -> bytes:
+        (count,) = wire.FORGET_IN.unpack_from(argument)
+        self._forget([(ino, count)])
+        return b""
+
+    def _batch_forget_at_once(self, ino: int, uid: int, gid: int, argument: bytes) -> bytes:
+        (count, _padding) = wire.BATCH_FORGET_IN.unpack_from(argument)
+        start = wire.BATCH_FORGET_IN.size
+        entries = argument[start : start + count * wire.FORGET_ONE.size]
+        self._forget(list(wire.FORGET_ONE.iter_unpack(entries)))
+        return b""
+
     # -- fallocate and lseek (through the bridge) -------------------------------------------
 
     def fallocate(
@@ -433,3 +581,14 @@ class VolfsOperations(pyfuse3.Operations):
         """Answer SEEK_DATA and SEEK_HOLE; the kernel handles the other kinds of lseek."""
         with answering(request, "lseek(ino=%d, whence=%d)", ino, whence):
             request.reply_lseek(self.namespace.seek(self.namespace.get(ino), offset, whence))
+
+
+#: The kernel's entry for a name that does not exist: inode 0, remembered as long as any.
+_ABSENT_ENTRY = wire.ENTRY_OUT.pack(
+    0, 0, _CACHE_VALID[0], _CACHE_VALID[0], _CACHE_VALID[1], _CACHE_VALID[1], *(0,) * 16
+)
+
+
+def _open_out(handle: int) -> bytes:
+    """An open handle as the kernel's ``struct fuse_open_out``."""
+    return wire.OPEN_OUT.pack(handle, wire.FOPEN_KEEP_CACHE if KEEP_CACHE else 0, 0)

@@ -76,15 +76,16 @@ class Session:
     def __exit__(self, *exc_info: object) -> None:
         if self.mounted:
             self.mounted = False
-            reads, writes, handed = bridge.served()
+            reads, writes, handed, at_once = bridge.served()
             bridge.close()
             pyfuse3.close(unmount=True)
             log.debug(
                 "served %d reads and %d writes in C; the request threads handed %d requests "
-                "to Python",
+                "to Python; %d requests answered at once",
                 reads,
                 writes,
                 handed,
+                at_once,
             )
 
     def mount(self, operations: VolfsOperations, mountpoint: str, options: set[str]) -> None:
@@ -102,6 +103,8 @@ class Session:
                 store.arena.view,
                 threads=REQUEST_THREADS,
                 relatime_ns=RELATIME_INTERVAL_NS,
+                # libfuse's own rule for allow_root, which requests it does not see must keep.
+                deny_others="allow_root" in options,
             )
         try:
             pyfuse3.init(operations, mountpoint, options)
@@ -117,6 +120,7 @@ class Session:
             lseek=operations.lseek,
             failure=_log_unserved_request,
             kill_privileges=operations.kill_privileges,
+            at_once=operations.answer_at_once,
         )
         self.mounted = True
 
