@@ -759,3 +759,25 @@ def test_a_file_with_a_million_volatile_ranges(mount_volfs: Callable[..., Mount]
     # The last close drops every range at once.
     assert statistics(mnt)["ranges"] == 0
     assert_answers(mnt)
+
+
+def test_a_removed_files_memory_serves_the_next_write_without_a_purge(
+    mount_volfs: Callable[..., Mount],
+) -> None:
+    """The memory of a removed file comes back when the kernel forgets the inode, a few
+    requests later: a write at the cap waits for it rather than fail or purge."""
+    mount = mount_volfs("size=8M")
+    cache = os.open(mount.path / "cache", os.O_CREAT | os.O_RDWR, 0o600)
+    writer = os.open(mount.path / "next", os.O_CREAT | os.O_WRONLY, 0o600)
+    try:
+        os.pwrite(cache, b"c" * MiB, 0)
+        fvrange(cache, 0, MiB, VRANGE_VOLATILE)  # another program's cache
+        for _round in range(200):
+            (mount.path / "big").write_bytes(b"b" * (6 * MiB))
+            (mount.path / "big").unlink()
+            assert os.pwrite(writer, b"n" * (2 * MiB), 0) == 2 * MiB
+            os.ftruncate(writer, 0)
+        assert vrange_status(cache) == (MiB, 0), "volatile data purged for nothing"
+    finally:
+        os.close(writer)
+        os.close(cache)

@@ -19,9 +19,9 @@ import trio.testing
 from tests.operations.fakes import DEADLINE, Core, open_file, page, run_core, wait_until
 from volfs.abi import PAGE_SIZE, VRANGE_PARTIAL, VRANGE_VOLATILE, pages_for
 from volfs.core.inode import Inode
-from volfs.core.namespace import Namespace
+from volfs.core.namespace import ROOT_INODE, Namespace
 from volfs.core.purge import PURGE_BUDGET, PurgeSource
-from volfs.core.reclaim import DROP_BATCH
+from volfs.core.reclaim import DROP_BATCH, FORGET_WAIT
 
 P = PAGE_SIZE
 
@@ -117,6 +117,43 @@ def test_enospc_comes_only_once_no_volatile_data_is_left() -> None:
         assert [readable(ns, kept, i) for i in range(32)] == [page(i) for i in range(32)]
         assert bytes(ns.read(new, 0, 32 * P)) == b"".join(page(i) * 8 for i in range(0, 32, 8))
         assert ns.statistics().purgeable_ranges == 0
+
+    run_core(test)
+
+
+def test_a_write_at_the_cap_waits_for_removed_files_the_kernel_is_about_to_forget() -> None:
+    """A removed file's memory comes back at the kernel's FORGET, which comes a few requests
+    after the unlink: a write at the cap waits for it (a while) rather than purge or fail."""
+
+    async def test(core: Core) -> None:
+        ns = core.namespace
+        cache = open_file(ns, b"cache", range(16))
+        mark(ns, cache, 0, 16)
+        new = open_file(ns, b"new")
+        for forget_after in (0.01, None):
+            gone = open_file(ns, b"gone", range(40))  # the kernel looked it up: CREATE
+            ns.unlink(ROOT_INODE, b"gone")
+            ns.close(gone)
+            assert core.store.unforgotten_pages == 40
+
+            async def forget(delay: float, ino: int = gone.ino) -> None:
+                await trio.sleep(delay)
+                ns.forget(ino, 1)
+
+            if forget_after is not None:
+                core.nursery.start_soon(forget, forget_after)
+            started = trio.current_time()
+            await write_making_room(core, new, 0, page(1) * 16)  # 16 + 40 + 16 > 64
+            waited = trio.current_time() - started
+            if forget_after is not None:
+                # The forgotten file's pages made the room: nothing volatile was purged.
+                assert forget_after <= waited < FORGET_WAIT
+                assert lost_pages(ns, cache) == []
+            else:
+                # A program still holds the removed file: purging goes on, after a while.
+                assert waited >= FORGET_WAIT
+                assert lost_pages(ns, cache) != []
+            ns.truncate(new, 0)
 
     run_core(test)
 

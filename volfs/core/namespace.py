@@ -184,6 +184,8 @@ class Namespace:
             self.live_inodes -= 1
             self.store.uncharge(_symlink_charge(inode.target))
         if inode.lookups:
+            if inode.contents is not None:
+                self.store.note_unforgotten(inode.ino, inode.contents)
             return
         if inode.contents is not None:
             inode.contents.clear()
@@ -199,6 +201,7 @@ class Namespace:
             inode.note_privileges()
         del self._inodes[inode.ino]
         self.store.forget_file(inode.ino)
+        self.store.note_forgotten(inode.ino)
 
     def forget(self, ino: int, count: int) -> None:
         """The kernel dropped ``count`` references to ``ino``."""
@@ -228,7 +231,8 @@ class Namespace:
             except BaseException:
                 self.close(inode)  # no handle will be made: its count goes again
                 raise
-            inode.touch(mtime=True, ctime=True)
+        if truncate:
+            inode.touch(mtime=True, ctime=True)  # as on tmpfs, even if it was empty
 
     def close(self, inode: Inode) -> bool:
         """Forget an open handle.

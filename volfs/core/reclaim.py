@@ -34,6 +34,11 @@ log = logging.getLogger(__name__)
 #: Purged ranges whose pages leave the kernel's cache in one hand-off to the worker thread.
 DROP_BATCH = 1024
 
+#: Seconds an allocation that hit the cap waits for the kernel to forget removed files whose
+#: memory comes back then: it tells the daemon within a few requests, unless a program still
+#: holds one (an O_PATH descriptor), and then the allocation goes on without it.
+FORGET_WAIT = 0.2
+
 #: Drops purged byte ranges ``(ino, offset, length)`` from the kernel's page cache; blocks
 #: while the kernel writes dirty pages back, so it is called in a worker thread. Returns the
 #: bytes of those it discarded, being inside the ranges, instead of storing them.
@@ -172,13 +177,15 @@ class Reclaimer:
         """Retry ``attempt``, an allocation of the holes of pages [first, end) of
         ``contents`` that hit the cap, once there is room; return what it returns.
 
-        Memory on its way back to the free space is waited for, never purged for; otherwise
-        volatile data is purged, oldest first, for the pages still missing (holes of the span,
-        not pages the file already holds), so the cap's ENOSPC is raised only when no volatile
-        data is left. A purge may take pages of this very span and so widen what is missing:
-        it goes on until the attempt fits or nothing is left to purge. The purged pages leave
-        the kernel's cache in the background, not before the attempt: the kernel may hold
-        locked pages of a write in a purged range.
+        Memory on its way back to the free space is waited for, never purged for: released
+        pages being punched, and for up to :data:`FORGET_WAIT` the pages of removed files
+        the kernel is about to forget. Otherwise volatile data is purged, oldest first, for
+        the pages still missing (holes of the span, not pages the file already holds), so
+        the cap's ENOSPC is raised only when no volatile data is left. A purge may take
+        pages of this very span and so widen what is missing: it goes on until the attempt
+        fits or nothing is left to purge. The purged pages leave the kernel's cache in the
+        background, not before the attempt: the kernel may hold locked pages of a write in a
+        purged range.
 
         Raises:
             CapacityError: nothing is left to purge.
@@ -187,10 +194,13 @@ class Reclaimer:
                 say): no purge can help those.
         """
         store = self._store
+        forgets_deadline = trio.current_time() + FORGET_WAIT
         while True:
             progress = True
             if store.reclaim_pending:
                 await store.wait_reclaimed()
+            elif store.unforgotten_pages and trio.current_time() < forgets_deadline:
+                await store.wait_forgotten(forgets_deadline)
             else:
                 missing = store.shortfall(contents, first, end)
                 purged = await self.purge(max(missing, 1) << PAGE_SHIFT, PurgeSource.SIZE)

@@ -673,6 +673,10 @@ class Store:
         self.charged_bytes = 0
         self._wakeup = trio.Event()
         self._reclaimed = trio.Event()
+        #: Contents of removed files (no name, no handle) the kernel still holds, by inode:
+        #: their memory comes back when it forgets them, a moment later.
+        self._unforgotten: dict[int, FileContents] = {}
+        self._forgotten = trio.Event()
 
     def charge(self, nbytes: int) -> None:
         """Count ``nbytes`` the daemon holds outside the arena against the cap.
@@ -709,6 +713,31 @@ class Store:
     def forget_file(self, ino: int) -> None:
         """Serve no more requests for ``ino`` outside Python."""
         self.table.discard(ino)
+
+    def note_unforgotten(self, ino: int, contents: FileContents) -> None:
+        """Note that removed file ``ino`` keeps ``contents`` until :meth:`note_forgotten`."""
+        self._unforgotten[ino] = contents
+
+    def note_forgotten(self, ino: int) -> None:
+        """File ``ino``'s contents are freed: wake whoever waits for removed files' memory."""
+        if self._unforgotten.pop(ino, None) is not None:
+            self._forgotten.set()
+            self._forgotten = trio.Event()
+
+    @property
+    def unforgotten_pages(self) -> int:
+        """Pages held by removed files the kernel has not forgotten yet.
+
+        Runtime complexity: O(n) in those files, a handful but for a program holding
+        removed files through O_PATH descriptors.
+        """
+        return sum(contents.pages for contents in self._unforgotten.values())
+
+    async def wait_forgotten(self, deadline: float) -> None:
+        """Wait until the memory of a removed file came back, or until ``deadline`` (trio's
+        clock)."""
+        with trio.move_on_at(deadline):
+            await self._forgotten.wait()
 
     @property
     def capacity_bytes(self) -> int:

@@ -1401,7 +1401,7 @@ static int answer_at_once(const char *buffer, size_t size) {
         error = EIO;
     } else if (PyLong_Check(result)) {
         long code = PyLong_AsLong(result);
-        error = code > 0 && code < 4096 ? (int)code : EIO;
+        error = code > 0 && code < 512 ? (int)code : EIO; /* what the kernel takes */
         PyErr_Clear();
     } else if (answered && PyObject_GetBuffer(result, &reply, PyBUF_SIMPLE) < 0) {
         PyErr_WriteUnraisable(at_once_handler);
@@ -1416,9 +1416,11 @@ static int answer_at_once(const char *buffer, size_t size) {
             iov[count++] = (struct iovec){.iov_base = reply.buf, .iov_len = (size_t)reply.len};
             out.len += (uint32_t)reply.len;
         }
-        /* ENOENT: the request was interrupted and answered meanwhile. */
-        if (writev(device_fd, iov, count) < 0) { /* nothing to do */
-        }
+        /* ENOENT: the request was interrupted and answered meanwhile. Anything else is a
+         * reply the kernel refused (its caller got EIO): a bug worth a line in the log. */
+        if (writev(device_fd, iov, count) < 0 && errno != ENOENT)
+            bridge_log(LOG_LEVEL_WARNING, "the reply to request %d answered at once failed: %s",
+                       (int)in->opcode, strerror(errno));
     }
     if (reply.obj != NULL) PyBuffer_Release(&reply);
     Py_XDECREF(result);
@@ -1462,9 +1464,10 @@ static ssize_t session_read(int fd, void *buffer, size_t size, void *userdata) {
             }
             pages.served_in_a_row = 0;
         }
+        /* Before either: an OPEN answered at once may ask too (O_TRUNC, FUSE_OPEN_KILL_SUIDGID). */
+        kill_privileges(buffer, (size_t)got);
         if ((size_t)got >= sizeof(struct fuse_in_header) && answer_at_once(buffer, (size_t)got))
             continue;
-        kill_privileges(buffer, (size_t)got);
         return got;
     }
     errno = EINTR;
