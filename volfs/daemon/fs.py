@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 #: daemon changes itself it invalidates (purged pages and st_blocks, removed privileges): the
 #: bound only limits how long a missed invalidation could show.
 CACHE_TIMEOUT = 3600.0
+#: The same as the kernel's replies carry it: (seconds, nanoseconds).
 _CACHE_VALID = wire.seconds_and_nanoseconds(CACHE_TIMEOUT)
 
 #: Open files keep the kernel's page cache: every change passes through this kernel, so its
