@@ -12,7 +12,6 @@ import contextlib
 import ctypes
 import multiprocessing
 import os
-import re
 import stat
 import struct
 from collections.abc import Callable
@@ -21,10 +20,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Mount
+from tests.mount.test_request_threads import counters
 from volfs.client import VRANGE_VOLATILE, fvrange, vrange_status
 
 PAGE = 4096
-ANSWERED = re.compile(r"(\d+) requests answered at once")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 #: statx(2): ask the filesystem, whatever the kernel has cached.
@@ -37,10 +36,7 @@ _STATX = struct.Struct("<IIQIIIHHQQQQ" + "qIi" * 4)
 
 def answered_at_once(mount: Mount) -> int:
     """Unmount, and return the requests the daemon answered at once."""
-    assert mount.unmount() == 0
-    found = ANSWERED.search(mount.log())
-    assert found, mount.tail()
-    return int(found[1])
+    return counters(mount)[2]
 
 
 def attributes(path: Path, *, from_the_daemon: bool) -> tuple[int, ...]:

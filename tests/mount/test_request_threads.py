@@ -25,15 +25,25 @@ from volfs.client import VRANGE_NONVOLATILE, VRANGE_VOLATILE, fvrange, purge
 
 PAGE = 4096
 KiB = 1024
-SERVED = re.compile(r"served (\d+) reads and (\d+) writes in C")
+#: The counters the daemon logs at unmount (log_level=debug).
+COUNTERS = re.compile(
+    r"served (\d+) reads and (\d+) writes in C; .* (\d+) requests answered at once"
+)
+
+
+def counters(mount: Mount) -> tuple[int, int, int]:
+    """Unmount, and return the reads and writes the daemon served in C and the requests it
+    answered at once."""
+    assert mount.unmount() == 0
+    found = COUNTERS.search(mount.log())
+    assert found, mount.tail()
+    return int(found[1]), int(found[2]), int(found[3])
 
 
 def served(mount: Mount) -> tuple[int, int]:
     """Unmount, and return the reads and writes the daemon served in C."""
-    assert mount.unmount() == 0
-    found = SERVED.search(mount.log())
-    assert found, mount.tail()
-    return int(found[1]), int(found[2])
+    reads, writes, _at_once = counters(mount)
+    return reads, writes
 
 
 def uncached_read(path: Path, length: int, offset: int) -> bytes:

@@ -1062,13 +1062,16 @@ static void hand_over(const char *buffer, size_t size) {
     if (waiting >= READ_BY_LOOP_AFTER) read_by_loop();
 }
 
-static void reply(const struct fuse_in_header *in, struct iovec *iov, int count, size_t bytes) {
-    struct fuse_out_header out = {.len = (uint32_t)(sizeof out + bytes), .unique = in->unique};
+/* Answer the request with error (0 for the bytes of iov[1..count), iov[0] being filled here
+ * with the header); 0, or the errno of a reply the kernel refused. ENOENT is not one: the
+ * request was interrupted and answered meanwhile. Nothing that fails can be mended by a
+ * second reply. */
+static int reply(const struct fuse_in_header *in, int error, struct iovec *iov, int count,
+                 size_t bytes) {
+    struct fuse_out_header out = {
+        .len = (uint32_t)(sizeof out + bytes), .error = -error, .unique = in->unique};
     iov[0] = (struct iovec){.iov_base = &out, .iov_len = sizeof out};
-    /* ENOENT: the request was interrupted and answered meanwhile; nothing else can fail
-     * that a reply could mend. */
-    if (writev(device_fd, iov, count) < 0) { /* nothing to do */
-    }
+    return writev(device_fd, iov, count) < 0 && errno != ENOENT ? errno : 0;
 }
 
 /* The map of a regular file C may serve, locked (shared), or NULL. */
@@ -1147,7 +1150,7 @@ static int serve_read(const struct fuse_in_header *in, const struct fuse_read_in
         !vf_time_before(map->ctime, map->atime))
         map->atime = time;
     pthread_mutex_unlock(&map->times_lock);
-    reply(in, iov, count, (size_t)length);
+    reply(in, 0, iov, count, (size_t)length);
     unlock_map(map);
     atomic_fetch_add(&pages.reads, 1);
     return 1;
@@ -1166,7 +1169,7 @@ static int serve_write(const struct fuse_in_header *in, const struct fuse_write_
     iov[1] = (struct iovec){.iov_base = &out, .iov_len = sizeof out};
     if (arg->write_flags & FUSE_WRITE_CACHE && discard_writeback(in->nodeid, (off_t)arg->offset,
                                                                  arg->size)) {
-        reply(in, iov, 2, sizeof out);
+        reply(in, 0, iov, 2, sizeof out);
         return 1;
     }
     vf_pagemap_t *map = lock_map(in->nodeid);
@@ -1203,7 +1206,7 @@ static int serve_write(const struct fuse_in_header *in, const struct fuse_write_
     map->mtime = map->ctime = time;
     pthread_mutex_unlock(&map->times_lock);
     unlock_map(map);
-    reply(in, iov, 2, sizeof out);
+    reply(in, 0, iov, 2, sizeof out);
     atomic_fetch_add(&pages.writes, 1);
     return 1;
 }
@@ -1394,7 +1397,7 @@ static int answer_at_once(const char *buffer, size_t size) {
         in->gid, buffer + sizeof *in, (Py_ssize_t)(size - sizeof *in));
     int answered = result != Py_None;
     int error = 0;
-    Py_buffer reply = {0};
+    Py_buffer payload = {0};
     if (result == NULL) {
         /* The handler contains its own failures: this is the call itself (no memory). */
         PyErr_WriteUnraisable(at_once_handler);
@@ -1403,26 +1406,22 @@ static int answer_at_once(const char *buffer, size_t size) {
         long code = PyLong_AsLong(result);
         error = code > 0 && code < 512 ? (int)code : EIO; /* what the kernel takes */
         PyErr_Clear();
-    } else if (answered && PyObject_GetBuffer(result, &reply, PyBUF_SIMPLE) < 0) {
+    } else if (answered && PyObject_GetBuffer(result, &payload, PyBUF_SIMPLE) < 0) {
         PyErr_WriteUnraisable(at_once_handler);
         error = EIO;
     }
     if (answered && in->opcode != FUSE_FORGET && in->opcode != FUSE_BATCH_FORGET) {
         struct iovec iov[2];
-        struct fuse_out_header out = {.len = sizeof out, .error = -error, .unique = in->unique};
-        iov[0] = (struct iovec){.iov_base = &out, .iov_len = sizeof out};
         int count = 1;
-        if (error == 0 && reply.len > 0) {
-            iov[count++] = (struct iovec){.iov_base = reply.buf, .iov_len = (size_t)reply.len};
-            out.len += (uint32_t)reply.len;
-        }
-        /* ENOENT: the request was interrupted and answered meanwhile. Anything else is a
-         * reply the kernel refused (its caller got EIO): a bug worth a line in the log. */
-        if (writev(device_fd, iov, count) < 0 && errno != ENOENT)
+        size_t bytes = error == 0 && payload.len > 0 ? (size_t)payload.len : 0;
+        if (bytes > 0) iov[count++] = (struct iovec){.iov_base = payload.buf, .iov_len = bytes};
+        /* A reply the kernel refused (its caller got EIO) is a bug worth a line in the log. */
+        int refused = reply(in, error, iov, count, bytes);
+        if (refused != 0)
             bridge_log(LOG_LEVEL_WARNING, "the reply to request %d answered at once failed: %s",
-                       (int)in->opcode, strerror(errno));
+                       (int)in->opcode, strerror(refused));
     }
-    if (reply.obj != NULL) PyBuffer_Release(&reply);
+    if (payload.obj != NULL) PyBuffer_Release(&payload);
     Py_XDECREF(result);
     PyGILState_Release(gil);
     if (answered) atomic_fetch_add(&pages.at_once, 1);
