@@ -3,16 +3,18 @@
 Each attack runs on a fresh volfs mounted by root with ``-o size=256M,allow_other`` (root
 directory mode 1777), in a process of user ``nobody`` (uid 65534) that stops at its own bound:
 a count, its time limit (``--seconds``), or the first error, whose errno is reported. The
-attacker is killed if it outlives the bound, or if the daemon's RSS grows past ``--rss-limit``.
+attacker is killed if it outlives the bound, or if the daemon's memory grows past
+``--memory-limit``.
 Meanwhile a probe of another user (uid 65533) loops ``stat`` + ``open`` + ``close`` on a small
 file of the mount, pausing 1 ms between rounds, and every round's latency is kept.
 
-Per attack it reports the daemon's RSS growth (the peak of VmRSS during the attack minus its
-value before), the bytes the mount shows as used in ``statvfs``/``df`` at the end (charged to
-the cap), and the probe's p50/p99 latency, then a table. Targets: what the daemon grew beyond
-what was charged to the cap is below 64 MiB, and the probe's p99 is at most 10 ms; a few
-attacks add their own (``counters``: the statistics ioctl answers, root's purge succeeds).
-The daemon must also survive, exit 0 and log no exception, and the probe must never fail.
+Per attack it reports the daemon's memory growth (the peak during the attack of its resident
+memory plus its memfds' pages, minus that before), the bytes the mount shows as used in
+``statvfs``/``df`` at the end (charged to the cap), and the probe's p50/p99 latency, then a
+table. Targets: what the daemon grew beyond what was charged to the cap is below 64 MiB, and
+the probe's p99 is at most 10 ms; a few attacks add their own (``counters``: the statistics
+ioctl answers, root's purge succeeds). The daemon must also survive, exit 0 and log no
+exception, and the probe must never fail.
 Exit status 1 if any target is missed, 2 if the script cannot run.
 
 The probe's percentiles are over the rounds overlapping the attack, or the part of it that
@@ -81,8 +83,8 @@ MOUNT_OPTIONS = "size=256M,allow_other"
 #: The root directory's mode on such a mount: the attacker (nobody) must be able to write it.
 ROOT_MODE = 0o1777
 
-#: Target: RSS growth beyond what was charged to the cap stays below this.
-RSS_UNCHARGED = 64 * MiB
+#: Target: memory growth beyond what was charged to the cap stays below this.
+MEMORY_UNCHARGED = 64 * MiB
 #: Target: the probe's p99 latency, ms.
 P99_TARGET_MS = 10.0
 
@@ -96,8 +98,8 @@ MIN_WINDOW = 0.5
 CLOSE_QUIET = 0.2
 #: Pause between two probe rounds, ms: the probe measures the daemon, not a fight for the CPU.
 PROBE_PAUSE_MS = 1
-#: Seconds between two RSS samples.
-RSS_INTERVAL = 0.01
+#: Seconds between two memory samples.
+MEMORY_INTERVAL = 0.01
 #: Bound on probe samples kept (16 bytes each).
 MAX_PROBE_SAMPLES = 1_000_000
 #: Address-space limit of the attacker and probe processes.
@@ -389,7 +391,7 @@ class ProbeLog:
 
 
 class Monitor:
-    """Drains the children's pipes and samples the daemon's RSS, from the script's one thread."""
+    """Drains the children's pipes and samples the daemon's memory, from the script's one thread."""
 
     def __init__(self, daemon_pid: int, probe: ProbeLog) -> None:
         """Watch the daemon ``daemon_pid``; probe records go to ``probe``."""
@@ -397,8 +399,8 @@ class Monitor:
         self.probe = probe
         self._poller = select.poll()
         self._feeds: dict[int, Callable[[bytes], None]] = {}
-        #: The daemon's RSS at the last sample; None if it was gone.
-        self.rss: int | None = None
+        #: The daemon's memory at the last sample; None if it was gone.
+        self.memory: int | None = None
         self.peak = 0
         #: Whether samples count towards ``peak``.
         self.tracking = False
@@ -428,17 +430,17 @@ class Monitor:
             self._feeds[fd](data)
 
     def sample(self) -> None:
-        """Sample the daemon's RSS now."""
+        """Sample the daemon's memory now."""
         try:
-            self.rss = volfs_mounts.rss_bytes(self.daemon_pid)
+            self.memory = volfs_mounts.memory_bytes(self.daemon_pid)
         except (FileNotFoundError, ProcessLookupError, ValueError):  # a zombie has no VmRSS
-            self.rss = None
-        if self.tracking and self.rss is not None:
-            self.peak = max(self.peak, self.rss)
-        self._next_sample = time.monotonic() + RSS_INTERVAL
+            self.memory = None
+        if self.tracking and self.memory is not None:
+            self.peak = max(self.peak, self.memory)
+        self._next_sample = time.monotonic() + MEMORY_INTERVAL
 
     def step(self, until: float) -> None:
-        """Wait for data until ``until`` or the next RSS sample, whichever comes first."""
+        """Wait for data until ``until`` or the next memory sample, whichever comes first."""
         timeout = max(0.0, min(until, self._next_sample) - time.monotonic())
         for fd, _events in self._poller.poll(math.ceil(timeout * 1000)):
             if fd in self._feeds and not self._drain(fd):
@@ -941,7 +943,7 @@ class Run:
 
 
 def run_attack(
-    attack: Attack, scale: Scale, workdir: Path, python: str, options: str, rss_limit: int
+    attack: Attack, scale: Scale, workdir: Path, python: str, options: str, memory_limit: int
 ) -> Message:
     """Mount a fresh volfs, run one attack against it with the probe running, measure."""
     mountpoint = workdir / f"mnt-{attack.name}"
@@ -960,7 +962,7 @@ def run_attack(
         children: list[Child] = []
         try:
             record.update(
-                attack_on_mount(attack, scale, mountpoint, daemon, monitor, children, rss_limit)
+                attack_on_mount(attack, scale, mountpoint, daemon, monitor, children, memory_limit)
             )
         finally:
             for child in children:
@@ -981,12 +983,12 @@ def attack_on_mount(
     daemon: volfs_mounts.Mount,
     monitor: Monitor,
     children: list[Child],
-    rss_limit: int,
+    memory_limit: int,
 ) -> Message:
     """The body of :func:`run_attack`, on the mounted volfs; ``children`` are killed after."""
     record: Message = {"setup": set_up(attack, scale, mount, monitor)}
     probe, attacker = start_children(attack, scale, mount, monitor, children)
-    window = run_window(attacker, daemon, monitor, scale, rss_limit)
+    window = run_window(attacker, daemon, monitor, scale, memory_limit)
     record.update(measure_cost(attack, mount, daemon, monitor, window))
     record.update(stop_probe(probe, monitor, window))
     record["daemon_alive"] = daemon.process.poll() is None
@@ -1038,8 +1040,8 @@ class AttackWindow:
     #: When the attacker was let go, and when it stopped or was stopped (monotonic seconds).
     started: float
     ended: float
-    #: The daemon's RSS, and its run-queue wait in ns, when the attacker was let go.
-    rss_before: int
+    #: The daemon's memory, and its run-queue wait in ns, when the attacker was let go.
+    memory_before: int
     runqueue_before: int
 
 
@@ -1048,19 +1050,19 @@ def run_window(
     daemon: volfs_mounts.Mount,
     monitor: Monitor,
     scale: Scale,
-    rss_limit: int,
+    memory_limit: int,
 ) -> AttackWindow:
     """Let the attacker go and follow it until it is done, dies or has to be killed."""
     run = Run()
     monitor.sample()
-    before = monitor.rss or 0
+    before = monitor.memory or 0
     waited = runqueue_wait(daemon.process.pid)
     monitor.peak = before
     monitor.tracking = True
     started = time.monotonic()
     attacker.go()
     deadline = started + scale.seconds + KILL_GRACE
-    stop = follow_attack(run, attacker, daemon, monitor, before, rss_limit, deadline)
+    stop = follow_attack(run, attacker, daemon, monitor, before, memory_limit, deadline)
     if stop is not None and stop.startswith("a kill"):
         attacker.kill()
     ended = time.monotonic()
@@ -1081,13 +1083,13 @@ def follow_attack(
     attacker: Child,
     daemon: volfs_mounts.Mount,
     monitor: Monitor,
-    rss_before: int,
-    rss_limit: int,
+    memory_before: int,
+    memory_limit: int,
     deadline: float,
 ) -> str | None:
     """Watch until the attacker reports its result (None), or say what stopped it.
 
-    The attacker is stopped once the daemon's RSS grew ``rss_limit`` past ``rss_before``.
+    The attacker is stopped once the daemon's memory grew ``memory_limit`` past ``memory_before``.
     """
     while True:
         run.take(attacker.received)
@@ -1099,8 +1101,8 @@ def follow_attack(
             return None if run.finished else "its exit without a result"
         if daemon.process.poll() is not None:
             return "the daemon's death"
-        if monitor.rss is not None and monitor.rss - rss_before > rss_limit:
-            return f"a kill at the RSS limit (the daemon grew {rss_limit // MiB} MiB)"
+        if monitor.memory is not None and monitor.memory - memory_before > memory_limit:
+            return f"a kill at the memory limit (the daemon grew {memory_limit // MiB} MiB)"
         if time.monotonic() >= deadline:
             return "a kill at the time bound"
         monitor.step(deadline)
@@ -1113,15 +1115,15 @@ def measure_cost(
     monitor: Monitor,
     window: AttackWindow,
 ) -> Message:
-    """What the attack cost the daemon: RSS, CPU wait, bytes charged; the attack's checks."""
-    before = window.rss_before
+    """What the attack cost the daemon: memory, CPU wait, bytes charged; the attack's checks."""
+    before = window.memory_before
     waited = runqueue_wait(daemon.process.pid) - window.runqueue_before
     record: Message = {
         "attacker": window.run.attacker,
         "duration": round(window.ended - window.started, 3),
-        "rss_before_mib": round(before / MiB, 1),
-        "rss_peak_mib": round(monitor.peak / MiB, 1),
-        "rss_growth_mib": round((monitor.peak - before) / MiB, 1),
+        "memory_before_mib": round(before / MiB, 1),
+        "memory_peak_mib": round(monitor.peak / MiB, 1),
+        "memory_growth_mib": round((monitor.peak - before) / MiB, 1),
         "daemon_cpu_wait_ms": round(waited / 1e6, 1),
     }
     used = call(monitor, "statvfs", lambda: statvfs_used(mount), CALL_TIMEOUT)
@@ -1157,16 +1159,16 @@ def stop_probe(probe: Child, monitor: Monitor, window: AttackWindow) -> Message:
 def targets(record: Message, attack: Attack) -> dict[str, bool]:
     """Which targets the attack met: name -> met.
 
-    Besides the RSS and latency targets: the probe never failed, the daemon outlived the
+    Besides the memory and latency targets: the probe never failed, the daemon outlived the
     attack and exited 0 without logging an exception, the attacker ran and stopped at its
     bound by itself, and the attack's own checks.
     """
-    growth = record["rss_growth_mib"] * MiB
+    growth = record["memory_growth_mib"] * MiB
     charged = record["charged_mib"]
     probe = record["probe"]
     daemon = record["daemon"]
     checks = {
-        "rss": charged is not None and growth - charged * MiB < RSS_UNCHARGED,
+        "memory": charged is not None and growth - charged * MiB < MEMORY_UNCHARGED,
         "p99": probe["p99_ms"] is not None and probe["p99_ms"] <= P99_TARGET_MS,
         "probe errors": not probe["errors"],
         "daemon": record["daemon_alive"]
@@ -1230,8 +1232,8 @@ def describe(record: Message, out: TextIO) -> None:
         after = " ".join(f"{key}={value}" for key, value in record["after"].items())
         print(f"   root afterwards: {after}", file=out)
     print(
-        f"   daemon RSS {record['rss_before_mib']} -> {record['rss_peak_mib']} MiB "
-        f"(+{record['rss_growth_mib']}), charged {number(record['charged_mib'])} MiB; "
+        f"   daemon memory {record['memory_before_mib']} -> {record['memory_peak_mib']} MiB "
+        f"(+{record['memory_growth_mib']}), charged {number(record['charged_mib'])} MiB; "
         f"waited {record['daemon_cpu_wait_ms']} ms for a CPU",
         file=out,
     )
@@ -1256,14 +1258,14 @@ def describe(record: Message, out: TextIO) -> None:
 def table(records: list[Message], out: TextIO) -> None:
     """The markdown table."""
     print(
-        "| attack | RSS growth MiB | charged MiB | probe p50 ms | probe p99 ms | verdict |",
+        "| attack | memory growth MiB | charged MiB | probe p50 ms | probe p99 ms | verdict |",
         file=out,
     )
     print("| --- | ---: | ---: | ---: | ---: | --- |", file=out)
     for record in records:
         probe = record.get("probe", {})
         print(
-            f"| {record['attack']} | {number(record.get('rss_growth_mib'))} "
+            f"| {record['attack']} | {number(record.get('memory_growth_mib'))} "
             f"| {number(record.get('charged_mib'))} | {number(probe.get('p50_ms'), 2)} "
             f"| {number(probe.get('p99_ms'), 2)} | {record['verdict']} |",
             file=out,
@@ -1288,7 +1290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="JSON on stdout, report on stderr")
     parser.add_argument("--options", default="", help=f"mount options added to {MOUNT_OPTIONS!r}")
     parser.add_argument(
-        "--rss-limit",
+        "--memory-limit",
         type=int,
         default=2048,
         metavar="MIB",
@@ -1321,7 +1323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for attack in chosen:
             try:
                 record = run_attack(
-                    attack, scale, workdir, arguments.python, options, arguments.rss_limit * MiB
+                    attack, scale, workdir, arguments.python, options, arguments.memory_limit * MiB
                 )
             except (volfs_mounts.MountError, RuntimeError, OSError) as error:
                 record = {
@@ -1348,7 +1350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "scale": dataclasses.asdict(scale),
             "mount_options": options,
             "targets": {
-                "rss_uncharged_mib": RSS_UNCHARGED // MiB,
+                "memory_uncharged_mib": MEMORY_UNCHARGED // MiB,
                 "p99_ms": P99_TARGET_MS,
             },
             "attacks": records,

@@ -1,9 +1,10 @@
-"""How fast volfs gives memory back: from a pressure signal to the daemon's RSS having dropped.
+"""How fast volfs gives memory back: from a pressure signal to the daemon's memory having dropped.
 
 Mounts a volfs whose pressure source is a FIFO this script owns, fills a file with volatile data
 (``--size``, in ranges of ``--range``), then writes one byte to the FIFO — what a PSI trigger
-or systemd's memory-pressure socket does — and polls the daemon's RSS until the data's memory
-is gone. It reports that time and the throughput, then does the same through VOLFS_IOC_PURGE.
+or systemd's memory-pressure socket does — and polls the daemon's memory (its resident memory
+plus its memfds' pages: ``volfs_mounts.memory_bytes``) until the data's memory is gone. It
+reports that time and the throughput, then does the same through VOLFS_IOC_PURGE.
 
 The same run measures the kernel primitive a purge is compared with, a
 file of ``--size`` on a kernel tmpfs (mounted in a temporary directory with room for twice
@@ -15,9 +16,8 @@ the pages before it returns, so that is the call's duration plus one poll.
 VOLFS_IOC_PURGE is then timed for the same size in ``--compare`` range sizes (1 MiB and 64 MiB
 by default: whether the cost per range dominates) until the memory is back by the same
 criterion: the ioctl answered (so the kernel's cache of the purged pages is dropped too), the
-RSS dropped by 98%, and Shmem dropped by 98%. volfs's data lives in a memfd, shmem as a tmpfs
-file is, so Shmem is the comparable measure; the RSS alone is not: it drops as the punch
-unmaps the pages from the daemon, before the kernel has freed them. The ratio volfs / tmpfs
+daemon's memory dropped by 98%, and Shmem dropped by 98%. volfs's data lives in a memfd, shmem
+as a tmpfs file is, so Shmem is the comparable measure. The ratio volfs / tmpfs
 is printed for each range size; every figure is the median of ``--repeat`` runs. The FUSE
 file's page cache, which volfs drops as well (a second copy tmpfs does not have), is not in
 Shmem; the answer's time includes dropping it.
@@ -88,9 +88,10 @@ def fill_volatile(path: Path, size: int, range_size: int) -> int:
 
 
 def wait_for_drop(pid: int, baseline: int, amount: int, timeout: float = 60.0) -> float:
-    """Poll RSS until it fell ``amount`` below ``baseline``; return when (monotonic)."""
+    """Poll the daemon's memory until it fell ``amount`` below ``baseline``; return when
+    (monotonic)."""
     deadline = time.monotonic() + timeout
-    while volfs_mounts.rss_bytes(pid) > baseline - amount:
+    while volfs_mounts.memory_bytes(pid) > baseline - amount:
         if time.monotonic() > deadline:
             raise RuntimeError("memory did not come back in time")
         time.sleep(0.001)
@@ -147,11 +148,11 @@ def median(runs: list[dict[str, float]], key: str = "seconds") -> dict[str, floa
 
 
 def measure(python: str, size: int, range_size: int, via: str) -> dict[str, float]:
-    """One run: fill, signal (FIFO or ioctl), time the RSS drop."""
+    """One run: fill, signal (FIFO or ioctl), time the drop of the daemon's memory."""
     with volfs_with_fifo(python, 2 * size, 2 * size) as (mountpoint, fifo, pid):
         fd = fill_volatile(mountpoint / "cache", size, range_size)
         try:
-            baseline = volfs_mounts.rss_bytes(pid)
+            baseline = volfs_mounts.memory_bytes(pid)
             shmem = shmem_bytes()
             start = time.monotonic()
             if via == "pressure":
@@ -209,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "range_bytes": each,
                     "volfs_seconds": volfs["returned_seconds"],
                     "volfs_answered_seconds": volfs["answered_seconds"],
-                    "volfs_rss_seconds": volfs["seconds"],
+                    "volfs_memory_seconds": volfs["seconds"],
                     "tmpfs_seconds": tmpfs["seconds"],
                     "ratio": volfs["returned_seconds"] / tmpfs["seconds"],
                 }
@@ -218,10 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps({**results, "ioctl_vs_tmpfs": ratios}, indent=2))
         return 0
     print(f"# {size / (1 << 30):.2f} GiB volatile in {range_size // MiB} MiB ranges, median")
-    print(f"{'signal':10} {'to RSS drop s':>14} {'GiB/s':>8}")
+    print(f"{'signal':10} {'to memory drop s':>17} {'GiB/s':>8}")
     for via in ("pressure", "ioctl"):
         result = results[via]
-        print(f"{via:10} {result['seconds']:14.3f} {result['gib_per_second']:8.2f}")
+        print(f"{via:10} {result['seconds']:17.3f} {result['gib_per_second']:8.2f}")
     target = results["pressure"]["seconds"] <= 1.0
     print(f"target: 1 GiB purged and returned within 1 s: {'met' if target else 'NOT met'}")
     if ratios:
@@ -230,14 +231,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"# tmpfs file until Shmem dropped by 98%: {tmpfs['seconds']:.3f} s")
         print(f"# (the call itself {tmpfs['answered_seconds']:.3f} s), median")
         print(
-            f"{'VOLFS_IOC_PURGE':16} {'answered s':>10} {'RSS s':>6} {'returned s':>10}"
+            f"{'VOLFS_IOC_PURGE':16} {'answered s':>10} {'memory s':>8} {'returned s':>10}"
             f" {'tmpfs s':>8} {'ratio':>6}"
         )
         for ratio in ratios:
             label = f"{ratio['range_bytes'] // MiB} MiB ranges"
             print(
                 f"{label:16} {ratio['volfs_answered_seconds']:10.3f}"
-                f" {ratio['volfs_rss_seconds']:6.3f} {ratio['volfs_seconds']:10.3f}"
+                f" {ratio['volfs_memory_seconds']:8.3f} {ratio['volfs_seconds']:10.3f}"
                 f" {ratio['tmpfs_seconds']:8.3f} {ratio['ratio']:6.2f}"
             )
         met = all(ratio["ratio"] <= TARGET_RATIO for ratio in ratios)

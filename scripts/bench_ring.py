@@ -21,7 +21,7 @@ Then the memory an idle ring keeps: one process streams ``--idle-laps`` times th
 through a volfs ring in messages of 4000 bytes, receiving each at once, and stops (its last
 record ends inside a segment, as a stream's would); the ring file's pages are written back to
 the daemon (fsync) and then purged (VOLFS_IOC_PURGE). The report shows what the ring file
-holds (its blocks) and the mount's used bytes before and after, and how much the daemon's RSS
+holds (its blocks) and the mount's used bytes before and after, and how much the daemon's memory
 dropped.
 
 Both ring endpoints open the file by path in processes of their own (forked before either
@@ -90,8 +90,8 @@ CLOCK_EVERY = 64
 VERIFY_EVERY = 1024
 #: Payload bytes of each message of the idle-memory run.
 IDLE_MESSAGE = 4000
-#: How long the idle-memory run waits for the daemon's RSS to fall after the purge.
-RSS_SETTLE_SECONDS = 5.0
+#: How long the idle-memory run waits for the daemon's memory to fall after the purge.
+MEMORY_SETTLE_SECONDS = 5.0
 
 LENGTH = struct.Struct("=Q")
 
@@ -417,7 +417,7 @@ class IdleMemory:
     #: What VOLFS_IOC_PURGE reported freed.
     purged: int
     #: How much the daemon's resident memory fell over the purge.
-    rss_drop: int
+    memory_drop: int
 
     @property
     def met(self) -> bool:
@@ -448,11 +448,13 @@ def idle_memory(mount: volfs_mounts.Mount, settings: Settings) -> IdleMemory:
             finally:
                 os.close(fd)
             file_before, used_before = file_bytes(path), statistics(mount.path)["used_bytes"]
-            rss_before = mount.rss_bytes()
+            memory_before = mount.memory_bytes()
             purged = purge(mount.path)
             # The daemon gives the memory back in a worker thread: let it.
-            deadline = time.monotonic() + RSS_SETTLE_SECONDS
-            while rss_before - mount.rss_bytes() < purged * 0.9 and time.monotonic() < deadline:
+            deadline = time.monotonic() + MEMORY_SETTLE_SECONDS
+            while (
+                memory_before - mount.memory_bytes() < purged * 0.9 and time.monotonic() < deadline
+            ):
                 time.sleep(0.01)
             return IdleMemory(
                 capacity=settings.capacity,
@@ -463,7 +465,7 @@ def idle_memory(mount: volfs_mounts.Mount, settings: Settings) -> IdleMemory:
                 used_before=used_before,
                 used_after=statistics(mount.path)["used_bytes"],
                 purged=purged,
-                rss_drop=rss_before - mount.rss_bytes(),
+                memory_drop=memory_before - mount.memory_bytes(),
             )
     finally:
         path.unlink()
@@ -478,8 +480,8 @@ def describe_idle(idle: IdleMemory) -> str:
         f"{human_bytes(idle.streamed)} streamed: the ring file held {kib(idle.file_before)}, "
         f"after the purge {kib(idle.file_after)}; the mount's used bytes "
         f"{kib(idle.used_before)} -> {kib(idle.used_after)} (the rest: the segment table "
-        f"and its records); purge freed {kib(idle.purged)}, the daemon's RSS fell by "
-        f"{kib(idle.rss_drop)}"
+        f"and its records); purge freed {kib(idle.purged)}, the daemon's memory fell by "
+        f"{kib(idle.memory_drop)}"
     )
 
 

@@ -27,7 +27,7 @@ Then once, as references (C unless said otherwise):
   clock        nothing between the two clock reads: what every C sample includes
 And the bulk purge: a file of ``--bulk`` bytes written and registered as segments of
 ``--bulk-segment`` bytes, all unpinned; the time until VOLFS_IOC_PURGE (everything) returns, and
-how far the daemon's RSS had fallen then.
+how far the daemon's memory had fallen then.
 
 Targets: C pair median <= 100 ns and Python pair median <= 2 us at every size, each at the
 largest size within 1.5x of the smallest (flat); select median <= 10 ms at the largest size;
@@ -98,10 +98,10 @@ BULK_TARGET_S = 1.0
 PROGRESS_CHUNK = 10_000
 #: Seconds one run of the C program may take.
 PROGRAM_TIMEOUT = 600.0
-#: Seconds to wait for the daemon's RSS to fall after the bulk purge returned.
-RSS_TIMEOUT = 10.0
-#: The share of the purged bytes the daemon's RSS must have fallen by to count as given back.
-RSS_SHARE = 0.9
+#: Seconds to wait for the daemon's memory to fall after the bulk purge returned.
+MEMORY_TIMEOUT = 10.0
+#: The share of the purged bytes the daemon's memory must have fallen by to count as given back.
+MEMORY_SHARE = 0.9
 #: Pages of each file written (the oldest two segments): what the select rounds purge.
 SELECT_PAGES = 2
 #: The fewest samples a percentile is taken of.
@@ -186,11 +186,11 @@ class BulkResult:
     segments: int
     purge_s: float
     purged_bytes: int
-    rss_before: int
-    rss_drop_at_return: int
-    #: Seconds from the purge's start until the RSS had fallen by RSS_SHARE of the purged
-    #: bytes; None if it did not within RSS_TIMEOUT.
-    rss_drop_s: float | None
+    memory_before: int
+    memory_drop_at_return: int
+    #: Seconds from the purge's start until the memory had fallen by MEMORY_SHARE of the purged
+    #: bytes; None if it did not within MEMORY_TIMEOUT.
+    memory_drop_s: float | None
 
 
 @dataclass(frozen=True)
@@ -452,10 +452,10 @@ def measure_references(
     return references
 
 
-def wait_for_rss(mount: volfs_mounts.Mount, below: int, started: float) -> float | None:
-    """Seconds from ``started`` until the daemon's RSS fell below ``below``; None on timeout."""
-    deadline = time.perf_counter() + RSS_TIMEOUT
-    while mount.rss_bytes() >= below:
+def wait_for_memory(mount: volfs_mounts.Mount, below: int, started: float) -> float | None:
+    """Seconds from ``started`` until the daemon's memory fell below ``below``; None on timeout."""
+    deadline = time.perf_counter() + MEMORY_TIMEOUT
+    while mount.memory_bytes() >= below:
         if time.perf_counter() > deadline:
             return None
         time.sleep(volfs_mounts.POLL_INTERVAL / 10)
@@ -473,11 +473,11 @@ def measure_bulk(mount: volfs_mounts.Mount, settings: Settings) -> BulkResult:
                 os.pwrite(fd, block[: min(MiB, size - offset)], offset)
         except OSError as error:
             raise failed(mount, "writing the bulk file", error) from error
-        rss_before = mount.rss_bytes()
+        memory_before = mount.memory_bytes()
         started = time.perf_counter()
         purged, purge_s = timed_purge(mount, 0)
-        rss_at_return = mount.rss_bytes()
-        rss_drop_s = wait_for_rss(mount, rss_before - int(RSS_SHARE * purged), started)
+        memory_at_return = mount.memory_bytes()
+        memory_drop_s = wait_for_memory(mount, memory_before - int(MEMORY_SHARE * purged), started)
         expect(purged == size, f"the bulk purge freed {purged} bytes of {size}")
         expect(vrange_status(fd) == (size, size), "the bulk file is not all purged")
     return BulkResult(
@@ -485,9 +485,9 @@ def measure_bulk(mount: volfs_mounts.Mount, settings: Settings) -> BulkResult:
         segments=count,
         purge_s=purge_s,
         purged_bytes=purged,
-        rss_before=rss_before,
-        rss_drop_at_return=rss_before - rss_at_return,
-        rss_drop_s=rss_drop_s,
+        memory_before=memory_before,
+        memory_drop_at_return=memory_before - memory_at_return,
+        memory_drop_s=memory_drop_s,
     )
 
 
@@ -611,7 +611,7 @@ def render_report(results: Results, settings: Settings) -> str:
     large = max(results.sizes, key=lambda r: r.segments)
     small = min(results.sizes, key=lambda r: r.segments)
     check = verdicts(results)
-    drop = "not within 10 s" if bulk.rss_drop_s is None else f"{bulk.rss_drop_s:.3f} s"
+    drop = "not within 10 s" if bulk.memory_drop_s is None else f"{bulk.memory_drop_s:.3f} s"
     lines = [
         f"# volfs segments: {settings.c_pairs} C and {settings.python_pairs} Python pairs per "
         f"size, {settings.rounds} purge rounds; latencies in ns, purges in ms",
@@ -628,9 +628,9 @@ def render_report(results: Results, settings: Settings) -> str:
         "",
         f"bulk purge: {bulk.bytes >> 20} MiB in {bulk.segments} segments of "
         f"{(bulk.bytes // bulk.segments) >> 10} KiB: VOLFS_IOC_PURGE returned after "
-        f"{bulk.purge_s:.3f} s ({bulk.purged_bytes / MiB / bulk.purge_s:.0f} MiB/s); daemon RSS "
-        f"{bulk.rss_before >> 20} MiB before, {bulk.rss_drop_at_return >> 20} MiB less at the "
-        f"return, {RSS_SHARE:.0%} of the purge given back after {drop}",
+        f"{bulk.purge_s:.3f} s ({bulk.purged_bytes / MiB / bulk.purge_s:.0f} MiB/s); daemon "
+        f"memory {bulk.memory_before >> 20} MiB before, {bulk.memory_drop_at_return >> 20} MiB "
+        f"less at the return, {MEMORY_SHARE:.0%} of the purge given back after {drop}",
         "",
         f"target: C pair median <= {C_PAIR_TARGET_NS:.0f} ns at every size: "
         f"{verdict(check.c_pair)}",

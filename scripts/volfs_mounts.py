@@ -70,13 +70,32 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(POLL_INTERVAL)
 
 
-def rss_bytes(pid: int) -> int:
-    """The resident memory of process ``pid`` (anonymous, file and shared), from /proc."""
+def memory_bytes(pid: int) -> int:
+    """The memory process ``pid`` holds, from /proc: its resident memory other than shared
+    memory (``VmRSS`` less ``RssShmem``) plus every page of the memfds it has open, mapped or
+    not. volfs writes its files' data into a memfd without mapping it, so ``VmRSS`` alone
+    misses most of that data.
+    """
+    private = shared = None
     with open(f"/proc/{pid}/status", encoding="utf-8") as status:
         for line in status:
             if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise ValueError(f"process {pid} has no VmRSS (a kernel thread?)")
+                private = int(line.split()[1]) * 1024
+            elif line.startswith("RssShmem:"):
+                shared = int(line.split()[1]) * 1024
+    if private is None or shared is None:
+        raise ValueError(f"process {pid} has no VmRSS (a kernel thread?)")
+    memfds: dict[tuple[int, int], int] = {}  # a memfd open twice counts once
+    descriptors = f"/proc/{pid}/fd"
+    for name in os.listdir(descriptors):
+        path = os.path.join(descriptors, name)
+        try:
+            if os.readlink(path).startswith("/memfd:"):
+                status = os.stat(path)
+                memfds[status.st_dev, status.st_ino] = status.st_blocks * 512
+        except FileNotFoundError:
+            pass  # closed meanwhile
+    return private - shared + sum(memfds.values())
 
 
 # -- looking -----------------------------------------------------------------------------------
@@ -214,9 +233,9 @@ class Mount:
         """True if an exception escaped somewhere in the daemon, per its log."""
         return EXCEPTION_MARK in self.log()
 
-    def rss_bytes(self) -> int:
-        """The daemon's resident memory."""
-        return rss_bytes(self.pid)
+    def memory_bytes(self) -> int:
+        """The memory the daemon holds (see :func:`memory_bytes`)."""
+        return memory_bytes(self.pid)
 
     def check_alive(self) -> None:
         """Raise MountError, with the end of the daemon's log, if the daemon has exited."""

@@ -1,7 +1,7 @@
 """An unprivileged user attacking a shared volfs: each attack of ``scripts/abuse.py --quick``.
 
 The script mounts a volfs per attack (``size=256M,allow_other``), attacks it as ``nobody``
-while another user probes it, and reports per attack the daemon's RSS growth, what the cap
+while another user probes it, and reports per attack the daemon's memory growth, what the cap
 was charged and the probe's latency. It runs once for the module, in about 40 s; each attack
 is then checked on its own, so a report names every attack that misses a bound. An attack
 whose probe latency alone misses its bound runs once more on its own (see P99_BOUND_MS).
@@ -38,7 +38,7 @@ ATTACKS = (
 )
 
 #: What the daemon grows beyond what was charged to the cap stays below this.
-RSS_UNCHARGED_MIB = 64
+MEMORY_UNCHARGED_MIB = 64
 #: The probe's p99 latency, ms, here; the script reports against 10 ms. Measured over repeated
 #: quick runs on a 2-core machine, under the attacks the fixed daemon serves in bounded steps
 #: (dirhandles, symlinks, ranges, status, xattrs, counters): 0.2-2.4 ms with the machine to
@@ -97,11 +97,11 @@ def test_attack_stays_within_bounds(report: dict[str, Any], name: str) -> None:
         problems.append(f"probe errors: {probe['errors']}")
 
     # What the attacker made the daemon hold is charged to the cap, or is small.
-    growth, charged = record["rss_growth_mib"], record["charged_mib"]
-    if charged is None or growth - charged >= RSS_UNCHARGED_MIB:
+    growth, charged = record["memory_growth_mib"], record["charged_mib"]
+    if charged is None or growth - charged >= MEMORY_UNCHARGED_MIB:
         problems.append(
             f"the daemon grew {growth} MiB, {charged} MiB of it charged to the cap (bound: "
-            f"{RSS_UNCHARGED_MIB} MiB not charged)"
+            f"{MEMORY_UNCHARGED_MIB} MiB not charged)"
         )
 
     if name == "counters":

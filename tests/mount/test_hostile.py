@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -100,23 +101,44 @@ def test_open_directory_handles_hold_no_copy_of_the_listing(mounts: Mounts) -> N
     directory.mkdir(mode=0o755)
     for index in range(10_000):
         os.mknod(directory / f"entry-{index:05d}")
-
-    def hold_handles() -> tuple[int, int]:
-        before = daemon.rss_bytes()
-        held = []
-        for _ in range(200):
-            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-            listing = os.scandir(fd)
-            next(listing)  # a listing begun and left open, as a slow reader would
-            held.append((fd, listing))
-        grown = daemon.rss_bytes() - before
-        complete = sum(1 for _ in held[0][1]) + 1
-        for fd, listing in held:
-            listing.close()
-            os.close(fd)
-        return grown, complete
-
-    grown, complete = run_as(NOBODY, hold_handles)
+    # nobody holds the listings, in a child; root measures the daemon, whose /proc nobody
+    # may not read.
+    to_child, from_parent = os.pipe()
+    to_parent, from_child = os.pipe()
+    before = daemon.memory_bytes()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        status = 1
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY.gid)
+            os.setuid(NOBODY.uid)
+            held = []
+            for _ in range(200):
+                fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+                listing = os.scandir(fd)
+                next(listing)  # a listing begun and left open, as a slow reader would
+                held.append(listing)
+            os.write(from_child, b"held")
+            os.read(to_child, 1)
+            os.write(from_child, str(sum(1 for _ in held[0]) + 1).encode())
+            status = 0
+        except BaseException:
+            traceback.print_exc()  # to pytest's captured output
+        finally:
+            os._exit(status)
+    os.close(from_child)
+    os.close(to_child)
+    try:
+        assert os.read(to_parent, 4) == b"held"
+        grown = daemon.memory_bytes() - before
+        os.write(from_parent, b"!")
+        complete = int(os.read(to_parent, 32) or b"0")
+    finally:
+        os.close(from_parent)
+        os.close(to_parent)
+        _pid, wait_status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(wait_status) == 0
     # A copy of the listing per handle would be 200 x 10,000 entries: about 130 MB.
     assert grown < 16 * MIB, f"200 open listings grew the daemon by {grown / MIB:.0f} MiB"
     assert complete == 10_000, "a listing resumed after its first entry missed entries"

@@ -30,18 +30,18 @@ def test_truncating_or_deleting_a_1gib_file_returns_the_memory(
 ) -> None:
     mount = mount_volfs("size=2G")
     path = mount.path / "big"
-    baseline = mount.rss_bytes()
+    baseline = mount.memory_bytes()
     fill(path, GiB)
-    grown = mount.rss_bytes()
+    grown = mount.memory_bytes()
     assert grown - baseline > 0.95 * GiB, (baseline, grown)
     os.truncate(path, 0)
     # Large releases are punched in the background: wait for the memory, not for a time.
-    wait_for(lambda: grown - mount.rss_bytes() > 0.95 * GiB, 10, "RSS to drop after truncate")
+    wait_for(lambda: grown - mount.memory_bytes() > 0.95 * GiB, 10, "memory to drop after truncate")
 
     fill(path, GiB)
-    grown = mount.rss_bytes()
+    grown = mount.memory_bytes()
     path.unlink()
-    wait_for(lambda: grown - mount.rss_bytes() > 0.95 * GiB, 10, "RSS to drop after unlink")
+    wait_for(lambda: grown - mount.memory_bytes() > 0.95 * GiB, 10, "memory to drop after unlink")
     assert os.statvfs(mount.path).f_bfree == os.statvfs(mount.path).f_blocks
 
 

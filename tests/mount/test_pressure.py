@@ -106,9 +106,9 @@ def test_purged_memory_returns_to_the_system(mount_volfs: Callable[..., Mount]) 
     fd = os.open(mount.path / "cache", os.O_RDWR)
     try:
         fvrange(fd, 0, 512 * MiB, VRANGE_VOLATILE)
-        before = mount.rss_bytes()
+        before = mount.memory_bytes()
         assert purge(mount.path) == 512 * MiB
-        wait_for(lambda: before - mount.rss_bytes() > 500 * MiB, 10, "RSS to drop by 512 MiB")
+        wait_for(lambda: before - mount.memory_bytes() > 500 * MiB, 10, "memory to drop by 512 MiB")
         assert os.statvfs(mount.path).f_bfree * 4096 == 1023 * MiB
     finally:
         os.close(fd)

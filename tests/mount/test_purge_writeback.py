@@ -23,8 +23,8 @@ PAGE = 4096
 MiB = 1 << 20
 #: Bytes dirtied through the mapping, then marked volatile and purged.
 DIRTY = 8 * MiB
-#: How much the daemon's RSS may grow over a purge: allocator noise, far below DIRTY.
-RSS_SLACK = MiB
+#: How much the daemon's memory may grow over a purge: allocator noise, far below DIRTY.
+MEMORY_SLACK = MiB
 #: What a ring keeps from volatility once its consumer caught up: the segment holding head.
 RING_KEEPS = 64 * 1024
 
@@ -54,7 +54,7 @@ def test_one_purge_frees_pages_dirtied_through_a_mapping(
 ) -> None:
     fd, _view, data = dirty_mapping
     assert statistics(volfs.path)["used_bytes"] == 0  # nothing written back yet
-    rss = volfs.rss_bytes()
+    held = volfs.memory_bytes()
 
     assert purge(volfs.path) == DIRTY  # the write-back the purge caused is counted, not kept
     assert statistics(volfs.path)["purged_bytes"] == DIRTY  # in the counters too
@@ -63,7 +63,7 @@ def test_one_purge_frees_pages_dirtied_through_a_mapping(
     with pytest.raises(OSError) as caught:
         os.pread(fd, PAGE, 0)
     assert caught.value.errno == errno.EIO
-    assert volfs.rss_bytes() - rss < RSS_SLACK
+    assert volfs.memory_bytes() - held < MEMORY_SLACK
     assert statistics(volfs.path)["used_bytes"] == 0
 
     # The dirty page outside the range is written back and stored as always.
@@ -104,12 +104,12 @@ def test_an_idle_caught_up_ring_gives_its_memory_back_in_one_purge(volfs: Mount)
         try:
             assert vrange_status(fd)[0] >= consumed - RING_KEEPS
             used = statistics(volfs.path)["used_bytes"]
-            rss = volfs.rss_bytes()
+            held = volfs.memory_bytes()
 
             assert purge(volfs.path) >= consumed - RING_KEEPS  # the messages, only in the cache
             assert purge(volfs.path) == 0
             assert statistics(volfs.path)["used_bytes"] <= used
-            assert volfs.rss_bytes() - rss < RSS_SLACK
+            assert volfs.memory_bytes() - held < MEMORY_SLACK
         finally:
             os.close(fd)
         # The ring goes on: the producer takes purged pages back and writes them afresh.

@@ -331,7 +331,7 @@ def test_an_idle_caught_up_ring_gives_its_memory_back_on_purge(
     ring, capacity, segment = volfs.path / "ring", 64 * MiB, 64 * KiB
     message_size = 100 * KiB  # records end anywhere in a segment
     count = 620  # 62 MiB of records: the ring filled once
-    baseline = volfs.rss_bytes()
+    baseline = volfs.memory_bytes()
     blocks = {"ring": ring, "count": count, "size": message_size, "capacity": capacity}
     producer = spawn(ring_programs.send_blocks, **blocks)
     consumer = spawn(ring_programs.receive_blocks, **blocks)
@@ -351,15 +351,15 @@ def test_an_idle_caught_up_ring_gives_its_memory_back_on_purge(
         # The data went in through the mappings; the kernel writes dirty pages back to the
         # daemon within 30 s on its own, fsync does it now.
         os.fsync(fd)
-        full = volfs.rss_bytes()
+        full = volfs.memory_bytes()
         assert full - baseline > 0.9 * data, "the ring's data never reached the daemon"
         volatile, _purged = vrange_status(fd)
         assert volatile >= data - segment  # every segment but the one holding head
         assert purge(volfs.path) >= data - segment
         wait_for(
-            lambda: full - volfs.rss_bytes() > 0.9 * data,
+            lambda: full - volfs.memory_bytes() > 0.9 * data,
             10,
-            "the daemon's RSS to drop by the data",
+            "the daemon's memory to drop by the data",
         )
         # What is left of the file: the header page and the segment holding head.
         assert os.fstat(fd).st_blocks * 512 <= PAGE + segment

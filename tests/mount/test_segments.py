@@ -464,14 +464,14 @@ def test_memory_pressure_purges_unpinned_segments_and_gives_the_memory_back(
             segments = segments_of(table, 64, MiB)
             for segment in segments[:48]:
                 segment.unpin()
-            before = mount.rss_bytes()
+            before = mount.memory_bytes()
             writer = open_fifo_writer(fifo)
             try:
                 os.write(writer, b"pressure\n")
                 wait_for(lambda: vrange_status(fd)[1] == 32 * MiB, 10, "one batch purged")
             finally:
                 os.close(writer)
-            wait_for(lambda: before - mount.rss_bytes() > 30 * MiB, 10, "RSS to drop 32 MiB")
+            wait_for(lambda: before - mount.memory_bytes() > 30 * MiB, 10, "memory to drop 32 MiB")
             # The 32 least recently unpinned went; the rest is intact.
             assert [segment.pin() for segment in segments] == [True] * 32 + [False] * 32
             assert os.pread(fd, 32 * MiB, 32 * MiB) == data[32 * MiB :]
