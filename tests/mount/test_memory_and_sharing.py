@@ -13,6 +13,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from tests.conftest import Mount, wait_for
+from volfs.client import VRANGE_VOLATILE, fvrange
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -43,6 +44,45 @@ def test_truncating_or_deleting_a_1gib_file_returns_the_memory(
     path.unlink()
     wait_for(lambda: grown - mount.memory_bytes() > 0.95 * GiB, 10, "memory to drop after unlink")
     assert os.statvfs(mount.path).f_bfree == os.statvfs(mount.path).f_blocks
+
+
+def mapped_shared_bytes(mount: Mount) -> int:
+    """The daemon's RssShmem: shared memory it has mapped and touched."""
+    with open(f"/proc/{mount.pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("RssShmem:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no RssShmem in the daemon's status")
+
+
+def test_written_data_stays_unmapped_until_read(mount_volfs: Callable[..., Mount]) -> None:
+    """A purge returns memory as fast as a tmpfs punch only if the daemon has not mapped the
+    pages: punching a mapped page must unmap it first. Writes served in C (a plain file) and
+    in Python (a file with a volatile range) store the data without mapping it."""
+    mount = mount_volfs("size=1G")
+    before = mount.memory_bytes()
+    fill(mount.path / "plain", 128 * MiB)
+    fd = os.open(mount.path / "volatile", os.O_RDWR | os.O_CREAT)
+    try:
+        os.write(fd, bytes(4096))
+        fvrange(fd, 0, 4096, VRANGE_VOLATILE)
+        block = os.urandom(MiB)
+        for offset in range(MiB, 129 * MiB, MiB):
+            os.pwrite(fd, block, offset)
+    finally:
+        os.close(fd)
+    assert mount.memory_bytes() - before > 250 * MiB
+    assert mapped_shared_bytes(mount) < 16 * MiB
+
+    # Reading maps what it reads, and the measure above sees it.
+    fd = os.open(mount.path / "plain", os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # so the reads reach the daemon
+        while os.read(fd, MiB):
+            pass
+    finally:
+        os.close(fd)
+    assert mapped_shared_bytes(mount) > 120 * MiB
 
 
 def test_mmap_shared_between_two_processes(mnt: Path) -> None:

@@ -975,6 +975,7 @@ static struct {
     void *table;
     Py_buffer arena;      /* the store's mapping; arena.obj is NULL when not configured */
     int64_t arena_pages;
+    int arena_fd;         /* the store's memfd (a duplicate), written with pwrite; -1 if none */
     vf_time_t relatime; /* how old atime may grow while later than mtime and ctime */
     int threads_wanted;
     pthread_t threads[REQUEST_THREADS_MAX];
@@ -997,6 +998,7 @@ static struct {
     int ended;            /* errno that ended the reading, 0 while it goes on */
     atomic_ullong reads, writes, handed, at_once;
 } pages = {.session_fd = -1,
+             .arena_fd = -1,
              .wake_fd = -1,
              .signal_fd = -1,
              .mode_lock = PTHREAD_MUTEX_INITIALIZER,
@@ -1197,7 +1199,16 @@ static int serve_write(const struct fuse_in_header *in, const struct fuse_write_
         uint64_t lo = (uint64_t)run->page * PAGE_BYTES;
         uint64_t hi = (uint64_t)(run->page + run->count) * PAGE_BYTES;
         uint64_t stop = hi < end ? hi : end;
-        memcpy(arena_at(run) + (cursor - lo), data + (cursor - offset), (size_t)(stop - cursor));
+        size_t piece = (size_t)(stop - cursor);
+        ssize_t written = pwrite(pages.arena_fd, data + (cursor - offset), piece,
+                                 (off_t)(run->arena * PAGE_BYTES + (int64_t)(cursor - lo)));
+        if (written != (ssize_t)piece) {
+            /* Out of memory: what was written stays, as after a failed write(2) on tmpfs. */
+            int error = written < 0 ? errno : EIO;
+            unlock_map(map);
+            reply(in, error, iov, 1, 0);
+            return 1;
+        }
         cursor = stop;
     }
     vf_grow(map, (int64_t)end);
@@ -1583,6 +1594,8 @@ static void forget_pages(void) {
     pages.table = NULL;
     if (pages.arena.obj != NULL) PyBuffer_Release(&pages.arena);
     pages.arena.obj = NULL;
+    if (pages.arena_fd >= 0) close(pages.arena_fd);
+    pages.arena_fd = -1;
     pages.threads_wanted = 0;
 }
 
@@ -1818,14 +1831,16 @@ static PyObject *bridge_drop_purged_ranges(PyObject *module, PyObject *ranges) {
 
 static PyObject *bridge_serve_pages(PyObject *module, PyObject *args, PyObject *kwargs) {
     (void)module;
-    static char *keywords[] = {"table", "arena", "threads", "relatime_ns", "deny_others", NULL};
+    static char *keywords[] = {"table",       "arena",       "arena_fd", "threads",
+                               "relatime_ns", "deny_others", NULL};
     PyObject *table;
     Py_buffer arena;
+    int arena_fd;
     int threads;
     long long relatime_ns;
     int deny_others;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Ow*$iLp", keywords, &table, &arena,
-                                     &threads, &relatime_ns, &deny_others))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Ow*$iiLp", keywords, &table, &arena,
+                                     &arena_fd, &threads, &relatime_ns, &deny_others))
         return NULL;
     const char *refusal = NULL;
     if (threads < 1 || threads > REQUEST_THREADS_MAX)
@@ -1851,7 +1866,14 @@ static PyObject *bridge_serve_pages(PyObject *module, PyObject *args, PyObject *
         PyBuffer_Release(&arena);
         return NULL;
     }
+    int own_fd = fcntl(arena_fd, F_DUPFD_CLOEXEC, 0);
+    if (own_fd < 0) {
+        PyBuffer_Release(&arena);
+        PyErr_SetFromErrno(PyExc_OSError);
+        return NULL;
+    }
     forget_pages();
+    pages.arena_fd = own_fd;
     pages.table_object = Py_NewRef(table);
     pages.table = opaque;
     pages.arena = arena;

@@ -49,6 +49,7 @@ def serve_pages(
     table: PageTable,
     arena: memoryview,
     *,
+    arena_fd: int,
     threads: int,
     relatime_ns: int,
     deny_others: bool,

@@ -101,6 +101,7 @@ class Session:
             bridge.serve_pages(
                 store.table,
                 store.arena.view,
+                arena_fd=store.arena.fd,
                 threads=REQUEST_THREADS,
                 relatime_ns=RELATIME_INTERVAL_NS,
                 # libfuse's own rule for allow_root, which requests it does not see must keep.
