@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +27,13 @@ DIRTY = 8 * MiB
 MEMORY_SLACK = MiB
 #: What a ring keeps from volatility once its consumer caught up: the segment holding head.
 RING_KEEPS = 64 * 1024
+
+
+@pytest.fixture
+def volfs(mount_volfs: Callable[..., Mount]) -> Mount:
+    """A volfs that purges only when asked: a purge for the machine's memory pressure, with
+    other work running, would take what these tests count."""
+    return mount_volfs("pressure=off")
 
 
 @pytest.fixture
