@@ -13,6 +13,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from tests.conftest import Mount, wait_for
+from tests.mount.test_request_threads import served
 from volfs.client import VRANGE_VOLATILE, fvrange
 
 MiB = 1024 * 1024
@@ -57,11 +58,13 @@ def mapped_shared_bytes(mount: Mount) -> int:
 
 def test_written_data_stays_unmapped_until_read(mount_volfs: Callable[..., Mount]) -> None:
     """A purge returns memory as fast as a tmpfs punch only if the daemon has not mapped the
-    pages: punching a mapped page must unmap it first. Writes served in C (a plain file) and
-    in Python (a file with a volatile range) store the data without mapping it."""
-    mount = mount_volfs("size=1G")
+    pages: punching a mapped page must unmap it first. Writes, served in C (overwrites) or
+    in Python (new pages, files with volatile ranges), store the data without mapping it;
+    reading maps the pages, and overwrites of those are copied through the mapping."""
+    mount = mount_volfs("size=1G,log_level=debug")  # debug: the daemon's counters
     before = mount.memory_bytes()
-    fill(mount.path / "plain", 128 * MiB)
+    plain = mount.path / "plain"
+    fill(plain, 128 * MiB)
     fd = os.open(mount.path / "volatile", os.O_RDWR | os.O_CREAT)
     try:
         os.write(fd, bytes(4096))
@@ -74,15 +77,29 @@ def test_written_data_stays_unmapped_until_read(mount_volfs: Callable[..., Mount
     assert mount.memory_bytes() - before > 250 * MiB
     assert mapped_shared_bytes(mount) < 16 * MiB
 
-    # Reading maps what it reads, and the measure above sees it.
-    fd = os.open(mount.path / "plain", os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # so the reads reach the daemon
-        while os.read(fd, MiB):
-            pass
-    finally:
-        os.close(fd)
+    def overwrite() -> bytes:
+        """Write new bytes over every page of the plain file; return them."""
+        data = os.urandom(128 * MiB)
+        with open(plain, "r+b", buffering=0) as file:
+            for offset in range(0, len(data), MiB):
+                file.write(data[offset : offset + MiB])
+        return data
+
+    def read_back() -> bytes:
+        """The plain file as read from the daemon, not the kernel's cache."""
+        with open(plain, "rb", buffering=0) as file:
+            os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            return file.read()
+
+    expected = overwrite()  # into pages the daemon has not read
+    assert mapped_shared_bytes(mount) < 16 * MiB
+    assert read_back() == expected
+    # Reading mapped the pages, and the measure above sees it.
     assert mapped_shared_bytes(mount) > 120 * MiB
+    expected = overwrite()  # into mapped pages
+    assert read_back() == expected
+    _reads, writes = served(mount)
+    assert writes >= 256  # both overwrites were served in C
 
 
 def test_mmap_shared_between_two_processes(mnt: Path) -> None:

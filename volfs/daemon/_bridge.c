@@ -976,6 +976,7 @@ static struct {
     Py_buffer arena;      /* the store's mapping; arena.obj is NULL when not configured */
     int64_t arena_pages;
     int arena_fd;         /* the store's memfd (a duplicate), written with pwrite; -1 if none */
+    Py_buffer mapped;     /* a byte per arena page, set once a thread read it: it is mapped */
     vf_time_t relatime; /* how old atime may grow while later than mtime and ctime */
     int threads_wanted;
     pthread_t threads[REQUEST_THREADS_MAX];
@@ -1102,6 +1103,29 @@ static char *arena_at(const vf_run_t *run) {
     return (char *)pages.arena.buf + run->arena * PAGE_BYTES;
 }
 
+/* Note the pages of a run's bytes [from, to) as mapped: the reply is about to read them
+ * through the mapping. */
+static void note_mapped(const vf_run_t *run, uint64_t from, uint64_t to) {
+    uint64_t first = from / PAGE_BYTES, end = (to + PAGE_BYTES - 1) / PAGE_BYTES;
+    memset((char *)pages.mapped.buf + run->arena + first, 1, (size_t)(end - first));
+}
+
+/* Copy size bytes to a run's byte at: through the mapping into pages already mapped (cheaper
+ * than a system call), else with pwrite, which maps nothing a purge would have to unmap.
+ * 0, or the errno of a failed pwrite (what was written stays). */
+static int store(const vf_run_t *run, uint64_t at, const char *data, size_t size) {
+    uint64_t first = at / PAGE_BYTES, end = (at + size + PAGE_BYTES - 1) / PAGE_BYTES;
+    if (memchr((const char *)pages.mapped.buf + run->arena + first, 0, (size_t)(end - first)) ==
+        NULL) {
+        memcpy(arena_at(run) + at, data, size);
+        return 0;
+    }
+    off_t position = (off_t)(run->arena * PAGE_BYTES + (int64_t)at);
+    ssize_t written = pwrite(pages.arena_fd, data, size, position);
+    if (written == (ssize_t)size) return 0;
+    return written < 0 ? errno : EIO;
+}
+
 /* Serve a READ; 0 if it must go to Python. */
 static int serve_read(const struct fuse_in_header *in, const struct fuse_read_in *arg) {
     if (arg->size > sizeof zero_pages || arg->offset > (uint64_t)LARGEST_OFFSET) return 0;
@@ -1136,6 +1160,7 @@ static int serve_read(const struct fuse_in_header *in, const struct fuse_read_in
         uint64_t stop = hi < end ? hi : end;
         iov[count++] = (struct iovec){.iov_base = base + (cursor - lo),
                                       .iov_len = (size_t)(stop - cursor)};
+        note_mapped(run, cursor - lo, stop - lo);
         cursor = stop;
     }
     if (cursor < end)
@@ -1199,12 +1224,9 @@ static int serve_write(const struct fuse_in_header *in, const struct fuse_write_
         uint64_t lo = (uint64_t)run->page * PAGE_BYTES;
         uint64_t hi = (uint64_t)(run->page + run->count) * PAGE_BYTES;
         uint64_t stop = hi < end ? hi : end;
-        size_t piece = (size_t)(stop - cursor);
-        ssize_t written = pwrite(pages.arena_fd, data + (cursor - offset), piece,
-                                 (off_t)(run->arena * PAGE_BYTES + (int64_t)(cursor - lo)));
-        if (written != (ssize_t)piece) {
+        int error = store(run, cursor - lo, data + (cursor - offset), (size_t)(stop - cursor));
+        if (error) {
             /* Out of memory: what was written stays, as after a failed write(2) on tmpfs. */
-            int error = written < 0 ? errno : EIO;
             unlock_map(map);
             reply(in, error, iov, 1, 0);
             return 1;
@@ -1596,6 +1618,8 @@ static void forget_pages(void) {
     pages.arena.obj = NULL;
     if (pages.arena_fd >= 0) close(pages.arena_fd);
     pages.arena_fd = -1;
+    if (pages.mapped.obj != NULL) PyBuffer_Release(&pages.mapped);
+    pages.mapped.obj = NULL;
     pages.threads_wanted = 0;
 }
 
@@ -1831,46 +1855,38 @@ static PyObject *bridge_drop_purged_ranges(PyObject *module, PyObject *ranges) {
 
 static PyObject *bridge_serve_pages(PyObject *module, PyObject *args, PyObject *kwargs) {
     (void)module;
-    static char *keywords[] = {"table",       "arena",       "arena_fd", "threads",
-                               "relatime_ns", "deny_others", NULL};
+    static char *keywords[] = {"table",   "arena",       "arena_fd",    "mapped",
+                               "threads", "relatime_ns", "deny_others", NULL};
     PyObject *table;
-    Py_buffer arena;
+    Py_buffer arena, mapped;
     int arena_fd;
     int threads;
     long long relatime_ns;
     int deny_others;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Ow*$iiLp", keywords, &table, &arena,
-                                     &arena_fd, &threads, &relatime_ns, &deny_others))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Ow*$iw*iLp", keywords, &table, &arena,
+                                     &arena_fd, &mapped, &threads, &relatime_ns, &deny_others))
         return NULL;
     const char *refusal = NULL;
     if (threads < 1 || threads > REQUEST_THREADS_MAX)
         refusal = "threads must be between 1 and 16";
     else if (arena.len % PAGE_BYTES != 0)
         refusal = "the arena must be whole pages";
+    else if (mapped.len != arena.len / PAGE_BYTES)
+        refusal = "mapped must have a byte per page of the arena";
     else if (bridge_session != NULL)
         refusal = "the session is mounted already";
     if (refusal != NULL) {
-        PyBuffer_Release(&arena);
         PyErr_SetString(PyExc_ValueError, refusal);
-        return NULL;
+        goto fail;
     }
-    if (pages.api == NULL) {
-        pages.api = PyCapsule_Import(VOLFS_PAGEMAP_CAPSULE, 0);
-        if (pages.api == NULL) {
-            PyBuffer_Release(&arena);
-            return NULL;
-        }
-    }
+    if (pages.api == NULL && (pages.api = PyCapsule_Import(VOLFS_PAGEMAP_CAPSULE, 0)) == NULL)
+        goto fail;
     void *opaque = pages.api->table_of(table);
-    if (opaque == NULL) {
-        PyBuffer_Release(&arena);
-        return NULL;
-    }
+    if (opaque == NULL) goto fail;
     int own_fd = fcntl(arena_fd, F_DUPFD_CLOEXEC, 0);
     if (own_fd < 0) {
-        PyBuffer_Release(&arena);
         PyErr_SetFromErrno(PyExc_OSError);
-        return NULL;
+        goto fail;
     }
     forget_pages();
     pages.arena_fd = own_fd;
@@ -1878,12 +1894,17 @@ static PyObject *bridge_serve_pages(PyObject *module, PyObject *args, PyObject *
     pages.table = opaque;
     pages.arena = arena;
     pages.arena_pages = arena.len / PAGE_BYTES;
+    pages.mapped = mapped;
     pages.relatime = (vf_time_t){.sec = relatime_ns / 1000000000,
                                  .nsec = relatime_ns % 1000000000};
     pages.threads_wanted = threads;
     pages.deny_others = deny_others;
     pages.owner = getuid(); /* as libfuse's session takes it */
     Py_RETURN_NONE;
+fail:
+    PyBuffer_Release(&arena);
+    PyBuffer_Release(&mapped);
+    return NULL;
 }
 
 static PyObject *bridge_served(PyObject *module, PyObject *unused) {

@@ -1,5 +1,6 @@
 """Type information for the C extension; see volfs/daemon/_bridge.c."""
 
+import mmap
 from collections.abc import Callable, Sequence
 
 from volfs.core._pagemap import PageTable
@@ -50,6 +51,7 @@ def serve_pages(
     arena: memoryview,
     *,
     arena_fd: int,
+    mapped: mmap.mmap,
     threads: int,
     relatime_ns: int,
     deny_others: bool,

@@ -102,6 +102,7 @@ class Session:
                 store.table,
                 store.arena.view,
                 arena_fd=store.arena.fd,
+                mapped=store.arena.mapped,
                 threads=REQUEST_THREADS,
                 relatime_ns=RELATIME_INTERVAL_NS,
                 # libfuse's own rule for allow_root, which requests it does not see must keep.
