@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import random
 from collections.abc import Callable
 
@@ -145,6 +146,37 @@ def test_write_that_does_not_fit_changes_nothing() -> None:
     assert caught.value.errno == errno.ENOSPC
     assert bytes(contents.read(0, 2 * PAGE_SIZE)) == b"a" * PAGE_SIZE
     assert store.used_bytes == PAGE_SIZE
+
+
+def test_a_system_out_of_memory_partway_makes_a_short_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The memfd takes bytes until the system has no memory left: the write is short and
+    the size covers only what was taken; with nothing taken, the write fails and the size
+    stays."""
+    store = Store(64 * PAGE_SIZE)
+    contents = store.new_file()
+    contents.write(0, b"a" * PAGE_SIZE)
+    store.new_file().write(0, b"o")  # takes the arena page after: the next run starts apart
+    room = [100]  # bytes the memfd still takes
+    real_pwrite = os.pwrite
+
+    def pwrite(fd: int, data: memoryview, position: int) -> int:
+        if not room[0]:
+            raise OSError(errno.ENOMEM, "out of memory")
+        taken = real_pwrite(fd, data[: room[0]], position)
+        room[0] -= taken
+        return taken
+
+    monkeypatch.setattr("volfs.core.store.os.pwrite", pwrite)
+    assert contents.write(PAGE_SIZE - 50, b"b" * (3 * PAGE_SIZE)) == 100
+    assert len(contents.map) == 2  # copied in two pieces, the second cut short
+    assert contents.size == PAGE_SIZE + 50
+    assert bytes(contents.read(0, 2 * PAGE_SIZE)) == b"a" * (PAGE_SIZE - 50) + b"b" * 100
+    with pytest.raises(OSError) as caught:
+        contents.write(PAGE_SIZE + 50, b"c")
+    assert caught.value.errno == errno.ENOMEM
+    assert contents.size == PAGE_SIZE + 50
 
 
 def test_freed_pages_come_back_zeroed() -> None:

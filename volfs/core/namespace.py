@@ -607,7 +607,8 @@ class Namespace:
                 raise OSError(errno.EIO, "read of purged volatile data")
 
     def write(self, inode: Inode, offset: int, data: bytes | memoryview) -> int:
-        """Write to an open regular file; return the bytes written (all of them).
+        """Write to an open regular file; return the bytes written (all of them, unless the
+        system runs out of memory partway: see :meth:`FileContents.write`).
 
         Pages written are no longer lost, and purgeable again if volatile.
 

@@ -8,7 +8,7 @@ returns to the operating system and a freshly allocated page always reads as zer
 
 Data is read through the mapping (no copy) but written with ``pwrite``: a page written through
 the mapping stays mapped into the daemon, and punching a mapped page must first unmap it, which
-made a purge take 1.35 to 1.5 times as long as punching a tmpfs file. A page is mapped when it
+made a purge take 1.3 to 1.45 times as long as punching a tmpfs file. A page is mapped when it
 is first read instead, which costs that read about as much as a copy would. The bridge's
 request threads note the pages they read (:attr:`Arena.mapped`) and copy writes into those
 through the mapping, which is cheaper than a system call and maps nothing new.
@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+#: mmap(2)'s MAP_NORESERVE (linux/mman.h), which Python's mmap module does not define.
+_MAP_NORESERVE = 0x4000
 
 #: Releases up to this many pages are punched on the event loop; larger ones in a thread.
 INLINE_PUNCH_PAGES = 256
@@ -135,14 +138,16 @@ class Arena:
             length = max(capacity_pages, 1) << PAGE_SHIFT
             os.ftruncate(self._fd, length)
             self._map = mmap.mmap(self._fd, length, mmap.MAP_SHARED)
+            #: A byte per page, set by the bridge's request threads once they have read the
+            #: page through the mapping (so it is mapped), cleared when the page is released.
+            #: Private and unreserved: the daemon holds only the pages of it that were set.
+            self.mapped = mmap.mmap(
+                -1, max(capacity_pages, 1), flags=mmap.MAP_PRIVATE | _MAP_NORESERVE
+            )
         except BaseException:
             os.close(self._fd)
             raise
         self.view = memoryview(self._map)
-        #: A byte per page, set by the bridge's request threads once they have read the page
-        #: through the mapping (so it is mapped), cleared when the page is released. Anonymous
-        #: memory: the daemon holds only the pages of it that were touched.
-        self.mapped = mmap.mmap(-1, max(capacity_pages, 1))
         self._free: SortedDict[int, int] = SortedDict()
         if capacity_pages:
             self._free[0] = capacity_pages
@@ -162,9 +167,11 @@ class Arena:
     def close(self) -> None:
         """Release the mapping and the memfd."""
         self.view.release()
-        self._map.close()
-        self.mapped.close()
-        os.close(self._fd)
+        try:
+            self._map.close()
+            self.mapped.close()
+        finally:
+            os.close(self._fd)
 
     @property
     def used_pages(self) -> int:
@@ -187,25 +194,41 @@ class Arena:
         """The memfd, for writers outside this class (the bridge's request threads)."""
         return self._fd
 
-    def write(self, position: int, data: bytes | memoryview) -> None:
+    def write(self, position: int, data: bytes | memoryview) -> int:
         """Copy ``data`` into the arena at byte ``position`` (see the module docstring).
 
+        Returns:
+            The bytes copied: all of them, or fewer if the kernel ran out of memory partway.
+
         Raises:
-            OSError: the kernel could not allocate the memory (ENOMEM); what was copied stays.
+            OSError: the kernel could take none of them (ENOMEM, ENOSPC).
         """
         view = memoryview(data)
-        while view:
-            written = os.pwrite(self._fd, view, position)
+        done = 0
+        while done < len(view):
+            try:
+                written = os.pwrite(self._fd, view[done:], position + done)
+            except OSError:
+                if done:
+                    break
+                raise
             if written <= 0:
+                if done:
+                    break
                 raise OSError(errno.EIO, "the arena took no bytes")
-            view = view[written:]
-            position += written
+            done += written
+        return done
 
     def zero(self, position: int, length: int) -> None:
-        """Write ``length`` zeros into the arena at byte ``position``."""
+        """Write ``length`` zeros into the arena at byte ``position``.
+
+        Raises:
+            OSError: the kernel could not take them all.
+        """
         while length:
             piece = min(length, len(_ZEROS))
-            self.write(position, _ZEROS[:piece])
+            if self.write(position, _ZEROS[:piece]) != piece:
+                raise OSError(errno.ENOMEM, "the arena took part of the zeros")
             position += piece
             length -= piece
 
@@ -282,8 +305,10 @@ class Arena:
         O(log f) and the kernel's work when punched at once.
         """
         # The punch unmaps them; a request thread writing into them once they are reused must
-        # not take them for mapped.
-        self.mapped[start : start + count] = bytes(count)
+        # not take them for mapped. Zeros are written only where needed: writing them would
+        # allocate the byte map's pages.
+        if self.mapped.find(b"\x01", start, start + count) >= 0:
+            self.mapped[start : start + count] = bytes(count)
         self._dirty.append((start, count))
         self.dirty_pages += count
         if self.on_release is None:
@@ -448,11 +473,13 @@ class FileContents:
         """Store ``data`` at ``offset``, growing the file as needed; return the bytes written.
 
         Pages for holes are allocated first, all or nothing, so a write that does not fit
-        changes nothing.
+        changes nothing. Should the system run out of memory partway through the copy, the
+        write is short, as on tmpfs; if it takes no byte, OSError, and the pages allocated
+        stay (zeros, past the size or in holes).
 
         Raises:
             OSError: ENOSPC when the arena cannot hold the new pages; EFBIG past the
-                largest file size.
+                largest file size; ENOMEM when the system has no memory for the first bytes.
 
         Runtime complexity: O(log e + k) for k runs touched, plus the copy.
         """
@@ -472,19 +499,32 @@ class FileContents:
             page, arena_page, count = run
             arena = self._arena
             if page + count >= end_page:
-                arena.write((arena_page << PAGE_SHIFT) + offset - (page << PAGE_SHIFT), data)
+                written = arena.write(
+                    (arena_page << PAGE_SHIFT) + offset - (page << PAGE_SHIFT), data
+                )
             else:
                 source = memoryview(data)
+                written = 0
                 for page, arena_page, count in self._runs(first, end_page):
                     lo = max(offset, page << PAGE_SHIFT)
                     hi = min(end, (page + count) << PAGE_SHIFT)
                     target = (arena_page << PAGE_SHIFT) + lo - (page << PAGE_SHIFT)
-                    arena.write(target, source[lo - offset : hi - offset])
+                    try:
+                        piece = arena.write(target, source[lo - offset : hi - offset])
+                    except OSError:
+                        if not written:
+                            raise
+                        break
+                    written += piece
+                    if piece < hi - lo:
+                        break
+            # Out of memory partway: a short write, as on tmpfs.
+            end = offset + written
             if self._unwritten:
-                remove_interval(self._unwritten, first, end_page)
+                remove_interval(self._unwritten, *pages_spanned(offset, written))
                 self._note_unwritten()
             self.map.size = max(self.map.size, end)
-        return length
+        return written
 
     def holes(self, first: int, end: int) -> list[tuple[int, int]]:
         """Return the ``(page, count)`` runs of [first, end) that hold no page.

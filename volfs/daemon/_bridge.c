@@ -1112,18 +1112,26 @@ static void note_mapped(const vf_run_t *run, uint64_t from, uint64_t to) {
 
 /* Copy size bytes to a run's byte at: through the mapping into pages already mapped (cheaper
  * than a system call), else with pwrite, which maps nothing a purge would have to unmap.
- * 0, or the errno of a failed pwrite (what was written stays). */
-static int store(const vf_run_t *run, uint64_t at, const char *data, size_t size) {
+ * Returns the bytes copied: size, fewer if the kernel ran out of memory partway, or -errno if
+ * it could take none. */
+static ssize_t store(const vf_run_t *run, uint64_t at, const char *data, size_t size) {
     uint64_t first = at / PAGE_BYTES, end = (at + size + PAGE_BYTES - 1) / PAGE_BYTES;
     if (memchr((const char *)pages.mapped.buf + run->arena + first, 0, (size_t)(end - first)) ==
         NULL) {
         memcpy(arena_at(run) + at, data, size);
-        return 0;
+        return (ssize_t)size;
     }
     off_t position = (off_t)(run->arena * PAGE_BYTES + (int64_t)at);
-    ssize_t written = pwrite(pages.arena_fd, data, size, position);
-    if (written == (ssize_t)size) return 0;
-    return written < 0 ? errno : EIO;
+    size_t done = 0;
+    while (done < size) {
+        ssize_t written = pwrite(pages.arena_fd, data + done, size - done, position + (off_t)done);
+        if (written <= 0) {
+            if (done) break;
+            return written < 0 ? -errno : -EIO;
+        }
+        done += (size_t)written;
+    }
+    return (ssize_t)done;
 }
 
 /* Serve a READ; 0 if it must go to Python. */
@@ -1224,16 +1232,21 @@ static int serve_write(const struct fuse_in_header *in, const struct fuse_write_
         uint64_t lo = (uint64_t)run->page * PAGE_BYTES;
         uint64_t hi = (uint64_t)(run->page + run->count) * PAGE_BYTES;
         uint64_t stop = hi < end ? hi : end;
-        int error = store(run, cursor - lo, data + (cursor - offset), (size_t)(stop - cursor));
-        if (error) {
-            /* Out of memory: what was written stays, as after a failed write(2) on tmpfs. */
+        ssize_t stored = store(run, cursor - lo, data + (cursor - offset), (size_t)(stop - cursor));
+        if (stored < 0 && cursor == offset) {
             unlock_map(map);
-            reply(in, error, iov, 1, 0);
+            reply(in, (int)-stored, iov, 1, 0);
             return 1;
+        }
+        if (stored < (ssize_t)(stop - cursor)) {
+            /* Out of memory partway: a short write, as on tmpfs. */
+            cursor += stored > 0 ? (uint64_t)stored : 0;
+            break;
         }
         cursor = stop;
     }
-    vf_grow(map, (int64_t)end);
+    out.size = (uint32_t)(cursor - offset);
+    vf_grow(map, (int64_t)cursor);
     vf_time_t time = now();
     pthread_mutex_lock(&map->times_lock);
     map->mtime = map->ctime = time;
@@ -1964,10 +1977,12 @@ static PyMethodDef bridge_methods[] = {
      "invalidate_range does: call it from a worker thread."},
     {"serve_pages", (PyCFunction)(void (*)(void))bridge_serve_pages,
      METH_VARARGS | METH_KEYWORDS,
-     "serve_pages(table, arena, *, threads, relatime_ns, deny_others): before the "
-     "mount, have the session read by that many request threads, which serve the reads and "
-     "writes of the files in table (a volfs.core._pagemap.PageTable) from arena (the store's "
-     "writable mapping) and hand everything else to pyfuse3. deny_others, for allow_root: "
+     "serve_pages(table, arena, *, arena_fd, mapped, threads, relatime_ns, deny_others): "
+     "before the mount, have the session read by that many request threads, which serve the "
+     "reads and writes of the files in table (a volfs.core._pagemap.PageTable) from arena (the "
+     "store's writable mapping), writing with pwrite on arena_fd (its memfd) into pages not "
+     "noted in mapped (a byte per page, set as they read them), and hand everything else to "
+     "pyfuse3. deny_others, for allow_root: "
      "requests of users other than this process's and root go to libfuse, which refuses "
      "them. Kept until close()."},
     {"served", bridge_served, METH_NOARGS,
