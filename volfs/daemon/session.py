@@ -24,8 +24,10 @@ from volfs.daemon.fs import VolfsOperations
 log = logging.getLogger(__name__)
 
 #: Threads reading requests: each serves reads and writes of ordinary pages on its own and
-#: hands the rest to the event loop; more than the CPUs only add switching.
-REQUEST_THREADS = max(2, min(8, os.cpu_count() or 2))
+#: hands the rest to the event loop. More than the CPUs: a thread is often preempted by the
+#: very client it serves (or the kernel's flusher) while requests queue, and the next request
+#: waits for it unless another thread is already waiting in its read. libfuse's default is 10.
+REQUEST_THREADS = 8
 
 
 def invalidate(invalidations: Sequence[Invalidation]) -> int:
