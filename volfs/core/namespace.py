@@ -182,13 +182,15 @@ class Namespace:
         if inode.alive:
             inode.alive = False
             self.live_inodes -= 1
-            self.store.uncharge(_symlink_charge(inode.target))
         if inode.lookups:
             if inode.contents is not None:
                 self.store.note_unforgotten(inode.ino, inode.contents)
             return
         if inode.contents is not None:
             inode.contents.clear()
+        # A long target is held until here, like a file's pages: an O_PATH descriptor of a
+        # removed symlink still reads it (readlink through /proc/self/fd).
+        self.store.uncharge(_symlink_charge(inode.target))
         if inode.vranges is not None:
             inode.vranges.clear()  # what is gone cannot be lost any more
             inode.vranges = None
