@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 import trio
 
-from volfs.core.store import PAGE_SIZE, Arena, FileContents, Store, coalesced
+from volfs.core.store import GIVE_BACK_RUNS, PAGE_SIZE, Arena, FileContents, Store, coalesced
 
 
 def check_all(store: Store, files: list[FileContents]) -> None:
@@ -242,6 +242,36 @@ def test_background_reclaim_returns_pages_and_write_waits_for_them() -> None:
     store.arena._check()
     assert bytes(big.read(0, 3)) == b"xxx" and bytes(other.read(0, 2)) == b"yy"
     assert store.arena.dirty_pages == store.arena.punching_pages == 0
+
+
+def test_many_released_runs_come_back_over_several_turns_of_the_loop() -> None:
+    """Tens of thousands of one-page files freed at once must not hold the event loop while
+    their runs go back to the free space: a slice of runs a turn."""
+    runs = 3 * GIVE_BACK_RUNS + 1
+    store = Store(2 * runs * PAGE_SIZE)
+    files = [store.new_file() for _ in range(runs)]
+    spacer = store.new_file()
+    for index, contents in enumerate(files):
+        contents.write(0, b"f" * PAGE_SIZE)
+        spacer.write(index * PAGE_SIZE, b"s" * PAGE_SIZE)  # keeps the freed runs apart
+    seen: list[int] = []
+
+    async def scenario() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run_reclaimer)
+            for contents in files:
+                contents.truncate(0)
+            with trio.fail_after(10):
+                while store.arena.free_pages < runs:
+                    await trio.sleep(0)
+                    seen.append(store.arena.free_pages)
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario)
+    store.arena._check()
+    given_back_between_turns = {pages for pages in seen if 0 < pages < runs}
+    assert len(given_back_between_turns) >= 2, seen
+    assert store.arena.free_pages == runs and store.arena.punching_pages == 0
 
 
 def test_seeking_crosses_more_runs_than_are_fetched_at_once() -> None:
