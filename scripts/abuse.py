@@ -33,6 +33,8 @@ Attacks:
   sizepurge   empty volatile ranges, some volatile data, then a writer filling the cap
   xattrs      empty user.* attributes with distinct names, then listxattr in a loop
   counters    three 2**63-1 byte files volatile whole, then VOLFS_IOC_STATS and a root purge
+  forgets     processes holding removed files (O_PATH descriptors) all killed at once: the
+              kernel forgets every one of them together (the probe around the kill)
 
 Usage (as root):
   python scripts/abuse.py                        # all attacks, full scale, 20 s each
@@ -96,6 +98,9 @@ WARMUP = 0.3
 MIN_WINDOW = 0.5
 #: Seconds of quiet before and after each last close (lastclose), inside its probe window.
 CLOSE_QUIET = 0.2
+#: Seconds the probe goes on after the holders of removed files are killed (forgets): the
+#: kernel's forgets reach the daemon meanwhile.
+FORGET_SETTLE = 1.5
 #: Pause between two probe rounds, ms: the probe measures the daemon, not a fight for the CPU.
 PROBE_PAUSE_MS = 1
 #: Seconds between two memory samples.
@@ -151,10 +156,13 @@ class Scale:
     data: int
     #: status and xattrs: seconds of the query loop, at the end of the bound.
     loop: float
+    #: forgets: processes holding removed files, and files each (at most its descriptors).
+    holders: int
+    held_files: int
 
 
-FULL = Scale(20.0, 100_000, 200, 300_000, 10_000_000, 1_000_000, 3, 32 * MiB, 5.0)
-QUICK = Scale(5.0, 20_000, 200, 30_000, 10_000_000, 100_000, 2, 32 * MiB, 2.0)
+FULL = Scale(20.0, 100_000, 200, 300_000, 10_000_000, 1_000_000, 3, 32 * MiB, 5.0, 4, 19_000)
+QUICK = Scale(5.0, 20_000, 200, 30_000, 10_000_000, 100_000, 2, 32 * MiB, 2.0, 2, 12_000)
 
 
 # -- processes -----------------------------------------------------------------------------------
@@ -200,7 +208,12 @@ def _become(uid: int, gid: int) -> None:
         os.setgroups([])
         os.setgid(gid)
         os.setuid(uid)
-    # Set after setuid, which clears it.
+    # After setuid, which clears it.
+    _die_with(parent)
+
+
+def _die_with(parent: int) -> None:
+    """Be killed when ``parent``, this process's parent, exits (at once if it already has)."""
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:
         os._exit(1)
@@ -709,6 +722,82 @@ def attack_lastclose(attacker: Attacker) -> Message:
     }
 
 
+#: A holder's report: files made, and why it stopped (an index into HOLDER_STOPS).
+HOLDER_REPORT = struct.Struct("=qi")
+HOLDER_STOPS = ("count", "time", "error")
+
+
+def _holder(directory: Path, prefix: str, count: int, until: float) -> tuple[int, int]:
+    """Fork a process that makes up to ``count`` removed files held by O_PATH descriptors,
+    stopping at ``until``, at its descriptor limit or at an error; it reports how many and
+    why (HOLDER_REPORT) on a pipe, then holds them until killed.
+
+    Returns its pid and the read end of that pipe.
+    """
+    made_read, made_write = os.pipe()
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # the holder
+        try:
+            _only_fds({0, 1, 2, made_write})
+            _die_with(parent)
+            _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            held: list[int] = []
+            stop = "count"
+            try:
+                while len(held) < count:
+                    if time.monotonic() >= until or len(held) >= hard - 16:
+                        stop = "time" if len(held) < hard - 16 else "error"
+                        break
+                    path = directory / f"{prefix}{len(held)}"
+                    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+                    held.append(os.open(path, os.O_PATH))
+                    os.unlink(path)
+            except OSError:
+                stop = "error"
+            os.write(made_write, HOLDER_REPORT.pack(len(held), HOLDER_STOPS.index(stop)))
+            while True:
+                signal.pause()
+        finally:
+            os._exit(1)
+    os.close(made_write)
+    return pid, made_read
+
+
+def attack_forgets(attacker: Attacker) -> Message:
+    """Processes holding removed files through O_PATH descriptors, all killed at once.
+
+    Each file is the daemon's until the kernel forgets it, and the kernel forgets them all
+    together once the holders die: in batches of up to 65,535 forgets. The probe window covers
+    the kill and what follows, quiet before and after.
+    """
+    directory = attacker.mount / "held"
+    os.mkdir(directory, 0o700)
+    until = attacker.deadline - 2 * CLOSE_QUIET - FORGET_SETTLE
+    holders = [
+        _holder(directory, f"h{index}-", attacker.scale.held_files, until)
+        for index in range(attacker.scale.holders)
+    ]
+    made = []
+    stops = set()
+    for _pid, made_read in holders:
+        count, stop = HOLDER_REPORT.unpack(os.read(made_read, HOLDER_REPORT.size))
+        os.close(made_read)
+        made.append(count)
+        stops.add(HOLDER_STOPS[stop])
+    attacker.window_start()
+    time.sleep(CLOSE_QUIET)
+    for pid, _made_read in holders:
+        os.kill(pid, signal.SIGKILL)
+    for pid, _made_read in holders:
+        os.waitpid(pid, 0)
+    time.sleep(FORGET_SETTLE + CLOSE_QUIET)
+    attacker.window_end()
+    stopped = next((stop for stop in ("error", "time") if stop in stops), "count")
+    return {"unit": "removed files", "done": sum(made), "stopped": stopped, "per_holder": made}
+
+
 def attack_sizepurge(attacker: Attacker) -> Message:
     """Empty volatile ranges, volatile data marked after them, then a writer filling the cap.
 
@@ -865,6 +954,7 @@ ATTACKS = (
         after=after_counters,
         checks=checks_counters,
     ),
+    Attack("forgets", "holders of many removed files all killed at once", attack_forgets),
 )
 ATTACK_NAMES = tuple(attack.name for attack in ATTACKS)
 

@@ -35,6 +35,7 @@ ATTACKS = (
     "sizepurge",
     "xattrs",
     "counters",
+    "forgets",
 )
 
 #: What the daemon grows beyond what was charged to the cap stays below this.

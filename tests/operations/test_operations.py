@@ -12,6 +12,7 @@ from volfs.daemon import fs  # ahead of anything importing pyfuse3: see volfs.da
 
 # isort: split
 import errno
+import itertools
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -720,6 +721,52 @@ def test_files_opened_released_and_forgotten_at_once_live_as_through_pyfuse3() -
             mount.core.namespace.get(entry[0])
         assert gone.value.errno == errno.ENOENT
         assert (await ops.statfs(CTX)).f_bfree == 64
+
+    run(test)
+
+
+def test_a_large_batch_of_forgets_is_taken_a_slice_a_turn() -> None:
+    """Forgets of many removed files, sent together, free them all, without holding the
+    event loop for the whole batch: the request returns at once and the forget task takes
+    a slice a turn."""
+    count = 3 * fs.FORGET_SLICE + 5
+
+    async def test(mount: Mount) -> None:
+        ops, namespace = mount.ops, mount.core.namespace
+        free_inodes = (await ops.statfs(CTX)).f_ffree
+        removed = []
+        for index in range(count):
+            name = b"r%d" % index
+            entry, (fh, _open_flags, _backing) = _create_at_once(ops, name, 0, 0)
+            release = wire.RELEASE_IN.pack(fh, 0, 0, 0)
+            assert ops.answer_at_once(wire.FUSE_RELEASE, entry[0], 0, 0, release) == b""
+            assert ops.answer_at_once(wire.FUSE_UNLINK, ROOT_INODE, 0, 0, name + b"\0") == b""
+            removed.append(entry[0])
+
+        def known() -> int:
+            """Removed files the namespace still holds."""
+            held = 0
+            for ino in removed:
+                try:
+                    namespace.get(ino)
+                except OSError:
+                    continue
+                held += 1
+            return held
+
+        forgets = b"".join(wire.FORGET_ONE.pack(ino, 1) for ino in removed)
+        batch = wire.BATCH_FORGET_IN.pack(count, 0) + forgets
+        assert ops.answer_at_once(wire.FUSE_BATCH_FORGET, 0, 0, 0, batch) == b""
+        remaining = [known()]
+        while remaining[-1]:
+            await trio.sleep(0)
+            remaining.append(known())
+        assert remaining[0] == count, "the request itself took forgets"
+        taken = [before - after for before, after in itertools.pairwise(remaining)]
+        # Trio orders a turn's tasks at random: two turns of the forget task may fall between
+        # two of this one.
+        assert max(taken) <= 2 * fs.FORGET_SLICE and len(taken) >= 4, taken
+        assert (await ops.statfs(CTX)).f_ffree == free_inodes
 
     run(test)
 

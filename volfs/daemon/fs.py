@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import stat
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -46,6 +47,13 @@ _CACHE_VALID = wire.seconds_and_nanoseconds(CACHE_TIMEOUT)
 #: Open files keep the kernel's page cache: every change passes through this kernel, so its
 #: cache stays valid across opens; dropping it at each open would cost a re-read for nothing.
 KEEP_CACHE = True
+
+#: Forgets taken in one turn of the event loop. When processes holding tens of thousands of
+#: removed files exit together, the kernel sends their forgets in batches of up to 65,535,
+#: each forget freeing what an inode held (hundreds of milliseconds a batch): beyond a slice
+#: they wait for the forget task, which takes a slice a turn. Forgets only lower counts that
+#: replies already raised, so taking them later changes no outcome.
+FORGET_SLICE = 256
 
 _R = TypeVar("_R")
 
@@ -98,6 +106,10 @@ class VolfsOperations(pyfuse3.Operations):
         #: kernel passes back, so a handle holds nothing of the directory.
         self._directories: dict[int, Inode] = {}
         self._directory_handles = itertools.count(1)
+        #: Forgets left for the forget task, oldest first.
+        self._pending_forgets: deque[tuple[int, int]] = deque()
+        self._forgets = Backlog(self._forget_a_slice)
+        nursery.start_soon(self._forgets.run, name="forget")
         #: The requests :meth:`answer_at_once` answers, by opcode.
         self._answers_at_once: dict[int, Callable[[int, int, int, bytes], bytes | None]] = {
             wire.FUSE_LOOKUP: self._lookup_at_once,
@@ -218,8 +230,22 @@ class VolfsOperations(pyfuse3.Operations):
             except Exception:
                 log.exception("forget(%d, %d) failed", ino, count)
 
+    def _forget_soon(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        """Forget a small batch now, unless others wait; leave the rest to the forget task."""
+        if len(inode_list) <= FORGET_SLICE and not self._pending_forgets:
+            self._forget(inode_list)
+        else:
+            self._pending_forgets.extend(inode_list)
+            self._forgets.wake()
+
+    def _forget_a_slice(self) -> bool:
+        """Take up to FORGET_SLICE waiting forgets; True while more wait."""
+        pending = self._pending_forgets
+        self._forget([pending.popleft() for _ in range(min(FORGET_SLICE, len(pending)))])
+        return bool(pending)
+
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        self._forget(inode_list)
+        self._forget_soon(inode_list)
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         # Among the most frequent requests: no decorator frame (nothing else here can fail).
@@ -524,14 +550,14 @@ class VolfsOperations(pyfuse3.Operations):
 
     def _forget_at_once(self, ino: int, uid: int, gid: int, argument: bytes) -> bytes:
         (count,) = wire.FORGET_IN.unpack_from(argument)
-        self._forget([(ino, count)])
+        self._forget_soon([(ino, count)])
         return b""
 
     def _batch_forget_at_once(self, ino: int, uid: int, gid: int, argument: bytes) -> bytes:
         (count, _padding) = wire.BATCH_FORGET_IN.unpack_from(argument)
         start = wire.BATCH_FORGET_IN.size
         entries = argument[start : start + count * wire.FORGET_ONE.size]
-        self._forget(list(wire.FORGET_ONE.iter_unpack(entries)))
+        self._forget_soon(list(wire.FORGET_ONE.iter_unpack(entries)))
         return b""
 
     # -- fallocate and lseek (through the bridge) -------------------------------------------
