@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import random
 from collections.abc import Callable
@@ -247,7 +248,7 @@ def test_background_reclaim_returns_pages_and_write_waits_for_them() -> None:
 def test_many_released_runs_come_back_over_several_turns_of_the_loop() -> None:
     """Tens of thousands of one-page files freed at once must not hold the event loop while
     their runs go back to the free space: a slice of runs a turn."""
-    runs = 3 * GIVE_BACK_RUNS + 1
+    runs = 8 * GIVE_BACK_RUNS + 1
     store = Store(2 * runs * PAGE_SIZE)
     files = [store.new_file() for _ in range(runs)]
     spacer = store.new_file()
@@ -269,8 +270,10 @@ def test_many_released_runs_come_back_over_several_turns_of_the_loop() -> None:
 
     trio.run(scenario)
     store.arena._check()
-    given_back_between_turns = {pages for pages in seen if 0 < pages < runs}
-    assert len(given_back_between_turns) >= 2, seen
+    given_back = [after - before for before, after in itertools.pairwise(seen) if after > before]
+    # Trio orders a turn's tasks at random: two turns of the reclaimer may fall between two of
+    # this task's.
+    assert len(given_back) >= 4 and max(given_back) <= 2 * GIVE_BACK_RUNS, given_back
     assert store.arena.free_pages == runs and store.arena.punching_pages == 0
 
 

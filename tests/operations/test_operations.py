@@ -729,7 +729,7 @@ def test_a_large_batch_of_forgets_is_taken_a_slice_a_turn() -> None:
     """Forgets of many removed files, sent together, free them all, without holding the
     event loop for the whole batch: the request returns at once and the forget task takes
     a slice a turn."""
-    count = 3 * fs.FORGET_SLICE + 5
+    count = 8 * fs.FORGET_SLICE + 5
 
     async def test(mount: Mount) -> None:
         ops, namespace = mount.ops, mount.core.namespace
