@@ -732,12 +732,12 @@ def test_a_large_batch_of_forgets_is_taken_a_slice_a_turn() -> None:
     count = 8 * fs.FORGET_SLICE + 5
 
     async def test(mount: Mount) -> None:
-        ops, namespace = mount.ops, mount.core.namespace
-        free_inodes = (await ops.statfs(CTX)).f_ffree
+        ops, namespace, store = mount.ops, mount.core.namespace, mount.core.store
         removed = []
         for index in range(count):
             name = b"r%d" % index
             entry, (fh, _open_flags, _backing) = _create_at_once(ops, name, 0, 0)
+            assert await ops.write(fh, 0, page(index)) == P
             release = wire.RELEASE_IN.pack(fh, 0, 0, 0)
             assert ops.answer_at_once(wire.FUSE_RELEASE, entry[0], 0, 0, release) == b""
             assert ops.answer_at_once(wire.FUSE_UNLINK, ROOT_INODE, 0, 0, name + b"\0") == b""
@@ -756,19 +756,24 @@ def test_a_large_batch_of_forgets_is_taken_a_slice_a_turn() -> None:
 
         forgets = b"".join(wire.FORGET_ONE.pack(ino, 1) for ino in removed)
         batch = wire.BATCH_FORGET_IN.pack(count, 0) + forgets
+        assert store.unforgotten_pages == count
         assert ops.answer_at_once(wire.FUSE_BATCH_FORGET, 0, 0, 0, batch) == b""
+        assert store.forgets_queued == count
         remaining = [known()]
-        while remaining[-1]:
-            await trio.sleep(0)
-            remaining.append(known())
+        with trio.fail_after(10):
+            while remaining[-1]:
+                await trio.sleep(0)
+                remaining.append(known())
         assert remaining[0] == count, "the request itself took forgets"
         taken = [before - after for before, after in itertools.pairwise(remaining)]
         # Trio orders a turn's tasks at random: two turns of the forget task may fall between
         # two of this one.
         assert max(taken) <= 2 * fs.FORGET_SLICE and len(taken) >= 4, taken
-        assert (await ops.statfs(CTX)).f_ffree == free_inodes
+        assert store.forgets_queued == 0 and store.unforgotten_pages == 0
+        await store.wait_reclaimed()
+        assert store.used_bytes == 0
 
-    run(test)
+    run(test, capacity_pages=count + 64)
 
 
 def test_a_malformed_request_answered_at_once_fails_alone(

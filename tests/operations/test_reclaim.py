@@ -158,6 +158,43 @@ def test_a_write_at_the_cap_waits_for_removed_files_the_kernel_is_about_to_forge
     run_core(test)
 
 
+def test_a_write_at_the_cap_waits_for_forgets_sent_but_not_taken_yet() -> None:
+    """Forgets of a large batch wait their turn in the daemon (the forget task), however long
+    that takes: what removed inodes among them hold is on its way back, so a write at the
+    cap waits for them rather than purge or fail."""
+
+    async def test(core: Core) -> None:
+        ns, store = core.namespace, core.store
+        cache = open_file(ns, b"cache", range(16))
+        mark(ns, cache, 0, 16)
+        new = open_file(ns, b"new")
+        gone = open_file(ns, b"gone", range(40))
+        ns.unlink(ROOT_INODE, b"gone")
+        ns.close(gone)
+        link = ns.symlink(ROOT_INODE, b"link", b"t" * 4000, 0, 0)  # a page of the cap
+        ns.unlink(ROOT_INODE, b"link")
+        assert store.unforgotten_pages == 41
+        store.note_forgets_queued(2)
+        taken_after = 3 * FORGET_WAIT
+
+        async def take_forgets() -> None:
+            await trio.sleep(taken_after)
+            ns.forget(link.ino, 1)
+            store.note_forgets_queued(-1)
+            await trio.sleep(taken_after)
+            ns.forget(gone.ino, 1)
+            store.note_forgets_queued(-1)
+
+        core.nursery.start_soon(take_forgets)
+        started = trio.current_time()
+        await write_making_room(core, new, 0, page(1) * 16)  # 16 + 40 + 1 + 16 > 64
+        assert trio.current_time() - started >= 2 * taken_after
+        assert lost_pages(ns, cache) == []
+        assert store.unforgotten_pages == 0 and store.forgets_queued == 0
+
+    run_core(test)
+
+
 def test_a_span_larger_than_the_whole_store_fails_without_purging() -> None:
     async def test(core: Core) -> None:
         ns = core.namespace

@@ -185,6 +185,8 @@ class Namespace:
         if inode.lookups:
             if inode.contents is not None:
                 self.store.note_unforgotten(inode.ino, inode.contents)
+            elif target_charge := _symlink_charge(inode.target):
+                self.store.note_unforgotten(inode.ino, _HeldTarget(pages_for(target_charge)))
             return
         if inode.contents is not None:
             inode.contents.clear()
@@ -838,6 +840,13 @@ def _check_rename_target_name(name: bytes) -> None:
         raise OSError(errno.ENAMETOOLONG, "name too long")
     if name in (b".", b".."):
         raise OSError(errno.EBUSY, "cannot rename onto . or ..")
+
+
+@dataclass(frozen=True, slots=True)
+class _HeldTarget:
+    """A removed symlink's long target, charged until the kernel forgets the link."""
+
+    pages: int
 
 
 def _symlink_charge(target: bytes) -> int:

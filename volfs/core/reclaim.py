@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -178,8 +179,9 @@ class Reclaimer:
         ``contents`` that hit the cap, once there is room; return what it returns.
 
         Memory on its way back to the free space is waited for, never purged for: released
-        pages being punched, and for up to :data:`FORGET_WAIT` the pages of removed files
-        the kernel is about to forget. Otherwise volatile data is purged, oldest first, for
+        pages being punched, what removed inodes hold whose forgets the kernel has sent but
+        wait their turn, and for up to :data:`FORGET_WAIT` the pages of removed files the
+        kernel is about to forget. Otherwise volatile data is purged, oldest first, for
         the pages still missing (holes of the span, not pages the file already holds), so
         the cap's ENOSPC is raised only when no volatile data is left. A purge may take
         pages of this very span and so widen what is missing: it goes on until the attempt
@@ -199,6 +201,8 @@ class Reclaimer:
             progress = True
             if store.reclaim_pending:
                 await store.wait_reclaimed()
+            elif store.forgets_queued and store.unforgotten_pages:
+                await store.wait_forgotten(math.inf)
             elif store.unforgotten_pages and trio.current_time() < forgets_deadline:
                 await store.wait_forgotten(forgets_deadline)
             else:

@@ -74,6 +74,15 @@ HOLD_SEGMENTS = 4  # a segment table: writes refill segments
 HOLD_PRIVILEGED = 8  # setuid, setgid or capabilities a write by another user removes
 
 
+class Held(Protocol):
+    """What a removed inode keeps until the kernel forgets it."""
+
+    @property
+    def pages(self) -> int:
+        """Its charge to the cap, in pages."""
+        ...
+
+
 class Times(Protocol):
     """An inode's timestamps, in nanoseconds since the epoch."""
 
@@ -754,10 +763,14 @@ class Store:
         self.charged_bytes = 0
         self._wakeup = trio.Event()
         self._reclaimed = trio.Event()
-        #: Contents of removed files (no name, no handle) the kernel still holds, by inode:
-        #: their memory comes back when it forgets them, a moment later.
-        self._unforgotten: dict[int, FileContents] = {}
+        #: What removed inodes (no name, no handle) the kernel still holds keep, by inode
+        #: (a file's contents, a symlink's long target): it comes back when the kernel forgets
+        #: them, a moment later.
+        self._unforgotten: dict[int, Held] = {}
         self._forgotten = trio.Event()
+        #: Forgets the kernel has sent that are not taken yet: what removed inodes among them
+        #: hold is on its way back.
+        self.forgets_queued = 0
 
     def charge(self, nbytes: int) -> None:
         """Count ``nbytes`` the daemon holds outside the arena against the cap.
@@ -795,28 +808,38 @@ class Store:
         """Serve no more requests for ``ino`` outside Python."""
         self.table.discard(ino)
 
-    def note_unforgotten(self, ino: int, contents: FileContents) -> None:
-        """Note that removed file ``ino`` keeps ``contents`` until :meth:`note_forgotten`."""
-        self._unforgotten[ino] = contents
+    def note_unforgotten(self, ino: int, held: Held) -> None:
+        """Note that removed inode ``ino`` keeps ``held`` until :meth:`note_forgotten`."""
+        self._unforgotten[ino] = held
 
     def note_forgotten(self, ino: int) -> None:
-        """File ``ino``'s contents are freed: wake whoever waits for removed files' memory."""
+        """Inode ``ino``'s memory is freed: wake whoever waits for removed inodes' memory."""
         if self._unforgotten.pop(ino, None) is not None:
-            self._forgotten.set()
-            self._forgotten = trio.Event()
+            self._wake_forgotten()
+
+    def note_forgets_queued(self, count: int) -> None:
+        """``count`` forgets were queued, or taken if negative (which wakes whoever waits
+        for removed inodes' memory)."""
+        self.forgets_queued += count
+        if count < 0:
+            self._wake_forgotten()
+
+    def _wake_forgotten(self) -> None:
+        self._forgotten.set()
+        self._forgotten = trio.Event()
 
     @property
     def unforgotten_pages(self) -> int:
-        """Pages held by removed files the kernel has not forgotten yet.
+        """Pages held by removed inodes the kernel has not forgotten yet.
 
-        Runtime complexity: O(n) in those files, a handful but for a program holding
+        Runtime complexity: O(n) in those inodes, a handful but for a program holding
         removed files through O_PATH descriptors.
         """
-        return sum(contents.pages for contents in self._unforgotten.values())
+        return sum(held.pages for held in self._unforgotten.values())
 
     async def wait_forgotten(self, deadline: float) -> None:
-        """Wait until the memory of a removed file came back, or until ``deadline`` (trio's
-        clock)."""
+        """Wait until the memory of a removed inode came back or queued forgets were taken,
+        or until ``deadline`` (trio's clock)."""
         with trio.move_on_at(deadline):
             await self._forgotten.wait()
 

@@ -52,7 +52,8 @@ KEEP_CACHE = True
 #: removed files exit together, the kernel sends their forgets in batches of up to 65,535,
 #: each forget freeing what an inode held (hundreds of milliseconds a batch): beyond a slice
 #: they wait for the forget task, which takes a slice a turn. Forgets only lower counts that
-#: replies already raised, so taking them later changes no outcome.
+#: replies already raised, so taking them later frees nothing too early; a write at the cap
+#: waits for queued forgets (see Store.forgets_queued) rather than purge or fail.
 FORGET_SLICE = 256
 
 _R = TypeVar("_R")
@@ -236,12 +237,15 @@ class VolfsOperations(pyfuse3.Operations):
             self._forget(inode_list)
         else:
             self._pending_forgets.extend(inode_list)
+            self.namespace.store.note_forgets_queued(len(inode_list))
             self._forgets.wake()
 
     def _forget_a_slice(self) -> bool:
         """Take up to FORGET_SLICE waiting forgets; True while more wait."""
         pending = self._pending_forgets
-        self._forget([pending.popleft() for _ in range(min(FORGET_SLICE, len(pending)))])
+        taken = [pending.popleft() for _ in range(min(FORGET_SLICE, len(pending)))]
+        self._forget(taken)
+        self.namespace.store.note_forgets_queued(-len(taken))
         return bool(pending)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
