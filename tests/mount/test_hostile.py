@@ -223,6 +223,8 @@ def test_removed_symlinks_held_open_keep_their_charge(mounts: Mounts) -> None:
     """A removed symlink held by an O_PATH descriptor keeps its target, readable through the
     descriptor: charged until the descriptor closes, as on tmpfs, so holding them cannot take
     the daemon's memory past the cap."""
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 4200:
+        pytest.skip("holding the removed links takes 4,200 descriptors")
     mnt, _daemon = mount(mounts, "size=16M")
     target = "t" * 4000
 
