@@ -31,7 +31,8 @@ posix_fadvise(POSIX_FADV_DONTNEED) of the file), so every read goes to the daemo
 which turns fault-around off for them, so a daemon that maps its memfd would pay a page fault
 for every page it reads: the cost of a drop_caches, not of reading a file cold. In the mmap
 job every first touch of a page is a READ, and the pages written reach the daemon as WRITEs
-when the kernel writes them back.
+when the kernel writes them back. The time-based jobs are cold for their first pass through
+the file only (a warning says when they went further).
 seqwrite writes a new file; the other fio jobs reuse it (laid out first if seqwrite is not
 selected). Results are the median of ``--repeat`` runs, each on a fresh mount, the targets
 taking turns (reversed every other repeat); a ratio is the median of the repeats' ratios.
@@ -358,16 +359,21 @@ class JobRunner:
             "randread",
             *self.timed("--rw=randread", "--bs=4k", "--ioengine=psync", "--invalidate=1"),
         )
-        # fio's random map reads every block once per pass; later passes hit the page cache.
-        passes = job["read"]["total_ios"] * 4096 / self.settings.size
+        self.warn_if_warm("randread", job["read"]["total_ios"])
+        return float(job["read"]["iops"])
+
+    def warn_if_warm(self, name: str, blocks: int) -> None:
+        """Warn when a cold job touched more 4 KiB blocks than the file holds: fio's random
+        map touches every block once a pass, and later passes hit the page cache."""
+        passes = blocks * 4096 / self.settings.size
         if passes > 1 and self.target in FUSE_TARGETS:
             log.warning(
-                "%s: randread went %.1f times through the file, so it was partly warm; "
+                "%s: %s went %.1f times through the file, so it was partly warm; "
                 "use a larger --size or a shorter --runtime for a cold result",
                 self.target,
+                name,
                 passes,
             )
-        return float(job["read"]["iops"])
 
     def job_randwrite(self) -> float:
         self.ensure_datafile()
@@ -379,6 +385,7 @@ class JobRunner:
         job = self.fio(
             "mmap", *self.timed("--rw=randrw", "--bs=4k", "--ioengine=mmap", "--invalidate=1")
         )
+        self.warn_if_warm("mmap", job["read"]["total_ios"] + job["write"]["total_ios"])
         return float(job["read"]["iops"]) + float(job["write"]["iops"])
 
     def job_metadata(self) -> float:

@@ -24,9 +24,10 @@ from volfs.daemon.fs import VolfsOperations
 log = logging.getLogger(__name__)
 
 #: Threads reading requests: each serves reads and writes of ordinary pages on its own and
-#: hands the rest to the event loop. More than the CPUs: a thread is often preempted by the
-#: very client it serves (or the kernel's flusher) while requests queue, and the next request
-#: waits for it unless another thread is already waiting in its read. libfuse's default is 10.
+#: hands the rest to the event loop. Not one per CPU: on a small machine a thread is often
+#: preempted by the very client it serves (or the kernel's flusher) while requests queue, and
+#: the next request waits for it unless another thread is already waiting in its read.
+#: libfuse's default is at most 10.
 REQUEST_THREADS = 8
 
 
