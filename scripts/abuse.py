@@ -722,8 +722,9 @@ def attack_lastclose(attacker: Attacker) -> Message:
     }
 
 
-#: A holder's report: files made, and why it stopped (an index into HOLDER_STOPS).
-HOLDER_REPORT = struct.Struct("=qi")
+#: A holder's report: files made, why it stopped (an index into HOLDER_STOPS) and the errno
+#: of an error (EMFILE at its descriptor limit).
+HOLDER_REPORT = struct.Struct("=qii")
 HOLDER_STOPS = ("count", "time", "error")
 
 
@@ -744,19 +745,23 @@ def _holder(directory: Path, prefix: str, count: int, until: float) -> tuple[int
             _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             held: list[int] = []
-            stop = "count"
+            stop, code = "count", 0
             try:
                 while len(held) < count:
-                    if time.monotonic() >= until or len(held) >= hard - 16:
-                        stop = "time" if len(held) < hard - 16 else "error"
+                    if len(held) >= hard - 16:
+                        stop, code = "error", errno.EMFILE
+                        break
+                    if time.monotonic() >= until:
+                        stop = "time"
                         break
                     path = directory / f"{prefix}{len(held)}"
                     os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
                     held.append(os.open(path, os.O_PATH))
                     os.unlink(path)
-            except OSError:
-                stop = "error"
-            os.write(made_write, HOLDER_REPORT.pack(len(held), HOLDER_STOPS.index(stop)))
+            except OSError as error:
+                stop, code = "error", error.errno or 0
+            report = HOLDER_REPORT.pack(len(held), HOLDER_STOPS.index(stop), code)
+            os.write(made_write, report)
             while True:
                 signal.pause()
         finally:
@@ -781,11 +786,14 @@ def attack_forgets(attacker: Attacker) -> Message:
     ]
     made = []
     stops = set()
+    errors = set()
     for _pid, made_read in holders:
-        count, stop = HOLDER_REPORT.unpack(os.read(made_read, HOLDER_REPORT.size))
+        count, stop, code = HOLDER_REPORT.unpack(os.read(made_read, HOLDER_REPORT.size))
         os.close(made_read)
         made.append(count)
         stops.add(HOLDER_STOPS[stop])
+        if code:
+            errors.add(errno.errorcode.get(code, str(code)))
     attacker.window_start()
     time.sleep(CLOSE_QUIET)
     for pid, _made_read in holders:
@@ -795,7 +803,13 @@ def attack_forgets(attacker: Attacker) -> Message:
     time.sleep(FORGET_SETTLE + CLOSE_QUIET)
     attacker.window_end()
     stopped = next((stop for stop in ("error", "time") if stop in stops), "count")
-    return {"unit": "removed files", "done": sum(made), "stopped": stopped, "per_holder": made}
+    return {
+        "unit": "removed files",
+        "done": sum(made),
+        "stopped": stopped,
+        "errno": ",".join(sorted(errors)) or None,
+        "per_holder": made,
+    }
 
 
 def attack_sizepurge(attacker: Attacker) -> Message:
