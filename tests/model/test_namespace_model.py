@@ -61,8 +61,6 @@ class Node:
     links: int = 1
     opens: int = 0
     lookups: int = 1
-    #: False from the moment no link and no handle remain: its inode slot is given back then.
-    alive: bool = True
     #: Regular files: the pages written and not freed since.
     pages: set[int] = field(default_factory=set)
     #: Directories: name -> node.
@@ -110,9 +108,10 @@ class Model:
 
     @property
     def live_inodes(self) -> int:
-        """Inode slots in use: an inode with a link or a handle, plus each extra hard link."""
+        """Inode slots in use: an inode with a link, a handle or the kernel's reference, plus
+        each extra hard link."""
         return sum(
-            node.alive + (max(0, node.links - 1) if node.entries is None else 0)
+            node.referenced + (max(0, node.links - 1) if node.entries is None else 0)
             for node in self.nodes.values()
         )
 
@@ -122,11 +121,10 @@ class Model:
         return sum(len(node.pages) for node in self.nodes.values())
 
     def release(self, node: Node) -> None:
-        """What the namespace does once no name and no handle refers to an inode (its slot
-        goes), and once the kernel does not either (its contents go)."""
+        """What the namespace does once no name, no handle and no reference of the kernel's
+        refers to an inode: its contents go (its slot with them, see :attr:`live_inodes`)."""
         if node.links or node.opens:
             return
-        node.alive = False
         if not node.lookups:
             node.pages.clear()
 

@@ -43,6 +43,7 @@ from volfs.abi import (
 )
 from volfs.core.namespace import ROOT_INODE
 from volfs.core.ranges import RecordLimits
+from volfs.core.reclaim import FORGET_WAIT
 from volfs.core.volatility import VRANGE_STEP
 from volfs.daemon import bridge, session, wire
 from volfs.daemon.handover import TableHandover
@@ -774,6 +775,53 @@ def test_a_large_batch_of_forgets_is_taken_a_slice_a_turn() -> None:
         assert store.used_bytes == 0
 
     run(test, capacity_pages=count + 64)
+
+
+def test_a_create_at_the_inode_limit_waits_for_a_removed_inode_to_be_forgotten() -> None:
+    """A removed inode keeps its nr_inodes slot until the kernel forgets it, as on tmpfs: a
+    create that finds the slots taken meanwhile waits for the FORGET the kernel sent
+    before the unlink returned, and fails with ENOSPC only once FORGET_WAIT passed without
+    one (an O_PATH descriptor may hold the inode for good)."""
+
+    async def test(mount: Mount) -> None:
+        ops, namespace = mount.ops, mount.core.namespace
+        namespace.max_inodes = 3  # the root and two files
+        opened = [_create_at_once(ops, name, 0, 0) for name in (b"first", b"second")]
+        for entry, (fh, _open_flags, _backing) in opened:
+            release = wire.RELEASE_IN.pack(fh, 0, 0, 0)
+            assert ops.answer_at_once(wire.FUSE_RELEASE, entry[0], 0, 0, release) == b""
+        first = opened[0][0]
+        assert ops.answer_at_once(wire.FUSE_UNLINK, ROOT_INODE, 0, 0, b"first\0") == b""
+        assert (await ops.statfs(CTX)).f_ffree == 0
+        third = wire.CREATE_IN.pack(os.O_RDWR, 0o100640, 0o022, 0) + b"third\0"
+        assert ops.answer_at_once(wire.FUSE_CREATE, ROOT_INODE, 0, 0, third) is None
+        created: list[object] = []
+
+        async def create(name: bytes) -> None:
+            try:
+                created.append(await ops.create(ROOT_INODE, name, 0o100640, os.O_RDWR, CTX))
+            except pyfuse3.FUSEError as failure:
+                created.append(failure.errno)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(create, b"third")
+            await trio.testing.wait_all_tasks_blocked()
+            assert created == []
+            forget = wire.FORGET_IN.pack(1)
+            assert ops.answer_at_once(wire.FUSE_FORGET, first[0], 0, 0, forget) == b""
+        assert len(created) == 1 and not isinstance(created[0], int), created
+
+        # Never forgotten: ENOSPC once the wait is over, and nothing created.
+        assert ops.answer_at_once(wire.FUSE_UNLINK, ROOT_INODE, 0, 0, b"second\0") == b""
+        started = trio.current_time()
+        await create(b"fourth")
+        assert created[1] == errno.ENOSPC
+        assert trio.current_time() - started >= FORGET_WAIT
+        assert ops.answer_at_once(wire.FUSE_LOOKUP, ROOT_INODE, 0, 0, b"fourth\0") == (
+            fs._ABSENT_ENTRY
+        )
+
+    run(test)
 
 
 def test_a_malformed_request_answered_at_once_fails_alone(

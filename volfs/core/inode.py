@@ -112,8 +112,6 @@ class Inode:
     rdev: int = 0
     lookups: int = 0
     opens: int = 0
-    #: False once no entry and no handle remain; only the kernel's lookups keep it then.
-    alive: bool = True
     #: Regular files only (see :meth:`set_contents`).
     contents: FileContents | None = None
     _vranges: InodeRanges | None = None

@@ -6,9 +6,10 @@ once, here, and testable without a mount. Failures are raised as :class:`OSError
 errno a POSIX filesystem returns.
 
 An inode lives while anything refers to it: a directory entry (``nlink``), the kernel
-(``lookups``, decremented by FORGET) or an open handle (``opens``). Its contents are freed as
-soon as no entry and no handle remain, even if the kernel still remembers the inode number:
-the memory of an unlinked file returns at its last close, as on tmpfs.
+(``lookups``, decremented by FORGET) or an open handle (``opens``). Once no entry and no
+handle remain, the kernel forgets it at once unless a program still holds it (an O_PATH
+descriptor); then its contents, attributes and ``nr_inodes`` slot are freed, as tmpfs frees
+an inode when it is evicted.
 """
 
 from __future__ import annotations
@@ -107,7 +108,9 @@ class Namespace:
         self.max_inodes = max_inodes
         self.purged_reads_zero = purged_reads_zero
         self._inodes: dict[int, Inode] = {}
-        #: Inodes with an entry or a handle, plus extra hard links: what ``nr_inodes`` limits.
+        #: Inodes with an entry, a handle or the kernel's reference, plus extra hard links: what
+        #: ``nr_inodes`` limits. As on tmpfs, a removed inode keeps its slot until the kernel
+        #: forgets (evicts) it.
         self.live_inodes = 0
         #: Range sets whose volatility ended, waiting for :meth:`discard_ended`.
         self._ended: deque[InodeRanges] = deque()
@@ -121,9 +124,19 @@ class Namespace:
 
     # -- inode table ------------------------------------------------------------------------
 
-    def _new_inode(self, mode: int, uid: int, gid: int) -> Inode:
+    def _take_inode_slot(self) -> None:
+        """Count one more inode or hard link against ``nr_inodes``.
+
+        Raises:
+            InodeSlotsError: every slot is taken; :attr:`InodeSlotsError.forgets_pending` if removed
+                inodes the kernel has not forgotten yet hold some.
+        """
         if self.max_inodes and self.live_inodes >= self.max_inodes:
-            raise OSError(errno.ENOSPC, "no free inodes")
+            raise InodeSlotsError(bool(self.store.unforgotten_inodes))
+        self.live_inodes += 1
+
+    def _new_inode(self, mode: int, uid: int, gid: int) -> Inode:
+        self._take_inode_slot()
         now = time.time_ns()
         inode = Inode(
             ino=self._next_ino,
@@ -134,7 +147,6 @@ class Namespace:
         )
         self._next_ino += 1
         self._inodes[inode.ino] = inode
-        self.live_inodes += 1
         return inode
 
     def get(self, ino: int) -> Inode:
@@ -168,26 +180,25 @@ class Namespace:
         self.volatility.forget_lost(self._inodes[ino], first, end)
 
     def _release_if_unused(self, inode: Inode) -> None:
-        """Free what nobody can reach any more: the inode's slot once no name and no handle
-        is left; its contents and attributes, then the inode itself, once the kernel has
-        forgotten it too.
+        """Free an inode nobody can reach any more: once no name and no handle is left and
+        the kernel has forgotten it too, its contents, attributes and inode slot.
 
         Until then the kernel may still open it, as on tmpfs: a path walk that found it
         before its last name went (a rename over it, an unlink racing the open), or an
         O_PATH descriptor through /proc/self/fd. The kernel forgets an inode without names
-        as soon as nothing of it is in use.
+        as soon as nothing of it is in use; its FORGET is sent before the unlink or close
+        that let go of it returns.
         """
         if inode.nlink or inode.opens:
             return
-        if inode.alive:
-            inode.alive = False
-            self.live_inodes -= 1
         if inode.lookups:
             if inode.contents is not None:
                 self.store.note_unforgotten(inode.ino, inode.contents)
-            elif target_charge := _symlink_charge(inode.target):
-                self.store.note_unforgotten(inode.ino, _HeldTarget(pages_for(target_charge)))
+            else:
+                target_pages = pages_for(_symlink_charge(inode.target))
+                self.store.note_unforgotten(inode.ino, _HeldTarget(target_pages))
             return
+        self.live_inodes -= 1
         if inode.contents is not None:
             inode.contents.clear()
         # A long target is held until here, like a file's pages: an O_PATH descriptor of a
@@ -419,9 +430,7 @@ class Namespace:
             raise OSError(errno.ENOENT, "directory was removed")
         self._check_new_name(entries, name)
         # As on tmpfs, every hard link takes an inode slot: nr_inodes bounds the entries too.
-        if self.max_inodes and self.live_inodes >= self.max_inodes:
-            raise OSError(errno.ENOSPC, "no free inodes")
-        self.live_inodes += 1
+        self._take_inode_slot()
         entries[name] = inode
         inode.nlink += 1
         inode.lookups += 1
@@ -842,9 +851,22 @@ def _check_rename_target_name(name: bytes) -> None:
         raise OSError(errno.EBUSY, "cannot rename onto . or ..")
 
 
+class InodeSlotsError(OSError):
+    """ENOSPC: every ``nr_inodes`` slot is taken.
+
+    ``forgets_pending`` is True when removed inodes the kernel has not forgotten yet hold
+    some: their FORGETs free them, usually a few requests later.
+    """
+
+    def __init__(self, forgets_pending: bool) -> None:
+        super().__init__(errno.ENOSPC, "no free inodes")
+        self.forgets_pending = forgets_pending
+
+
 @dataclass(frozen=True, slots=True)
 class _HeldTarget:
-    """A removed symlink's long target, charged until the kernel forgets the link."""
+    """What a removed inode other than a regular file keeps until the kernel forgets it:
+    a symlink's long target (charged to the cap), else nothing but its inode slot."""
 
     pages: int
 

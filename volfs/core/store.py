@@ -764,8 +764,8 @@ class Store:
         self._wakeup = trio.Event()
         self._reclaimed = trio.Event()
         #: What removed inodes (no name, no handle) the kernel still holds keep, by inode
-        #: (a file's contents, a symlink's long target): it comes back when the kernel forgets
-        #: them, a moment later.
+        #: (a file's contents, a symlink's long target, or only an inode slot): it comes back
+        #: when the kernel forgets them, a moment later.
         self._unforgotten: dict[int, Held] = {}
         self._forgotten = trio.Event()
         #: Forgets the kernel has sent that are not taken yet: what removed inodes among them
@@ -827,6 +827,11 @@ class Store:
     def _wake_forgotten(self) -> None:
         self._forgotten.set()
         self._forgotten = trio.Event()
+
+    @property
+    def unforgotten_inodes(self) -> int:
+        """Removed inodes the kernel has not forgotten yet."""
+        return len(self._unforgotten)
 
     @property
     def unforgotten_pages(self) -> int:

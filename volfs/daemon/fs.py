@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import math
 import os
 import stat
 from collections import deque
@@ -25,8 +26,8 @@ import trio
 
 from volfs.abi import NAME_MAX, PAGE_SHIFT, PAGE_SIZE, pages_spanned
 from volfs.core.inode import Inode
-from volfs.core.namespace import AttributeChanges, Namespace
-from volfs.core.reclaim import Reclaimer
+from volfs.core.namespace import AttributeChanges, InodeSlotsError, Namespace
+from volfs.core.reclaim import FORGET_WAIT, Reclaimer
 from volfs.core.stepping import Backlog, Truncations
 from volfs.core.store import CapacityError
 from volfs.daemon.handles import OpenFiles
@@ -196,6 +197,28 @@ class VolfsOperations(pyfuse3.Operations):
             node.contents, *pages_spanned(offset, length), attempt
         )
 
+    async def _with_inode_slot(self, attempt: Callable[[], _R]) -> _R:
+        """Retry ``attempt`` that found every ``nr_inodes`` slot taken while removed inodes
+        the kernel has not forgotten hold some.
+
+        The kernel sends an inode's FORGET before the unlink or close that let go of it
+        returns, so a create that follows it finds the slot free once the daemon has taken
+        that FORGET: forgets the daemon has queued are waited for, others for up to
+        :data:`FORGET_WAIT` (an O_PATH descriptor may hold a removed inode for good).
+
+        Raises:
+            OSError: ENOSPC if no slot came free.
+        """
+        deadline = trio.current_time() + FORGET_WAIT
+        while True:
+            try:
+                return attempt()
+            except InodeSlotsError as error:
+                store = self.namespace.store
+                if not error.forgets_pending or trio.current_time() >= deadline:
+                    raise OSError(errno.ENOSPC, "no free inodes") from None
+                await store.wait_forgotten(math.inf if store.forgets_queued else deadline)
+
     # -- names ------------------------------------------------------------------------------
 
     def _lookup(self, parent_inode: int, name: bytes) -> Inode | None:
@@ -292,27 +315,37 @@ class VolfsOperations(pyfuse3.Operations):
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        node = self.namespace.mknod(parent_inode, name, mode, ctx.uid, ctx.gid, rdev)
+        node = await self._with_inode_slot(
+            lambda: self.namespace.mknod(parent_inode, name, mode, ctx.uid, ctx.gid, rdev)
+        )
         return self._attributes(node)
 
     @fuse_errors
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return self._attributes(self.namespace.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
+        node = await self._with_inode_slot(
+            lambda: self.namespace.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid)
+        )
+        return self._attributes(node)
 
     @fuse_errors
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        node = self.namespace.symlink(parent_inode, name, target, ctx.uid, ctx.gid)
+        node = await self._with_inode_slot(
+            lambda: self.namespace.symlink(parent_inode, name, target, ctx.uid, ctx.gid)
+        )
         return self._attributes(node)
 
     @fuse_errors
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return self._attributes(self.namespace.link(inode, new_parent_inode, new_name))
+        node = await self._with_inode_slot(
+            lambda: self.namespace.link(inode, new_parent_inode, new_name)
+        )
+        return self._attributes(node)
 
     @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -377,7 +410,9 @@ class VolfsOperations(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        node, handle = self._create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
+        node, handle = await self._with_inode_slot(
+            lambda: self._create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
+        )
         return pyfuse3.FileInfo(fh=handle, keep_cache=KEEP_CACHE), self._attributes(node)
 
     async def read(self, fh: int, off: int, size: int) -> Any:
@@ -532,10 +567,15 @@ class VolfsOperations(pyfuse3.Operations):
         fields = self._attribute_fields(self.namespace.get(ino))
         return wire.ATTR_OUT.pack(seconds, nanoseconds, 0, *fields)
 
-    def _create_at_once(self, parent: int, uid: int, gid: int, argument: bytes) -> bytes:
+    def _create_at_once(self, parent: int, uid: int, gid: int, argument: bytes) -> bytes | None:
         flags, mode, _umask, _open_flags = wire.CREATE_IN.unpack_from(argument)
         name = wire.name_of(argument, wire.CREATE_IN.size)
-        node, handle = self._create(parent, name, mode, flags, uid, gid)
+        try:
+            node, handle = self._create(parent, name, mode, flags, uid, gid)
+        except InodeSlotsError as error:
+            if error.forgets_pending:
+                return None  # create() waits for them
+            raise
         return self._entry(node) + _open_out(handle)
 
     def _open_at_once(self, ino: int, uid: int, gid: int, argument: bytes) -> bytes | None:
