@@ -76,6 +76,11 @@ class Node:
         return 2 + sum(child.entries is not None for child in self.entries.values())
 
     @property
+    def removed(self) -> bool:
+        """True while only the kernel refers to it: no link and no handle."""
+        return not (self.links or self.opens) and self.lookups > 0
+
+    @property
     def referenced(self) -> bool:
         """True while a link, a handle or the kernel refers to it: its number resolves."""
         return bool(self.links or self.opens or self.lookups)
@@ -534,6 +539,9 @@ class NamespaceMachine(RuleBasedStateMachine):
     def counts_match(self) -> None:
         statistics = self.namespace.statistics()
         assert statistics.inodes == self.model.live_inodes
+        removed = [node for node in self.model.nodes.values() if node.removed]
+        assert self.store.unforgotten_inodes == len(removed)
+        assert self.store.unforgotten_pages == sum(len(node.pages) for node in removed)
         assert statistics.used_bytes == self.store.used_bytes
         assert self.store.used_bytes == self.model.used_pages * PAGE_SIZE
 

@@ -193,10 +193,9 @@ class Namespace:
             return
         if inode.lookups:
             if inode.contents is not None:
-                self.store.note_unforgotten(inode.ino, inode.contents)
+                self.store.note_unforgotten(inode.ino, inode.contents.pages)
             else:
-                target_pages = pages_for(_symlink_charge(inode.target))
-                self.store.note_unforgotten(inode.ino, _HeldTarget(target_pages))
+                self.store.note_unforgotten(inode.ino, pages_for(_symlink_charge(inode.target)))
             return
         self.live_inodes -= 1
         if inode.contents is not None:
@@ -239,6 +238,8 @@ class Namespace:
         """
         if inode.contents is None:
             raise OSError(errno.EISDIR if inode.is_dir() else errno.ENXIO, "not a regular file")
+        if not inode.nlink and not inode.opens:
+            self.store.note_reopened(inode.ino)  # through /proc/PID/fd: its pages stay
         inode.opens += 1
         if truncate and inode.contents.size:
             try:
@@ -861,14 +862,6 @@ class InodeSlotsError(OSError):
     def __init__(self, forgets_pending: bool) -> None:
         super().__init__(errno.ENOSPC, "no free inodes")
         self.forgets_pending = forgets_pending
-
-
-@dataclass(frozen=True, slots=True)
-class _HeldTarget:
-    """What a removed inode other than a regular file keeps until the kernel forgets it:
-    a symlink's long target (charged to the cap), else nothing but its inode slot."""
-
-    pages: int
 
 
 def _symlink_charge(target: bytes) -> int:

@@ -74,15 +74,6 @@ HOLD_SEGMENTS = 4  # a segment table: writes refill segments
 HOLD_PRIVILEGED = 8  # setuid, setgid or capabilities a write by another user removes
 
 
-class Held(Protocol):
-    """What a removed inode keeps until the kernel forgets it."""
-
-    @property
-    def pages(self) -> int:
-        """Its charge to the cap, in pages."""
-        ...
-
-
 class Times(Protocol):
     """An inode's timestamps, in nanoseconds since the epoch."""
 
@@ -763,10 +754,11 @@ class Store:
         self.charged_bytes = 0
         self._wakeup = trio.Event()
         self._reclaimed = trio.Event()
-        #: What removed inodes (no name, no handle) the kernel still holds keep, by inode
-        #: (a file's contents, a symlink's long target, or only an inode slot): it comes back
-        #: when the kernel forgets them, a moment later.
-        self._unforgotten: dict[int, Held] = {}
+        #: The pages removed inodes (no name, no handle) the kernel still holds keep, by inode
+        #: (a file's contents, a symlink's long target, or none but an inode slot): they come
+        #: back when the kernel forgets them, a moment later.
+        self._unforgotten: dict[int, int] = {}
+        self._unforgotten_pages = 0
         self._forgotten = trio.Event()
         #: Forgets the kernel has sent that are not taken yet: what removed inodes among them
         #: hold is on its way back.
@@ -808,13 +800,21 @@ class Store:
         """Serve no more requests for ``ino`` outside Python."""
         self.table.discard(ino)
 
-    def note_unforgotten(self, ino: int, held: Held) -> None:
-        """Note that removed inode ``ino`` keeps ``held`` until :meth:`note_forgotten`."""
-        self._unforgotten[ino] = held
+    def note_unforgotten(self, ino: int, pages: int) -> None:
+        """Note that removed inode ``ino`` keeps ``pages`` until :meth:`note_forgotten`
+        (noting it again replaces the count)."""
+        self._unforgotten_pages += pages - self._unforgotten.get(ino, 0)
+        self._unforgotten[ino] = pages
+
+    def note_reopened(self, ino: int) -> None:
+        """Removed inode ``ino`` was opened again: what it keeps is not on its way back."""
+        self._unforgotten_pages -= self._unforgotten.pop(ino, 0)
 
     def note_forgotten(self, ino: int) -> None:
         """Inode ``ino``'s memory is freed: wake whoever waits for removed inodes' memory."""
-        if self._unforgotten.pop(ino, None) is not None:
+        pages = self._unforgotten.pop(ino, None)
+        if pages is not None:
+            self._unforgotten_pages -= pages
             self._wake_forgotten()
 
     def note_forgets_queued(self, count: int) -> None:
@@ -835,12 +835,12 @@ class Store:
 
     @property
     def unforgotten_pages(self) -> int:
-        """Pages held by removed inodes the kernel has not forgotten yet.
+        """Pages held by removed inodes the kernel has not forgotten yet, as last noted.
 
-        Runtime complexity: O(n) in those inodes, a handful but for a program holding
-        removed files through O_PATH descriptors.
+        Runtime complexity: O(1): a program may hold as many removed inodes as
+        ``nr_inodes`` allows (O_PATH descriptors).
         """
-        return sum(held.pages for held in self._unforgotten.values())
+        return self._unforgotten_pages
 
     async def wait_forgotten(self, deadline: float) -> None:
         """Wait until the memory of a removed inode came back or queued forgets were taken,
