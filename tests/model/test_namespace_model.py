@@ -516,6 +516,17 @@ class NamespaceMachine(RuleBasedStateMachine):
         node.opens -= 1
         self.model.release(node)
 
+    @precondition(lambda self: bool(self._nodes(lambda node: node.kind == "file")))
+    @rule(pick=picks, size=st.integers(0, WRITE_PAGES * PAGE_SIZE))
+    def truncate(self, pick: int, size: int) -> None:
+        # Through a name, a handle or, for a removed file, /proc/PID/fd of an O_PATH one.
+        nodes = self._nodes(lambda node: node.kind == "file" and node.referenced)
+        if not nodes:
+            return
+        node = nodes[pick % len(nodes)]
+        self.namespace.truncate(self.inodes[node.ino], size)
+        node.pages = {index for index in node.pages if index < -(-size // PAGE_SIZE)}
+
     @precondition(lambda self: bool(self._nodes(writable)))
     @rule(
         pick=usual_picks,
@@ -539,8 +550,11 @@ class NamespaceMachine(RuleBasedStateMachine):
     def counts_match(self) -> None:
         statistics = self.namespace.statistics()
         assert statistics.inodes == self.model.live_inodes
-        removed = [node for node in self.model.nodes.values() if node.removed]
-        assert self.store.unforgotten_inodes == len(removed)
+        nodes = self.model.nodes.values()
+        assert self.namespace.unlinked_inodes == sum(
+            not node.links and node.referenced for node in nodes
+        )
+        removed = [node for node in nodes if node.removed]
         assert self.store.unforgotten_pages == sum(len(node.pages) for node in removed)
         assert statistics.used_bytes == self.store.used_bytes
         assert self.store.used_bytes == self.model.used_pages * PAGE_SIZE

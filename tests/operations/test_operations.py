@@ -44,6 +44,7 @@ from volfs.abi import (
 from volfs.core.namespace import ROOT_INODE
 from volfs.core.ranges import RecordLimits
 from volfs.core.reclaim import FORGET_WAIT
+from volfs.core.store import FORGET_WAITERS
 from volfs.core.volatility import VRANGE_STEP
 from volfs.daemon import bridge, session, wire
 from volfs.daemon.handover import TableHandover
@@ -820,6 +821,66 @@ def test_a_create_at_the_inode_limit_waits_for_a_removed_inode_to_be_forgotten()
         assert ops.answer_at_once(wire.FUSE_LOOKUP, ROOT_INODE, 0, 0, b"fourth\0") == (
             fs._ABSENT_ENTRY
         )
+
+    run(test)
+
+
+def test_a_create_at_the_inode_limit_waits_for_the_release_of_a_removed_file() -> None:
+    """The kernel sends the RELEASE of a last close in the background, where it may wait
+    behind other requests: a create at the limit that comes first waits for it."""
+
+    async def test(mount: Mount) -> None:
+        ops, namespace = mount.ops, mount.core.namespace
+        namespace.max_inodes = 2  # the root and one file
+        entry, (fh, _open_flags, _backing) = _create_at_once(ops, b"first", 0, 0)
+        assert ops.answer_at_once(wire.FUSE_UNLINK, ROOT_INODE, 0, 0, b"first\0") == b""
+        created: list[object] = []
+
+        async def create() -> None:
+            created.append(await ops.create(ROOT_INODE, b"second", 0o100640, os.O_RDWR, CTX))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(create)
+            await trio.testing.wait_all_tasks_blocked()
+            assert created == []
+            release = wire.RELEASE_IN.pack(fh, 0, 0, 0)
+            assert ops.answer_at_once(wire.FUSE_RELEASE, entry[0], 0, 0, release) == b""
+            forget = wire.FORGET_IN.pack(1)
+            assert ops.answer_at_once(wire.FUSE_FORGET, entry[0], 0, 0, forget) == b""
+        assert len(created) == 1
+
+    run(test)
+
+
+def test_no_more_than_forget_waiters_requests_wait_for_forgets() -> None:
+    """Each request waiting for a removed inode holds one of the request workers all users
+    share: past FORGET_WAITERS of them, a create at the limit fails at once."""
+
+    async def test(mount: Mount) -> None:
+        ops, namespace = mount.ops, mount.core.namespace
+        namespace.max_inodes = 2
+        entry, (fh, _open_flags, _backing) = _create_at_once(ops, b"held", 0, 0)
+        release = wire.RELEASE_IN.pack(fh, 0, 0, 0)
+        assert ops.answer_at_once(wire.FUSE_RELEASE, entry[0], 0, 0, release) == b""
+        assert ops.answer_at_once(wire.FUSE_UNLINK, ROOT_INODE, 0, 0, b"held\0") == b""
+        failed: list[tuple[int, float]] = []
+
+        async def create(name: bytes) -> None:
+            started = trio.current_time()
+            with pytest.raises(pyfuse3.FUSEError) as failure:
+                await ops.create(ROOT_INODE, name, 0o100640, os.O_RDWR, CTX)
+            failed.append((failure.value.errno, trio.current_time() - started))
+
+        async with trio.open_nursery() as nursery:
+            for index in range(FORGET_WAITERS):
+                nursery.start_soon(create, b"waits-%d" % index)
+            await trio.testing.wait_all_tasks_blocked()
+            assert failed == []
+            await create(b"one-too-many")
+            assert failed[0][0] == errno.ENOSPC and failed[0][1] < FORGET_WAIT / 2
+        assert len(failed) == FORGET_WAITERS + 1
+        assert {code for code, _waited in failed} == {errno.ENOSPC}
+        assert min(waited for _code, waited in failed[1:]) >= FORGET_WAIT
 
     run(test)
 

@@ -22,6 +22,7 @@ from volfs.core.inode import Inode
 from volfs.core.namespace import ROOT_INODE, Namespace
 from volfs.core.purge import PURGE_BUDGET, PurgeSource
 from volfs.core.reclaim import DROP_BATCH, FORGET_WAIT
+from volfs.core.store import FORGET_WAITERS
 
 P = PAGE_SIZE
 
@@ -154,6 +155,42 @@ def test_a_write_at_the_cap_waits_for_removed_files_the_kernel_is_about_to_forge
                 assert waited >= FORGET_WAIT
                 assert lost_pages(ns, cache) != []
             ns.truncate(new, 0)
+
+    run_core(test)
+
+
+def test_past_forget_waiters_a_write_at_the_cap_goes_on_without_waiting() -> None:
+    """Writes waiting at the cap for a removed file held for good each hold one of the
+    request workers all users share: past FORGET_WAITERS of them, a write purges or fails
+    at once instead of waiting too."""
+
+    async def test(core: Core) -> None:
+        ns = core.namespace
+        held = open_file(ns, b"held", range(40))
+        ns.unlink(ROOT_INODE, b"held")
+        ns.close(held)  # the kernel still holds it: an O_PATH descriptor, say
+        filler = open_file(ns, b"filler", range(24))
+        writers = [open_file(ns, b"w%d" % index) for index in range(FORGET_WAITERS + 1)]
+        outcomes: list[tuple[int, float]] = []
+
+        async def write(inode: Inode) -> None:
+            started = trio.current_time()
+            with pytest.raises(OSError) as failure:
+                await write_making_room(core, inode, 0, page(1))
+            outcomes.append((failure.value.errno or 0, trio.current_time() - started))
+
+        async with trio.open_nursery() as nursery:
+            for inode in writers[:-1]:
+                nursery.start_soon(write, inode)
+            await trio.testing.wait_all_tasks_blocked()
+            assert outcomes == []
+            await write(writers[-1])
+            assert outcomes[0][0] == errno.ENOSPC and outcomes[0][1] < FORGET_WAIT / 2
+        assert {code for code, _waited in outcomes} == {errno.ENOSPC}
+        assert min(waited for _code, waited in outcomes[1:]) >= FORGET_WAIT
+        assert [readable(ns, filler, index) for index in range(24)] == [
+            page(index) for index in range(24)
+        ]
 
     run_core(test)
 

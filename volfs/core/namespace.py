@@ -112,6 +112,9 @@ class Namespace:
         #: ``nr_inodes`` limits. As on tmpfs, a removed inode keeps its slot until the kernel
         #: forgets (evicts) it.
         self.live_inodes = 0
+        #: Inodes without a name whose last close or FORGET has not come yet (a program may
+        #: still hold them, or the kernel has yet to tell).
+        self.unlinked_inodes = 0
         #: Range sets whose volatility ended, waiting for :meth:`discard_ended`.
         self._ended: deque[InodeRanges] = deque()
         self._next_ino = ROOT_INODE
@@ -132,7 +135,7 @@ class Namespace:
                 inodes the kernel has not forgotten yet hold some.
         """
         if self.max_inodes and self.live_inodes >= self.max_inodes:
-            raise InodeSlotsError(bool(self.store.unforgotten_inodes))
+            raise InodeSlotsError(bool(self.unlinked_inodes))
         self.live_inodes += 1
 
     def _new_inode(self, mode: int, uid: int, gid: int) -> Inode:
@@ -186,8 +189,8 @@ class Namespace:
         Until then the kernel may still open it, as on tmpfs: a path walk that found it
         before its last name went (a rename over it, an unlink racing the open), or an
         O_PATH descriptor through /proc/self/fd. The kernel forgets an inode without names
-        as soon as nothing of it is in use; its FORGET is sent before the unlink or close
-        that let go of it returns.
+        as soon as nothing of it is in use: at the unlink, or once the RELEASE of its last
+        close is answered.
         """
         if inode.nlink or inode.opens:
             return
@@ -198,6 +201,7 @@ class Namespace:
                 self.store.note_unforgotten(inode.ino, pages_for(_symlink_charge(inode.target)))
             return
         self.live_inodes -= 1
+        self.unlinked_inodes -= 1
         if inode.contents is not None:
             inode.contents.clear()
         # A long target is held until here, like a file's pages: an O_PATH descriptor of a
@@ -455,7 +459,6 @@ class Namespace:
             self.live_inodes -= 1  # an extra hard link gives back its inode slot
         inode.nlink -= 1
         inode.touch(ctime=True)
-        self._release_if_unused(inode)
 
     def unlink(self, parent_ino: int, name: bytes) -> None:
         """Remove the entry of a non-directory."""
@@ -569,9 +572,11 @@ class Namespace:
             directory.nlink -= 1
             inode.nlink = 0
             inode.touch(ctime=True)
-            self._release_if_unused(inode)
         else:
             self._drop_link(inode)
+        if not inode.nlink:
+            self.unlinked_inodes += 1
+            self._release_if_unused(inode)
 
     @staticmethod
     def _reparent(inode: Inode, old_dir: Inode, new_dir: Inode) -> None:
@@ -727,6 +732,8 @@ class Namespace:
         if inode.contents is None:
             raise OSError(errno.EISDIR if inode.is_dir() else errno.EINVAL, "not a regular file")
         inode.contents.truncate(size)
+        # A removed file truncated through /proc/PID/fd: fewer pages on their way back.
+        self._release_if_unused(inode)
         yield from self.volatility.cut_steps(inode, pages_for(size))
 
     def fallocate(self, inode: Inode, mode: int, offset: int, length: int) -> None:
@@ -855,8 +862,8 @@ def _check_rename_target_name(name: bytes) -> None:
 class InodeSlotsError(OSError):
     """ENOSPC: every ``nr_inodes`` slot is taken.
 
-    ``forgets_pending`` is True when removed inodes the kernel has not forgotten yet hold
-    some: their FORGETs free them, usually a few requests later.
+    ``forgets_pending`` is True when inodes without a name hold some: the RELEASE of their
+    last close and their FORGET free them, usually a few requests later.
     """
 
     def __init__(self, forgets_pending: bool) -> None:

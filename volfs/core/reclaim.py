@@ -181,7 +181,8 @@ class Reclaimer:
         Memory on its way back to the free space is waited for, never purged for: released
         pages being punched, what removed inodes hold whose forgets the kernel has sent but
         wait their turn, and for up to :data:`FORGET_WAIT` the pages of removed files the
-        kernel is about to forget. Otherwise volatile data is purged, oldest first, for
+        kernel is about to forget (unless too many requests wait for forgets already, see
+        :meth:`Store.wait_forgotten`). Otherwise volatile data is purged, oldest first, for
         the pages still missing (holes of the span, not pages the file already holds), so
         the cap's ENOSPC is raised only when no volatile data is left. A purge may take
         pages of this very span and so widen what is missing: it goes on until the attempt
@@ -197,14 +198,15 @@ class Reclaimer:
         """
         store = self._store
         forgets_deadline = trio.current_time() + FORGET_WAIT
+        may_wait = True  # for forgets, unless too many requests wait for them already
         while True:
             progress = True
             if store.reclaim_pending:
                 await store.wait_reclaimed()
-            elif store.forgets_queued and store.unforgotten_pages:
-                await store.wait_forgotten(math.inf)
-            elif store.unforgotten_pages and trio.current_time() < forgets_deadline:
-                await store.wait_forgotten(forgets_deadline)
+            elif may_wait and store.forgets_queued and store.unforgotten_pages:
+                may_wait = await store.wait_forgotten(math.inf)
+            elif may_wait and store.unforgotten_pages and trio.current_time() < forgets_deadline:
+                may_wait = await store.wait_forgotten(forgets_deadline)
             else:
                 missing = store.shortfall(contents, first, end)
                 purged = await self.purge(max(missing, 1) << PAGE_SHIFT, PurgeSource.SIZE)

@@ -82,6 +82,11 @@ class Times(Protocol):
     ctime_ns: int
 
 
+#: Requests that may wait for removed inodes to be freed at once (:meth:`Store.wait_forgotten`):
+#: a fraction of pyfuse3's 99 request workers, so that requests waiting never stop the daemon
+#: from taking others.
+FORGET_WAITERS = 16
+
 #: Zeros written over pages the kernel would not punch, allocated while memory is plentiful.
 _ZEROS_PAGES = 256
 _ZEROS = memoryview(bytes(_ZEROS_PAGES << PAGE_SHIFT))
@@ -759,6 +764,7 @@ class Store:
         #: back when the kernel forgets them, a moment later.
         self._unforgotten: dict[int, int] = {}
         self._unforgotten_pages = 0
+        self._forget_waiters = 0
         self._forgotten = trio.Event()
         #: Forgets the kernel has sent that are not taken yet: what removed inodes among them
         #: hold is on its way back.
@@ -829,11 +835,6 @@ class Store:
         self._forgotten = trio.Event()
 
     @property
-    def unforgotten_inodes(self) -> int:
-        """Removed inodes the kernel has not forgotten yet."""
-        return len(self._unforgotten)
-
-    @property
     def unforgotten_pages(self) -> int:
         """Pages held by removed inodes the kernel has not forgotten yet, as last noted.
 
@@ -842,11 +843,25 @@ class Store:
         """
         return self._unforgotten_pages
 
-    async def wait_forgotten(self, deadline: float) -> None:
-        """Wait until the memory of a removed inode came back or queued forgets were taken,
-        or until ``deadline`` (trio's clock)."""
-        with trio.move_on_at(deadline):
-            await self._forgotten.wait()
+    async def wait_forgotten(self, deadline: float) -> bool:
+        """Wait until a removed inode was freed or queued forgets were taken, or until
+        ``deadline`` (trio's clock).
+
+        Returns:
+            False, having waited for nothing, if :data:`FORGET_WAITERS` requests wait
+            already: each holds one of the daemon's request workers meanwhile, which all
+            users share, and a program may hold removed inodes for good.
+        """
+        if self._forget_waiters >= FORGET_WAITERS:
+            await trio.lowlevel.checkpoint()
+            return False
+        self._forget_waiters += 1
+        try:
+            with trio.move_on_at(deadline):
+                await self._forgotten.wait()
+        finally:
+            self._forget_waiters -= 1
+        return True
 
     @property
     def capacity_bytes(self) -> int:

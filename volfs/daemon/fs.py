@@ -198,26 +198,29 @@ class VolfsOperations(pyfuse3.Operations):
         )
 
     async def _with_inode_slot(self, attempt: Callable[[], _R]) -> _R:
-        """Retry ``attempt`` that found every ``nr_inodes`` slot taken while removed inodes
-        the kernel has not forgotten hold some.
+        """Retry ``attempt`` that found every ``nr_inodes`` slot taken while inodes without
+        a name are still held.
 
-        The kernel sends an inode's FORGET before the unlink or close that let go of it
-        returns, so a create that follows it finds the slot free once the daemon has taken
-        that FORGET: forgets the daemon has queued are waited for, others for up to
-        :data:`FORGET_WAIT` (an O_PATH descriptor may hold a removed inode for good).
+        The kernel lets go of a removed inode at its unlink or, if it was open, once the
+        RELEASE of its last close is answered, then sends its FORGET; it may queue both
+        behind other requests, so a create that follows may come first. It waits for them:
+        for forgets the daemon has queued, else for up to :data:`FORGET_WAIT` (a program
+        may hold a removed inode for good, through an O_PATH descriptor or open), unless
+        too many requests wait already (:meth:`Store.wait_forgotten`).
 
         Raises:
             OSError: ENOSPC if no slot came free.
         """
+        store = self.namespace.store
         deadline = trio.current_time() + FORGET_WAIT
         while True:
             try:
                 return attempt()
             except InodeSlotsError as error:
-                store = self.namespace.store
                 if not error.forgets_pending or trio.current_time() >= deadline:
                     raise OSError(errno.ENOSPC, "no free inodes") from None
-                await store.wait_forgotten(math.inf if store.forgets_queued else deadline)
+            if not await store.wait_forgotten(math.inf if store.forgets_queued else deadline):
+                raise OSError(errno.ENOSPC, "no free inodes")
 
     # -- names ------------------------------------------------------------------------------
 
