@@ -35,6 +35,8 @@ Attacks:
   counters    three 2**63-1 byte files volatile whole, then VOLFS_IOC_STATS and a root purge
   forgets     processes holding removed files (O_PATH descriptors) all killed at once: the
               kernel forgets every one of them together (the probe around the kill)
+  capwaiters  a removed file held (O_PATH), the cap filled, then 120 threads writing a page
+              each to a file of their own, pausing 20 ms between writes, all failing
 
 Usage (as root):
   python scripts/abuse.py                        # all attacks, full scale, 20 s each
@@ -61,6 +63,7 @@ import stat
 import struct
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from array import array
@@ -103,6 +106,10 @@ CLOSE_QUIET = 0.2
 FORGET_SETTLE = 1.5
 #: Pause between two probe rounds, ms: the probe measures the daemon, not a fight for the CPU.
 PROBE_PAUSE_MS = 1
+#: capwaiters: threads writing at the full cap, more than the daemon's 99 request workers.
+CAP_WRITERS = 120
+#: Seconds each of them pauses between two writes: they are to wait, not to flood the daemon.
+CAP_WRITER_PAUSE = 0.02
 #: Seconds between two memory samples.
 MEMORY_INTERVAL = 0.01
 #: Bound on probe samples kept (16 bytes each).
@@ -854,6 +861,60 @@ def attack_sizepurge(attacker: Attacker) -> Message:
     }
 
 
+def attack_capwaiters(attacker: Attacker) -> Message:
+    """Many writers at the full cap while a removed file of the attacker's holds pages.
+
+    Each write that meets the cap may wait for that file's memory, which its O_PATH
+    descriptor keeps from coming back: a waiting request holds one of the daemon's request
+    workers, so writers enough could hold them all.
+    """
+    held = attacker.mount / "capwaiters-held"
+    fd = os.open(held, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.pwrite(fd, b"\x5a" * MiB, 0)
+    os.close(fd)
+    holder = os.open(held, os.O_PATH)
+    os.unlink(held)
+    fill = os.open(attacker.mount / "capwaiters-fill", os.O_WRONLY | os.O_CREAT, 0o600)
+    filled = 0
+    for block in (b"\x5a" * MiB, b"\x5a" * PAGE_SIZE):  # to the last page
+        with contextlib.suppress(OSError):
+            while time.monotonic() < attacker.deadline:
+                filled += os.write(fill, block)
+    files = [
+        os.open(attacker.mount / f"capwaiters-{index}", os.O_WRONLY | os.O_CREAT, 0o600)
+        for index in range(CAP_WRITERS)
+    ]
+    failures: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def writer(descriptor: int) -> None:
+        while time.monotonic() < attacker.deadline:
+            try:
+                os.pwrite(descriptor, b"w" * PAGE_SIZE, 0)
+            except OSError as error:
+                with lock:
+                    failures[errno_name(error)] += 1
+            time.sleep(CAP_WRITER_PAUSE)
+
+    threading.stack_size(256 * 1024)  # 120 default stacks would take much of the address space
+    threads = [threading.Thread(target=writer, args=(descriptor,)) for descriptor in files]
+    attacker.window_start()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    attacker.window_end()
+    os.close(holder)
+    return {
+        "unit": "failed writes",
+        "done": sum(failures.values()),
+        "stopped": "time",
+        "errno": ",".join(sorted(failures)) or None,
+        "writers": CAP_WRITERS,
+        "filled_mib": round(filled / MiB, 1),
+    }
+
+
 def attack_xattrs(attacker: Attacker) -> Message:
     """Empty user.* attributes with distinct names on a file of its own, then listxattr."""
     fd = os.open(attacker.mount / "xattrs", os.O_RDWR | os.O_CREAT, 0o600)
@@ -969,6 +1030,7 @@ ATTACKS = (
         checks=checks_counters,
     ),
     Attack("forgets", "holders of many removed files all killed at once", attack_forgets),
+    Attack("capwaiters", "writers at the full cap while a removed file is held", attack_capwaiters),
 )
 ATTACK_NAMES = tuple(attack.name for attack in ATTACKS)
 

@@ -36,6 +36,7 @@ ATTACKS = (
     "xattrs",
     "counters",
     "forgets",
+    "capwaiters",
 )
 
 #: What the daemon grows beyond what was charged to the cap stays below this.
