@@ -852,6 +852,34 @@ def test_a_create_at_the_inode_limit_waits_for_the_release_of_a_removed_file() -
     run(test)
 
 
+def test_a_create_at_the_inode_limit_waits_while_its_forget_is_queued() -> None:
+    """A large batch of forgets is taken a slice a turn, however long that takes: a create
+    whose slot a forget of the batch frees waits for it past FORGET_WAIT."""
+
+    async def test(mount: Mount) -> None:
+        ops, namespace, store = mount.ops, mount.core.namespace, mount.core.store
+        namespace.max_inodes = 2
+        entry, (fh, _open_flags, _backing) = _create_at_once(ops, b"gone", 0, 0)
+        release = wire.RELEASE_IN.pack(fh, 0, 0, 0)
+        assert ops.answer_at_once(wire.FUSE_RELEASE, entry[0], 0, 0, release) == b""
+        assert ops.answer_at_once(wire.FUSE_UNLINK, ROOT_INODE, 0, 0, b"gone\0") == b""
+        store.note_forgets_queued(2)  # queued in the daemon, that of gone second
+
+        async def take_forgets() -> None:
+            await trio.sleep(2 * FORGET_WAIT)
+            store.note_forgets_queued(-1)  # another inode's
+            await trio.sleep(FORGET_WAIT / 4)
+            namespace.forget(entry[0], 1)
+            store.note_forgets_queued(-1)
+
+        mount.core.nursery.start_soon(take_forgets)
+        started = trio.current_time()
+        await ops.create(ROOT_INODE, b"new", 0o100640, os.O_RDWR, CTX)
+        assert trio.current_time() - started >= 2 * FORGET_WAIT
+
+    run(test)
+
+
 def test_no_more_than_forget_waiters_requests_wait_for_forgets() -> None:
     """Each request waiting for a removed inode holds one of the request workers all users
     share: past FORGET_WAITERS of them, a create at the limit fails at once."""

@@ -195,6 +195,43 @@ def test_past_forget_waiters_a_write_at_the_cap_goes_on_without_waiting() -> Non
     run_core(test)
 
 
+def test_writes_at_the_cap_wait_for_queued_forgets_however_many() -> None:
+    """Waits for forgets the daemon has queued end as it takes them: they are not bounded
+    by FORGET_WAITERS, and no write purges or fails for memory on its way back."""
+
+    async def test(core: Core) -> None:
+        ns, store = core.namespace, core.store
+        gone = open_file(ns, b"gone", range(40))
+        ns.unlink(ROOT_INODE, b"gone")
+        ns.close(gone)
+        cache = open_file(ns, b"cache", range(8))
+        mark(ns, cache, 0, 8)
+        writers = [open_file(ns, b"w%d" % index) for index in range(FORGET_WAITERS + 1)]
+        filler = open_file(ns, b"filler")
+        with pytest.raises(OSError):
+            for index in range(64):
+                ns.write(filler, index * P, page(index))
+        store.note_forgets_queued(1)
+        written: list[int] = []
+
+        async def write(inode: Inode) -> None:
+            written.append(await write_making_room(core, inode, 0, page(1)))
+
+        async def take_forget() -> None:
+            await trio.sleep(FORGET_WAIT / 4)
+            ns.forget(gone.ino, 1)
+            store.note_forgets_queued(-1)
+
+        async with trio.open_nursery() as nursery:
+            for inode in writers:
+                nursery.start_soon(write, inode)
+            nursery.start_soon(take_forget)
+        assert written == [P] * len(writers)
+        assert lost_pages(ns, cache) == []
+
+    run_core(test)
+
+
 def test_a_write_at_the_cap_waits_for_forgets_sent_but_not_taken_yet() -> None:
     """Forgets of a large batch wait their turn in the daemon (the forget task), however long
     that takes: what removed inodes among them hold is on its way back, so a write at the

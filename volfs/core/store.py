@@ -82,9 +82,9 @@ class Times(Protocol):
     ctime_ns: int
 
 
-#: Requests that may wait for removed inodes to be freed at once (:meth:`Store.wait_forgotten`):
-#: a fraction of pyfuse3's 99 request workers, so that requests waiting never stop the daemon
-#: from taking others.
+#: Requests that may wait at once for removed inodes whose forgets are not queued
+#: (:meth:`Store.wait_forgotten`): a fraction of pyfuse3's 99 request workers, so that
+#: requests waiting never stop the daemon from taking others.
 FORGET_WAITERS = 16
 
 #: Zeros written over pages the kernel would not punch, allocated while memory is plentiful.
@@ -848,19 +848,23 @@ class Store:
         ``deadline`` (trio's clock).
 
         Returns:
-            False, having waited for nothing, if :data:`FORGET_WAITERS` requests wait
-            already: each holds one of the daemon's request workers meanwhile, which all
-            users share, and a program may hold removed inodes for good.
+            False, having waited for nothing, if no forget is queued and
+            :data:`FORGET_WAITERS` requests wait so already: each holds one of the daemon's
+            request workers meanwhile, which all users share, and a program may hold removed
+            inodes for good. Waits while forgets are queued end as the daemon takes them,
+            so they are not bounded.
         """
-        if self._forget_waiters >= FORGET_WAITERS:
+        bounded = not self.forgets_queued
+        if bounded and self._forget_waiters >= FORGET_WAITERS:
             await trio.lowlevel.checkpoint()
             return False
-        self._forget_waiters += 1
+        counted = int(bounded)
+        self._forget_waiters += counted
         try:
             with trio.move_on_at(deadline):
                 await self._forgotten.wait()
         finally:
-            self._forget_waiters -= 1
+            self._forget_waiters -= counted
         return True
 
     @property

@@ -204,9 +204,9 @@ class VolfsOperations(pyfuse3.Operations):
         The kernel lets go of a removed inode at its unlink or, if it was open, once the
         RELEASE of its last close is answered, then sends its FORGET; it may queue both
         behind other requests, so a create that follows may come first. It waits for them:
-        for forgets the daemon has queued, else for up to :data:`FORGET_WAIT` (a program
-        may hold a removed inode for good, through an O_PATH descriptor or open), unless
-        too many requests wait already (:meth:`Store.wait_forgotten`).
+        while the daemon has forgets queued, then for up to :data:`FORGET_WAIT` in all (a
+        program may hold a removed inode for good, open or through an O_PATH descriptor),
+        unless too many requests wait so already (:meth:`Store.wait_forgotten`).
 
         Raises:
             OSError: ENOSPC if no slot came free.
@@ -217,7 +217,8 @@ class VolfsOperations(pyfuse3.Operations):
             try:
                 return attempt()
             except InodeSlotsError as error:
-                if not error.forgets_pending or trio.current_time() >= deadline:
+                expired = not store.forgets_queued and trio.current_time() >= deadline
+                if not error.forgets_pending or expired:
                     raise OSError(errno.ENOSPC, "no free inodes") from None
             if not await store.wait_forgotten(math.inf if store.forgets_queued else deadline):
                 raise OSError(errno.ENOSPC, "no free inodes")
