@@ -7,9 +7,9 @@ errno a POSIX filesystem returns.
 
 An inode lives while anything refers to it: a directory entry (``nlink``), the kernel
 (``lookups``, decremented by FORGET) or an open handle (``opens``). Once no entry and no
-handle remain, the kernel forgets it at once unless a program still holds it (an O_PATH
-descriptor); then its contents, attributes and ``nr_inodes`` slot are freed, as tmpfs frees
-an inode when it is evicted.
+handle remain, the kernel forgets it at once unless a program still holds it (as a working
+directory, through an O_PATH descriptor); then its contents, attributes and ``nr_inodes``
+slot are freed, as tmpfs frees an inode when it is evicted.
 """
 
 from __future__ import annotations
@@ -131,8 +131,8 @@ class Namespace:
         """Count one more inode or hard link against ``nr_inodes``.
 
         Raises:
-            InodeSlotsError: every slot is taken; :attr:`InodeSlotsError.forgets_pending` if removed
-                inodes the kernel has not forgotten yet hold some.
+            InodeSlotsError: every slot is taken; ``forgets_pending`` if inodes without a
+                name still hold some.
         """
         if self.max_inodes and self.live_inodes >= self.max_inodes:
             raise InodeSlotsError(bool(self.unlinked_inodes))
