@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-import math
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -198,14 +197,12 @@ class Reclaimer:
         """
         store = self._store
         forgets_deadline = trio.current_time() + FORGET_WAIT
-        may_wait = True  # for forgets, unless too many requests wait for them already
+        may_wait = True  # for forgets, until the deadline or a refusal
         while True:
             progress = True
             if store.reclaim_pending:
                 await store.wait_reclaimed()
-            elif may_wait and store.forgets_queued and store.unforgotten_pages:
-                may_wait = await store.wait_forgotten(math.inf)
-            elif may_wait and store.unforgotten_pages and trio.current_time() < forgets_deadline:
+            elif may_wait and store.unforgotten_pages:
                 may_wait = await store.wait_forgotten(forgets_deadline)
             else:
                 missing = store.shortfall(contents, first, end)

@@ -28,6 +28,7 @@ import ctypes
 import errno
 import functools
 import logging
+import math
 import mmap
 import os
 from collections.abc import Callable, Iterator
@@ -844,24 +845,24 @@ class Store:
         return self._unforgotten_pages
 
     async def wait_forgotten(self, deadline: float) -> bool:
-        """Wait until a removed inode was freed or queued forgets were taken, or until
-        ``deadline`` (trio's clock).
+        """Wait for removed inodes to be freed: until one is or queued forgets were taken;
+        while none is queued, only until ``deadline`` (trio's clock).
 
         Returns:
-            False, having waited for nothing, if no forget is queued and
-            :data:`FORGET_WAITERS` requests wait so already: each holds one of the daemon's
-            request workers meanwhile, which all users share, and a program may hold removed
-            inodes for good. Waits while forgets are queued end as the daemon takes them,
-            so they are not bounded.
+            False, having waited for nothing, if no forget is queued and ``deadline`` has
+            passed or :data:`FORGET_WAITERS` requests wait so already: each holds one of the
+            daemon's request workers meanwhile, which all users share, and a program may
+            hold removed inodes for good. Waits while forgets are queued end as the daemon
+            takes them, so they are neither timed nor bounded.
         """
         bounded = not self.forgets_queued
-        if bounded and self._forget_waiters >= FORGET_WAITERS:
+        if bounded and (trio.current_time() >= deadline or self._forget_waiters >= FORGET_WAITERS):
             await trio.lowlevel.checkpoint()
             return False
         counted = int(bounded)
         self._forget_waiters += counted
         try:
-            with trio.move_on_at(deadline):
+            with trio.move_on_at(deadline if bounded else math.inf):
                 await self._forgotten.wait()
         finally:
             self._forget_waiters -= counted

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
-import math
 import os
 import stat
 from collections import deque
@@ -211,16 +210,14 @@ class VolfsOperations(pyfuse3.Operations):
         Raises:
             OSError: ENOSPC if no slot came free.
         """
-        store = self.namespace.store
         deadline = trio.current_time() + FORGET_WAIT
         while True:
             try:
                 return attempt()
             except InodeSlotsError as error:
-                expired = not store.forgets_queued and trio.current_time() >= deadline
-                if not error.forgets_pending or expired:
-                    raise OSError(errno.ENOSPC, "no free inodes") from None
-            if not await store.wait_forgotten(math.inf if store.forgets_queued else deadline):
+                if not error.forgets_pending:
+                    raise
+            if not await self.namespace.store.wait_forgotten(deadline):
                 raise OSError(errno.ENOSPC, "no free inodes")
 
     # -- names ------------------------------------------------------------------------------
