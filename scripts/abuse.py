@@ -37,6 +37,10 @@ Attacks:
               kernel forgets every one of them together (the probe around the kill)
   capwaiters  a removed file held (O_PATH), the cap filled, then 120 threads writing a page
               each to a file of their own, pausing 20 ms between writes, all failing
+  segflip     512 one-page segments over holes, whose words a thread turns back to UNPINNED
+              (oldest of all) as soon as a purge claims them, the 16,384 free slots of another
+              table set UNPINNED, and behind them a segment of volatile data; then a writer
+              filling the cap
 
 Usage (as root):
   python scripts/abuse.py                        # all attacks, full scale, 20 s each
@@ -78,8 +82,14 @@ import volfs_mounts
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from volfs.abi import MAX_FILE_SIZE, PAGE_SIZE, VRANGE_VOLATILE  # noqa: E402
-from volfs.client import fvrange, purge, statistics, vrange_status  # noqa: E402
+from volfs import _segments  # noqa: E402
+from volfs.abi import (  # noqa: E402
+    MAX_FILE_SIZE,
+    PAGE_SIZE,
+    SEGMENT_UNPINNED,
+    VRANGE_VOLATILE,
+)
+from volfs.client import SegmentTable, fvrange, purge, statistics, vrange_status  # noqa: E402
 
 MiB = 1 << 20
 NOBODY = 65534
@@ -110,6 +120,10 @@ PROBE_PAUSE_MS = 1
 CAP_WRITERS = 120
 #: Seconds each of them pauses between two writes: they are to wait, not to flood the daemon.
 CAP_WRITER_PAUSE = 0.02
+#: segflip: slots of each of the attacker's two tables, and one-page segments over holes it
+#: keeps turning back to UNPINNED; every slot of the other table it sets UNPINNED once.
+SEGFLIP_SLOTS = 16384
+SEGFLIP_SEGMENTS = 512
 #: Seconds between two memory samples.
 MEMORY_INTERVAL = 0.01
 #: Bound on probe samples kept (16 bytes each).
@@ -915,6 +929,82 @@ def attack_capwaiters(attacker: Attacker) -> Message:
     }
 
 
+def attack_segflip(attacker: Attacker) -> Message:
+    """Segments whose words the attacker turns back to UNPINNED, older than its volatile data,
+    then a writer filling the cap.
+
+    The writer that meets the cap makes the daemon purge oldest first: the purge must reach
+    the data however often it finds the turned-back segments, and end once nothing is left.
+    """
+    holes = os.open(attacker.mount / "segflip-holes", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.ftruncate(holes, 1 << 30)
+    table = SegmentTable(holes, SEGFLIP_SLOTS)
+    flipped = [table.register(2 * i * PAGE_SIZE, PAGE_SIZE) for i in range(SEGFLIP_SEGMENTS)]
+    words = table._map  # a client may write anything into its mapping of the table
+    for segment in flipped:
+        segment.unpin()
+    empty = os.open(attacker.mount / "segflip-empty", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    empty_words = SegmentTable(empty, SEGFLIP_SLOTS)._map
+    for index in range(SEGFLIP_SLOTS):
+        _segments.set(empty_words, index, SEGMENT_UNPINNED)
+    data = os.open(attacker.mount / "segflip-data", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    for offset in range(0, attacker.scale.data, MiB):
+        os.pwrite(data, b"\x5a" * MiB, offset)
+    data_segment = SegmentTable(data, 1).register(0, attacker.scale.data)
+    data_segment.unpin()
+    stop = threading.Event()
+    turned_back = 0
+
+    def flipper() -> None:
+        nonlocal turned_back
+        while not stop.is_set():
+            for segment in flipped:
+                if _segments.state(words, segment.index) != SEGMENT_UNPINNED:
+                    _segments.set(words, segment.index, SEGMENT_UNPINNED)
+                    turned_back += 1
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=flipper)
+    thread.start()
+    fill = os.open(attacker.mount / "segflip-fill", os.O_WRONLY | os.O_CREAT, 0o600)
+    attacker.window_start()
+    written = 0
+    slowest = 0.0
+    failure: OSError | None = None
+    try:
+        while time.monotonic() < attacker.deadline:
+            before = time.monotonic()
+            try:
+                written += os.write(fill, b"\x5a" * MiB)
+            except OSError as error:
+                failure = error
+                break
+            slowest = max(slowest, time.monotonic() - before)
+            attacker.progress(unit="turned back", done=turned_back)
+    finally:
+        attacker.window_end()
+        stop.set()
+        thread.join()
+    return {
+        "unit": "turned back",
+        "done": turned_back,
+        "stopped": "time" if failure is None else "error",
+        "errno": None if failure is None else errno_name(failure),
+        "filled_mib": round(written / MiB, 1),
+        "slowest_write_ms": round(slowest * 1000, 3),
+        "data_purged": data_segment.pin(),
+    }
+
+
+def checks_segflip(attacker: Message, _after: Message) -> dict[str, bool]:
+    """The writer's purges reached the data behind the turned-back segments, and the writer
+    met the cap's ENOSPC once nothing was left: no purge went on for ever."""
+    return {
+        "data purged": attacker.get("data_purged") is True,
+        "cap met": attacker.get("errno") == "ENOSPC",
+    }
+
+
 def attack_xattrs(attacker: Attacker) -> Message:
     """Empty user.* attributes with distinct names on a file of its own, then listxattr."""
     fd = os.open(attacker.mount / "xattrs", os.O_RDWR | os.O_CREAT, 0o600)
@@ -1031,6 +1121,12 @@ ATTACKS = (
     ),
     Attack("forgets", "holders of many removed files all killed at once", attack_forgets),
     Attack("capwaiters", "writers at the full cap while a removed file is held", attack_capwaiters),
+    Attack(
+        "segflip",
+        "segments turned back to UNPINNED, older than volatile data, then a writer at the cap",
+        attack_segflip,
+        checks=checks_segflip,
+    ),
 )
 ATTACK_NAMES = tuple(attack.name for attack in ATTACKS)
 

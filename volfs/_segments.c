@@ -202,12 +202,16 @@ static PyObject *segments_end(PyObject *module, PyObject *args) {
     return before;
 }
 
-/* A max-heap of (stamp, index) by stamp: the `limit` oldest seen so far. */
+/* A max-heap of candidates by stamp: the `limit` oldest seen so far. */
 struct candidate {
     unsigned long long stamp;  /* as ordered: never past `now`  */
     unsigned long long seen;   /* as read, for claim() to match */
+    Py_ssize_t position;       /* of the table in scan()'s sequence */
     Py_ssize_t index;
 };
+
+/* A scan offers at most this many: far more than the daemon asks for. */
+#define SCAN_LIMIT_MAX 65536
 
 static void sift_down(struct candidate *heap, Py_ssize_t size, Py_ssize_t at) {
     for (;;) {
@@ -241,64 +245,94 @@ static void sift_up(struct candidate *heap, Py_ssize_t at) {
 
 static int by_stamp(const void *one, const void *other) {
     const struct candidate *a = one, *b = other;
-    return a->stamp < b->stamp ? -1 : a->stamp > b->stamp ? 1 : (a->index > b->index) - (a->index < b->index);
+    if (a->stamp != b->stamp)
+        return a->stamp < b->stamp ? -1 : 1;
+    if (a->position != b->position)
+        return a->position < b->position ? -1 : 1;
+    return (a->index > b->index) - (a->index < b->index);
 }
 
-static PyObject *segments_scan(PyObject *module, PyObject *args) {
-    Py_buffer view;
-    Py_ssize_t limit, capacity, index, size = 0, i;
-    unsigned long long now;
-    struct candidate *heap;
-    PyObject *found;
-    (void)module;
-    if (!PyArg_ParseTuple(args, "y*nK", &view, &limit, &now))
-        return NULL;
-    capacity = capacity_of(&view);
-    if (limit > capacity)
-        limit = capacity;
-    if (limit <= 0) {
-        PyBuffer_Release(&view);
-        return PyList_New(0);
-    }
-    heap = PyMem_Malloc((size_t)limit * sizeof(*heap));
-    if (heap == NULL) {
-        PyBuffer_Release(&view);
-        return PyErr_NoMemory();
-    }
-    Py_BEGIN_ALLOW_THREADS
+/* Offer the unpinned slots of one table whose byte in `scannable` is set to the heap. */
+static void scan_table(struct candidate *heap, Py_ssize_t *size, Py_ssize_t limit,
+                       const Py_buffer *view, const Py_buffer *scannable, Py_ssize_t position,
+                       unsigned long long now) {
+    Py_ssize_t capacity = capacity_of(view), index;
+    const unsigned char *offered = scannable->buf;
+    if (scannable->len < capacity)
+        capacity = scannable->len;
     for (index = 0; index < capacity; index++) {
-        const struct volfs_segment_slot *slot = slot_at(&view, index);
+        const struct volfs_segment_slot *slot = slot_at(view, index);
         unsigned long long stamp, seen;
-        if (__atomic_load_n(&slot->state, __ATOMIC_ACQUIRE) != VOLFS_SEGMENT_UNPINNED)
+        if (!offered[index] ||
+                __atomic_load_n(&slot->state, __ATOMIC_ACQUIRE) != VOLFS_SEGMENT_UNPINNED)
             continue;
         seen = __atomic_load_n(&slot->stamp, __ATOMIC_RELAXED);
         /* Stamps come from clients: one from the future sorts as now, never last. */
         stamp = seen > now ? now : seen;
-        if (size < limit) {
-            heap[size].stamp = stamp;
-            heap[size].seen = seen;
-            heap[size].index = index;
-            sift_up(heap, size++);
+        if (*size < limit) {
+            heap[*size] = (struct candidate){stamp, seen, position, index};
+            sift_up(heap, (*size)++);
         } else if (stamp < heap[0].stamp) {
-            heap[0].stamp = stamp;
-            heap[0].seen = seen;
-            heap[0].index = index;
-            sift_down(heap, size, 0);
+            heap[0] = (struct candidate){stamp, seen, position, index};
+            sift_down(heap, *size, 0);
         }
     }
+}
+
+static PyObject *segments_scan(PyObject *module, PyObject *args) {
+    PyObject *tables, *sequence, *found = NULL;
+    Py_ssize_t limit, count, acquired = 0, size = 0, i;
+    unsigned long long now;
+    struct candidate *heap = NULL;
+    Py_buffer *buffers = NULL;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "OnK", &tables, &limit, &now))
+        return NULL;
+    sequence = PySequence_Fast(tables, "scan() takes a sequence of (table, scannable) pairs");
+    if (sequence == NULL)
+        return NULL;
+    count = PySequence_Fast_GET_SIZE(sequence);
+    if (limit > SCAN_LIMIT_MAX)
+        limit = SCAN_LIMIT_MAX;
+    if (limit <= 0 || count == 0) {
+        Py_DECREF(sequence);
+        return PyList_New(0);
+    }
+    heap = PyMem_Malloc((size_t)limit * sizeof(*heap));
+    buffers = PyMem_Calloc((size_t)count * 2, sizeof(*buffers));
+    if (heap == NULL || buffers == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    /* Every buffer first: the GIL is let go once for the whole scan, not once a table. */
+    for (; acquired < count; acquired++) {
+        PyObject *pair = PySequence_Fast_GET_ITEM(sequence, acquired);
+        if (!PyArg_ParseTuple(pair, "y*y*", &buffers[2 * acquired], &buffers[2 * acquired + 1]))
+            goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (i = 0; i < count; i++)
+        scan_table(heap, &size, limit, &buffers[2 * i], &buffers[2 * i + 1], i, now);
     qsort(heap, (size_t)size, sizeof(*heap), by_stamp);
     Py_END_ALLOW_THREADS
-    PyBuffer_Release(&view);
     found = PyList_New(size);
     for (i = 0; found != NULL && i < size; i++) {
-        PyObject *item = Py_BuildValue("(KnK)", heap[i].stamp, heap[i].index, heap[i].seen);
+        PyObject *item = Py_BuildValue("(KnnK)", heap[i].stamp, heap[i].position, heap[i].index,
+                                       heap[i].seen);
         if (item == NULL) {
             Py_CLEAR(found);
             break;
         }
         PyList_SET_ITEM(found, i, item);
     }
+done:
+    for (i = 0; i < acquired; i++) {
+        PyBuffer_Release(&buffers[2 * i]);
+        PyBuffer_Release(&buffers[2 * i + 1]);
+    }
+    PyMem_Free(buffers);
     PyMem_Free(heap);
+    Py_DECREF(sequence);
     return found;
 }
 
@@ -353,9 +387,11 @@ static PyMethodDef segments_methods[] = {
     {"end", segments_end, METH_VARARGS,
      "end(table) -> bytes: turn every state word STALE; the states before, one byte each."},
     {"scan", segments_scan, METH_VARARGS,
-     "scan(table, limit, now) -> [(stamp, index, seen)]: the `limit` least recently unpinned "
-     "segments, oldest first (stamps past `now` count as `now`; `seen` is the stamp as read, "
-     "for claim). O(n log limit), no GIL."},
+     "scan(tables, limit, now) -> [(stamp, position, index, seen)]: the `limit` (at most "
+     "65536) least recently unpinned segments of a sequence of (table, scannable) pairs, "
+     "oldest first, counting only the slots whose byte in `scannable` is set; `position` is "
+     "the pair's in the sequence, stamps past `now` count as `now`, `seen` is the stamp as "
+     "read, for claim. O(n log limit) for n slots, one release of the GIL."},
     {"volatile_pages", segments_volatile_pages, METH_VARARGS,
      "volatile_pages(table, firsts, ends, low, high) -> (pages, segments): the pages in "
      "[low, high) of the unpinned segments, whose pages [firsts[i], ends[i]) (native "

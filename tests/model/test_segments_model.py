@@ -60,8 +60,10 @@ from volfs.abi import (
     pages_for,
     segment_slot_offset,
 )
+from volfs.core import purge
 from volfs.core.inode import Inode
 from volfs.core.namespace import ROOT_INODE, Namespace
+from volfs.core.purge import PurgePass
 from volfs.core.segments import SEGMENT_RECORD_BYTES, Segment, SegmentTable
 from volfs.core.store import Store
 
@@ -601,10 +603,11 @@ class SegmentsMachine(RuleBasedStateMachine):
             if model.state == SEGMENT_UNPINNED
         }
         invalidations: list[tuple[int, int, int]] = []
-        claims: list[Segment] = []
+        purge_pass = PurgePass()
+        claims = purge_pass.claims
         try:
             result = self.namespace.purger.purge(
-                wanted << PAGE_SHIFT, invalidations, claims, budget=budget
+                wanted << PAGE_SHIFT, invalidations, purge_pass, budget=budget
             )
         finally:
             self.pending.extend(claims)  # published whatever happens, or pins would wait
@@ -842,9 +845,9 @@ class Client:
         return bytes(self.namespace.read(self.inode, first << PAGE_SHIFT, pages << PAGE_SHIFT))
 
     def purge(self, wanted_pages: int = 0) -> list[Segment]:
-        claims: list[Segment] = []
-        self.namespace.purger.purge(wanted_pages << PAGE_SHIFT, [], claims)
-        return claims
+        purge_pass = PurgePass()
+        self.namespace.purger.purge(wanted_pages << PAGE_SHIFT, [], purge_pass)
+        return purge_pass.claims
 
 
 @pytest.fixture
@@ -945,3 +948,35 @@ def test_a_segment_purged_again_keeps_what_nobody_was_told_of(client: Client) ->
         assert caught.value.errno == errno.EIO
     assert _segments.pin(client.view, segment.index, DAEMON_PID) is True
     assert client.read(0, 4) == pattern(0, 2 * PAGE_SIZE) + bytes(2 * PAGE_SIZE)
+
+
+def test_words_turned_back_to_unpinned_keep_no_purge_from_older_data(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Scans that find only the first two segments: turned back to UNPINNED as soon as they
+    # are claimed, they would be found, and won, by every scan of the pass.
+    monkeypatch.setattr(purge, "SEGMENT_SCAN", 2)
+    turned_back = [client.segment(page, 1) for page in (0, 1)]
+    behind = [client.segment(2, 2), client.segment(4, 4)]
+    purge_pass = PurgePass()
+    freed = 0
+    for _call in range(50):
+        result = client.namespace.purger.purge(0, [], purge_pass, budget=1)
+        freed += result.freed_bytes
+        for segment in turned_back:
+            _segments.set(client.view, segment.index, SEGMENT_UNPINNED)
+        if result.complete:
+            break
+    assert result.complete, "words turned back kept the purge going"
+    assert purge_pass.claims == turned_back + behind
+    assert freed == 8 * PAGE_SIZE
+    for segment in behind:
+        client.table.publish(segment)
+        assert _segments.pin(client.view, segment.index, DAEMON_PID) is True
+
+
+def test_slots_nobody_registered_are_never_offered_to_a_purge(client: Client) -> None:
+    registered = client.segment(0, 2)
+    for index in range(1, client.table.capacity):  # a client's words on free slots
+        _segments.set(client.view, index, SEGMENT_UNPINNED)
+    assert client.purge() == [registered]

@@ -37,6 +37,7 @@ ATTACKS = (
     "counters",
     "forgets",
     "capwaiters",
+    "segflip",
 )
 
 #: What the daemon grows beyond what was charged to the cap stays below this.

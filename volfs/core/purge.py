@@ -26,7 +26,7 @@ from sortedcontainers import SortedDict
 
 from volfs.abi import NO_PAGE, PAGE_SHIFT, U64_MAX, pages_for
 from volfs.core.ranges import RecordLimits, VolatileRange
-from volfs.core.segments import Candidate, Segment, SegmentTable
+from volfs.core.segments import Candidate, Segment, SegmentTable, oldest_unpinned
 from volfs.core.store import FileContents
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,25 @@ class PurgeStatistics:
     purged_bytes: int
 
 
+class PurgePass:
+    """One purge, over as many calls of :meth:`Purger.purge` as it takes.
+
+    It holds the segments it claimed, which the caller must :meth:`SegmentTable.publish` once
+    their pages have left the kernel's cache, whatever happens, or their pins wait. Until then
+    no scan offers them again, so each scan that wins a segment wins a new one; and a pass
+    scans the tables again only if its last scan won a segment. Whatever clients write into
+    their tables, a pass ends.
+    """
+
+    __slots__ = ("claims", "fruitless_scan")
+
+    def __init__(self) -> None:
+        #: The segments claimed, in the order they were claimed.
+        self.claims: list[Segment] = []
+        #: The last scan of this pass won no segment yet.
+        self.fruitless_scan = False
+
+
 class Purger:
     """The LRU of purgeable volatile ranges and unpinned segments of a mount, and the purge
     that walks it.
@@ -122,8 +141,6 @@ class Purger:
         #: The segment tables of open files.
         self.tables: set[SegmentTable] = set()
         self._candidates: deque[Candidate] = deque()
-        #: The last scan of this pass won no segment yet.
-        self._fruitless_scan = False
         self._last_stamp = 0
         self._limits = limits or RecordLimits(per_inode=U64_MAX, per_mount=U64_MAX)
         # Keyed by (stamp, start): pieces of one range share its stamp and never a start.
@@ -172,33 +189,27 @@ class Purger:
         self,
         wanted_bytes: int,
         invalidations: list[Invalidation],
-        claims: list[Segment] | None = None,
+        purge_pass: PurgePass | None = None,
         *,
         budget: int = PURGE_BUDGET,
-        new_pass: bool = True,
     ) -> PurgeResult:
         """Purge oldest ranges and segments first until ``wanted_bytes`` are freed (0: all).
 
         Looks at ``budget`` ranges or segments at most; a result that is not ``complete`` asks
-        for another call with what is still wanted.
+        for another call, with the same ``purge_pass``, for what is still wanted.
 
         Args:
             wanted_bytes: memory to free; 0 purges every volatile range and unpinned segment.
             invalidations: where each purged byte range is appended as it is purged, so that
                 the caller drops it from the kernel's cache even if this call fails halfway.
-            claims: where each segment claimed for the purge is appended: the caller must
-                :meth:`SegmentTable.publish` it once its pages have left the kernel's cache,
-                whatever happens, or its pins wait.
+            purge_pass: the purge this call is part of, which holds the segments it claims
+                (needed if the mount has segments; None purges ranges only).
             budget: ranges and segments to look at, at most.
-            new_pass: False when this call goes on with the purge of the call before. A pass
-                scans the tables again only if its last scan won a segment: words clients keep
-                changing cannot keep it going for ever.
 
         Runtime complexity: O(budget log n), plus the pages released, plus one scan of the
         segment tables (O(slots) in C) when no scanned segment is left.
         """
-        if new_pass:
-            self._fruitless_scan = False
+        this_pass = purge_pass if purge_pass is not None else PurgePass()
         wanted = pages_for(wanted_bytes) if wanted_bytes else None
         freed = 0
         purged = 0
@@ -210,18 +221,18 @@ class Purger:
                 if wanted is not None and freed >= wanted:
                     break
                 if not candidates and not scanned:
-                    self._scan_segments()
+                    self._scan_segments(this_pass)
                     scanned = True
                 if candidates and (not order or candidates[0][0] < order.peekitem(0)[0][0]):
                     _stamp, segment, seen = candidates.popleft()
-                    if claims is None:
-                        raise ValueError("a purge of segments needs a list for its claims")
+                    if purge_pass is None:
+                        raise ValueError("a purge of segments needs a pass to hold its claims")
                     taken = self._purge_segment(
                         segment,
                         seen,
                         None if wanted is None else wanted - freed,
                         invalidations,
-                        claims,
+                        purge_pass,
                     )
                     if taken is not None:
                         freed += taken
@@ -273,17 +284,18 @@ class Purger:
         owner.purged(victim, first, victim.end)
         return freed
 
-    def _scan_segments(self) -> None:
+    def _scan_segments(self, purge_pass: PurgePass) -> None:
         """Collect the :data:`SEGMENT_SCAN` least recently unpinned segments of all tables,
         unless the pass's last scan won none of those it found."""
-        if self._fruitless_scan:
+        if purge_pass.fruitless_scan:
             return
-        self._fruitless_scan = True
+        purge_pass.fruitless_scan = True
         now = time.monotonic_ns()
+        tables = [table for table in self.tables if not table.ended]
         found = heapq.merge(
-            *(table.oldest(SEGMENT_SCAN, now) for table in self.tables if not table.ended),
+            oldest_unpinned(tables, SEGMENT_SCAN, now),
             sorted(
-                (c for t in self.tables if t.refilled for c in t.refilled_candidates(now)),
+                (c for t in tables if t.refilled for c in t.refilled_candidates(now)),
                 key=lambda candidate: candidate[0],
             ),
             key=lambda candidate: candidate[0],
@@ -296,16 +308,16 @@ class Purger:
         seen: int,
         still_wanted: int | None,
         invalidations: list[Invalidation],
-        claims: list[Segment],
+        purge_pass: PurgePass,
     ) -> int | None:
         """Purge a segment if it is still unpinned as scanned; return the pages freed, or
-        None if a pin (or a newer unpin) got there first."""
+        None if a pin (or a newer unpin, or another purge) got there first."""
         table = segment.table
         if not table.claim(segment, seen):
             return None
         # From here the pins of the segment wait: it must be published whatever happens.
-        claims.append(segment)
-        self._fruitless_scan = False
+        purge_pass.claims.append(segment)
+        purge_pass.fruitless_scan = False
         assert self._lose is not None and self._forget is not None
         resumed = segment in table.refilled
         if segment.unacknowledged and not resumed:

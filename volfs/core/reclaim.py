@@ -16,15 +16,14 @@ old bytes from the cache afterwards.
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
 import trio
 
 from volfs.abi import PAGE_SHIFT, MountStatistics
-from volfs.core.purge import Invalidation, Purger, PurgeResult, PurgeSource
+from volfs.core.purge import Invalidation, PurgePass, Purger, PurgeResult, PurgeSource
 from volfs.core.segments import Segment
 from volfs.core.store import CapacityError, FileContents, Store
 from volfs.core.worker import WorkerThread
@@ -122,18 +121,15 @@ class Reclaimer:
         noted: set[int] = set()
         pending: list[Invalidation] = []
         batches: list[trio.Event] = []
-        claims: list[Segment] = []
+        purge_pass = PurgePass()
         discarded: list[int] = []
         spanned = 0
         try:
-            for calls in itertools.count():
+            while True:
                 invalidations: list[Invalidation] = []
                 try:
                     result = self._purger.purge(
-                        wanted - freed if wanted else 0,
-                        invalidations,
-                        claims,
-                        new_pass=not calls,
+                        wanted - freed if wanted else 0, invalidations, purge_pass
                     )
                 finally:
                     inodes = {ino for ino, _offset, _length in invalidations} - noted
@@ -161,7 +157,9 @@ class Reclaimer:
                 written_back.append(max(min(sum(discarded), spanned - freed), 0))
                 self._purger.count_freed(written_back[0])
 
-            self._nursery.start_soon(self._end_drop, batches, noted, done, claims, settle)
+            self._nursery.start_soon(
+                self._end_drop, batches, noted, done, purge_pass.claims, settle
+            )
         try:
             if wait:
                 await done.wait()
@@ -207,7 +205,9 @@ class Reclaimer:
             else:
                 missing = store.shortfall(contents, first, end)
                 purged = await self.purge(max(missing, 1) << PAGE_SHIFT, PurgeSource.SIZE)
-                progress = bool(purged.ranges)
+                # Freed bytes, not purged ranges: segments over holes, which a client may
+                # unpin again and again, free nothing and must not keep this loop going.
+                progress = bool(purged.freed_bytes)
             try:
                 return attempt()
             except CapacityError:
@@ -267,7 +267,7 @@ class Reclaimer:
         batches: list[trio.Event],
         inodes: set[int],
         done: trio.Event,
-        claims: list[Segment],
+        claims: Iterable[Segment],
         settle: Callable[[], None],
     ) -> None:
         """Once every batch of a purge left the cache, ``settle`` its count, publish its

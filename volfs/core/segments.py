@@ -26,7 +26,7 @@ import errno
 import fcntl
 import mmap
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from sortedcontainers import SortedDict
@@ -48,8 +48,9 @@ from volfs.abi import (
     segment_table_bytes,
 )
 
-#: Bytes the daemon holds per slot besides the table: the first and end page of its record.
-RECORD_ARRAY_BYTES = 16
+#: Bytes the daemon holds per slot besides the table: the first and end page of its record,
+#: and whether a scan may offer it.
+RECORD_ARRAY_BYTES = 17
 #: Bytes charged to ``size=`` for each registered segment's record.
 SEGMENT_RECORD_BYTES = 256
 
@@ -112,6 +113,10 @@ class SegmentTable:
         #: The pages of the segment in each slot, the daemon's own copy (0, 0: none).
         self.firsts = array.array("Q", bytes(8 * capacity))
         self.ends = array.array("Q", bytes(8 * capacity))
+        #: 1 for a slot a scan may offer: it holds a segment that no purge has claimed and
+        #: not yet published. A client turning a claimed word back to UNPINNED cannot make
+        #: purges take it again and again, and slots it sets on its own are never looked at.
+        self.scannable = bytearray(capacity)
         self._segments: dict[int, Segment] = {}
         self._by_first: SortedDict[int, Segment] = SortedDict()
         self._never_used = 0
@@ -170,6 +175,7 @@ class SegmentTable:
         self._by_first[first] = segment
         self.firsts[index] = first
         self.ends[index] = end
+        self.scannable[index] = 1
         SEGMENT_SLOT.pack_into(
             self.view,
             segment_slot_offset(index),
@@ -192,6 +198,7 @@ class SegmentTable:
         del self._segments[segment.index]
         del self._by_first[segment.first]
         self.firsts[segment.index] = self.ends[segment.index] = 0
+        self.scannable[segment.index] = 0
         self._free.append(segment.index)
         return state
 
@@ -206,19 +213,6 @@ class SegmentTable:
         """
         return _segments.volatile_pages(self.view, self.firsts, self.ends, first, end)
 
-    def oldest(self, limit: int, now: int) -> list[Candidate]:
-        """The ``limit`` least recently unpinned segments, oldest first: ``(stamp, segment,
-        stamp as read)``, a stamp past ``now`` ordered as ``now``.
-
-        Runtime complexity: O(capacity log limit) in C, plus O(limit) here.
-        """
-        found = []
-        for stamp, index, seen in _segments.scan(self.view, limit, now):
-            segment = self._segments.get(index)
-            if segment is not None:  # a word a client set on a free slot means nothing
-                found.append((stamp, segment, seen))
-        return found
-
     def refilled_candidates(self, now: int) -> list[Candidate]:
         """The :attr:`refilled` segments still purged, with their stamps (at most ``now``).
 
@@ -226,6 +220,8 @@ class SegmentTable:
         """
         found = []
         for segment in list(self.refilled):
+            if not self.scannable[segment.index]:
+                continue  # claimed by a purge still under way
             state = self.state(segment)
             if state == SEGMENT_PURGED:
                 stamp = min(_segments.stamp(self.view, segment.index), now)
@@ -237,22 +233,26 @@ class SegmentTable:
     def claim(self, segment: Segment, stamp: int) -> bool:
         """Win the segment for a purge if it is still unpinned with the stamp it was scanned
         with (UNPINNED -> PURGING) or, being :attr:`refilled`, still purged (PURGED ->
-        PURGING); a pin then waits until :meth:`publish`. One unpinned again since it was
-        scanned waits for its new place in the order."""
-        if self.ended or segment.released:
+        PURGING); a pin then waits, and scans pass it over, until :meth:`publish`. One
+        unpinned again since it was scanned waits for its new place in the order."""
+        if self.ended or segment.released or not self.scannable[segment.index]:
             return False
+        won = False
         if segment in self.refilled:
-            if _segments.claim(self.view, segment.index, SEGMENT_PURGED, ANY_STAMP):
-                return True
-            if self.state(segment) != SEGMENT_PURGING:
+            won = _segments.claim(self.view, segment.index, SEGMENT_PURGED, ANY_STAMP)
+            if not won and self.state(segment) != SEGMENT_PURGING:
                 self.refilled.discard(segment)
-        return _segments.claim(self.view, segment.index, SEGMENT_UNPINNED, stamp)
+        won = won or _segments.claim(self.view, segment.index, SEGMENT_UNPINNED, stamp)
+        if won:
+            self.scannable[segment.index] = 0
+        return won
 
     def publish(self, segment: Segment) -> None:
         """The purge of a claimed segment is over, its pages out of the kernel's cache:
         PURGED, and the pins waiting on it go on."""
         if not (self.ended or segment.released):
             _segments.set(self.view, segment.index, SEGMENT_PURGED)
+            self.scannable[segment.index] = 1
 
     def lost(self, segment: Segment) -> None:
         """Pages of ``segment`` were lost to a purge: nobody was told yet."""
@@ -306,10 +306,27 @@ class SegmentTable:
         os.close(self.memfd)
         self.firsts = array.array("Q")
         self.ends = array.array("Q")
+        self.scannable = bytearray()
         self._segments.clear()
         self._by_first.clear()
         self._free.clear()
         self.refilled.clear()
+
+
+def oldest_unpinned(tables: Sequence[SegmentTable], limit: int, now: int) -> list[Candidate]:
+    """The ``limit`` least recently unpinned segments of ``tables``, oldest first: ``(stamp,
+    segment, stamp as read)``, a stamp past ``now`` ordered as ``now``. Slots that are not
+    :attr:`~SegmentTable.scannable` are passed over, whatever their words say.
+
+    Runtime complexity: O(slots log limit) in C, plus O(tables + limit) here.
+    """
+    found = []
+    views = [(table.view, table.scannable) for table in tables]
+    for stamp, position, index, seen in _segments.scan(views, limit, now):
+        segment = tables[position].get(index)
+        if segment is not None:
+            found.append((stamp, segment, seen))
+    return found
 
 
 _PURGE_STATES = frozenset((SEGMENT_PURGING, SEGMENT_PURGED))
