@@ -9,6 +9,7 @@ acts as the unprivileged user ``nobody`` through forked children (see
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -24,6 +25,7 @@ from tests.mount.test_permissions import Mounts, User, attempt, mounts, run_as
 from volfs.client import (
     VRANGE_NONVOLATILE,
     VRANGE_VOLATILE,
+    SegmentTable,
     fvrange,
     purge,
     statistics,
@@ -289,6 +291,40 @@ def test_range_records_are_bounded_per_file_and_per_mount(mounts: Mounts) -> Non
     assert results["after"] == ((99 - 1 + 3 + 7) * PAGE, 0)
     assert results["mount"] == "ENOSPC"
     assert results["freed"] == "ok"
+
+
+def test_pages_purged_from_released_segments_count_as_range_records(mounts: Mounts) -> None:
+    mnt, _daemon = mount(mounts, "size=16M,max_ranges=100")
+
+    def churn() -> dict[str, object]:
+        holes = os.open(mnt / "holes", os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(holes, 1 << 30)
+        table = SegmentTable(holes, 64)
+        filler = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+        cycles, page, outcome = 0, 0, "ok"
+        while cycles < 20 and outcome == "ok":
+            segments = []
+            try:
+                for index in range(40):  # one page each, apart: one lost run each
+                    segments.append(table.register((page + 2 * index) * PAGE, PAGE))
+            except OSError as error:
+                outcome = errno.errorcode[error.errno or 0]
+            page += 80
+            for segment in segments:
+                segment.unpin()
+            # To the cap, where a write purges every unpinned segment, freeing nothing.
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(filler, bytes(PAGE))
+            for segment in segments:  # their charges make room for the next cycle's
+                segment.release()
+            cycles += 1
+        return {"cycles": cycles, "outcome": outcome, "lost": vrange_status(holes)[1] // PAGE}
+
+    results = run_as(NOBODY, churn)
+    # 40 lost runs a cycle: registers are refused once the records reach the bound, so the
+    # lost runs stop at the bound plus one cycle's segments.
+    assert results == {"cycles": 4, "outcome": "ENOSPC", "lost": 120}
 
 
 def test_last_close_of_a_file_with_many_ranges_ends_their_volatility_at_once(

@@ -240,7 +240,8 @@ class Volatility:
         Raises:
             OSError: ENOENT if the file has no table; EINVAL for a bad span or flag; EBUSY if
                 the span overlaps a segment, a volatile range or lost pages; ENOSPC if the
-                table is full or the record does not fit under the cap.
+                table is full, the record does not fit under the cap, or the file or the
+                mount holds as many range records as allowed.
         """
         table = inode.segments
         if table is None:
@@ -253,6 +254,9 @@ class Volatility:
             raise OSError(
                 errno.EBUSY, "the span has volatile ranges or purged data nobody was told of"
             )
+        # Pages a purge takes from the segment stay lost once it is released, or its table
+        # ends, until rewritten: a range record, then no longer charged as the segment.
+        self._purger.limits.admit(0 if ranges is None else ranges.records, 1)
         self._store.charge(SEGMENT_RECORD_BYTES)
         try:
             return table.register(first, end, bool(flags & VRANGE_PARTIAL))
