@@ -242,3 +242,31 @@ def test_every_step_stays_bounded_whatever_happens_between_steps(namespace: Name
     assert all(before - after <= VRANGE_STEP + 2 for before, after in itertools.pairwise(counts))
     inode.vranges._check()
     namespace.purger._check()
+
+
+def test_no_segment_takes_pages_a_mark_under_way_has_still_to_reach(namespace: Namespace) -> None:
+    inode = sparse_file(namespace, b"f", 2 * RANGES + 16)
+    every_other_page(namespace, inode, RANGES)
+    volatility = namespace.volatility
+    volatility.segment_table(inode, 4)
+    beyond = 2 * RANGES  # past the ranges: the mark's last step reaches it
+
+    def mark() -> Iterator[None]:
+        return volatility.vrange_steps(inode, 0, (beyond + 4) * PAGE_SIZE, VRANGE_VOLATILE, 0)
+
+    steps = mark()
+    next(steps)  # the first piece is marked, the rest not yet
+    with pytest.raises(OSError) as caught:
+        volatility.register(inode, beyond * PAGE_SIZE, PAGE_SIZE, 0)
+    assert caught.value.errno == errno.EBUSY
+    run(steps)
+    assert shape(inode) == [(0, beyond + 4, False, False)]
+    volatility.register(inode, (beyond + 4) * PAGE_SIZE, PAGE_SIZE, 0)  # past the mark: free
+
+    # A mark given up halfway (its request interrupted) holds nothing back.
+    namespace.volatility.vrange(inode, 0, (beyond + 4) * PAGE_SIZE, VRANGE_NONVOLATILE, 0)
+    every_other_page(namespace, inode, RANGES)
+    steps = mark()
+    next(steps)
+    steps.close()
+    volatility.register(inode, beyond * PAGE_SIZE, PAGE_SIZE, 0)

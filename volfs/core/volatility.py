@@ -34,7 +34,7 @@ from volfs.core.inode import Inode
 from volfs.core.purge import Purger
 from volfs.core.ranges import InodeRanges, VolatileRange
 from volfs.core.segments import SEGMENT_RECORD_BYTES, Segment, SegmentTable
-from volfs.core.store import Store
+from volfs.core.store import FileContents, Store
 
 #: Ranges (or lost runs) one step of a mark or unmark takes on: about a millisecond of work.
 VRANGE_STEP = 200
@@ -51,6 +51,9 @@ class Volatility:
         self._with_tables: dict[int, Inode] = {}
         #: Slots of all tables.
         self._slots = 0
+        #: Spans ``[first, end)`` of marks under way, taken a step at a time, by inode number:
+        #: a segment registered between two steps would share pages with the ranges.
+        self._marking: dict[int, list[tuple[int, int]]] = {}
 
     @staticmethod
     def _span(inode: Inode, start: int, length: int) -> tuple[int, int]:
@@ -145,6 +148,20 @@ class Volatility:
         contents = inode.contents
         assert contents is not None
         self.ranges_of(inode).admit_mark(first, end)
+        span = (first, end)
+        self._marking.setdefault(inode.ino, []).append(span)
+        try:
+            yield from self._mark_pieces(inode, contents, first, end, partial=partial)
+        finally:
+            spans = self._marking[inode.ino]
+            spans.remove(span)
+            if not spans:
+                del self._marking[inode.ino]
+
+    def _mark_pieces(
+        self, inode: Inode, contents: FileContents, first: int, end: int, *, partial: bool
+    ) -> Generator[None, None, None]:
+        """The steps of :meth:`_mark_steps`, once the mark was admitted."""
         low = first
         while True:
             live = self.ranges_of(inode)
@@ -239,9 +256,9 @@ class Volatility:
 
         Raises:
             OSError: ENOENT if the file has no table; EINVAL for a bad span or flag; EBUSY if
-                the span overlaps a segment, a volatile range or lost pages; ENOSPC if the
-                table is full, the record does not fit under the cap, or the file or the
-                mount holds as many range records as allowed.
+                the span overlaps a segment, a volatile range, a mark under way or lost
+                pages; ENOSPC if the table is full, the record does not fit under the cap,
+                or the file or the mount holds as many range records as allowed.
         """
         table = inode.segments
         if table is None:
@@ -254,6 +271,8 @@ class Volatility:
             raise OSError(
                 errno.EBUSY, "the span has volatile ranges or purged data nobody was told of"
             )
+        if any(low < end and first < high for low, high in self._marking.get(inode.ino, ())):
+            raise OSError(errno.EBUSY, "the span is being marked volatile")
         # Pages a purge takes from the segment stay lost once it is released, or its table
         # ends, until rewritten: a range record, then no longer charged as the segment.
         self._purger.limits.admit(0 if ranges is None else ranges.records, 1)

@@ -249,8 +249,8 @@ struct volfs_segment_args {          /* 24 bytes */
  * REGISTER adds a segment, pinned, to the file's table. Errors: EBADF (descriptor not open
  * for writing), ENOENT (the file has no table: VOLFS_IOC_SEGMENTS first), EINVAL (unaligned,
  * empty or overflowing span, one past the page-rounded EOF, unknown flag), EBUSY (the span
- * overlaps another segment, a volatile range, or purged data nobody was told of yet:
- * VRANGE_NONVOLATILE over it first), ENOSPC (the table is full, the segment does not fit
+ * overlaps another segment, a volatile range, a VOLFS_IOC_VRANGE still marking it volatile,
+ * or purged data nobody was told of yet: VRANGE_NONVOLATILE over it first), ENOSPC (the table is full, the segment does not fit
  * under size=, or the file or the mount holds as many range records as max_file_ranges= or
  * max_ranges= allow: pages purged from a segment stay lost once it is released, a record).
  * RELEASE ends a segment: its pages are no longer volatile, and purged pages nobody was told
