@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import itertools
 import os
 import resource
 import traceback
@@ -325,6 +326,37 @@ def test_pages_purged_from_released_segments_count_as_range_records(mounts: Moun
     # 40 lost runs a cycle: registers are refused once the records reach the bound, so the
     # lost runs stop at the bound plus one cycle's segments.
     assert results == {"cycles": 4, "outcome": "ENOSPC", "lost": 120}
+
+
+def test_segment_tables_leave_the_daemon_descriptors_of_its_own(mounts: Mounts) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # what the daemon inherits
+    try:
+        mnt, daemon = mount(mounts, "size=64M")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE) == (hard, hard)
+    # Each table holds two descriptors in the daemon; of 300 it keeps 256 for itself.
+    resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (300, 300))
+
+    def take_tables() -> dict[str, object]:
+        tables = []
+        for index in itertools.count():
+            fd = os.open(mnt / f"table-{index}", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                tables.append(SegmentTable(fd, 1))
+            except OSError as error:
+                return {"tables": index, "errno": errno.errorcode[error.errno or 0]}
+        raise AssertionError("unreachable")
+
+    assert run_as(NOBODY, take_tables) == {"tables": (300 - 256) // 2, "errno": "ENOSPC"}
+    # The daemon had descriptors left to serve, and the tables went with their last close.
+    fd = os.open(mnt / "root-table", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with SegmentTable(fd, 1) as table:
+            assert table.capacity == 1
+    finally:
+        os.close(fd)
 
 
 def test_last_close_of_a_file_with_many_ranges_ends_their_volatility_at_once(

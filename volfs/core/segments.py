@@ -26,6 +26,7 @@ import errno
 import fcntl
 import mmap
 import os
+import resource
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -43,6 +44,7 @@ from volfs.abi import (
     SEGMENT_TABLE_MAGIC,
     SEGMENT_TABLE_VERSION,
     SEGMENT_UNPINNED,
+    SEGMENTS_PER_MOUNT_MAX,
     VRANGE_PARTIAL,
     segment_slot_offset,
     segment_table_bytes,
@@ -53,6 +55,13 @@ from volfs.abi import (
 RECORD_ARRAY_BYTES = 17
 #: Bytes charged to ``size=`` for each registered segment's record.
 SEGMENT_RECORD_BYTES = 256
+
+#: Descriptors the daemon keeps for its own use (the FUSE device, its sockets and pipes, a
+#: table reopened for a handover, files it reads); segment tables may hold the rest of its
+#: RLIMIT_NOFILE.
+DESCRIPTORS_KEPT = 256
+#: Descriptors a table holds: its memfd, and the duplicate Python's mmap keeps of it.
+DESCRIPTORS_PER_TABLE = 2
 
 #: A stamp :func:`volfs._segments.claim` takes for any.
 ANY_STAMP = (1 << 64) - 1
@@ -79,6 +88,16 @@ class Segment:
     def pages(self) -> int:
         """Length in pages."""
         return self.end - self.first
+
+
+def tables_allowed() -> int:
+    """How many segment tables the daemon may hold and still have :data:`DESCRIPTORS_KEPT`
+    descriptors for itself. Read at each call: an administrator may change the limit of a
+    running daemon (``prlimit``)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return SEGMENTS_PER_MOUNT_MAX
+    return max((soft - DESCRIPTORS_KEPT) // DESCRIPTORS_PER_TABLE, 0)
 
 
 class SegmentTable:

@@ -33,7 +33,7 @@ from volfs.abi import (
 from volfs.core.inode import Inode
 from volfs.core.purge import Purger
 from volfs.core.ranges import InodeRanges, VolatileRange
-from volfs.core.segments import SEGMENT_RECORD_BYTES, Segment, SegmentTable
+from volfs.core.segments import SEGMENT_RECORD_BYTES, Segment, SegmentTable, tables_allowed
 from volfs.core.store import FileContents, Store
 
 #: Ranges (or lost runs) one step of a mark or unmark takes on: about a millisecond of work.
@@ -227,8 +227,9 @@ class Volatility:
 
         Raises:
             OSError: EISDIR or EINVAL for a non-regular file; EINVAL for a capacity past
-                :data:`SEGMENTS_PER_FILE_MAX`; ENOSPC if the table does not fit under the cap
-                or the mount's tables would pass :data:`SEGMENTS_PER_MOUNT_MAX` slots.
+                :data:`SEGMENTS_PER_FILE_MAX`; ENOSPC if the table does not fit under the cap,
+                the mount's tables would pass :data:`SEGMENTS_PER_MOUNT_MAX` slots, or the
+                daemon holds as many tables as its descriptors allow (:func:`tables_allowed`).
         """
         _require_regular(inode)
         if capacity > SEGMENTS_PER_FILE_MAX:
@@ -238,6 +239,8 @@ class Volatility:
         capacity = capacity or SEGMENTS_DEFAULT
         if self._slots + capacity > SEGMENTS_PER_MOUNT_MAX:
             raise OSError(errno.ENOSPC, "too many segment slots in this filesystem")
+        if len(self._with_tables) >= tables_allowed():
+            raise OSError(errno.ENOSPC, "too many segment tables for the daemon's descriptors")
         table = SegmentTable(inode.ino, capacity)
         try:
             self._store.charge(table.charge_bytes)

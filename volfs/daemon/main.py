@@ -20,6 +20,7 @@ import functools
 import gc
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -349,6 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # which would discard a request made before the task listens instead of holding it.
     for signum in STOP_SIGNALS:
         signal.signal(signum, _stopping_already)
+    _raise_descriptor_limit()
     failure = ""
     try:
         trio.run(
@@ -366,6 +368,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(failure, EXIT_FAILURE)
     log.info("unmounted %s", mountpoint)
     return 0
+
+
+def _raise_descriptor_limit() -> None:
+    """Take the hard RLIMIT_NOFILE as the soft one, as servers polling with epoll do: each
+    segment table holds a descriptor, and the soft limit bounds how many the daemon may
+    hold (:func:`volfs.core.segments.tables_allowed`)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard
+    if hard == resource.RLIM_INFINITY:
+        with open("/proc/sys/fs/nr_open") as nr_open:  # what the kernel allows instead
+            wanted = int(nr_open.read())
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (OSError, ValueError) as error:
+        log.warning("cannot raise the descriptor limit from %d: %s", soft, error)
 
 
 def _stopping_already(signum: int, _frame: object) -> None:
