@@ -180,6 +180,26 @@ def test_a_system_out_of_memory_partway_makes_a_short_write(
     assert contents.size == PAGE_SIZE + 50
 
 
+def test_a_truncate_the_kernel_cannot_zero_for_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = Store(64 * PAGE_SIZE)
+    contents = store.new_file()
+    data = os.urandom(3 * PAGE_SIZE)
+    contents.write(0, data)
+
+    def pwrite(fd: int, data: memoryview, position: int) -> int:
+        raise OSError(errno.ENOMEM, "out of memory")
+
+    monkeypatch.setattr("volfs.core.store.os.pwrite", pwrite)
+    with pytest.raises(OSError) as caught:
+        contents.truncate(PAGE_SIZE + 10)  # the rest of page 1 must be zeroed
+    assert caught.value.errno == errno.ENOMEM
+    assert contents.size == 3 * PAGE_SIZE
+    assert contents.pages == 3
+    assert bytes(contents.read(0, 3 * PAGE_SIZE)) == data
+
+
 def test_freed_pages_come_back_zeroed() -> None:
     arena = Arena(8)
     contents = FileContents(arena)

@@ -702,19 +702,20 @@ class FileContents:
         Growing allocates nothing: the new bytes are a hole and read as zeros.
 
         Raises:
-            OSError: EFBIG past the largest file size.
+            OSError: EFBIG past the largest file size; ENOMEM if the kernel cannot take the
+                zeros of the tail page (nothing changes then).
         """
         if size > MAX_FILE_SIZE or size < 0:
             raise OSError(errno.EFBIG, "size past the largest file size")
         with self.map:
             if size < self.size:
-                keep = pages_for(size)
+                if size & (PAGE_SIZE - 1):
+                    # The rest of the last page kept must read as zeros if the file grows.
+                    # First: if the kernel cannot take the zeros, nothing has changed yet.
+                    self.zero(size, PAGE_SIZE - (size & (PAGE_SIZE - 1)))
                 # To the end of the map, not of the old size: fallocate may have left pages
                 # past EOF.
-                self.release_pages(keep, NO_PAGE)
-                if size & (PAGE_SIZE - 1):
-                    # The kept part of the last page must read as zeros if the file grows.
-                    self.zero(size, PAGE_SIZE - (size & (PAGE_SIZE - 1)))
+                self.release_pages(pages_for(size), NO_PAGE)
             self.map.size = size
 
     def clear(self) -> None:
