@@ -57,6 +57,7 @@ from volfs.abi import (
     SEGMENT_STAMP_OFFSET,
     SEGMENT_UNPINNED,
     VRANGE_PARTIAL,
+    VRANGE_VOLATILE,
     pages_for,
     segment_slot_offset,
 )
@@ -980,3 +981,22 @@ def test_slots_nobody_registered_are_never_offered_to_a_purge(client: Client) ->
     for index in range(1, client.table.capacity):  # a client's words on free slots
         _segments.set(client.view, index, SEGMENT_UNPINNED)
     assert client.purge() == [registered]
+
+
+def test_a_pass_whose_scan_another_purge_took_scans_again(client: Client) -> None:
+    client.namespace.volatility.vrange(
+        client.inode, 7 * PAGE_SIZE, PAGE_SIZE, VRANGE_VOLATILE, 0
+    )  # older than the segments: the first pass purges it first
+    taken = [client.segment(0, 1), client.segment(1, 1)]
+    first = PurgePass()
+    purger = client.namespace.purger
+    result = purger.purge(0, [], first, budget=1)  # scans the two, purges the range
+    assert not result.complete
+    second = PurgePass()
+    assert purger.purge(0, [], second).complete
+    assert second.claims == taken
+    unpinned_since = client.segment(2, 1)
+    # Both segments of its scan are gone to the other purge: it looks again, and finds the
+    # one unpinned since.
+    assert purger.purge(0, [], first).complete
+    assert first.claims == [unpinned_since]

@@ -94,16 +94,19 @@ class PurgePass:
     It holds the segments it claimed, which the caller must :meth:`SegmentTable.publish` once
     their pages have left the kernel's cache, whatever happens, or their pins wait. Until then
     no scan offers them again, so each scan that wins a segment wins a new one; and a pass
-    scans the tables again only if its last scan won a segment. Whatever clients write into
-    their tables, a pass ends.
+    scans the tables again only if its last scan won a segment or lost one to another purge
+    (which took it out of the scans too). Whatever clients write into their tables, a pass
+    ends.
     """
 
-    __slots__ = ("claims", "fruitless_scan")
+    __slots__ = ("candidates", "claims", "fruitless_scan")
 
     def __init__(self) -> None:
+        #: What the pass's last scan found and the pass has not tried yet, oldest first.
+        self.candidates: deque[Candidate] = deque()
         #: The segments claimed, in the order they were claimed.
         self.claims: list[Segment] = []
-        #: The last scan of this pass won no segment yet.
+        #: The last scan of this pass won no segment yet, nor lost one to another purge.
         self.fruitless_scan = False
 
 
@@ -113,8 +116,8 @@ class Purger:
 
     Ranges are ordered as they are marked. Segments are unpinned without the daemon knowing:
     a purge scans the tables for the oldest unpinned ones (:data:`SEGMENT_SCAN` at a time,
-    kept between purges: a segment unpinned later is newer than all of them) and takes
-    whichever of the two heads is older. Both are stamped by one clock, CLOCK_MONOTONIC.
+    kept for the rest of its pass: a segment unpinned later is newer than all of them) and
+    takes whichever of the two heads is older. Both are stamped by one clock, CLOCK_MONOTONIC.
 
     Implements :class:`volfs.core.ranges.RangeTracker`.
     """
@@ -140,7 +143,6 @@ class Purger:
         self._forget = forget
         #: The segment tables of open files.
         self.tables: set[SegmentTable] = set()
-        self._candidates: deque[Candidate] = deque()
         self._last_stamp = 0
         self._limits = limits or RecordLimits(per_inode=U64_MAX, per_mount=U64_MAX)
         # Keyed by (stamp, start): pieces of one range share its stamp and never a start.
@@ -214,7 +216,7 @@ class Purger:
         freed = 0
         purged = 0
         order = self._order
-        candidates = self._candidates
+        candidates = this_pass.candidates
         scanned = False
         try:
             for _ in range(budget):
@@ -300,7 +302,7 @@ class Purger:
             ),
             key=lambda candidate: candidate[0],
         )
-        self._candidates.extend(itertools.islice(found, SEGMENT_SCAN))
+        purge_pass.candidates.extend(itertools.islice(found, SEGMENT_SCAN))
 
     def _purge_segment(
         self,
@@ -314,6 +316,10 @@ class Purger:
         None if a pin (or a newer unpin, or another purge) got there first."""
         table = segment.table
         if not table.claim(segment, seen):
+            if table.in_purge(segment):
+                # Another purge took it since the scan, and no scan offers it: what that
+                # scan found may all be gone so, while older segments wait unscanned.
+                purge_pass.fruitless_scan = False
             return None
         # From here the pins of the segment wait: it must be published whatever happens.
         purge_pass.claims.append(segment)

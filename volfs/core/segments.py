@@ -266,6 +266,10 @@ class SegmentTable:
             self.scannable[segment.index] = 0
         return won
 
+    def in_purge(self, segment: Segment) -> bool:
+        """True while a purge holds the segment: claimed, and not yet published."""
+        return not (self.ended or segment.released or self.scannable[segment.index])
+
     def publish(self, segment: Segment) -> None:
         """The purge of a claimed segment is over, its pages out of the kernel's cache:
         PURGED, and the pins waiting on it go on."""
