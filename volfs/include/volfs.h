@@ -233,8 +233,10 @@ struct volfs_segments_args {         /* 96 bytes */
 #define VOLFS_IOC_SEGMENTS          _IOWR('v', 0x85, struct volfs_segments_args) /* 0xc0607685 */
 /*
  * Errors of VOLFS_IOC_SEGMENTS: EINVAL (capacity past VOLFS_SEGMENTS_PER_FILE_MAX, an unknown
- * flag, not a regular file), EISDIR, ENOENT (VOLFS_SEGMENTS_EXISTING and no table), ENOSPC (the table's pages do not fit under size=, or the
- * mount's tables would pass VOLFS_SEGMENTS_PER_MOUNT_MAX slots).
+ * flag, not a regular file), EISDIR, ENOENT (VOLFS_SEGMENTS_EXISTING and no table), ENOSPC
+ * (the table's pages do not fit under size=, the mount's tables would pass
+ * VOLFS_SEGMENTS_PER_MOUNT_MAX slots, or the daemon holds as many tables as its descriptors
+ * allow: two each, 256 kept for itself).
  */
 
 struct volfs_segment_args {          /* 24 bytes */
@@ -250,9 +252,10 @@ struct volfs_segment_args {          /* 24 bytes */
  * for writing), ENOENT (the file has no table: VOLFS_IOC_SEGMENTS first), EINVAL (unaligned,
  * empty or overflowing span, one past the page-rounded EOF, unknown flag), EBUSY (the span
  * overlaps another segment, a volatile range, a VOLFS_IOC_VRANGE still marking it volatile,
- * or purged data nobody was told of yet: VRANGE_NONVOLATILE over it first), ENOSPC (the table is full, the segment does not fit
- * under size=, or the file or the mount holds as many range records as max_file_ranges= or
- * max_ranges= allow: pages purged from a segment stay lost once it is released, a record).
+ * or purged data nobody was told of yet: VRANGE_NONVOLATILE over it first), ENOSPC (the
+ * table is full, the segment does not fit under size=, or the file or the mount holds as many
+ * range records as max_file_ranges= or max_ranges= allow: pages purged from a segment stay
+ * lost once it is released, a record).
  * RELEASE ends a segment: its pages are no longer volatile, and purged pages nobody was told
  * of stay purged (EIO on read) until rewritten. Errors: EBADF, ENOENT (no table), EINVAL (no
  * segment at that index). VOLFS_IOC_VRANGE over a span overlapping a segment fails with EBUSY.
