@@ -10,12 +10,14 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Mount
+from tests.mount.test_limits import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 from volfs.client import VRANGE_VOLATILE, fvrange, purge, statistics, vrange_status
 from volfs.ring import Consumer, Producer, RingTimeoutError
 
@@ -138,3 +140,51 @@ def test_write_back_of_an_unpurged_file_is_stored(mnt: Path) -> None:
     finally:
         os.close(fd)
     assert path.read_bytes() == data
+
+
+@pytest.mark.parametrize("cut", ["truncate", "punch"])
+def test_data_written_after_a_purged_range_was_cut_away_outlives_its_drop(
+    volfs: Mount, cut: str
+) -> None:
+    """A purged range truncated away, or punched, before its pages leave the cache: what a
+    mapping writes there afterwards is plain data, which the cache drop must store."""
+    # Older ranges, purged first: the cache drop of their batch of 1024 takes them first,
+    # one write-back of their dirty pages at a time.
+    older = os.open(volfs.path / "older", os.O_RDWR | os.O_CREAT)
+    os.pwrite(older, b"y" * (1023 * 4 * PAGE), 0)  # held by the daemon: purged_bytes counts it
+    older_view = mmap.mmap(older, 1023 * 4 * PAGE)
+    older_view[:] = b"z" * (1023 * 4 * PAGE)
+    for index in range(1023):
+        fvrange(older, index * 4 * PAGE, 4 * PAGE, VRANGE_VOLATILE)
+    path = volfs.path / "cut"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    os.pwrite(fd, b"x" * PAGE, 0)
+    fvrange(fd, 0, PAGE, VRANGE_VOLATILE)  # the batch's last range
+    purged_all = statistics(volfs.path)["purged_bytes"] + 1023 * 4 * PAGE + PAGE
+    purging = threading.Thread(target=purge, args=(volfs.path,))
+    purging.start()
+    view = None
+    try:
+        while statistics(volfs.path)["purged_bytes"] < purged_all:
+            pass  # its page purged, and on its way out of the cache after the older ones
+        if cut == "truncate":
+            os.ftruncate(fd, 0)
+            os.ftruncate(fd, PAGE)
+        else:
+            os.close(fd)  # the last close ends its volatility; its page stays lost
+            fd = os.open(path, os.O_RDWR)
+            fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, PAGE)
+        view = mmap.mmap(fd, PAGE)
+        view[:] = b"N" * PAGE  # dirty in the kernel's cache when the drop comes
+    finally:
+        purging.join()
+        # Only now: closing the mapping's descriptor flushes its dirty pages.
+        if view is not None:
+            view.close()
+        older_view.close()
+        os.close(older)
+    try:
+        assert os.pread(fd, PAGE, 0) == b"N" * PAGE
+        assert vrange_status(fd) == (0, 0)
+    finally:
+        os.close(fd)

@@ -58,6 +58,7 @@ class Reclaimer:
         nursery: trio.Nursery,
         cache_dropper: WorkerThread,
         statistics: Callable[[], MountStatistics],
+        settled: Callable[[int], None] = lambda ino: None,
     ) -> None:
         """Purge ``purger``'s ranges out of ``store``.
 
@@ -66,6 +67,8 @@ class Reclaimer:
             nursery: where cache drops run after the purge that caused them.
             cache_dropper: the thread ``invalidate`` runs in.
             statistics: the mount's counters, logged with each purge.
+            settled: called with an inode once none of its purged pages is on its way out
+                of the cache any more.
         """
         self._purger = purger
         self._store = store
@@ -73,6 +76,7 @@ class Reclaimer:
         self._nursery = nursery
         self._cache_dropper = cache_dropper
         self._statistics = statistics
+        self._settled = settled
         #: Inodes whose purged pages are still leaving the kernel's cache, with an event per
         #: purge that has some of them on the way.
         self._dropping: dict[int, list[trio.Event]] = {}
@@ -286,6 +290,7 @@ class Reclaimer:
                 events.remove(done)
                 if not events:
                     del self._dropping[ino]
+                    self._settled(ino)
 
     def _log_purge(self, source: PurgeSource, ranges: int, freed: int) -> None:
         try:

@@ -619,7 +619,22 @@ static void contain_pyfuse3_operations(void) {
  * in it was written to the range while volatile, and the program's next unmark or pin of the
  * range reports it purged. A write(2) is never a write-back: without a writeback cache it
  * reaches the daemon directly, without FUSE_WRITE_CACHE, and always repopulates.
+ *
+ * Except after a truncation. The kernel drops its cached pages past a new size itself, so
+ * the pages it caches there once the truncation is answered are new data, written after the
+ * purged ones were cut away: a drop of an earlier purge must store their write-back. Python
+ * notes such an inode (exempt_writeback) before it answers the truncation, and lets go of the
+ * note once the inode's drops are over (end_exemption). One note an inode, the lowest size.
+ * A hole punched or zeroed in a purged range waits for its drops instead: the kernel holds no
+ * lock that they need.
  */
+
+/* An inode truncated to `from` while its purged pages were on their way out of the cache. */
+typedef struct exemption {
+    struct exemption *next;
+    fuse_ino_t ino;
+    off_t from;
+} exemption_t;
 
 /* One byte range to drop from the kernel's cache. */
 typedef struct {
@@ -642,6 +657,8 @@ typedef struct drop {
 static pthread_mutex_t drops_lock = PTHREAD_MUTEX_INITIALIZER;
 /* The calls under way: read by the thread serving requests, changed by the dropping ones. */
 static drop_t *drops;
+/* The inodes noted by exempt_writeback, also under drops_lock. */
+static exemption_t *exemptions;
 
 /*
  * True if the write-back of bytes [offset, offset + size) of ino lies wholly inside a range
@@ -652,6 +669,13 @@ static int discard_writeback(fuse_ino_t ino, off_t offset, size_t size) {
     off_t end = offset + (off_t)size;
     int discard = 0;
     pthread_mutex_lock(&drops_lock);
+    for (const exemption_t *exemption = exemptions; exemption != NULL;
+         exemption = exemption->next) {
+        if (exemption->ino == ino && end > exemption->from) {
+            pthread_mutex_unlock(&drops_lock);
+            return 0; /* written since the truncation, at least in part */
+        }
+    }
     for (drop_t *drop = drops; drop != NULL && !discard; drop = drop->next) {
         discard = drop->dropping && drop->ino == ino && drop->offset <= offset && end <= drop->end;
         if (discard) drop->discarded += size;
@@ -689,6 +713,47 @@ static unsigned long long end_drop(drop_t *drop) {
     unsigned long long discarded = drop->discarded;
     pthread_mutex_unlock(&drops_lock);
     return discarded;
+}
+
+/* The link to ino's exemption, or to the list's end; under drops_lock. */
+static exemption_t **exemption_of(fuse_ino_t ino) {
+    exemption_t **link = &exemptions;
+    while (*link != NULL && (*link)->ino != ino) link = &(*link)->next;
+    return link;
+}
+
+static PyObject *bridge_exempt_writeback(PyObject *module, PyObject *args) {
+    (void)module;
+    unsigned long long ino, from;
+    if (!PyArg_ParseTuple(args, "KK", &ino, &from)) return NULL;
+    if (from > (unsigned long long)INT64_MAX) from = INT64_MAX;
+    exemption_t *fresh = PyMem_RawMalloc(sizeof *fresh);
+    if (fresh == NULL) return PyErr_NoMemory();
+    pthread_mutex_lock(&drops_lock);
+    exemption_t **link = exemption_of((fuse_ino_t)ino);
+    if (*link == NULL) {
+        *fresh = (exemption_t){.next = NULL, .ino = (fuse_ino_t)ino, .from = (off_t)from};
+        *link = fresh;
+        fresh = NULL;
+    } else if ((off_t)from < (*link)->from) {
+        (*link)->from = (off_t)from;
+    }
+    pthread_mutex_unlock(&drops_lock);
+    PyMem_RawFree(fresh);
+    Py_RETURN_NONE;
+}
+
+static PyObject *bridge_end_exemption(PyObject *module, PyObject *arg) {
+    (void)module;
+    unsigned long long ino = PyLong_AsUnsignedLongLong(arg);
+    if (ino == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    pthread_mutex_lock(&drops_lock);
+    exemption_t **link = exemption_of((fuse_ino_t)ino);
+    exemption_t *gone = *link;
+    if (gone != NULL) *link = gone->next;
+    pthread_mutex_unlock(&drops_lock);
+    PyMem_RawFree(gone);
+    Py_RETURN_NONE;
 }
 
 /* What libfuse would call for a write: pyfuse3's handlers, contained. */
@@ -1975,6 +2040,13 @@ static PyMethodDef bridge_methods[] = {
      "pages the kernel writes back wholly inside a range while it drops it. Returns (bytes "
      "discarded, the (ino, errno) of the ranges the kernel refused). Blocks as "
      "invalidate_range does: call it from a worker thread."},
+    {"exempt_writeback", bridge_exempt_writeback, METH_VARARGS,
+     "exempt_writeback(ino, size): the inode was truncated to size while purged pages of it "
+     "were on their way out of the kernel's cache: its write-back from size on is new data, "
+     "stored even while a purged range is dropped, until end_exemption(ino)."},
+    {"end_exemption", bridge_end_exemption, METH_O,
+     "end_exemption(ino): the inode's purged pages are out of the cache: forget its "
+     "exempt_writeback note, if any."},
     {"serve_pages", (PyCFunction)(void (*)(void))bridge_serve_pages,
      METH_VARARGS | METH_KEYWORDS,
      "serve_pages(table, arena, *, arena_fd, mapped, threads, relatime_ns, deny_others): "

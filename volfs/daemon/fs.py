@@ -23,7 +23,14 @@ from volfs.daemon import bridge, wire  # binds ahead of pyfuse3: see volfs.daemo
 import pyfuse3
 import trio
 
-from volfs.abi import NAME_MAX, PAGE_SHIFT, PAGE_SIZE, pages_spanned
+from volfs.abi import (
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    NAME_MAX,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    pages_spanned,
+)
 from volfs.core.inode import Inode
 from volfs.core.namespace import AttributeChanges, InodeSlotsError, Namespace
 from volfs.core.reclaim import FORGET_WAIT, Reclaimer
@@ -306,6 +313,7 @@ class VolfsOperations(pyfuse3.Operations):
                 pass
         else:
             await self._truncations.run(node.ino, steps)
+            self._truncated(node.ino, changes.size)
         return self._attributes(node)
 
     @fuse_errors
@@ -386,8 +394,16 @@ class VolfsOperations(pyfuse3.Operations):
         handle = self._open_now(node, flags)
         if handle is None:
             await self._truncations.run(node.ino, self.namespace.open_steps(node, truncate=True))
+            self._truncated(node.ino, 0)
             handle = self._files.add(node, flags)
         return pyfuse3.FileInfo(fh=handle, keep_cache=KEEP_CACHE)
+
+    def _truncated(self, ino: int, size: int) -> None:
+        """Tell the bridge of a truncation of an inode whose purged pages are on their way out
+        of the kernel's cache: the kernel drops its pages past ``size`` once answered, so
+        those it caches there later are new data, which a drop must not discard."""
+        if self.reclaimer.is_dropping(ino):
+            bridge.exempt_writeback(ino, size)
 
     def _create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, uid: int, gid: int
@@ -619,6 +635,10 @@ class VolfsOperations(pyfuse3.Operations):
         with answering(request, "fallocate(fh=%d, mode=%#x)", fh, mode):
             node = self._files[fh].inode
             await self._truncations.wait(node.ino)
+            if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+                # The kernel drops its cached pages of the span once answered: those it
+                # caches later are new data, which the drop of a purge must not discard.
+                await self.reclaimer.dropped(node.ino)
             # The kernel asks for no removal on fallocate (it does on writes): done here, as
             # the kernel's file_modified() would.
             if node.mode & (stat.S_ISUID | stat.S_ISGID) and not _has_cap_fsetid(request.pid):

@@ -38,7 +38,7 @@ from volfs.core.reclaim import Reclaimer
 from volfs.core.stepping import Backlog
 from volfs.core.store import Store
 from volfs.core.worker import WorkerThread
-from volfs.daemon import fs
+from volfs.daemon import bridge, fs
 from volfs.daemon.handover import TableHandover
 from volfs.daemon.logs import configure_logging
 from volfs.daemon.options import (
@@ -179,6 +179,7 @@ async def run_mount(
             nursery=nursery,
             cache_dropper=cache_dropper,
             statistics=namespace.statistics,
+            settled=bridge.end_exemption,
         )
         discards = Backlog(namespace.discard_ended)
         await nursery.start(_stop_on_signals, session, reclaimer, name="signals")
