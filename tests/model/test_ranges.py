@@ -815,6 +815,30 @@ def test_records_are_bounded_per_inode_and_per_mount() -> None:
         store.close()
 
 
+@pytest.mark.parametrize(("count", "partial"), [(100, False), (100, True), (99, True)])
+def test_purges_keep_records_within_twice_the_bound(count: int, partial: bool) -> None:
+    bound = 100
+    store = Store(4 * bound * PAGE_SIZE)
+    limits = RecordLimits(per_inode=bound, per_mount=bound)
+    contents = store.new_file()
+    purger = Purger({1: contents}.__getitem__, limits)
+    ranges = InodeRanges(purger, 1)
+    try:
+        assert contents.write(0, bytes(4 * count * PAGE_SIZE)) == 4 * count * PAGE_SIZE
+        for index in range(count):
+            ranges.mark_volatile(4 * index, 4 * index + 3, partial=partial)
+        # A page at a time: a PARTIAL range loses only its tail, split off, if the bound
+        # leaves room for both the head and the tail's lost run; else it goes whole.
+        while not purger.purge(PAGE_SIZE, []).complete or len(purger):
+            assert ranges.records == limits.records <= 2 * bound
+        # Each range purged whole, and its lost run.
+        assert ranges.records == limits.records == 2 * count
+        ranges._check()
+        purger._check()
+    finally:
+        store.close()
+
+
 def test_lost_pages_outlive_the_end_of_volatility() -> None:
     store = Store(STORE_PAGES * PAGE_SIZE)
     contents = store.new_file()

@@ -13,9 +13,10 @@ Pure logic over page numbers; no FUSE, no I/O. Two sorted maps per inode:
 
 Ranges and lost runs are *records* the daemon holds for a client, so their number is bounded:
 per inode and per mount (:class:`RecordLimits`). A mark or unmark that would need a record past
-a bound fails with ENOSPC and changes nothing; purges and writes never fail for it (a purge
-that would split a PARTIAL range at the bound takes the whole range instead; a write's split of
-a lost run is bounded by the pages it allocates).
+a bound fails with ENOSPC and changes nothing; purges and writes never fail for it. A purge
+adds the lost run of each range it takes, past the bound if need be, so records reach at most
+twice it; it splits a PARTIAL range (two records more) only within the bound, and takes the
+whole range otherwise. A write's split of a lost run is bounded by the pages it allocates.
 
 Every range that may hold purgeable data is registered with a :class:`RangeTracker` (the
 global LRU of :mod:`volfs.core.purge`); the set tells it when ranges appear, vanish or split.
@@ -353,9 +354,10 @@ class InodeRanges:
             self._remove_lost(first, end)
 
     def may_split(self) -> bool:
-        """True if one more range stays within the bounds (a purge may split a range)."""
+        """True if a purge may split a range: the head it leaves and the lost run of the tail
+        are two records more, both within the bounds."""
         limits = self.tracker.limits
-        return self.records < limits.per_inode and limits.records < limits.per_mount
+        return self.records + 2 <= limits.per_inode and limits.records + 2 <= limits.per_mount
 
     def rewritten(self, first: int, end: int) -> None:
         """Pages [first, end) were written: no longer lost, and purgeable again.
