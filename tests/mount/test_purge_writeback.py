@@ -7,6 +7,7 @@ a write(2) after the purge still repopulates.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -142,49 +143,88 @@ def test_write_back_of_an_unpurged_file_is_stored(mnt: Path) -> None:
     assert path.read_bytes() == data
 
 
-@pytest.mark.parametrize("cut", ["truncate", "punch"])
-def test_data_written_after_a_purged_range_was_cut_away_outlives_its_drop(
+@contextlib.contextmanager
+def purged_in_a_batch(volfs: Mount, fd: int, pages: int, *, last: bool) -> Iterator[None]:
+    """Mark the first ``pages`` pages of ``fd`` volatile and purge everything, in one batch
+    of 1024 ranges whose cache drop writes back the dirty pages of 1023 others one at a
+    time; run the body once all are purged, as the drop begins: with ``last``, while it is
+    busy with the others before this range; else with this one, first."""
+    if not last:
+        fvrange(fd, 0, pages * PAGE, VRANGE_VOLATILE)
+    others = os.open(volfs.path / "others", os.O_RDWR | os.O_CREAT)
+    os.pwrite(others, b"y" * (1023 * 4 * PAGE), 0)  # held by the daemon: purged_bytes counts it
+    others_view = mmap.mmap(others, 1023 * 4 * PAGE)
+    others_view[:] = b"z" * (1023 * 4 * PAGE)
+    for index in range(1023):
+        fvrange(others, index * 4 * PAGE, 4 * PAGE, VRANGE_VOLATILE)
+    if last:
+        fvrange(fd, 0, pages * PAGE, VRANGE_VOLATILE)
+    purged_all = statistics(volfs.path)["purged_bytes"] + 1023 * 4 * PAGE + pages * PAGE
+    purging = threading.Thread(target=purge, args=(volfs.path,))
+    purging.start()
+    try:
+        while statistics(volfs.path)["purged_bytes"] < purged_all:
+            pass
+        yield
+    finally:
+        purging.join()
+        others_view.close()
+        os.close(others)
+
+
+@pytest.mark.parametrize("cut", ["truncate", "punch", "rewrite"])
+def test_data_mapped_after_a_purged_range_became_data_again_outlives_its_drop(
     volfs: Mount, cut: str
 ) -> None:
-    """A purged range truncated away, or punched, before its pages leave the cache: what a
-    mapping writes there afterwards is plain data, which the cache drop must store."""
-    # Older ranges, purged first: the cache drop of their batch of 1024 takes them first,
-    # one write-back of their dirty pages at a time.
-    older = os.open(volfs.path / "older", os.O_RDWR | os.O_CREAT)
-    os.pwrite(older, b"y" * (1023 * 4 * PAGE), 0)  # held by the daemon: purged_bytes counts it
-    older_view = mmap.mmap(older, 1023 * 4 * PAGE)
-    older_view[:] = b"z" * (1023 * 4 * PAGE)
-    for index in range(1023):
-        fvrange(older, index * 4 * PAGE, 4 * PAGE, VRANGE_VOLATILE)
+    """A purged range truncated away, punched, or rewritten after the last close, before its
+    pages leave the cache: what a mapping writes there afterwards is plain data, which the
+    cache drop must store."""
     path = volfs.path / "cut"
     fd = os.open(path, os.O_RDWR | os.O_CREAT)
     os.pwrite(fd, b"x" * PAGE, 0)
-    fvrange(fd, 0, PAGE, VRANGE_VOLATILE)  # the batch's last range
-    purged_all = statistics(volfs.path)["purged_bytes"] + 1023 * 4 * PAGE + PAGE
-    purging = threading.Thread(target=purge, args=(volfs.path,))
-    purging.start()
     view = None
     try:
-        while statistics(volfs.path)["purged_bytes"] < purged_all:
-            pass  # its page purged, and on its way out of the cache after the older ones
-        if cut == "truncate":
-            os.ftruncate(fd, 0)
-            os.ftruncate(fd, PAGE)
-        else:
-            os.close(fd)  # the last close ends its volatility; its page stays lost
-            fd = os.open(path, os.O_RDWR)
-            fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, PAGE)
-        view = mmap.mmap(fd, PAGE)
-        view[:] = b"N" * PAGE  # dirty in the kernel's cache when the drop comes
-    finally:
-        purging.join()
+        with purged_in_a_batch(volfs, fd, 1, last=True):
+            if cut == "truncate":
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, PAGE)
+            else:
+                os.close(fd)  # the last close ends its volatility; its page stays lost
+                fd = os.open(path, os.O_RDWR)
+                if cut == "punch":
+                    fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, PAGE)
+                else:
+                    os.pwrite(fd, b"W" * PAGE, 0)
+            view = mmap.mmap(fd, PAGE)
+            view[:] = b"N" * PAGE  # dirty in the kernel's cache when the drop comes
         # Only now: closing the mapping's descriptor flushes its dirty pages.
-        if view is not None:
-            view.close()
-        older_view.close()
-        os.close(older)
-    try:
+        view.close()
         assert os.pread(fd, PAGE, 0) == b"N" * PAGE
         assert vrange_status(fd) == (0, 0)
     finally:
+        if view is not None:
+            view.close()
         os.close(fd)
+
+
+def test_an_o_trunc_open_keeps_nothing_of_the_purged_pages_leaving_the_cache(
+    volfs: Mount,
+) -> None:
+    """The pages dirty in the cache of a purged file truncated by an O_TRUNC open while they
+    leave the cache: the file stays empty."""
+    path = volfs.path / "reopened"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    os.pwrite(fd, b"x" * DIRTY, 0)
+    view = mmap.mmap(fd, DIRTY)
+    view[:] = b"z" * DIRTY  # dirty, written back page by page as the drop begins
+    try:
+        with purged_in_a_batch(volfs, fd, DIRTY // PAGE, last=False):
+            truncated = os.open(path, os.O_RDWR | os.O_TRUNC)
+    finally:
+        view.close()
+        os.close(fd)
+    try:
+        assert os.fstat(truncated).st_size == 0
+        assert statistics(volfs.path)["used_bytes"] < MiB
+    finally:
+        os.close(truncated)

@@ -620,20 +620,27 @@ static void contain_pyfuse3_operations(void) {
  * range reports it purged. A write(2) is never a write-back: without a writeback cache it
  * reaches the daemon directly, without FUSE_WRITE_CACHE, and always repopulates.
  *
- * Except after a truncation. The kernel drops its cached pages past a new size itself, so
- * the pages it caches there once the truncation is answered are new data, written after the
- * purged ones were cut away: a drop of an earlier purge must store their write-back. Python
- * notes such an inode (exempt_writeback) before it answers the truncation, and lets go of the
- * note once the inode's drops are over (end_exemption). One note an inode, the lowest size.
- * A hole punched or zeroed in a purged range waits for its drops instead: the kernel holds no
- * lock that they need.
+ * Except for pages made data again meanwhile. The kernel drops its cached pages past a new
+ * size itself, so those it caches there once a truncation is answered are new data; and a
+ * write(2) into purged pages makes them data again (being a write, it cannot wait for the
+ * drop: the kernel holds the pages' locks, which the drop needs). A drop of an earlier purge
+ * must store their write-back. Python notes such spans of an inode (exempt_writeback) before
+ * it answers the request, and lets go of them once the inode's drops are over
+ * (end_exemption). A hole punched or zeroed, or a truncation by an O_TRUNC open, waits for
+ * the drops instead: the kernel holds nothing they need then.
  */
 
-/* An inode truncated to `from` while its purged pages were on their way out of the cache. */
+/* At most this many spans an inode: past it, the two closest are noted as one. */
+#define EXEMPT_SPANS 64
+
+/* The spans of an inode whose write-back is stored even inside a range being dropped. */
 typedef struct exemption {
     struct exemption *next;
     fuse_ino_t ino;
-    off_t from;
+    size_t count;
+    struct {
+        off_t offset, end;
+    } spans[EXEMPT_SPANS]; /* sorted, apart */
 } exemption_t;
 
 /* One byte range to drop from the kernel's cache. */
@@ -671,9 +678,12 @@ static int discard_writeback(fuse_ino_t ino, off_t offset, size_t size) {
     pthread_mutex_lock(&drops_lock);
     for (const exemption_t *exemption = exemptions; exemption != NULL;
          exemption = exemption->next) {
-        if (exemption->ino == ino && end > exemption->from) {
-            pthread_mutex_unlock(&drops_lock);
-            return 0; /* written since the truncation, at least in part */
+        if (exemption->ino != ino) continue;
+        for (size_t i = 0; i < exemption->count; i++) {
+            if (offset < exemption->spans[i].end && exemption->spans[i].offset < end) {
+                pthread_mutex_unlock(&drops_lock);
+                return 0; /* data again since the purge, at least in part */
+            }
         }
     }
     for (drop_t *drop = drops; drop != NULL && !discard; drop = drop->next) {
@@ -722,22 +732,59 @@ static exemption_t **exemption_of(fuse_ino_t ino) {
     return link;
 }
 
+/* Note [offset, end) in an inode's spans, kept sorted and apart, at most EXEMPT_SPANS. */
+static void add_span(exemption_t *exemption, off_t offset, off_t end) {
+    size_t count = exemption->count, at = 0;
+    while (at < count && exemption->spans[at].end < offset) at++;
+    /* The spans from `at` on that touch [offset, end) merge with it. */
+    size_t past = at;
+    while (past < count && exemption->spans[past].offset <= end) {
+        if (exemption->spans[past].offset < offset) offset = exemption->spans[past].offset;
+        if (exemption->spans[past].end > end) end = exemption->spans[past].end;
+        past++;
+    }
+    if (past == at && count == EXEMPT_SPANS) {
+        /* Full: one span more than the array holds, so the two closest become one. */
+        size_t closest = 0;
+        for (size_t i = 1; i + 1 < count; i++)
+            if (exemption->spans[i + 1].offset - exemption->spans[i].end <
+                exemption->spans[closest + 1].offset - exemption->spans[closest].end)
+                closest = i;
+        exemption->spans[closest].end = exemption->spans[closest + 1].end;
+        memmove(&exemption->spans[closest + 1], &exemption->spans[closest + 2],
+                (count - closest - 2) * sizeof exemption->spans[0]);
+        exemption->count = --count;
+        add_span(exemption, offset, end); /* into the room made */
+        return;
+    }
+    memmove(&exemption->spans[at + 1], &exemption->spans[past],
+            (count - past) * sizeof exemption->spans[0]);
+    exemption->spans[at].offset = offset;
+    exemption->spans[at].end = end;
+    exemption->count = count - (past - at) + 1;
+}
+
 static PyObject *bridge_exempt_writeback(PyObject *module, PyObject *args) {
     (void)module;
-    unsigned long long ino, from;
-    if (!PyArg_ParseTuple(args, "KK", &ino, &from)) return NULL;
-    if (from > (unsigned long long)INT64_MAX) from = INT64_MAX;
+    unsigned long long ino, offset, length;
+    if (!PyArg_ParseTuple(args, "KKK", &ino, &offset, &length)) return NULL;
+    if (offset > (unsigned long long)INT64_MAX) offset = INT64_MAX;
+    /* Length 0, or one past the largest offset: to the end. */
+    off_t end = length == 0 || length > (unsigned long long)INT64_MAX - offset
+                    ? INT64_MAX
+                    : (off_t)(offset + length);
     exemption_t *fresh = PyMem_RawMalloc(sizeof *fresh);
     if (fresh == NULL) return PyErr_NoMemory();
     pthread_mutex_lock(&drops_lock);
     exemption_t **link = exemption_of((fuse_ino_t)ino);
     if (*link == NULL) {
-        *fresh = (exemption_t){.next = NULL, .ino = (fuse_ino_t)ino, .from = (off_t)from};
+        fresh->next = NULL;
+        fresh->ino = (fuse_ino_t)ino;
+        fresh->count = 0;
         *link = fresh;
         fresh = NULL;
-    } else if ((off_t)from < (*link)->from) {
-        (*link)->from = (off_t)from;
     }
+    add_span(*link, (off_t)offset, end);
     pthread_mutex_unlock(&drops_lock);
     PyMem_RawFree(fresh);
     Py_RETURN_NONE;
@@ -2041,12 +2088,13 @@ static PyMethodDef bridge_methods[] = {
      "discarded, the (ino, errno) of the ranges the kernel refused). Blocks as "
      "invalidate_range does: call it from a worker thread."},
     {"exempt_writeback", bridge_exempt_writeback, METH_VARARGS,
-     "exempt_writeback(ino, size): the inode was truncated to size while purged pages of it "
-     "were on their way out of the kernel's cache: its write-back from size on is new data, "
-     "stored even while a purged range is dropped, until end_exemption(ino)."},
+     "exempt_writeback(ino, offset, length): bytes [offset, offset + length) of the inode (0: "
+     "to the end) became data again while purged pages of it were on their way out of the "
+     "kernel's cache: write-back touching them is stored even while a purged range is "
+     "dropped, until end_exemption(ino)."},
     {"end_exemption", bridge_end_exemption, METH_O,
      "end_exemption(ino): the inode's purged pages are out of the cache: forget its "
-     "exempt_writeback note, if any."},
+     "exempt_writeback spans, if any."},
     {"serve_pages", (PyCFunction)(void (*)(void))bridge_serve_pages,
      METH_VARARGS | METH_KEYWORDS,
      "serve_pages(table, arena, *, arena_fd, mapped, threads, relatime_ns, deny_others): "

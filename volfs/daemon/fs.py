@@ -27,8 +27,10 @@ from volfs.abi import (
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
     NAME_MAX,
+    NO_PAGE,
     PAGE_SHIFT,
     PAGE_SIZE,
+    pages_for,
     pages_spanned,
 )
 from volfs.core.inode import Inode
@@ -313,7 +315,8 @@ class VolfsOperations(pyfuse3.Operations):
                 pass
         else:
             await self._truncations.run(node.ino, steps)
-            self._truncated(node.ino, changes.size)
+            # The kernel drops its cached pages past the new size once answered.
+            self._data_again(node.ino, pages_for(changes.size), NO_PAGE)
         return self._attributes(node)
 
     @fuse_errors
@@ -393,17 +396,20 @@ class VolfsOperations(pyfuse3.Operations):
     async def _open(self, node: Inode, flags: int) -> pyfuse3.FileInfo:
         handle = self._open_now(node, flags)
         if handle is None:
+            # The kernel goes on writing back while it waits for an O_TRUNC open (it does not
+            # for a truncation), so purged pages it writes back after the truncation would be
+            # stored: the truncation waits for them to have left the cache.
+            await self.reclaimer.dropped(node.ino)
             await self._truncations.run(node.ino, self.namespace.open_steps(node, truncate=True))
-            self._truncated(node.ino, 0)
             handle = self._files.add(node, flags)
         return pyfuse3.FileInfo(fh=handle, keep_cache=KEEP_CACHE)
 
-    def _truncated(self, ino: int, size: int) -> None:
-        """Tell the bridge of a truncation of an inode whose purged pages are on their way out
-        of the kernel's cache: the kernel drops its pages past ``size`` once answered, so
-        those it caches there later are new data, which a drop must not discard."""
-        if self.reclaimer.is_dropping(ino):
-            bridge.exempt_writeback(ino, size)
+    def _data_again(self, ino: int, first: int, end: int) -> None:
+        """Tell the bridge that pages [first, end) of an inode, written or truncated away, are
+        data again while its purged pages are on their way out of the kernel's cache: a drop
+        must store their write-back, not discard it (see the bridge)."""
+        if first < end and self.reclaimer.is_dropping(ino):
+            bridge.exempt_writeback(ino, first << PAGE_SHIFT, (end - first) << PAGE_SHIFT)
 
     def _create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, uid: int, gid: int
@@ -448,12 +454,14 @@ class VolfsOperations(pyfuse3.Operations):
             if node.ino in self._truncations:
                 await self._truncations.wait(node.ino)
             try:
-                return self.namespace.write(node, off, buf)
+                written = self.namespace.write(node, off, buf)
             except CapacityError:
-                pass
-            return await self._make_room(
-                node, off, len(buf), lambda: self.namespace.write(node, off, buf)
-            )
+                written = await self._make_room(
+                    node, off, len(buf), lambda: self.namespace.write(node, off, buf)
+                )
+            if written:
+                self._data_again(node.ino, *pages_spanned(off, written))
+            return written
         except OSError as error:
             raise pyfuse3.FUSEError(error.errno or errno.EIO) from None
         except MemoryError:
