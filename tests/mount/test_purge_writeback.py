@@ -12,15 +12,19 @@ import errno
 import mmap
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Mount
+from tests.mount.test_bridge import fuse_connections
 from tests.mount.test_limits import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 from volfs.client import VRANGE_VOLATILE, fvrange, purge, statistics, vrange_status
 from volfs.ring import Consumer, Producer, RingTimeoutError
+
+__all__ = ["fuse_connections"]  # the fixture, shared with test_bridge
 
 PAGE = 4096
 MiB = 1 << 20
@@ -228,3 +232,36 @@ def test_an_o_trunc_open_keeps_nothing_of_the_purged_pages_leaving_the_cache(
         assert statistics(volfs.path)["used_bytes"] < MiB
     finally:
         os.close(truncated)
+
+
+def test_o_trunc_opens_waiting_for_a_drop_leave_the_daemon_serving(
+    volfs: Mount, fuse_connections: Path
+) -> None:
+    """More O_TRUNC opens of a file whose purged pages are leaving the cache than the daemon
+    has request workers: all of them finish, the drop's write-back being served meanwhile."""
+    # Found before anything can hang: a hung mount must be aborted without a new process,
+    # whose closing of inherited descriptors would wait on the mount too.
+    abort = fuse_connections / str(os.minor(os.stat(volfs.path).st_dev)) / "abort"
+    assert abort.exists()
+    path = volfs.path / "opened"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    os.pwrite(fd, b"x" * PAGE, 0)
+    opened: list[int] = []
+
+    def open_truncating() -> None:
+        os.close(os.open(path, os.O_RDWR | os.O_TRUNC))
+        opened.append(1)
+
+    openers = [threading.Thread(target=open_truncating, daemon=True) for _ in range(120)]
+    try:
+        with purged_in_a_batch(volfs, fd, 1, last=False):
+            for opener in openers:
+                opener.start()
+            deadline = time.monotonic() + 30
+            for opener in openers:
+                opener.join(max(deadline - time.monotonic(), 0))
+            if len(opened) < len(openers):
+                abort.write_text("1")  # or the purge would wait for ever
+        assert len(opened) == len(openers)
+    finally:
+        os.close(fd)

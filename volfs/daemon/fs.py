@@ -64,6 +64,11 @@ KEEP_CACHE = True
 #: replies already raised, so taking them later frees nothing too early; a write at the cap
 #: waits for queued forgets (see Store.forgets_queued) rather than purge or fail.
 FORGET_SLICE = 256
+#: O_TRUNC opens that may wait at once for the purged pages of their file to leave the
+#: kernel's cache. Each holds one of pyfuse3's 99 workers, and the cache drop needs a worker to
+#: answer the write-back it causes: past this many, an open truncates at once, and a page a
+#: mapping then writes before the drop reaches it may be discarded with the purged ones.
+DROP_WAITERS = 16
 
 _R = TypeVar("_R")
 
@@ -111,6 +116,8 @@ class VolfsOperations(pyfuse3.Operations):
         self._nursery = nursery
         self._discards = discards
         self._truncations = Truncations()
+        #: O_TRUNC opens waiting for a cache drop (at most :data:`DROP_WAITERS`).
+        self._drop_waiters = 0
         self._files = OpenFiles()
         #: Open directory handles: the inode listed. Listings resume from the offset the
         #: kernel passes back, so a handle holds nothing of the directory.
@@ -399,7 +406,12 @@ class VolfsOperations(pyfuse3.Operations):
             # The kernel goes on writing back while it waits for an O_TRUNC open (it does not
             # for a truncation), so purged pages it writes back after the truncation would be
             # stored: the truncation waits for them to have left the cache.
-            await self.reclaimer.dropped(node.ino)
+            if self.reclaimer.is_dropping(node.ino) and self._drop_waiters < DROP_WAITERS:
+                self._drop_waiters += 1
+                try:
+                    await self.reclaimer.dropped(node.ino)
+                finally:
+                    self._drop_waiters -= 1
             await self._truncations.run(node.ino, self.namespace.open_steps(node, truncate=True))
             handle = self._files.add(node, flags)
         return pyfuse3.FileInfo(fh=handle, keep_cache=KEEP_CACHE)
